@@ -1,0 +1,53 @@
+# FLUX on Triton: setup -> model -> export -> serve; demo and test do the whole chain.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL_DIR ?= models/tiny-flux-schnell
+BACKEND ?= torch
+DEVICE ?= cpu
+PRECISION ?= FP32
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PROMPT ?= a red circle on a blue background
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup model export serve demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0 open-clip-torch==3.3.0
+	touch $@
+
+setup: $(VENV)/.installed
+
+models/.built: $(VENV)/.installed flux_triton/tiny_model.py
+	$(PY) -m flux_triton.tiny_model --out models --variant all
+	touch $@
+
+model: models/.built
+
+export: setup
+	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend $(BACKEND) --device $(DEVICE) \
+		--precision $(PRECISION)
+
+serve: setup
+	$(PY) -m flux_triton.tritonserver --repository model_repository --http-port $(HTTP_PORT) \
+		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+demo: model
+	$(MAKE) export
+	$(PY) -m clients.demo --repository model_repository --grpc-port $(GRPC_PORT) \
+		--http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --prompt "$(PROMPT)" --out out
+
+test: model
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf out .triton models/.built

@@ -1,0 +1,222 @@
+"""gRPC streaming client for `flux_bls`: live per-step previews, progress with step times, final PNG.
+
+    python -m clients.stream_client --prompt "a red circle on a blue background" --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+MODEL = "flux_bls"
+
+
+@dataclass
+class StreamResult:
+    """Everything one generation streamed back."""
+
+    steps: list[dict] = field(default_factory=list)  # step, timestep, preview_latent, seconds
+    image: np.ndarray | None = None  # [B, H, W, 3] uint8
+    seed: int | None = None
+    timings: dict | None = None
+    error: str | None = None
+    responses: int = 0
+    first_response_s: float | None = None
+    total_s: float = 0.0
+
+
+def build_inputs(**values) -> list[grpcclient.InferInput]:
+    """InferInputs for the given `flux_bls` fields; None values are left out (server defaults)."""
+    kinds = {
+        "height": np.int32, "width": np.int32, "num_inference_steps": np.int32,
+        "num_images_per_prompt": np.int32, "max_sequence_length": np.int32,
+        "guidance_scale": np.float32, "true_cfg_scale": np.float32, "seed": np.int64,
+    }
+    inputs = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in kinds:
+            array = np.array([value], dtype=kinds[name])
+        elif name == "sigmas":
+            array = np.asarray(value, dtype=np.float32).reshape(-1)
+        else:
+            strings = [value] if isinstance(value, str) else list(value)
+            array = np.array([s.encode("utf-8") for s in strings], dtype=object)
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _on_response(responses: queue.Queue, result, error) -> None:
+    responses.put((result, error))
+
+
+def stream_generate(
+    client: grpcclient.InferenceServerClient,
+    inputs: list[grpcclient.InferInput],
+    on_step=None,
+    timeout_s: float = 600.0,
+    model: str = MODEL,
+) -> StreamResult:
+    """Send one request on a gRPC stream and collect responses until the final flag."""
+    responses: queue.Queue = queue.Queue()
+    out = StreamResult()
+    client.start_stream(callback=partial(_on_response, responses))
+    try:
+        began = last = time.perf_counter()
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        while True:
+            result, error = responses.get(timeout=timeout_s)
+            now = time.perf_counter()
+            if out.first_response_s is None:
+                out.first_response_s = now - began
+            if error is not None:
+                out.error = error.message() if hasattr(error, "message") else str(error)
+                break
+            out.responses += 1
+            response = result.get_response()
+            final = response.parameters.get("triton_final_response")
+            names = {o.name for o in response.outputs}
+            if "step" in names:
+                step = {
+                    "step": int(result.as_numpy("step")[0]),
+                    "timestep": float(result.as_numpy("timestep")[0]),
+                    "preview_latent": result.as_numpy("preview_latent"),
+                    "seconds": now - last,
+                }
+                out.steps.append(step)
+                if on_step:
+                    on_step(step)
+            if "image" in names:
+                out.image = result.as_numpy("image")
+                out.seed = int(result.as_numpy("seed")[0])
+                out.timings = json.loads(result.as_numpy("timings")[0])
+            last = now
+            if final is not None and final.bool_param:
+                break
+        out.total_s = time.perf_counter() - began
+    finally:
+        client.stop_stream()
+    return out
+
+
+def preview_projection(client: grpcclient.InferenceServerClient, model: str = MODEL):
+    """The latent -> RGB map the server fitted at export, from the model's config parameters."""
+    from flux_triton.preview import PreviewProjection
+
+    config = client.get_model_config(model, as_json=True)["config"]
+    raw = config.get("parameters", {}).get("preview_projection", {}).get("string_value")
+    return PreviewProjection.from_json(json.loads(raw)) if raw else None
+
+
+def terminal_thumbnail(rgb: np.ndarray, columns: int = 32) -> str:
+    """An RGB image as ANSI true-colour half blocks (two pixel rows per text row)."""
+    height, width, _ = rgb.shape
+    step = max(1, width // columns)
+    small = rgb[::step, ::step]
+    lines = []
+    for y in range(0, small.shape[0] - 1, 2):
+        cells = [f"\x1b[38;2;{t[0]};{t[1]};{t[2]}m\x1b[48;2;{b[0]};{b[1]};{b[2]}m\u2580"
+                 for t, b in zip(small[y], small[y + 1])]
+        lines.append("".join(cells) + "\x1b[0m")
+    return "\n".join(lines)
+
+
+def _progress(total: int, step: dict) -> str:
+    done = int(30 * step["step"] / total)
+    bar = "#" * done + "." * (30 - done)
+    return (f"\r[{bar}] step {step['step']}/{total}  t={step['timestep']:7.2f}  "
+            f"{step['seconds'] * 1000:8.1f} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Stream a FLUX generation from Triton's flux_bls.")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--prompt-2", action="append")
+    parser.add_argument("--negative-prompt", action="append")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--steps", type=int, help="num_inference_steps")
+    parser.add_argument("--images-per-prompt", type=int)
+    parser.add_argument("--max-sequence-length", type=int)
+    parser.add_argument("--guidance", type=float, help="guidance_scale (dev models)")
+    parser.add_argument("--true-cfg", type=float, help="true_cfg_scale (with --negative-prompt)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", default="out", help="folder for previews and the final image")
+    parser.add_argument("--no-previews", action="store_true", help="do not save preview PNGs")
+    parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
+                        help="draw previews in the terminal (auto: when stdout is a terminal)")
+    args = parser.parse_args(argv)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    show = args.show == "always" or (args.show == "auto" and sys.stdout.isatty())
+    try:
+        client = grpcclient.InferenceServerClient(args.url)
+        if not client.is_model_ready(MODEL):
+            print(f"error: model {MODEL} is not ready on {args.url}", file=sys.stderr)
+            return 2
+        projection = preview_projection(client)
+    except InferenceServerException as exc:
+        print(f"error: cannot reach Triton at {args.url}: {exc.message()}", file=sys.stderr)
+        return 2
+
+    inputs = build_inputs(
+        prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
+        height=args.height, width=args.width, num_inference_steps=args.steps,
+        num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
+        guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed,
+    )
+    total_steps = args.steps or 0
+
+    def on_step(step: dict) -> None:
+        nonlocal total_steps
+        total_steps = max(total_steps, step["step"])
+        print(_progress(total_steps, step), end="", flush=True)
+        if projection is None:
+            return
+        import torch
+
+        from flux_triton.preview import preview_rgb
+
+        rgb = preview_rgb(torch.from_numpy(step["preview_latent"]), projection).numpy()
+        if not args.no_previews:
+            for b, image in enumerate(rgb):
+                Image.fromarray(image).save(out_dir / f"preview_step{step['step']:02d}_{b}.png")
+        if show:
+            print("\n" + terminal_thumbnail(rgb[0]), flush=True)
+
+    result = stream_generate(client, inputs, on_step=on_step)
+    print()
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    paths = []
+    for b, image in enumerate(result.image):
+        path = out_dir / f"image_{b}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+    print(f"{len(result.steps)} steps streamed in {result.responses} responses, "
+          f"first after {result.first_response_s * 1000:.0f} ms, total {result.total_s:.2f} s, "
+          f"seed {result.seed}")
+    print("server timings (ms): " + ", ".join(f"{k}={v:.1f}" for k, v in result.timings.items()))
+    print("saved " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Export stage: model folder -> served model repository."""

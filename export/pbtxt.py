@@ -1,0 +1,60 @@
+"""config.pbtxt rendered from the tensor specs (`flux_triton.specs`)."""
+
+from __future__ import annotations
+
+from flux_triton.specs import ComponentSpec, TensorSpec
+
+
+def _dims(spec: TensorSpec) -> str:
+    return ", ".join(str(d) if isinstance(d, int) else "-1" for d in spec.dims)
+
+
+def _tensor(spec: TensorSpec) -> str:
+    optional = "\n    optional: true" if spec.optional else ""
+    return (f"  {{\n    name: \"{spec.name}\"\n    data_type: TYPE_{spec.dtype}\n"
+            f"    dims: [ {_dims(spec)} ]{optional}\n  }}")
+
+
+def _io(spec: ComponentSpec) -> str:
+    inputs = ",\n".join(_tensor(t) for t in spec.inputs)
+    outputs = ",\n".join(_tensor(t) for t in spec.outputs)
+    return f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _parameters(params: dict[str, str]) -> str:
+    return "".join(
+        f"parameters {{\n  key: \"{k}\"\n  value: {{ string_value: {_quote(v)} }}\n}}\n"
+        for k, v in sorted(params.items())
+    )
+
+
+def python_model_config(
+    spec: ComponentSpec,
+    params: dict[str, str],
+    kind: str = "KIND_CPU",
+    count: int = 1,
+    decoupled: bool = False,
+) -> str:
+    """A Python-backend model config (max_batch_size 0: the batch is an explicit dim)."""
+    policy = "model_transaction_policy {\n  decoupled: true\n}\n" if decoupled else ""
+    return (
+        f"name: \"{spec.name}\"\nbackend: \"python\"\nmax_batch_size: 0\n{policy}{_io(spec)}"
+        f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n{_parameters(params)}"
+    )
+
+
+def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict[str, str], dict[str, str]]]) -> str:
+    """An ensemble config; each step is (model, {model input: ensemble tensor}, {model output: tensor})."""
+    rendered = []
+    for model, input_map, output_map in steps:
+        maps = "".join(f"      input_map {{ key: \"{k}\" value: \"{v}\" }}\n" for k, v in input_map.items())
+        maps += "".join(f"      output_map {{ key: \"{k}\" value: \"{v}\" }}\n"
+                        for k, v in output_map.items())
+        rendered.append(f"    {{\n      model_name: \"{model}\"\n      model_version: -1\n{maps}    }}")
+    steps_text = ",\n".join(rendered)
+    return (f"name: \"{spec.name}\"\nplatform: \"ensemble\"\nmax_batch_size: 0\n{_io(spec)}"
+            f"ensemble_scheduling {{\n  step [\n{steps_text}\n  ]\n}}\n")

@@ -1,0 +1,120 @@
+"""The four FLUX networks and the tokenizers as named-tensor functions, loaded from a model folder.
+
+Used by the Triton component models and by the in-process runner alike: each component maps its
+spec's input names to its spec's output names (see `specs.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from flux_triton.model_info import FluxModelInfo
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _load_tokenizer(model_dir: Path, name: str):
+    """Load a tokenizer with the class model_index.json names, as DiffusionPipeline does."""
+    import transformers
+
+    _library, class_name = json.loads((model_dir / "model_index.json").read_text())[name]
+    return getattr(transformers, class_name).from_pretrained(model_dir / name)
+
+
+class PromptTokenizer:
+    """CLIP and T5 tokenization exactly as FluxPipeline._get_clip/_get_t5_prompt_embeds do it."""
+
+    def __init__(self, model_dir: Path, info: FluxModelInfo):
+        self.clip = _load_tokenizer(model_dir, "tokenizer")
+        self.t5 = _load_tokenizer(model_dir, "tokenizer_2")
+        self.clip_max_length = info.clip_max_length
+
+    def __call__(
+        self, prompts: list[str], prompts_2: list[str], max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
+        clip_ids = self.clip(prompts, padding="max_length", max_length=self.clip_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        t5_ids = self.t5(prompts_2, padding="max_length", max_length=max_sequence_length,
+                         truncation=True, return_tensors="pt").input_ids
+        return {"clip_input_ids": clip_ids, "t5_input_ids": t5_ids}
+
+
+class ClipEncoder(torch.nn.Module):
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        self.model = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(input_ids, output_hidden_states=False)
+        return {"pooled_prompt_embeds": out.pooler_output.to(self.model.dtype)}
+
+
+class T5Encoder(torch.nn.Module):
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from transformers import T5EncoderModel
+
+        self.model = T5EncoderModel.from_pretrained(model_dir / "text_encoder_2", dtype=dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.model(input_ids, output_hidden_states=False)[0]
+        return {"prompt_embeds": hidden.to(self.model.dtype)}
+
+
+class DitTransformer(torch.nn.Module):
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from diffusers import FluxTransformer2DModel
+
+        self.model = FluxTransformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=dtype)
+
+    @torch.inference_mode()
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                img_ids, txt_ids, guidance=None) -> dict[str, torch.Tensor]:
+        noise_pred = self.model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return {"noise_pred": noise_pred}
+
+
+class VaeDecoder(torch.nn.Module):
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        self.model = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype)
+
+    @torch.inference_mode()
+    def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image": self.model.decode(latents, return_dict=False)[0]}
+
+
+NETWORKS = {
+    "clip_encoder": ClipEncoder,
+    "t5_encoder": T5Encoder,
+    "dit_transformer": DitTransformer,
+    "vae_decoder": VaeDecoder,
+}
+
+
+def load_component(name: str, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32"):
+    """Load one served component (`tokenizer` or a network) from the model folder."""
+    if name == "tokenizer":
+        return PromptTokenizer(info.model_dir, info)
+    if name not in NETWORKS:
+        raise KeyError(f"unknown component {name!r}; expected tokenizer or one of {sorted(NETWORKS)}")
+    return NETWORKS[name](info.model_dir, DTYPES[dtype]).to(device).eval()

@@ -1,0 +1,55 @@
+"""The pipeline run in-process on torch modules: the reference the served path is measured against."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import torch
+
+from flux_triton.components import load_component
+from flux_triton.model_info import FluxModelInfo
+from flux_triton.pipeline import FinalImage, StepUpdate, generate
+from flux_triton.request import GenerationRequest
+
+
+class TorchFluxModels:
+    """`FluxModels` implemented by direct calls of the loaded components."""
+
+    def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32"):
+        names = ("tokenizer", "clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
+        self.parts = {n: load_component(n, info, device, dtype) for n in names}
+        self.device = device
+
+    async def tokenize(self, prompts, prompts_2, max_sequence_length):
+        ids = self.parts["tokenizer"](list(prompts), list(prompts_2), max_sequence_length)
+        return ids["clip_input_ids"].to(self.device), ids["t5_input_ids"].to(self.device)
+
+    async def clip_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.parts["clip_encoder"](input_ids)["pooled_prompt_embeds"]
+
+    async def t5_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.parts["t5_encoder"](input_ids)["prompt_embeds"]
+
+    async def dit_transformer(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.parts["dit_transformer"](**inputs)["noise_pred"]
+
+    async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.parts["vae_decoder"](latents)["image"]
+
+
+def run_in_process(
+    request: GenerationRequest, info: FluxModelInfo, models: TorchFluxModels
+) -> Iterator[StepUpdate | FinalImage]:
+    """Run the shared pipeline synchronously, yielding each step and then the image."""
+    loop = asyncio.new_event_loop()
+    stream = generate(request, info, models)
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(stream.aclose())
+        loop.close()

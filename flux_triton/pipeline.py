@@ -1,0 +1,193 @@
+"""FluxPipeline.__call__ as one async generator over abstract model calls.
+
+The Triton BLS implements `FluxModels` with BLS requests, the in-process runner with torch modules;
+both run this same code, so they stream the same steps and the same image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from flux_triton import sampling
+from flux_triton.model_info import FluxModelInfo
+from flux_triton.request import GenerationRequest
+
+
+class FluxModels(Protocol):
+    """The component calls the pipeline needs; each returns tensors on the serving device."""
+
+    async def tokenize(
+        self, prompts: tuple[str, ...], prompts_2: tuple[str, ...], max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP ids of `prompts` [N, 77] and T5 ids of `prompts_2` [N, S] (int64)."""
+        ...
+
+    async def clip_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """CLIP pooled output [N, D_clip]."""
+        ...
+
+    async def t5_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """T5 last hidden states [N, S, D_t5]."""
+        ...
+
+    async def dit_transformer(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Velocity prediction [B, S_img, C*4] for the DiT inputs (`dit_inputs`)."""
+        ...
+
+    async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decoded image [B, 3, H, W] in [-1, 1]."""
+        ...
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock spans of the stages of one request, in seconds since its start."""
+
+    start: float = field(default_factory=time.perf_counter)
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start
+
+    async def timed(self, name: str, awaitable):
+        begin = self.now()
+        try:
+            return await awaitable
+        finally:
+            self.spans[name] = (begin, self.now())
+
+    def durations_ms(self) -> dict[str, float]:
+        """Duration of each stage in milliseconds."""
+        return {k: round((b - a) * 1000, 3) for k, (a, b) in self.spans.items()}
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    pooled: torch.Tensor  # [B, D_clip]
+    sequence: torch.Tensor  # [B, S, D_t5]
+    text_ids: torch.Tensor  # [S, 3]
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    """Sent after every denoising step."""
+
+    step: int  # 1-based
+    timestep: float
+    preview_latent: torch.Tensor  # [B, C, H/8, W/8] float32, unpacked model-space latents
+
+
+@dataclass(frozen=True)
+class FinalImage:
+    """Sent once, after the last step."""
+
+    image: torch.Tensor  # [B, H, W, 3] uint8
+    seed: int
+    timings: StageTimer
+
+
+async def encode_prompts(
+    models: FluxModels,
+    prompts: tuple[str, ...],
+    prompts_2: tuple[str, ...],
+    request: GenerationRequest,
+    timer: StageTimer,
+    tag: str,
+) -> PromptEmbeddings:
+    """Tokenize, then CLIP and T5 concurrently; repeat per image (FluxPipeline.encode_prompt)."""
+    clip_ids, t5_ids = await timer.timed(
+        f"tokenize{tag}", models.tokenize(prompts, prompts_2, request.max_sequence_length)
+    )
+    pooled, sequence = await asyncio.gather(
+        timer.timed(f"clip_encoder{tag}", models.clip_encoder(clip_ids)),
+        timer.timed(f"t5_encoder{tag}", models.t5_encoder(t5_ids)),
+    )
+    n = request.num_images_per_prompt
+    return PromptEmbeddings(
+        pooled=sampling.repeat_per_image(pooled, n),
+        sequence=sampling.repeat_per_image(sequence, n),
+        text_ids=sampling.text_ids(sequence.shape[1], pooled.device, pooled.dtype),
+    )
+
+
+def dit_inputs(
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    guidance: torch.Tensor | None,
+    embeds: PromptEmbeddings,
+    image_ids: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The DiT's inputs by name (the `dit_transformer` tensor interface)."""
+    inputs = {
+        "hidden_states": latents,
+        "encoder_hidden_states": embeds.sequence,
+        "pooled_projections": embeds.pooled,
+        "timestep": timestep,
+        "img_ids": image_ids,
+        "txt_ids": embeds.text_ids,
+    }
+    if guidance is not None:
+        inputs["guidance"] = guidance
+    return inputs
+
+
+async def generate(
+    request: GenerationRequest, info: FluxModelInfo, models: FluxModels
+) -> AsyncIterator[StepUpdate | FinalImage]:
+    """Run FluxPipeline.__call__ for a validated request; yield each step, then the image."""
+    timer = StageTimer()
+
+    # 1. Encode the prompt (and the negative prompt for true CFG), all encoders at once.
+    encodes = [encode_prompts(models, request.prompts, request.prompts_2, request, timer, "")]
+    if request.do_true_cfg:
+        encodes.append(encode_prompts(
+            models, request.negative_prompts, request.negative_prompts_2, request, timer, "_negative"
+        ))
+    embeds, *negative = await timer.timed("encode", asyncio.gather(*encodes))
+    negative_embeds = negative[0] if negative else None
+    device, dtype = embeds.sequence.device, embeds.sequence.dtype
+
+    # 2. Initial noise, packed into image tokens.
+    batch = request.batch_size
+    lat_h, lat_w = sampling.latent_grid(request.height, request.width, info.vae_scale_factor)
+    noise = sampling.initial_noise(request.seed, (batch, info.latent_channels, lat_h, lat_w), dtype,
+                                   device)
+    latents = sampling.pack_latents(noise)
+    image_ids = sampling.latent_image_ids(lat_h, lat_w, device, dtype)
+
+    # 3. Schedule: shifted sigmas for this image size.
+    sigmas = request.sigmas or sampling.default_sigmas(request.num_inference_steps)
+    timesteps, sigma_schedule = sampling.flow_match_schedule(sigmas, latents.shape[1], info.scheduler)
+    timesteps, sigma_schedule = timesteps.to(device), sigma_schedule.to(device)
+    guidance = (sampling.guidance_vector(request.guidance_scale, batch, device)
+                if info.guidance_embeds else None)
+
+    # 4. Denoising loop, one preview per step.
+    for i, t in enumerate(timesteps):
+        timestep = sampling.dit_timestep(t, batch, latents.dtype)
+        calls = [models.dit_transformer(dit_inputs(latents, timestep, guidance, embeds, image_ids))]
+        if negative_embeds is not None:
+            calls.append(models.dit_transformer(
+                dit_inputs(latents, timestep, guidance, negative_embeds, image_ids)
+            ))
+        noise_pred, *neg = await timer.timed(f"step_{i + 1}", asyncio.gather(*calls))
+        if neg:
+            noise_pred = sampling.true_cfg(noise_pred, neg[0], request.true_cfg_scale)
+        latents = sampling.euler_step(noise_pred, latents, sigma_schedule, i)
+        preview = sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
+        yield StepUpdate(step=i + 1, timestep=float(t), preview_latent=preview)
+
+    # 5. Decode.
+    vae_latents = sampling.to_vae_latents(
+        sampling.unpack_latents(latents, lat_h, lat_w), info.vae_scaling_factor, info.vae_shift_factor
+    )
+    decoded = await timer.timed("vae_decoder", models.vae_decoder(vae_latents))
+    image = sampling.postprocess_uint8(decoded)
+    timer.spans["total"] = (0.0, timer.now())
+    yield FinalImage(image=image, seed=request.seed, timings=timer)

@@ -1,0 +1,57 @@
+"""Cheap previews: a linear map from model-space latents to RGB, fitted to the model's own VAE."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PreviewProjection:
+    """RGB = latent-channel mix + bias, per latent pixel (one RGB pixel per 8x8 image block)."""
+
+    factors: tuple[tuple[float, float, float], ...]  # [C][3]
+    bias: tuple[float, float, float]
+
+    def to_json(self) -> dict:
+        return {"factors": [list(row) for row in self.factors], "bias": list(self.bias)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PreviewProjection:
+        return cls(tuple(tuple(float(v) for v in row) for row in data["factors"]),
+                   tuple(float(v) for v in data["bias"]))
+
+
+def preview_rgb(preview_latent: torch.Tensor, projection: PreviewProjection) -> torch.Tensor:
+    """[B, C, h, w] model-space latents -> uint8 [B, h, w, 3] preview."""
+    factors = torch.tensor(projection.factors, dtype=torch.float32)
+    bias = torch.tensor(projection.bias, dtype=torch.float32)
+    rgb = torch.einsum("bchw,cr->bhwr", preview_latent.float(), factors) + bias
+    return ((rgb / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def fit_preview_projection(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    latent_channels: int,
+    vae_scale_factor: int,
+    scaling_factor: float,
+    shift_factor: float,
+    samples: int = 4,
+    size: int = 16,
+    seed: int = 0,
+) -> PreviewProjection:
+    """Least-squares fit of latent -> RGB on random latents decoded by `decode` ([-1, 1] images)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn(samples, latent_channels, size, size, generator=generator)
+    with torch.inference_mode():
+        image = decode(latents / scaling_factor + shift_factor).float().cpu()
+    target = torch.nn.functional.avg_pool2d(image, vae_scale_factor)  # [S, 3, size, size]
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latent_channels)
+    x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(x.double(), y.double()).solution.float()
+    factors = tuple(tuple(round(float(v), 6) for v in row) for row in solution[:-1])
+    bias = tuple(round(float(v), 6) for v in solution[-1])
+    return PreviewProjection(factors, bias)

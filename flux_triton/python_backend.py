@@ -1,0 +1,81 @@
+"""Helpers shared by the Python-backend `model.py` adapters.
+
+`triton_python_backend_utils` exists only inside Triton's stub process, so the adapters pass it in
+as `pb`; this module never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.utils.dlpack
+
+from flux_triton.components import load_component
+from flux_triton.model_info import load_model_info
+from flux_triton.specs import TORCH_DTYPES, component_specs
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """The `parameters` string values of the model's config.pbtxt."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def instance_device(args: dict) -> str:
+    """`cuda:N` for a KIND_GPU instance, else `cpu`."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args['model_instance_device_id']}"
+    return "cpu"
+
+
+def to_torch(tensor: Any) -> torch.Tensor:
+    """A Triton tensor as a torch tensor on the same device, without a copy."""
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+
+def from_torch(pb: Any, name: str, value: torch.Tensor) -> Any:
+    """A torch tensor as a named Triton tensor, without a copy."""
+    return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+
+
+def error_response(pb: Any, message: str, code_name: str = "INTERNAL") -> Any:
+    """An InferenceResponse carrying a TritonError with the given status code."""
+    return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code_name)))
+
+
+class ComponentModel:
+    """A served network: inputs and outputs by the names of its spec, computed by `components`.
+
+    Subclasses set `name` and `pb` (the triton_python_backend_utils module).
+    """
+
+    name: str
+    pb: Any
+
+    def initialize(self, args: dict) -> None:
+        params = model_parameters(args)
+        info = load_model_info(params["model_dir"])
+        precision = params.get("precision", "FP32")
+        self.device = instance_device(args)
+        self.spec = component_specs(info, precision)[self.name]
+        self.component = load_component(self.name, info, self.device, TORCH_DTYPES[precision])
+
+    def execute(self, requests: list) -> list:
+        pb = self.pb
+        responses = []
+        for request in requests:
+            try:
+                inputs = {}
+                for spec in self.spec.inputs:
+                    tensor = pb.get_input_tensor_by_name(request, spec.name)
+                    if tensor is not None:
+                        inputs[spec.name] = to_torch(tensor).to(self.device)
+                outputs = self.component(**inputs)
+                responses.append(pb.InferenceResponse(
+                    [from_torch(pb, spec.name, outputs[spec.name]) for spec in self.spec.outputs]
+                ))
+            except Exception as exc:  # one bad request must not fail the others
+                responses.append(error_response(pb, f"{self.name}: {type(exc).__name__}: {exc}"))
+        return responses

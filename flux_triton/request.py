@@ -1,0 +1,218 @@
+"""A generation request, its defaults and its validation (FluxPipeline.check_inputs and more).
+
+Every error names the offending field and the allowed range, so the server can return it as
+INVALID_ARG before any model runs.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from flux_triton.model_info import FluxModelInfo
+
+
+class InvalidRequest(ValueError):
+    """A client input is invalid; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"`{field}`: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Upper bounds a deployment accepts (set per deployment in the BLS config)."""
+
+    max_height: int = 2048
+    max_width: int = 2048
+    max_batch: int = 16
+    max_inference_steps: int = 100
+    max_prompt_chars: int = 4096
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request with every default filled in."""
+
+    prompts: tuple[str, ...]
+    prompts_2: tuple[str, ...]
+    negative_prompts: tuple[str, ...] | None
+    negative_prompts_2: tuple[str, ...] | None
+    height: int
+    width: int
+    num_inference_steps: int
+    num_images_per_prompt: int
+    max_sequence_length: int
+    guidance_scale: float
+    true_cfg_scale: float
+    seed: int
+    sigmas: tuple[float, ...] | None
+
+    @property
+    def batch_size(self) -> int:
+        """Images generated: prompts x images per prompt."""
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def do_true_cfg(self) -> bool:
+        """FluxPipeline runs true CFG when true_cfg_scale > 1 and a negative prompt is given."""
+        return self.true_cfg_scale > 1 and self.negative_prompts is not None
+
+
+STRING_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
+INT_FIELDS = ("height", "width", "num_inference_steps", "num_images_per_prompt", "max_sequence_length")
+FLOAT_FIELDS = ("guidance_scale", "true_cfg_scale")
+KNOWN_FIELDS = frozenset(STRING_FIELDS + INT_FIELDS + FLOAT_FIELDS + ("seed", "sigmas"))
+SEED_RANGE = (0, 2**63 - 1)
+
+
+def _strings(field: str, value: np.ndarray, limits: ServingLimits) -> tuple[str, ...]:
+    flat = np.asarray(value).reshape(-1)
+    if flat.size == 0:
+        raise InvalidRequest(field, "must hold at least one string, got an empty tensor")
+    out = []
+    for item in flat:
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(field, "must be UTF-8 text") from None
+        elif not isinstance(item, str):
+            raise InvalidRequest(field, f"must be BYTES (UTF-8 strings), got {type(item).__name__}")
+        if len(item) > limits.max_prompt_chars:
+            raise InvalidRequest(
+                field, f"each string must have at most {limits.max_prompt_chars} characters, "
+                f"got {len(item)}"
+            )
+        out.append(item)
+    return tuple(out)
+
+
+def _scalar(field: str, value: np.ndarray) -> float | int:
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise InvalidRequest(field, f"must be a single value of shape [1], got shape {list(arr.shape)}")
+    item = arr.reshape(-1)[0]
+    if isinstance(item, (bytes, str, np.bytes_, np.str_)) or arr.dtype == object:
+        raise InvalidRequest(field, "must be numeric, got a string")
+    return item.item()
+
+
+def _int_in(field: str, value: np.ndarray | None, default: int, lo: int, hi: int) -> int:
+    if value is None:
+        return default
+    item = _scalar(field, value)
+    if isinstance(item, float):
+        if not math.isfinite(item) or item != int(item):
+            raise InvalidRequest(field, f"must be an integer in [{lo}, {hi}], got {item}")
+        item = int(item)
+    if not lo <= item <= hi:
+        raise InvalidRequest(field, f"must be in [{lo}, {hi}], got {item}")
+    return int(item)
+
+
+def _float_in(field: str, value: np.ndarray | None, default: float, lo: float, hi: float) -> float:
+    if value is None:
+        return default
+    item = float(_scalar(field, value))
+    if not math.isfinite(item) or not lo <= item <= hi:
+        raise InvalidRequest(field, f"must be a finite number in [{lo}, {hi}], got {item}")
+    return item
+
+
+def _match_batch(field: str, values: tuple[str, ...] | None, batch: int) -> tuple[str, ...] | None:
+    if values is None or len(values) == batch:
+        return values
+    if len(values) == 1:
+        return values * batch
+    raise InvalidRequest(field, f"must hold 1 or {batch} strings (one per prompt), got {len(values)}")
+
+
+def validate_request(
+    inputs: Mapping[str, np.ndarray | None],
+    info: FluxModelInfo,
+    limits: ServingLimits = ServingLimits(),
+) -> GenerationRequest:
+    """Check raw client inputs (numpy arrays by input name) and fill in defaults."""
+    unknown = sorted(set(inputs) - KNOWN_FIELDS)
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown input; accepted inputs are {sorted(KNOWN_FIELDS)}")
+    if inputs.get("prompt") is None:
+        raise InvalidRequest("prompt", "is required: a BYTES tensor [N] of N >= 1 prompts")
+    prompts = _strings("prompt", inputs["prompt"], limits)
+    strings = {f: _strings(f, inputs[f], limits) for f in STRING_FIELDS[1:] if inputs.get(f) is not None}
+    prompts_2 = _match_batch("prompt_2", strings.get("prompt_2"), len(prompts)) or prompts
+    negative = _match_batch("negative_prompt", strings.get("negative_prompt"), len(prompts))
+    negative_2 = _match_batch("negative_prompt_2", strings.get("negative_prompt_2"), len(prompts))
+    if negative_2 is not None and negative is None:
+        raise InvalidRequest("negative_prompt_2", "needs `negative_prompt` as well")
+    if negative is not None and negative_2 is None:
+        negative_2 = negative
+
+    multiple = info.spatial_multiple
+    height = _int_in("height", inputs.get("height"), info.default_height, multiple, limits.max_height)
+    width = _int_in("width", inputs.get("width"), info.default_width, multiple, limits.max_width)
+    for field, size in (("height", height), ("width", width)):
+        if size % multiple:
+            raise InvalidRequest(field, f"must be a multiple of {multiple}, got {size}")
+
+    max_images = max(1, limits.max_batch // len(prompts))
+    if len(prompts) > limits.max_batch:
+        raise InvalidRequest("prompt", f"at most {limits.max_batch} prompts, got {len(prompts)}")
+    num_images = _int_in("num_images_per_prompt", inputs.get("num_images_per_prompt"), 1, 1, max_images)
+    max_seq = _int_in(
+        "max_sequence_length", inputs.get("max_sequence_length"),
+        info.default_max_sequence_length, 1, info.t5_max_length,
+    )
+    guidance = _float_in("guidance_scale", inputs.get("guidance_scale"), info.default_guidance_scale,
+                         0.0, 100.0)
+    true_cfg = _float_in("true_cfg_scale", inputs.get("true_cfg_scale"), 1.0, 0.0, 100.0)
+
+    sigmas = None
+    if inputs.get("sigmas") is not None:
+        raw = np.asarray(inputs["sigmas"])
+        if raw.dtype == object or raw.dtype.kind not in "fiu":
+            raise InvalidRequest("sigmas", "must be FP32 numbers")
+        flat = raw.reshape(-1).astype(np.float64)
+        if not 1 <= flat.size <= limits.max_inference_steps:
+            raise InvalidRequest(
+                "sigmas", f"must hold 1 to {limits.max_inference_steps} values, got {flat.size}"
+            )
+        if not np.all(np.isfinite(flat)) or np.any(flat <= 0) or np.any(flat > 1):
+            raise InvalidRequest("sigmas", "every value must be finite and in (0, 1]")
+        if np.any(np.diff(flat) > 0):
+            raise InvalidRequest("sigmas", "must be non-increasing (noise level falls each step)")
+        sigmas = tuple(float(s) for s in raw.reshape(-1))
+    steps_default = len(sigmas) if sigmas is not None else info.default_num_inference_steps
+    steps = _int_in("num_inference_steps", inputs.get("num_inference_steps"), steps_default, 1,
+                    limits.max_inference_steps)
+    if sigmas is not None and steps != len(sigmas):
+        raise InvalidRequest(
+            "num_inference_steps", f"must equal the number of `sigmas` ({len(sigmas)}), got {steps}"
+        )
+
+    if inputs.get("seed") is None:
+        seed = secrets.randbelow(SEED_RANGE[1] + 1)
+    else:
+        seed = _int_in("seed", inputs["seed"], 0, *SEED_RANGE)
+
+    return GenerationRequest(
+        prompts=prompts,
+        prompts_2=prompts_2,
+        negative_prompts=negative,
+        negative_prompts_2=negative_2,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        num_images_per_prompt=num_images,
+        max_sequence_length=max_seq,
+        guidance_scale=guidance,
+        true_cfg_scale=true_cfg,
+        seed=seed,
+        sigmas=sigmas,
+    )

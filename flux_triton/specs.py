@@ -1,0 +1,115 @@
+"""The tensor interface of every served model, declared once.
+
+Triton configs are rendered from these specs, the component adapters read and write tensors by
+these names, and the tests check the served models against them. A dim is an int or a symbolic
+axis name (rendered as -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flux_triton.model_info import FluxModelInfo
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # Triton type without the TYPE_ prefix: FP32, BF16, INT64, BYTES, ...
+    dims: tuple[Dim, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+TORCH_DTYPES = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
+
+
+def component_specs(info: FluxModelInfo, dtype: str = "FP32") -> dict[str, ComponentSpec]:
+    """Specs of tokenizer, clip_encoder, t5_encoder, dit_transformer, vae_decoder, encode_prompt."""
+    packed_channels = info.latent_channels * 4
+    dit_inputs = [
+        TensorSpec("hidden_states", dtype, ("B", "S_img", packed_channels)),
+        TensorSpec("encoder_hidden_states", dtype, ("B", "S_txt", info.t5_hidden_size)),
+        TensorSpec("pooled_projections", dtype, ("B", info.clip_hidden_size)),
+        TensorSpec("timestep", dtype, ("B",)),
+        TensorSpec("img_ids", dtype, ("S_img", 3)),
+        TensorSpec("txt_ids", dtype, ("S_txt", 3)),
+    ]
+    if info.guidance_embeds:
+        dit_inputs.append(TensorSpec("guidance", "FP32", ("B",)))
+    prompt_inputs = (
+        TensorSpec("prompt", "BYTES", ("N",)),
+        TensorSpec("prompt_2", "BYTES", ("N",)),
+        TensorSpec("max_sequence_length", "INT32", (1,)),
+    )
+    pooled = TensorSpec("pooled_prompt_embeds", dtype, ("N", info.clip_hidden_size))
+    sequence = TensorSpec("prompt_embeds", dtype, ("N", "S_txt", info.t5_hidden_size))
+    specs = [
+        ComponentSpec(
+            "tokenizer",
+            prompt_inputs,
+            (
+                TensorSpec("clip_input_ids", "INT64", ("N", info.clip_max_length)),
+                TensorSpec("t5_input_ids", "INT64", ("N", "S_txt")),
+            ),
+        ),
+        ComponentSpec(
+            "clip_encoder",
+            (TensorSpec("input_ids", "INT64", ("N", info.clip_max_length)),),
+            (pooled,),
+        ),
+        ComponentSpec(
+            "t5_encoder",
+            (TensorSpec("input_ids", "INT64", ("N", "S_txt")),),
+            (sequence,),
+        ),
+        ComponentSpec(
+            "dit_transformer",
+            tuple(dit_inputs),
+            (TensorSpec("noise_pred", dtype, ("B", "S_img", packed_channels)),),
+        ),
+        ComponentSpec(
+            "vae_decoder",
+            (TensorSpec("latents", dtype, ("B", info.latent_channels, "H_lat", "W_lat")),),
+            (TensorSpec("image", dtype, ("B", 3, "H", "W")),),
+        ),
+        ComponentSpec("encode_prompt", prompt_inputs, (pooled, sequence)),
+    ]
+    return {s.name: s for s in specs}
+
+
+def bls_spec(info: FluxModelInfo) -> ComponentSpec:
+    """The public streaming interface of `flux_bls`."""
+    scalar_int = ("height", "width", "num_inference_steps", "num_images_per_prompt",
+                  "max_sequence_length")
+    inputs = [TensorSpec("prompt", "BYTES", ("N",))]
+    inputs += [TensorSpec(n, "BYTES", ("N",), optional=True)
+               for n in ("prompt_2", "negative_prompt", "negative_prompt_2")]
+    inputs += [TensorSpec(n, "INT32", (1,), optional=True) for n in scalar_int]
+    inputs += [TensorSpec(n, "FP32", (1,), optional=True)
+               for n in ("guidance_scale", "true_cfg_scale")]
+    inputs += [TensorSpec("seed", "INT64", (1,), optional=True),
+               TensorSpec("sigmas", "FP32", ("N_steps",), optional=True)]
+    outputs = (
+        TensorSpec("step", "INT32", (1,)),
+        TensorSpec("timestep", "FP32", (1,)),
+        TensorSpec("preview_latent", "FP32", ("B", info.latent_channels, "H_lat", "W_lat")),
+        TensorSpec("image", "UINT8", ("B", "H", "W", 3)),
+        TensorSpec("seed", "INT64", (1,)),
+        TensorSpec("timings", "BYTES", (1,)),
+    )
+    return ComponentSpec("flux_bls", tuple(inputs), outputs)

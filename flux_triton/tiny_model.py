@@ -1,0 +1,277 @@
+"""Tiny random-weight FLUX pipelines (schnell and dev layouts) for offline tests and smoke runs."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+VARIANTS = ("schnell", "dev")
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_MERGE_COUNT = 49152 - 256 - 2
+T5_SPM_VOCAB_SIZE = 1000
+
+COLOURS = "red blue green yellow orange purple pink black white grey brown golden silver".split()
+SHAPES = "circle square triangle star hexagon rectangle heart diamond sphere cube spiral".split()
+SUBJECTS = (
+    "cat dog horse astronaut robot bird fox owl dragon child woman man car bicycle boat tree house "
+    "castle lighthouse elephant tiger lion rabbit turtle whale dolphin penguin butterfly knight "
+    "wizard princess pirate samurai chef teapot guitar violin clock umbrella lantern balloon "
+    "train airplane rocket submarine mushroom cactus sunflower apple banana strawberry cupcake"
+).split()
+ADJECTIVES = (
+    "tiny huge fluffy ancient futuristic shiny rusty wooden glass metallic glowing friendly "
+    "mysterious happy sleepy majestic colorful elegant giant little old young cute beautiful "
+    "strange broken floating"
+).split()
+ACTIONS = (
+    "sitting|running|standing|sleeping|flying|jumping|riding a horse|reading a book|playing guitar|"
+    "eating an apple|looking at the stars|swimming|dancing|painting a picture|drinking coffee|"
+    "climbing a tree|holding an umbrella|wearing a hat|walking slowly|smiling"
+).split("|")
+SCENES = (
+    "on the moon|in a forest|on a beach at sunset|in a city street at night|in a snowy field|"
+    "under the sea|in a kitchen|on a mountain top|in the desert|in a garden full of flowers|"
+    "inside a spaceship|near a lake|in a library|on a wooden table|in the rain|above the clouds|"
+    "in a cozy living room|on a busy market square|in a neon cyberpunk alley|by the river"
+).split("|")
+STYLES = (
+    "a photo of|a painting of|a watercolor of|a sketch of|a 3d render of|a close-up photo of|"
+    "an illustration of|pixel art of|a cinematic shot of|an oil painting of|a studio portrait of|"
+    "a cartoon drawing of|a macro photograph of"
+).split("|")
+DETAILS = (
+    "high quality|4k|8k resolution|highly detailed|soft lighting|dramatic lighting|golden hour|"
+    "trending on artstation|sharp focus|wide angle|bokeh|vibrant colors|minimalist|"
+    "photorealistic|35mm film"
+).split("|")
+EXTRA_WORDS = (
+    "the of and in on with under over near behind beside between through across into from "
+    "morning evening night sunrise sunset winter summer autumn spring storm fog snow rain "
+    "mountain river ocean island valley village city bridge tower street road field meadow "
+    "window door roof wall floor ceiling chair table lamp book cup bottle plate flower leaf "
+    "cloud moon sun planet galaxy nebula comet volcano waterfall canyon glacier jungle swamp "
+    "portrait landscape poster logo icon sticker sculpture statue mosaic tapestry origami "
+    "vintage modern retro baroque gothic surreal abstract impressionist cubist anime comic "
+    "camera lens shadow reflection silhouette texture pattern gradient outline background "
+    "smooth rough soft hard bright dark warm cold quiet loud fast slow heavy light empty full"
+).split()
+CHARACTER_LINES = [
+    "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG!",
+    "0 1 2 3 4 5 6 7 8 9 10 100 2024 - + = ( ) [ ] { } : ; ' \" ? ! @ # $ % & * / \\ _ ~ < >",
+]
+
+
+def clip_bpe_path() -> Path:
+    """Locate open_clip's BPE merges file without importing open_clip (and its heavy deps)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"open_clip is not installed; it ships {CLIP_BPE_FILE}")
+    return Path(next(iter(spec.submodule_search_locations))) / CLIP_BPE_FILE
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI CLIP's reversible table mapping each byte to a printable unicode character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    unprintable = [byte for byte in range(256) if byte not in printable]
+    code_points = printable + [256 + index for index in range(len(unprintable))]
+    return dict(zip(printable + unprintable, map(chr, code_points)))
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """The 49408-token CLIP BPE tokenizer, with vocab and merges as CLIP's SimpleTokenizer."""
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as bpe_file:
+        merges = bpe_file.read().split("\n")[1 : CLIP_MERGE_COUNT + 1]
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = byte_tokens + [token + "</w>" for token in byte_tokens]
+    tokens += ["".join(merge.split()) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={token: token_id for token_id, token in enumerate(tokens)},
+        merges=[tuple(merge.split()) for merge in merges],
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+
+
+def t5_training_corpus() -> list[str]:
+    """About 3000 deterministic English prompts about objects, colours, shapes and scenes."""
+    sentences = list(CHARACTER_LINES)
+    for index in range(len(COLOURS) * len(SHAPES)):
+        colour, background = COLOURS[index % len(COLOURS)], COLOURS[(index * 5 + 3) % len(COLOURS)]
+        shape = SHAPES[(index // len(COLOURS) + index) % len(SHAPES)]
+        sentences.append(f"a {colour} {shape} on a {background} background")
+        sentences.append(
+            f"{index + 2} {colour} {shape}s next to a {background} "
+            f"{EXTRA_WORDS[index % len(EXTRA_WORDS)]}"
+        )
+    for index in range(600):
+        prompt = (
+            f"{STYLES[index % len(STYLES)]} a {ADJECTIVES[index * 3 % len(ADJECTIVES)]} "
+            f"{COLOURS[index * 11 % len(COLOURS)]} {SUBJECTS[index * 7 % len(SUBJECTS)]} "
+            f"{ACTIONS[index * 13 % len(ACTIONS)]} {SCENES[index * 17 % len(SCENES)]} "
+            f"with a {EXTRA_WORDS[index * 23 % len(EXTRA_WORDS)]}, "
+            f"{DETAILS[index * 19 % len(DETAILS)]}"
+        )
+        sentences += [prompt, prompt.capitalize() + ".", prompt.title(), prompt.upper()]
+    return sentences
+
+
+def train_t5_spm() -> bytes:
+    """Train a small sentencepiece unigram model with T5's special ids; same bytes every run."""
+    spm.SetRandomGeneratorSeed(0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(t5_training_corpus()),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=T5_SPM_VOCAB_SIZE,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def spm_precompiled_charsmap(spm_model: bytes) -> bytes:
+    """The normalizer table of a serialized sentencepiece model."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except Exception:  # its generated code may demand a newer protobuf runtime than installed
+        from transformers.utils import sentencepiece_model_pb2_new as sentencepiece_model_pb2
+    model_proto = sentencepiece_model_pb2.ModelProto.FromString(spm_model)
+    return model_proto.normalizer_spec.precompiled_charsmap
+
+
+def build_t5_tokenizer(spm_model: bytes) -> T5Tokenizer:
+    """T5 unigram tokenizer (plus T5's 100 sentinel tokens) from serialized sentencepiece bytes."""
+    processor = spm.SentencePieceProcessor(model_proto=spm_model)
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(len(processor))]
+    return T5Tokenizer(
+        vocab=vocab,
+        _spm_precompiled_charsmap=spm_precompiled_charsmap(spm_model),
+        model_max_length=512,
+    )
+
+
+def build_tiny_pipeline(variant: str, seed: int, t5_spm_model: bytes) -> FluxPipeline:
+    """Assemble a float32 FluxPipeline of tiny components, each seeded in a fixed order."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    is_dev = variant == "dev"
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer(t5_spm_model)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=77, vocab_size=len(tokenizer), projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=len(tokenizer_2),
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=is_dev, axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.3611,
+        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0 if is_dev else 1.0, use_dynamic_shifting=is_dev,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+
+
+def serving_defaults(variant: str) -> dict[str, float | int]:
+    """Request defaults stored next to the pipeline as flux_serving.json."""
+    return {
+        "default_height": 128,
+        "default_width": 128,
+        "default_num_inference_steps": 4,
+        "default_max_sequence_length": 64,
+        "default_guidance_scale": 3.5 if variant == "dev" else 0.0,
+    }
+
+
+def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
+    """Write a tiny FLUX pipeline ("schnell" or "dev") to `out_dir` and return its path.
+
+    The folder is built beside `out_dir` and then swapped in, so rebuilding replaces an
+    older build and an interrupted build never leaves a half-written model behind.
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    t5_spm_model = train_t5_spm()
+    pipeline = build_tiny_pipeline(variant, seed, t5_spm_model)
+    staging_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    retired_dir = staging_dir.with_name(staging_dir.name + ".old")
+    try:
+        pipeline.save_pretrained(staging_dir, safe_serialization=True)
+        (staging_dir / "tokenizer_2" / "spiece.model").write_bytes(t5_spm_model)
+        serving_json = json.dumps(serving_defaults(variant), indent=2) + "\n"
+        (staging_dir / "flux_serving.json").write_text(serving_json)
+        if out_dir.exists():
+            out_dir.rename(retired_dir)
+        staging_dir.rename(out_dir)
+    finally:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        shutil.rmtree(retired_dir, ignore_errors=True)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: python -m flux_triton.tiny_model --out models --variant schnell|dev|all."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("models"), help="parent folder")
+    parser.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for variant in VARIANTS if args.variant == "all" else (args.variant,):
+        print(build_tiny_flux(args.out / f"tiny-flux-{variant}", variant, args.seed))
+
+
+if __name__ == "__main__":
+    main()

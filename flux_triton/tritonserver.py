@@ -1,0 +1,163 @@
+"""Start and stop the `tritonserver` shipped in the nvidia-pytriton wheel, on loopback.
+
+The python backend's stub runs the first `python3` on PATH, so the server is started with this
+interpreter's bin directory first on PATH: the models then import this venv's packages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def pytriton_root() -> Path:
+    """Folder of the wheel's Triton build (bin/, backends/, python_backend_stubs/)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "tritonserver not found: install the nvidia-pytriton==0.7.0 wheel (`make setup`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def prepare_backends(dest: Path) -> Path:
+    """A backend directory with the python backend and the stub for this Python version."""
+    root = pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise RuntimeError(f"the nvidia-pytriton wheel has no python backend stub for Python {version}")
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for item in (root / "backends" / "python").iterdir():
+        if item.is_file():
+            shutil.copy2(item, python_dir / item.name)
+    shutil.copy2(stub, python_dir / stub.name)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process serving `repository` on 127.0.0.1."""
+
+    repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    backend_dir: Path = Path(".triton/backends")
+    extra_args: list[str] = field(default_factory=list)
+    log_file: Path | None = None
+    process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [
+            str(pytriton_root() / "bin" / "tritonserver"),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={Path(self.backend_dir).resolve()}",
+            "--disable-auto-complete-config",
+            "--pinned-memory-pool-byte-size=0",
+            "--allow-gpu-metrics=false",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-timeout-secs=20",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        return env
+
+    def start(self, timeout_s: float = 120.0) -> float:
+        """Start the server and wait until it is ready; return the start-to-ready seconds."""
+        prepare_backends(Path(self.backend_dir))
+        out = open(self.log_file, "wb") if self.log_file else None  # noqa: SIM115
+        began = time.perf_counter()
+        self.process = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=out or None, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        while time.perf_counter() - began < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}"
+                                   + (f"; see {self.log_file}" if self.log_file else ""))
+            if self.is_ready():
+                return time.perf_counter() - began
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s")
+
+    def is_ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGINT (Triton's graceful shutdown), then SIGKILL of the whole group if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`make serve`: run tritonserver in the foreground on loopback."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--repository", default="model_repository")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("extra", nargs="*", help="more tritonserver flags (after --)")
+    args = parser.parse_args(argv)
+    if not any(Path(args.repository).glob("*/config.pbtxt")):
+        raise SystemExit(f"{args.repository} has no config.pbtxt: run `make export` first")
+    server = TritonServer(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
+                          extra_args=args.extra)
+    prepare_backends(server.backend_dir)
+    command = server.command()
+    os.execve(command[0], command, server.environment())
+
+
+if __name__ == "__main__":
+    main()

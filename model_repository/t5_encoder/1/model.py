@@ -1,0 +1,10 @@
+"""Triton Python model `t5_encoder`: the network run by PyTorch (CPU or CUDA per instance_group)."""
+
+import triton_python_backend_utils as pb_utils
+
+from flux_triton.python_backend import ComponentModel
+
+
+class TritonPythonModel(ComponentModel):
+    name = "t5_encoder"
+    pb = pb_utils
