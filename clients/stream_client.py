@@ -31,6 +31,8 @@ class StreamResult:
     seed: int | None = None
     timings: dict | None = None
     error: str | None = None
+    error_status: str | None = None
+    kinds: list[str] = field(default_factory=list)  # "step" / "image" / "final" in arrival order
     responses: int = 0
     first_response_s: float | None = None
     total_s: float = 0.0
@@ -85,14 +87,18 @@ def stream_generate(
                 out.first_response_s = now - began
             if error is not None:
                 out.error = error.message() if hasattr(error, "message") else str(error)
+                out.error_status = error.status() if hasattr(error, "status") else None
+                out.kinds.append("error")
                 break
             out.responses += 1
             response = result.get_response()
             final = response.parameters.get("triton_final_response")
             names = {o.name for o in response.outputs}
+            out.kinds += [kind for kind in ("step", "image") if kind in names]
             if "step" in names:
                 step = {
                     "step": int(result.as_numpy("step")[0]),
+                    "total_steps": int(result.as_numpy("total_steps")[0]),
                     "timestep": float(result.as_numpy("timestep")[0]),
                     "preview_latent": result.as_numpy("preview_latent"),
                     "seconds": now - last,
@@ -103,9 +109,10 @@ def stream_generate(
             if "image" in names:
                 out.image = result.as_numpy("image")
                 out.seed = int(result.as_numpy("seed")[0])
-                out.timings = json.loads(result.as_numpy("timings")[0])
+                out.timings = json.loads(result.as_numpy("timings")[0])  # stage: [start, end] ms
             last = now
             if final is not None and final.bool_param:
+                out.kinds.append("final")
                 break
         out.total_s = time.perf_counter() - began
     finally:
@@ -135,10 +142,10 @@ def terminal_thumbnail(rgb: np.ndarray, columns: int = 32) -> str:
     return "\n".join(lines)
 
 
-def _progress(total: int, step: dict) -> str:
-    done = int(30 * step["step"] / total)
+def _progress(step: dict) -> str:
+    done = int(30 * step["step"] / step["total_steps"])
     bar = "#" * done + "." * (30 - done)
-    return (f"\r[{bar}] step {step['step']}/{total}  t={step['timestep']:7.2f}  "
+    return (f"\r[{bar}] step {step['step']}/{step['total_steps']}  t={step['timestep']:7.2f}  "
             f"{step['seconds'] * 1000:8.1f} ms")
 
 
@@ -181,19 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
         guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed,
     )
-    total_steps = args.steps or 0
-
     def on_step(step: dict) -> None:
-        nonlocal total_steps
-        total_steps = max(total_steps, step["step"])
-        print(_progress(total_steps, step), end="", flush=True)
+        print(_progress(step), end="", flush=True)
         if projection is None:
             return
         import torch
 
         from flux_triton.preview import preview_rgb
 
-        rgb = preview_rgb(torch.from_numpy(step["preview_latent"]), projection).numpy()
+        rgb = preview_rgb(torch.from_numpy(np.array(step["preview_latent"])), projection).numpy()
         if not args.no_previews:
             for b, image in enumerate(rgb):
                 Image.fromarray(image).save(out_dir / f"preview_step{step['step']:02d}_{b}.png")
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(result.steps)} steps streamed in {result.responses} responses, "
           f"first after {result.first_response_s * 1000:.0f} ms, total {result.total_s:.2f} s, "
           f"seed {result.seed}")
-    print("server timings (ms): " + ", ".join(f"{k}={v:.1f}" for k, v in result.timings.items()))
+    print("server timings (ms): "
+          + ", ".join(f"{k}={end - start:.1f}" for k, (start, end) in result.timings.items()))
     print("saved " + ", ".join(paths))
     return 0
 

@@ -11,7 +11,8 @@ def _dims(spec: TensorSpec) -> str:
 
 def _tensor(spec: TensorSpec) -> str:
     optional = "\n    optional: true" if spec.optional else ""
-    return (f"  {{\n    name: \"{spec.name}\"\n    data_type: TYPE_{spec.dtype}\n"
+    dtype = "STRING" if spec.dtype == "BYTES" else spec.dtype  # config.pbtxt spells BYTES "STRING"
+    return (f"  {{\n    name: \"{spec.name}\"\n    data_type: TYPE_{dtype}\n"
             f"    dims: [ {_dims(spec)} ]{optional}\n  }}")
 
 

@@ -62,9 +62,9 @@ class StageTimer:
         finally:
             self.spans[name] = (begin, self.now())
 
-    def durations_ms(self) -> dict[str, float]:
-        """Duration of each stage in milliseconds."""
-        return {k: round((b - a) * 1000, 3) for k, (a, b) in self.spans.items()}
+    def spans_ms(self) -> dict[str, list[float]]:
+        """[start, end] of each stage in milliseconds since the request started."""
+        return {k: [round(a * 1000, 3), round(b * 1000, 3)] for k, (a, b) in self.spans.items()}
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class StepUpdate:
     """Sent after every denoising step."""
 
     step: int  # 1-based
+    total_steps: int
     timestep: float
     preview_latent: torch.Tensor  # [B, C, H/8, W/8] float32, unpacked model-space latents
 
@@ -181,7 +182,8 @@ async def generate(
             noise_pred = sampling.true_cfg(noise_pred, neg[0], request.true_cfg_scale)
         latents = sampling.euler_step(noise_pred, latents, sigma_schedule, i)
         preview = sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
-        yield StepUpdate(step=i + 1, timestep=float(t), preview_latent=preview)
+        yield StepUpdate(step=i + 1, total_steps=len(timesteps), timestep=float(t),
+                         preview_latent=preview)
 
     # 5. Decode.
     vae_latents = sampling.to_vae_latents(

@@ -106,6 +106,7 @@ def bls_spec(info: FluxModelInfo) -> ComponentSpec:
                TensorSpec("sigmas", "FP32", ("N_steps",), optional=True)]
     outputs = (
         TensorSpec("step", "INT32", (1,)),
+        TensorSpec("total_steps", "INT32", (1,)),
         TensorSpec("timestep", "FP32", (1,)),
         TensorSpec("preview_latent", "FP32", ("B", info.latent_channels, "H_lat", "W_lat")),
         TensorSpec("image", "UINT8", ("B", "H", "W", 3)),

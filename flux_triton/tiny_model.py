@@ -118,7 +118,7 @@ def build_clip_tokenizer() -> CLIPTokenizer:
 
 
 def t5_training_corpus() -> list[str]:
-    """About 3000 deterministic English prompts about objects, colours, shapes and scenes."""
+    """About 2700 deterministic English prompts about objects, colours, shapes and scenes."""
     sentences = list(CHARACTER_LINES)
     for index in range(len(COLOURS) * len(SHAPES)):
         colour, background = COLOURS[index % len(COLOURS)], COLOURS[(index * 5 + 3) % len(COLOURS)]
@@ -145,20 +145,10 @@ def train_t5_spm() -> bytes:
     spm.SetRandomGeneratorSeed(0)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(t5_training_corpus()),
-        model_writer=model,
-        model_type="unigram",
-        vocab_size=T5_SPM_VOCAB_SIZE,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
+        sentence_iterator=iter(t5_training_corpus()), model_writer=model, model_type="unigram",
+        vocab_size=T5_SPM_VOCAB_SIZE, hard_vocab_limit=False, character_coverage=1.0,
+        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
     )
     return model.getvalue()
 
@@ -245,8 +235,10 @@ def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t5_spm_model = train_t5_spm()
-    pipeline = build_tiny_pipeline(variant, seed, t5_spm_model)
+    with torch.random.fork_rng(devices=[]):
+        pipeline = build_tiny_pipeline(variant, seed, t5_spm_model)
     staging_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging_dir.chmod(0o755)
     retired_dir = staging_dir.with_name(staging_dir.name + ".old")
     try:
         pipeline.save_pretrained(staging_dir, safe_serialization=True)
@@ -258,7 +250,7 @@ def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
         staging_dir.rename(out_dir)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
-        shutil.rmtree(retired_dir, ignore_errors=True)
+    shutil.rmtree(retired_dir, ignore_errors=True)
     return out_dir
 
 

@@ -31,20 +31,21 @@ def pytriton_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
 
 
-def prepare_backends(dest: Path) -> Path:
-    """A backend directory with the python backend and the stub for this Python version."""
+def prepare_backends() -> Path:
+    """The wheel's backend directory, with the python backend stub for this Python version.
+
+    The stub goes beside libtriton_python.so, at the same depth as in the wheel, so its relative
+    RPATH still finds the wheel's bundled libraries.
+    """
     root = pytriton_root()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
         raise RuntimeError(f"the nvidia-pytriton wheel has no python backend stub for Python {version}")
-    python_dir = dest / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for item in (root / "backends" / "python").iterdir():
-        if item.is_file():
-            shutil.copy2(item, python_dir / item.name)
-    shutil.copy2(stub, python_dir / stub.name)
-    return dest
+    target = root / "backends" / "python" / stub.name
+    if not target.exists() or target.stat().st_size != stub.stat().st_size:
+        shutil.copy2(stub, target)
+    return root / "backends"
 
 
 def free_port() -> int:
@@ -61,7 +62,6 @@ class TritonServer:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    backend_dir: Path = Path(".triton/backends")
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
     process: subprocess.Popen | None = None
@@ -70,7 +70,7 @@ class TritonServer:
         return [
             str(pytriton_root() / "bin" / "tritonserver"),
             f"--model-repository={Path(self.repository).resolve()}",
-            f"--backend-directory={Path(self.backend_dir).resolve()}",
+            f"--backend-directory={prepare_backends()}",
             "--disable-auto-complete-config",
             "--pinned-memory-pool-byte-size=0",
             "--allow-gpu-metrics=false",
@@ -95,7 +95,6 @@ class TritonServer:
 
     def start(self, timeout_s: float = 120.0) -> float:
         """Start the server and wait until it is ready; return the start-to-ready seconds."""
-        prepare_backends(Path(self.backend_dir))
         out = open(self.log_file, "wb") if self.log_file else None  # noqa: SIM115
         began = time.perf_counter()
         self.process = subprocess.Popen(
@@ -154,7 +153,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.repository} has no config.pbtxt: run `make export` first")
     server = TritonServer(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
                           extra_args=args.extra)
-    prepare_backends(server.backend_dir)
     command = server.command()
     os.execve(command[0], command, server.environment())
 

@@ -103,7 +103,7 @@ class TritonPythonModel:
             gen_request = validate_request(self._read_inputs(request), self.info, self.limits)
             async for event in generate(gen_request, self.info, self.models):
                 if isinstance(event, FinalImage):
-                    timings = json.dumps(event.timings.durations_ms())
+                    timings = json.dumps(event.timings.spans_ms())
                     sender.send(pb_utils.InferenceResponse([
                         from_torch(pb_utils, "image", event.image),
                         pb_utils.Tensor("seed", np.array([event.seed], dtype=np.int64)),
@@ -112,6 +112,7 @@ class TritonPythonModel:
                 else:
                     sender.send(pb_utils.InferenceResponse([
                         pb_utils.Tensor("step", np.array([event.step], dtype=np.int32)),
+                        pb_utils.Tensor("total_steps", np.array([event.total_steps], dtype=np.int32)),
                         pb_utils.Tensor("timestep", np.array([event.timestep], dtype=np.float32)),
                         from_torch(pb_utils, "preview_latent", event.preview_latent),
                     ]))

@@ -1,0 +1,112 @@
+"""Shared fixtures: the tiny model folders, and real tritonservers serving them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from export.repository import write_repository
+from flux_triton.model_info import FluxModelInfo, load_model_info
+from flux_triton.tiny_model import build_tiny_flux
+from flux_triton.tritonserver import TritonServer, free_port
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("schnell", "dev")
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """models/tiny-flux-{schnell,dev} from `make model`, else built fresh for this session."""
+    dirs = {}
+    for variant in VARIANTS:
+        path = REPO_ROOT / "models" / f"tiny-flux-{variant}"
+        if not (path / "model_index.json").exists():
+            path = build_tiny_flux(tmp_path_factory.mktemp("models") / f"tiny-flux-{variant}", variant)
+        dirs[variant] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipes(model_dirs):
+    """diffusers' own FluxPipeline on each model folder: the reference."""
+    from diffusers import FluxPipeline
+
+    return {v: FluxPipeline.from_pretrained(d) for v, d in model_dirs.items()}
+
+
+@dataclass
+class Served:
+    variant: str
+    info: FluxModelInfo
+    server: TritonServer
+    url: str
+    ready_s: float
+    trace_file: Path
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(self.url)
+
+    def traces(self) -> list[dict]:
+        """Triton's TIMESTAMPS traces written so far."""
+        events = []
+        for path in sorted(self.trace_file.parent.glob(self.trace_file.name + "*")):
+            text = path.read_text().strip()
+            if text:
+                events += json.loads(text if text.endswith("]") else text + "]")
+        return events
+
+
+def _shm_regions() -> set[str]:
+    return {p.name for p in SHM.glob("triton_python_backend_shm_region_*")}
+
+
+def _start(variant: str, model_dir: Path, root: Path) -> Served:
+    repo = write_repository(model_dir, root / "repository")
+    trace = root / "trace.json"
+    ports = [free_port() for _ in range(3)]
+    server = TritonServer(
+        repo, *ports, log_file=root / "tritonserver.log",
+        extra_args=[f"--trace-config=triton,file={trace}", "--trace-config=level=TIMESTAMPS",
+                    "--trace-config=rate=1", "--trace-config=count=-1",
+                    "--trace-config=triton,log-frequency=1"],
+    )
+    ready_s = server.start()
+    return Served(variant, load_model_info(model_dir), server, f"127.0.0.1:{ports[1]}", ready_s, trace)
+
+
+def _stop(served: Served, shm_before: set[str]) -> None:
+    code = served.server.stop()
+    pid = served.server.process.pid
+    leftovers = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
+    assert code == 0, f"tritonserver exited with {code}; see {served.server.log_file}"
+    assert not leftovers, f"processes left running after tritonserver stopped: {leftovers}"
+    assert _shm_regions() <= shm_before, "python backend shared memory left in /dev/shm"
+
+
+@pytest.fixture(scope="session")
+def served_schnell(model_dirs, tmp_path_factory):
+    before = _shm_regions()
+    served = _start("schnell", model_dirs["schnell"], tmp_path_factory.mktemp("schnell"))
+    yield served
+    _stop(served, before)
+
+
+@pytest.fixture(scope="session")
+def served_dev(model_dirs, tmp_path_factory):
+    before = _shm_regions()
+    served = _start("dev", model_dirs["dev"], tmp_path_factory.mktemp("dev"))
+    yield served
+    _stop(served, before)
+
+
+@pytest.fixture(scope="session")
+def served(request, served_schnell, served_dev) -> dict[str, Served]:
+    return {"schnell": served_schnell, "dev": served_dev}

@@ -1,0 +1,59 @@
+"""Run diffusers' FluxPipeline on the same inputs as a served or in-process request."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flux_triton.request import GenerationRequest
+
+
+def diffusers_call_kwargs(request: GenerationRequest) -> dict:
+    """FluxPipeline.__call__ arguments equivalent to a validated request."""
+    kwargs = dict(
+        prompt=list(request.prompts),
+        prompt_2=list(request.prompts_2),
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.num_inference_steps,
+        num_images_per_prompt=request.num_images_per_prompt,
+        max_sequence_length=request.max_sequence_length,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    )
+    if request.sigmas is not None:
+        kwargs["sigmas"] = list(request.sigmas)
+    if request.negative_prompts is not None:
+        kwargs.update(negative_prompt=list(request.negative_prompts),
+                      negative_prompt_2=list(request.negative_prompts_2),
+                      true_cfg_scale=request.true_cfg_scale)
+    return kwargs
+
+
+def diffusers_image(pipe, request: GenerationRequest) -> tuple[np.ndarray, np.ndarray, list]:
+    """(uint8 [B, H, W, 3] as diffusers' PIL output, float [B, H, W, 3], per-step latents)."""
+    step_latents = []
+
+    def keep(_pipe, _i, _t, tensors):
+        step_latents.append(tensors["latents"].clone())
+        return tensors
+
+    images = pipe(output_type="np", callback_on_step_end=keep, **diffusers_call_kwargs(request)).images
+    return (images * 255).round().astype("uint8"), images, step_latents
+
+
+def raw_inputs(**fields) -> dict[str, np.ndarray]:
+    """Client-style numpy inputs (strings as BYTES object arrays)."""
+    raw = {}
+    for name, value in fields.items():
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+            raw[name] = np.array([v.encode() for v in value], dtype=object)
+        elif isinstance(value, str):
+            raw[name] = np.array([value.encode()], dtype=object)
+        elif isinstance(value, (list, tuple)):
+            raw[name] = np.array(value, dtype=np.float32)
+        elif isinstance(value, float):
+            raw[name] = np.array([value], dtype=np.float32)
+        else:
+            raw[name] = np.array([value], dtype=np.int64 if name == "seed" else np.int32)
+    return raw

@@ -1,0 +1,135 @@
+"""The pipeline served by a real tritonserver, against diffusers' FluxPipeline on the same folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clients.stream_client import build_inputs, stream_generate
+from flux_triton import sampling
+from flux_triton.request import validate_request
+from tests.reference import diffusers_image, raw_inputs
+
+PARITY_CASES = {
+    "2 prompts x 2 images, 128x96": dict(
+        prompt=["a red circle on a blue background", "a photo of a cat"], num_images_per_prompt=2,
+        height=128, width=96, seed=3),
+    "default size": dict(prompt="an astronaut riding a horse", seed=11),
+    "true CFG, 64x128": dict(
+        prompt=["a green square", "two cats"], negative_prompt="blurry, low quality",
+        true_cfg_scale=4.0, height=64, width=128, seed=5),
+    "custom sigmas, prompt_2": dict(
+        prompt="a horse", prompt_2="a horse on a hill", sigmas=[1.0, 0.75, 0.45, 0.2, 0.05],
+        height=96, width=64, seed=7, max_sequence_length=32),
+}
+
+
+def served_generate(served, fields: dict):
+    client = served.client()
+    try:
+        return stream_generate(client, build_inputs(**fields))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("variant", ["schnell", "dev"])
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_served_image_identical_to_diffusers(served, diffusers_pipes, variant, case):
+    fields = dict(PARITY_CASES[case])
+    if variant == "dev":
+        fields["guidance_scale"] = 4.5
+    result = served_generate(served[variant], fields)
+    assert result.error is None, result.error
+
+    request = validate_request(raw_inputs(**fields), served[variant].info)
+    expected_uint8, expected_float, step_latents = diffusers_image(diffusers_pipes[variant], request)
+    image = result.image
+    float_diff = float(np.abs(image.astype(np.float64) / 255 - expected_float).max())
+    print(f"\nparity {variant} / {case}: image {list(image.shape)}, uint8 max diff "
+          f"{int(np.abs(image.astype(int) - expected_uint8).max())}, float max diff {float_diff:.3e}")
+    assert image.shape == expected_uint8.shape
+    assert np.array_equal(image, expected_uint8)
+    assert result.seed == request.seed
+
+    lat_h, lat_w = sampling.latent_grid(request.height, request.width, 8)
+    assert len(result.steps) == len(step_latents) == request.num_inference_steps
+    for step, latents in zip(result.steps, step_latents):
+        expected_preview = sampling.unpack_latents(latents, lat_h, lat_w).numpy()
+        assert np.array_equal(step["preview_latent"], expected_preview), f"step {step['step']}"
+
+
+def test_stream_order(served):
+    result = served_generate(served["schnell"], dict(prompt="a cat", num_inference_steps=6, seed=1,
+                                                     height=64, width=64))
+    assert result.error is None
+    assert result.kinds == ["step"] * 6 + ["image", "final"]
+    assert [s["step"] for s in result.steps] == [1, 2, 3, 4, 5, 6]
+    assert all(s["total_steps"] == 6 for s in result.steps)
+    timesteps = [s["timestep"] for s in result.steps]
+    assert timesteps == sorted(timesteps, reverse=True) and timesteps[0] == 1000.0
+    assert result.steps[0]["preview_latent"].shape == (1, 16, 8, 8)
+    assert result.image.shape == (1, 64, 64, 3) and result.image.dtype == np.uint8
+
+
+def test_seed_is_reported_and_reproducible(served):
+    first = served_generate(served["schnell"], dict(prompt="a cat", height=64, width=64))
+    again = served_generate(served["schnell"], dict(prompt="a cat", height=64, width=64, seed=first.seed))
+    assert first.error is None and again.error is None
+    assert np.array_equal(first.image, again.image)
+
+
+def _overlap(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def test_bls_calls_clip_and_t5_concurrently(served):
+    result = served_generate(served["schnell"], dict(
+        prompt="a cat", negative_prompt="a dog", true_cfg_scale=2.0, height=64, width=64, seed=1))
+    spans = result.timings
+    assert _overlap(spans["clip_encoder"], spans["t5_encoder"])
+    assert _overlap(spans["clip_encoder_negative"], spans["t5_encoder"])
+    assert _overlap(spans["clip_encoder_negative"], spans["t5_encoder_negative"])
+    for name in ("tokenize", "encode", "step_1", "step_4", "vae_decoder", "total"):
+        assert spans[name][1] >= spans[name][0] >= 0
+
+
+def test_ensemble_runs_clip_and_t5_in_parallel(served):
+    """Triton's own trace: CLIP and T5 compute windows of one ensemble request overlap."""
+    srv = served["schnell"]
+    client = srv.client()
+    for _ in range(3):
+        client.infer("encode_prompt", build_inputs(prompt=["a cat"], prompt_2=["a cat"],
+                                                   max_sequence_length=64))
+    client.close()
+    traces = srv.traces()
+    models, stamps = {}, {}
+    for event in traces:
+        if "model_name" in event:
+            models[event["id"]] = (event["model_name"], event.get("parent_id"))
+        for stamp in event.get("timestamps", []):
+            stamps.setdefault(event["id"], {})[stamp["name"]] = stamp["ns"]
+    ensembles = [i for i, (name, _) in models.items() if name == "encode_prompt"]
+    assert ensembles, "no encode_prompt trace"
+    overlapped = 0
+    for parent in ensembles:
+        children = {models[i][0]: stamps[i] for i in models if models[i][1] == parent}
+        assert {"tokenizer", "clip_encoder", "t5_encoder"} <= set(children)
+        clip, t5 = children["clip_encoder"], children["t5_encoder"]
+        overlapped += _overlap([clip["COMPUTE_START"], clip["COMPUTE_END"]],
+                               [t5["COMPUTE_START"], t5["COMPUTE_END"]])
+    assert overlapped == len(ensembles)
+
+
+@pytest.mark.parametrize("variant", ["schnell", "dev"])
+def test_ensemble_matches_diffusers_encode_prompt(served, diffusers_pipes, variant):
+    prompts, prompts_2 = ["a red circle on a blue background", "a cat"], ["a red circle", "a dog"]
+    client = served[variant].client()
+    result = client.infer("encode_prompt", build_inputs(prompt=prompts, prompt_2=prompts_2,
+                                                        max_sequence_length=48))
+    client.close()
+    with torch.inference_mode():
+        embeds, pooled, _ = diffusers_pipes[variant].encode_prompt(
+            prompt=prompts, prompt_2=prompts_2, max_sequence_length=48)
+    assert np.array_equal(result.as_numpy("prompt_embeds"), embeds.numpy())
+    assert np.array_equal(result.as_numpy("pooled_prompt_embeds"), pooled.numpy())
