@@ -1,0 +1,36 @@
+"""The streaming client CLI against the real server, and when the server is down."""
+
+import numpy as np
+from PIL import Image
+
+from clients import stream_client
+from flux_triton.tritonserver import free_port
+
+
+def test_client_saves_previews_and_image(served, tmp_path, capsys):
+    code = stream_client.main(["--url", served["schnell"].url, "--prompt", "a red circle",
+                               "--prompt", "a cat", "--steps", "3", "--height", "64", "--width", "96",
+                               "--seed", "4", "--out", str(tmp_path), "--show", "always"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "3 steps streamed in 5 responses" in out and "seed 4" in out
+    assert "step 3/3" in out and "\x1b[38;2;" in out  # progress and a terminal thumbnail
+    image = np.asarray(Image.open(tmp_path / "image_1.png"))
+    assert image.shape == (64, 96, 3)
+    previews = sorted(p.name for p in tmp_path.glob("preview_step*.png"))
+    assert previews == [f"preview_step{s:02d}_{b}.png" for s in (1, 2, 3) for b in (0, 1)]
+    assert np.asarray(Image.open(tmp_path / "preview_step03_0.png")).shape == (8, 12, 3)
+
+
+def test_client_reports_server_errors(served, tmp_path, capsys):
+    code = stream_client.main(["--url", served["schnell"].url, "--prompt", "a cat",
+                               "--height", "100", "--out", str(tmp_path)])
+    assert code == 1
+    assert "`height`: must be a multiple of 16" in capsys.readouterr().err
+
+
+def test_client_says_when_server_is_down(tmp_path, capsys):
+    code = stream_client.main(["--url", f"127.0.0.1:{free_port()}", "--prompt", "a cat",
+                               "--out", str(tmp_path)])
+    assert code == 2
+    assert "cannot reach Triton" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""Served model configs agree with the tensor specs they were rendered from."""
+
+import pytest
+
+from export.repository import COMPONENTS, SOURCE_REPOSITORY, render_configs
+from flux_triton.specs import bls_spec, component_specs
+
+TRITON_TYPES = {"BYTES": "TYPE_STRING"}
+
+
+def _as_served(spec):
+    return [(t.name, TRITON_TYPES.get(t.dtype, f"TYPE_{t.dtype}"),
+             [d if isinstance(d, int) else -1 for d in t.dims]) for t in spec]
+
+
+def _from_config(tensors):
+    return [(t["name"], t["data_type"], [int(d) for d in t["dims"]]) for t in tensors]
+
+
+@pytest.mark.parametrize("variant", ["schnell", "dev"])
+def test_loaded_configs_match_specs(served, variant):
+    srv = served[variant]
+    client = srv.client()
+    specs = dict(component_specs(srv.info), flux_bls=bls_spec(srv.info))
+    for name, spec in specs.items():
+        config = client.get_model_config(name, as_json=True)["config"]
+        assert _from_config(config["input"]) == _as_served(spec.inputs), name
+        assert _from_config(config["output"]) == _as_served(spec.outputs), name
+        optional = {t["name"] for t in config["input"] if t.get("optional")}
+        assert optional == {t.name for t in spec.inputs if t.optional}, name
+    bls = client.get_model_config("flux_bls", as_json=True)["config"]
+    assert bls["model_transaction_policy"]["decoupled"] is True
+    assert "preview_projection" in bls["parameters"]
+    dit_config = client.get_model_config("dit_transformer", as_json=True)["config"]
+    dit_inputs = {t["name"] for t in dit_config["input"]}
+    assert ("guidance" in dit_inputs) == (variant == "dev")
+    client.close()
+
+
+def test_every_model_has_its_code(model_dirs):
+    configs = render_configs(model_dirs["schnell"])
+    assert set(configs) == {*COMPONENTS, "encode_prompt", "flux_bls"}
+    for name in configs:
+        if name != "encode_prompt":
+            assert (SOURCE_REPOSITORY / name / "1" / "model.py").exists(), name
+
+
+def test_gpu_configs_keep_tensors_on_device(model_dirs):
+    configs = render_configs(model_dirs["dev"], device="gpu", precision="BF16")
+    for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "flux_bls"):
+        assert "kind: KIND_GPU" in configs[name], name
+        assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in configs[name], name
+    assert "TYPE_BF16" in configs["dit_transformer"] and "kind: KIND_CPU" in configs["tokenizer"]
