@@ -14,11 +14,11 @@ PROMPT ?= a red circle on a blue background
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup model export serve demo test lint clean
+.PHONY: setup model export engines serve demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,export]'
 	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0 open-clip-torch==3.3.0
 	touch $@
 
@@ -33,6 +33,10 @@ model: models/.built
 export: setup
 	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend $(BACKEND) --device $(DEVICE) \
 		--precision $(PRECISION)
+
+# TensorRT plans (needs the tensorrt package and a GPU; says what is missing otherwise).
+engines: setup
+	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend tensorrt
 
 serve: setup
 	$(PY) -m flux_triton.tritonserver --repository model_repository --http-port $(HTTP_PORT) \

@@ -59,3 +59,11 @@ def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict[str, str], 
     steps_text = ",\n".join(rendered)
     return (f"name: \"{spec.name}\"\nplatform: \"ensemble\"\nmax_batch_size: 0\n{_io(spec)}"
             f"ensemble_scheduling {{\n  step [\n{steps_text}\n  ]\n}}\n")
+
+
+def tensorrt_model_config(spec: ComponentSpec, count: int = 1) -> str:
+    """A TensorRT plan model config; the plan's bindings carry the spec's names."""
+    return (
+        f"name: \"{spec.name}\"\nplatform: \"tensorrt_plan\"\nmax_batch_size: 0\n{_io(spec)}"
+        f"instance_group [\n  {{\n    count: {count}\n    kind: KIND_GPU\n  }}\n]\n"
+    )

@@ -1,14 +1,20 @@
-"""Write the serving model repository for a FLUX model folder (`make export`)."""
+"""Write the serving model repository for a FLUX model folder (`make export`).
+
+Backends of the four networks: `torch` (Python models running PyTorch), `onnx` (Python models running
+the exported graphs with onnxruntime) or `tensorrt` (`tensorrt_plan` models). The tokenizer, the
+`encode_prompt` ensemble and `flux_bls` are the same for all three.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import sys
 from dataclasses import fields
 from pathlib import Path
 
-from export.pbtxt import ensemble_config, python_model_config
+from export.pbtxt import ensemble_config, python_model_config, tensorrt_model_config
 from flux_triton.components import load_component
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.preview import PreviewProjection, fit_preview_projection
@@ -16,7 +22,10 @@ from flux_triton.request import ServingLimits
 from flux_triton.specs import bls_spec, component_specs
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-COMPONENTS = ("tokenizer", "clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
+BACKENDS = ("torch", "onnx", "tensorrt")
+NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
+COMPONENTS = ("tokenizer", *NETWORKS)
+ARTIFACTS = {"onnx": "model.onnx", "tensorrt": "model.plan"}
 ENCODE_STEPS = [
     ("tokenizer",
      {"prompt": "prompt", "prompt_2": "prompt_2", "max_sequence_length": "max_sequence_length"},
@@ -37,20 +46,28 @@ def preview_projection(info: FluxModelInfo) -> PreviewProjection:
 
 def render_configs(
     model_dir: str | Path,
+    backend: str = "torch",
     device: str = "cpu",
     precision: str = "FP32",
     limits: ServingLimits | None = None,
 ) -> dict[str, str]:
     """config.pbtxt text of every served model, by model name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "tensorrt" and (device != "gpu" or precision != "FP32"):
+        raise ValueError("TensorRT plans run on the GPU with FP32 inputs and outputs "
+                         "(precision inside the plan comes from export/engine_config.json)")
     limits = limits or ServingLimits()
     info = load_model_info(model_dir)
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
-    params = {"model_dir": str(info.model_dir), "precision": precision}
+    params = {"model_dir": str(info.model_dir), "precision": precision, "backend": backend}
     if device == "gpu":
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
-    configs = {name: python_model_config(specs[name], params, kind) for name in COMPONENTS}
-    configs["tokenizer"] = python_model_config(specs["tokenizer"], params, "KIND_CPU")
+    configs = {"tokenizer": python_model_config(specs["tokenizer"], params, "KIND_CPU")}
+    for name in NETWORKS:
+        configs[name] = (tensorrt_model_config(specs[name]) if backend == "tensorrt"
+                         else python_model_config(specs[name], params, kind))
     configs["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
     bls_params = dict(params, **{f.name: str(getattr(limits, f.name)) for f in fields(limits)})
     bls_params["preview_projection"] = json.dumps(preview_projection(info).to_json())
@@ -58,31 +75,83 @@ def render_configs(
     return configs
 
 
-def write_repository(model_dir: str | Path, dest: str | Path, **options) -> Path:
-    """Render every config.pbtxt into `dest`, copying the model code there if `dest` is elsewhere."""
+def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir: Path) -> None:
+    """ONNX graphs (checked against PyTorch) for `onnx`; plus TensorRT plans for `tensorrt`."""
+    from export.onnx_export import export_all, onnx_paths
+
+    if backend == "tensorrt":
+        targets = onnx_paths(onnx_dir)
+    else:
+        targets = {name: dest / name / "1" / ARTIFACTS["onnx"] for name in NETWORKS}
+    export_all(model_dir, targets, (onnx_dir if backend == "tensorrt" else dest) / "export_report.json")
+    if backend == "tensorrt":
+        from export.profiles import load_engine_config
+        from export.tensorrt_build import build_plan
+
+        info = load_model_info(model_dir)
+        config = load_engine_config(info)
+        specs = component_specs(info)
+        for name in NETWORKS:
+            seconds = build_plan(targets[name], dest / name / "1" / ARTIFACTS["tensorrt"], specs[name],
+                                 config, onnx_dir / "timing.cache")
+            print(f"{name}: TensorRT plan ({config.precision[name]}) built in {seconds:.1f} s")
+
+
+def write_repository(
+    model_dir: str | Path,
+    dest: str | Path,
+    backend: str = "torch",
+    onnx_dir: str | Path = "build/onnx",
+    **options,
+) -> Path:
+    """Render every config.pbtxt into `dest` (copying the model code there if `dest` is elsewhere)
+    and produce the backend's artifacts (ONNX graphs or TensorRT plans) beside them."""
+    if backend == "tensorrt":
+        from export.tensorrt_build import require_tensorrt
+
+        require_tensorrt()  # fail fast, before the long ONNX export
     dest = Path(dest).resolve()
-    for name, text in render_configs(model_dir, **options).items():
+    configs = render_configs(model_dir, backend=backend, **options)
+    for name in configs:
         version_dir = dest / name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
         source_code = SOURCE_REPOSITORY / name / "1" / "model.py"
         if dest != SOURCE_REPOSITORY and source_code.exists():
             shutil.copy2(source_code, version_dir / "model.py")
+        for other, artifact in ARTIFACTS.items():
+            if other != backend:
+                for stale in version_dir.glob(artifact + "*"):
+                    stale.unlink()
+    if backend != "torch":
+        build_network_artifacts(Path(model_dir), dest, backend, Path(onnx_dir).resolve())
+    for name, text in configs.items():  # configs last: a failed export leaves no half repository
         (dest / name / "config.pbtxt").write_text(text)
     return dest
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", default="models/tiny-flux-schnell")
     parser.add_argument("--repository", default=str(SOURCE_REPOSITORY))
-    parser.add_argument("--backend", default="torch", choices=["torch"])
+    parser.add_argument("--backend", default="torch", choices=BACKENDS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="FP32", choices=["FP32", "BF16", "FP16"])
+    parser.add_argument("--onnx-dir", default="build/onnx", help="ONNX graphs for TensorRT builds")
     args = parser.parse_args(argv)
-    dest = write_repository(args.model_dir, args.repository, device=args.device, precision=args.precision)
-    print(f"model repository for {Path(args.model_dir).resolve()} ({args.backend}, {args.device}, "
+    from export.onnx_export import ExportError
+    from export.tensorrt_build import EngineBuildError
+
+    device = "gpu" if args.backend == "tensorrt" else args.device
+    try:
+        dest = write_repository(args.model_dir, args.repository, backend=args.backend,
+                                onnx_dir=args.onnx_dir, device=device, precision=args.precision)
+    except (ExportError, EngineBuildError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"model repository for {Path(args.model_dir).resolve()} ({args.backend}, {device}, "
           f"{args.precision}) written to {dest}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

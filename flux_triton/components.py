@@ -49,7 +49,6 @@ class ClipEncoder(torch.nn.Module):
 
         self.model = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype)
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(input_ids, output_hidden_states=False)
         return {"pooled_prompt_embeds": out.pooler_output.to(self.model.dtype)}
@@ -62,7 +61,6 @@ class T5Encoder(torch.nn.Module):
 
         self.model = T5EncoderModel.from_pretrained(model_dir / "text_encoder_2", dtype=dtype)
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = self.model(input_ids, output_hidden_states=False)[0]
         return {"prompt_embeds": hidden.to(self.model.dtype)}
@@ -75,7 +73,6 @@ class DitTransformer(torch.nn.Module):
 
         self.model = FluxTransformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=dtype)
 
-    @torch.inference_mode()
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep,
                 img_ids, txt_ids, guidance=None) -> dict[str, torch.Tensor]:
         noise_pred = self.model(
@@ -98,7 +95,6 @@ class VaeDecoder(torch.nn.Module):
 
         self.model = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype)
 
-    @torch.inference_mode()
     def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"image": self.model.decode(latents, return_dict=False)[0]}
 

@@ -25,17 +25,21 @@ class TorchFluxModels:
         ids = self.parts["tokenizer"](list(prompts), list(prompts_2), max_sequence_length)
         return ids["clip_input_ids"].to(self.device), ids["t5_input_ids"].to(self.device)
 
+    def _run(self, name: str, output: str, **inputs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.parts[name](**inputs)[output]
+
     async def clip_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.parts["clip_encoder"](input_ids)["pooled_prompt_embeds"]
+        return self._run("clip_encoder", "pooled_prompt_embeds", input_ids=input_ids)
 
     async def t5_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.parts["t5_encoder"](input_ids)["prompt_embeds"]
+        return self._run("t5_encoder", "prompt_embeds", input_ids=input_ids)
 
     async def dit_transformer(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.parts["dit_transformer"](**inputs)["noise_pred"]
+        return self._run("dit_transformer", "noise_pred", **inputs)
 
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.parts["vae_decoder"](latents)["image"]
+        return self._run("vae_decoder", "image", latents=latents)
 
 
 def run_in_process(

@@ -7,6 +7,7 @@ as `pb`; this module never imports it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,7 +70,13 @@ class ComponentModel:
         precision = params.get("precision", "FP32")
         self.device = instance_device(args)
         self.spec = component_specs(info, precision)[self.name]
-        self.component = load_component(self.name, info, self.device, TORCH_DTYPES[precision])
+        if params.get("backend", "torch") == "onnx":
+            from flux_triton.onnx_runtime import OnnxComponent
+
+            onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+            self.component = OnnxComponent(onnx_path, self.spec, self.device)
+        else:
+            self.component = load_component(self.name, info, self.device, TORCH_DTYPES[precision])
 
     def execute(self, requests: list) -> list:
         pb = self.pb
@@ -81,7 +88,8 @@ class ComponentModel:
                     tensor = pb.get_input_tensor_by_name(request, spec.name)
                     if tensor is not None:
                         inputs[spec.name] = aligned(to_torch(tensor).to(self.device))
-                outputs = self.component(**inputs)
+                with torch.inference_mode():
+                    outputs = self.component(**inputs)
                 responses.append(pb.InferenceResponse(
                     [from_torch(pb, spec.name, outputs[spec.name]) for spec in self.spec.outputs]
                 ))

@@ -68,8 +68,8 @@ def _shm_regions() -> set[str]:
     return {p.name for p in SHM.glob("triton_python_backend_shm_region_*")}
 
 
-def _start(variant: str, model_dir: Path, root: Path) -> Served:
-    repo = write_repository(model_dir, root / "repository")
+def _start(variant: str, model_dir: Path, root: Path, backend: str = "torch") -> Served:
+    repo = write_repository(model_dir, root / "repository", backend=backend)
     trace = root / "trace.json"
     ports = [free_port() for _ in range(3)]
     server = TritonServer(
@@ -95,16 +95,28 @@ def _stop(served: Served) -> bool:
     return code == 0 and not leftovers
 
 
-@pytest.fixture(scope="session")
-def served(model_dirs, tmp_path_factory) -> dict[str, Served]:
+def _serve_variants(model_dirs, tmp_path_factory, backend: str):
     """A tritonserver per tiny model variant, stopped (and checked for leftovers) at the end."""
     before = _shm_regions()
     servers = {}
     try:
         for variant in VARIANTS:
-            servers[variant] = _start(variant, model_dirs[variant], tmp_path_factory.mktemp(variant))
+            root = tmp_path_factory.mktemp(f"{variant}-{backend}")
+            servers[variant] = _start(variant, model_dirs[variant], root, backend)
         yield servers
     finally:
         stopped = [_stop(srv) for srv in servers.values()]
     assert all(stopped)
     assert _shm_regions() <= before, "python backend shared memory left in /dev/shm"
+
+
+@pytest.fixture(scope="session")
+def served(model_dirs, tmp_path_factory) -> dict[str, Served]:
+    """Both tiny models served by PyTorch Python models."""
+    yield from _serve_variants(model_dirs, tmp_path_factory, "torch")
+
+
+@pytest.fixture(scope="session")
+def served_onnx(model_dirs, tmp_path_factory) -> dict[str, Served]:
+    """Both tiny models exported to ONNX (checked) and served by onnxruntime Python models."""
+    yield from _serve_variants(model_dirs, tmp_path_factory, "onnx")

@@ -1,0 +1,71 @@
+"""Axis ranges for every symbolic dim of the specs, from one config file (export/engine_config.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flux_triton.model_info import FluxModelInfo
+from flux_triton.specs import ComponentSpec
+
+ENGINE_CONFIG = Path(__file__).resolve().parent / "engine_config.json"
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class AxisRange:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"axis range must satisfy 1 <= min <= opt <= max, got {self}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    axes: dict[str, AxisRange]
+    precision: dict[str, str]
+    workspace_gib: int
+    builder_optimization_level: int
+
+    def profile(self, spec: ComponentSpec) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """TensorRT min/opt/max shapes of every input of a component."""
+        shapes = {}
+        for tensor in spec.inputs:
+            shapes[tensor.name] = tuple(
+                tuple(d if isinstance(d, int) else getattr(self.axes[d], level) for d in tensor.dims)
+                for level in ("min", "opt", "max")
+            )
+        return shapes
+
+
+def load_engine_config(info: FluxModelInfo, path: str | Path = ENGINE_CONFIG) -> EngineConfig:
+    """Read the engine config and derive the range of every symbolic axis for this model."""
+    raw = json.loads(Path(path).read_text())
+    batch, text = (AxisRange(**raw[k]) for k in ("batch", "text_length"))
+    height, width = AxisRange(**raw["height"]), AxisRange(**raw["width"])
+    multiple = info.spatial_multiple
+    for name, axis in (("height", height), ("width", width)):
+        if any(v % multiple for v in (axis.min, axis.opt, axis.max)):
+            raise ValueError(f"{path}: every `{name}` value must be a multiple of {multiple}, got {axis}")
+    if text.max > info.t5_max_length:
+        raise ValueError(f"{path}: `text_length.max` must be <= {info.t5_max_length}, got {text.max}")
+    for component, precision in raw["precision"].items():
+        if precision not in PRECISIONS:
+            raise ValueError(f"{path}: precision of {component} must be one of {PRECISIONS}")
+    scale = info.vae_scale_factor
+
+    def latent(axis: AxisRange, f: int) -> AxisRange:
+        return AxisRange(axis.min // f, axis.opt // f, axis.max // f)
+
+    tokens = AxisRange(*(getattr(height, k) // multiple * getattr(width, k) // multiple
+                         for k in ("min", "opt", "max")))
+    axes = {
+        "B": batch, "N": batch, "S_txt": text, "S_img": tokens,
+        "H_lat": latent(height, scale), "W_lat": latent(width, scale), "H": height, "W": width,
+    }
+    return EngineConfig(axes, dict(raw["precision"]), int(raw["workspace_gib"]),
+                        int(raw["builder_optimization_level"]))
