@@ -3,6 +3,7 @@
 import pytest
 
 from export.repository import COMPONENTS, SOURCE_REPOSITORY, render_configs
+from flux_triton.model_info import load_model_info
 from flux_triton.specs import bls_spec, component_specs
 
 TRITON_TYPES = {"BYTES": "TYPE_STRING"}
@@ -51,3 +52,19 @@ def test_gpu_configs_keep_tensors_on_device(model_dirs):
         assert "kind: KIND_GPU" in configs[name], name
         assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in configs[name], name
     assert "TYPE_BF16" in configs["dit_transformer"] and "kind: KIND_CPU" in configs["tokenizer"]
+
+
+def test_tensorrt_configs_and_profiles(model_dirs):
+    from export.profiles import load_engine_config
+
+    configs = render_configs(model_dirs["dev"], backend="tensorrt", device="gpu")
+    for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder"):
+        assert 'platform: "tensorrt_plan"' in configs[name] and "kind: KIND_GPU" in configs[name]
+    assert 'backend: "python"' in configs["flux_bls"] and 'platform: "ensemble"' in configs["encode_prompt"]
+    info = load_model_info(model_dirs["dev"])
+    profile = load_engine_config(info).profile(component_specs(info)["dit_transformer"])
+    assert profile["hidden_states"] == ((1, 256, 64), (1, 4096, 64), (4, 7056, 64))
+    assert profile["img_ids"] == ((256, 3), (4096, 3), (7056, 3))
+    assert profile["encoder_hidden_states"][2] == (4, 512, 32) and profile["guidance"][0] == (1,)
+    vae = load_engine_config(info).profile(component_specs(info)["vae_decoder"])
+    assert vae["latents"] == ((1, 16, 32, 32), (1, 16, 128, 128), (4, 16, 168, 168))
