@@ -30,6 +30,8 @@ class StreamResult:
     image: np.ndarray | None = None  # [B, H, W, 3] uint8
     seed: int | None = None
     timings: dict | None = None
+    partial: bool = False
+    steps_completed: int | None = None
     error: str | None = None
     error_status: str | None = None
     kinds: list[str] = field(default_factory=list)  # "step" / "image" / "final" in arrival order
@@ -44,6 +46,7 @@ def build_inputs(**values) -> list[grpcclient.InferInput]:
         "height": np.int32, "width": np.int32, "num_inference_steps": np.int32,
         "num_images_per_prompt": np.int32, "max_sequence_length": np.int32,
         "guidance_scale": np.float32, "true_cfg_scale": np.float32, "seed": np.int64,
+        "deadline_ms": np.int32,
     }
     inputs = []
     for name, value in values.items():
@@ -110,6 +113,8 @@ def stream_generate(
                 out.image = result.as_numpy("image")
                 out.seed = int(result.as_numpy("seed")[0])
                 out.timings = json.loads(result.as_numpy("timings")[0])  # stage: [start, end] ms
+                out.partial = bool(result.as_numpy("partial")[0])
+                out.steps_completed = int(result.as_numpy("steps_completed")[0])
             last = now
             if final is not None and final.bool_param:
                 out.kinds.append("final")
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, help="guidance_scale (dev models)")
     parser.add_argument("--true-cfg", type=float, help="true_cfg_scale (with --negative-prompt)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--deadline-ms", type=int, help="return the best image reached by then")
     parser.add_argument("--out", default="out", help="folder for previews and the final image")
     parser.add_argument("--no-previews", action="store_true", help="do not save preview PNGs")
     parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
@@ -187,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         height=args.height, width=args.width, num_inference_steps=args.steps,
         num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
         guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed,
+        deadline_ms=args.deadline_ms,
     )
     def on_step(step: dict) -> None:
         print(_progress(step), end="", flush=True)
@@ -216,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(result.steps)} steps streamed in {result.responses} responses, "
           f"first after {result.first_response_s * 1000:.0f} ms, total {result.total_s:.2f} s, "
           f"seed {result.seed}")
-    print("server timings (ms): "
-          + ", ".join(f"{k}={end - start:.1f}" for k, (start, end) in result.timings.items()))
+    if result.partial:
+        print(f"PARTIAL: the deadline stopped the loop after {result.steps_completed} steps")
+    print("server timings (ms): " + ", ".join(
+        f"{k}={v[1] - v[0]:.1f}" for k, v in result.timings.items() if isinstance(v, list)))
     print("saved " + ", ".join(paths))
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,7 +16,21 @@ import torch
 
 from flux_triton import sampling
 from flux_triton.model_info import FluxModelInfo
+from flux_triton.recovery import ComponentError
 from flux_triton.request import GenerationRequest
+
+
+class StageFailed(RuntimeError):
+    """A component failed during a named stage of the pipeline (e.g. `step_3`)."""
+
+    def __init__(self, stage: str, cause: ComponentError):
+        super().__init__(f"{cause.model} failed during {stage}: {cause.message}")
+        self.stage = stage
+        self.model = cause.model
+
+
+# What stops a request early: "cancelled" (nothing more is sent) or "deadline" (best image so far).
+StopCheck = Callable[[], str | None]
 
 
 class FluxModels(Protocol):
@@ -59,6 +73,8 @@ class StageTimer:
         begin = self.now()
         try:
             return await awaitable
+        except ComponentError as exc:
+            raise StageFailed(name, exc) from exc
         finally:
             self.spans[name] = (begin, self.now())
 
@@ -82,6 +98,7 @@ class StepUpdate:
     total_steps: int
     timestep: float
     preview_latent: torch.Tensor  # [B, C, H/8, W/8] float32, unpacked model-space latents
+    seconds: float  # wall time of this step
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,8 @@ class FinalImage:
     image: torch.Tensor  # [B, H, W, 3] uint8
     seed: int
     timings: StageTimer
+    steps_completed: int
+    partial: bool  # True when a deadline cut the loop short: the image of the last step reached
 
 
 async def encode_prompts(
@@ -139,10 +158,18 @@ def dit_inputs(
 
 
 async def generate(
-    request: GenerationRequest, info: FluxModelInfo, models: FluxModels
+    request: GenerationRequest,
+    info: FluxModelInfo,
+    models: FluxModels,
+    stop_check: StopCheck | None = None,
 ) -> AsyncIterator[StepUpdate | FinalImage]:
-    """Run FluxPipeline.__call__ for a validated request; yield each step, then the image."""
+    """Run FluxPipeline.__call__ for a validated request; yield each step, then the image.
+
+    `stop_check` runs before every step: "cancelled" ends the stream at once, "deadline" decodes
+    the latents reached so far into an image marked partial.
+    """
     timer = StageTimer()
+    stop_check = stop_check or (lambda: None)
 
     # 1. Encode the prompt (and the negative prompt for true CFG), all encoders at once.
     encodes = [encode_prompts(models, request.prompts, request.prompts_2, request, timer, "")]
@@ -170,7 +197,14 @@ async def generate(
                 if info.guidance_embeds else None)
 
     # 4. Denoising loop, one preview per step.
+    steps_completed = 0
     for i, t in enumerate(timesteps):
+        stop = stop_check()
+        if stop == "cancelled":
+            return
+        if stop == "deadline":
+            break
+        step_start = timer.now()
         timestep = sampling.dit_timestep(t, batch, latents.dtype)
         calls = [models.dit_transformer(dit_inputs(latents, timestep, guidance, embeds, image_ids))]
         if negative_embeds is not None:
@@ -182,14 +216,18 @@ async def generate(
             noise_pred = sampling.true_cfg(noise_pred, neg[0], request.true_cfg_scale)
         latents = sampling.euler_step(noise_pred, latents, sigma_schedule, i)
         preview = sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
+        steps_completed = i + 1
         yield StepUpdate(step=i + 1, total_steps=len(timesteps), timestep=float(t),
-                         preview_latent=preview)
+                         preview_latent=preview, seconds=timer.now() - step_start)
 
-    # 5. Decode.
+    # 5. Decode (also what a deadline returns: the latents of the last completed step).
+    if stop_check() == "cancelled":
+        return
     vae_latents = sampling.to_vae_latents(
         sampling.unpack_latents(latents, lat_h, lat_w), info.vae_scaling_factor, info.vae_shift_factor
     )
     decoded = await timer.timed("vae_decoder", models.vae_decoder(vae_latents))
     image = sampling.postprocess_uint8(decoded)
     timer.spans["total"] = (0.0, timer.now())
-    yield FinalImage(image=image, seed=request.seed, timings=timer)
+    yield FinalImage(image=image, seed=request.seed, timings=timer, steps_completed=steps_completed,
+                     partial=steps_completed < len(timesteps))

@@ -7,6 +7,7 @@ as `pb`; this module never imports it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,33 @@ def error_response(pb: Any, message: str, code_name: str = "INTERNAL") -> Any:
     return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code_name)))
 
 
+FAULTS_ENV = "FLUX_TRITON_FAULT_DIR"
+
+
+class FaultInjector:
+    """Test-only failures, enabled solely by the server's environment (FLUX_TRITON_FAULT_DIR).
+
+    `<dir>/<model>.json` may hold {"fail_next": n} (the next n calls fail) and/or
+    {"oom_min_batch": k} (every call with a batch of k or more fails with out-of-memory).
+    """
+
+    def __init__(self, model: str):
+        fault_dir = os.environ.get(FAULTS_ENV)
+        self.plan = Path(fault_dir) / f"{model}.json" if fault_dir else None
+
+    def check(self, inputs: dict[str, torch.Tensor]) -> None:
+        if self.plan is None or not self.plan.exists():
+            return
+        plan = json.loads(self.plan.read_text())
+        if plan.get("fail_next", 0) > 0:
+            plan["fail_next"] -= 1
+            self.plan.write_text(json.dumps(plan))
+            raise RuntimeError("injected failure")
+        batch = max((v.shape[0] for v in inputs.values() if v.dim() > 0), default=1)
+        if batch >= plan.get("oom_min_batch", 1 << 30):
+            raise RuntimeError(f"CUDA out of memory (injected for batch {batch})")
+
+
 class ComponentModel:
     """A served network: inputs and outputs by the names of its spec, computed by `components`.
 
@@ -70,6 +98,7 @@ class ComponentModel:
         precision = params.get("precision", "FP32")
         self.device = instance_device(args)
         self.spec = component_specs(info, precision)[self.name]
+        self.faults = FaultInjector(self.name)
         if params.get("backend", "torch") == "onnx":
             from flux_triton.onnx_runtime import OnnxComponent
 
@@ -88,6 +117,7 @@ class ComponentModel:
                     tensor = pb.get_input_tensor_by_name(request, spec.name)
                     if tensor is not None:
                         inputs[spec.name] = aligned(to_torch(tensor).to(self.device))
+                self.faults.check(inputs)
                 with torch.inference_mode():
                     outputs = self.component(**inputs)
                 responses.append(pb.InferenceResponse(

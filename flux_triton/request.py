@@ -52,6 +52,7 @@ class GenerationRequest:
     true_cfg_scale: float
     seed: int
     sigmas: tuple[float, ...] | None
+    deadline_ms: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -65,10 +66,12 @@ class GenerationRequest:
 
 
 STRING_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
-INT_FIELDS = ("height", "width", "num_inference_steps", "num_images_per_prompt", "max_sequence_length")
+INT_FIELDS = ("height", "width", "num_inference_steps", "num_images_per_prompt", "max_sequence_length",
+              "deadline_ms")
 FLOAT_FIELDS = ("guidance_scale", "true_cfg_scale")
 KNOWN_FIELDS = frozenset(STRING_FIELDS + INT_FIELDS + FLOAT_FIELDS + ("seed", "sigmas"))
 SEED_RANGE = (0, 2**63 - 1)
+DEADLINE_RANGE_MS = (1, 86_400_000)
 
 
 def _strings(field: str, value: np.ndarray, limits: ServingLimits) -> tuple[str, ...]:
@@ -201,6 +204,10 @@ def validate_request(
     else:
         seed = _int_in("seed", inputs["seed"], 0, *SEED_RANGE)
 
+    deadline = None
+    if inputs.get("deadline_ms") is not None:
+        deadline = _int_in("deadline_ms", inputs["deadline_ms"], 0, *DEADLINE_RANGE_MS)
+
     return GenerationRequest(
         prompts=prompts,
         prompts_2=prompts_2,
@@ -215,4 +222,5 @@ def validate_request(
         true_cfg_scale=true_cfg,
         seed=seed,
         sigmas=sigmas,
+        deadline_ms=deadline,
     )

@@ -95,7 +95,7 @@ def component_specs(info: FluxModelInfo, dtype: str = "FP32") -> dict[str, Compo
 def bls_spec(info: FluxModelInfo) -> ComponentSpec:
     """The public streaming interface of `flux_bls`."""
     scalar_int = ("height", "width", "num_inference_steps", "num_images_per_prompt",
-                  "max_sequence_length")
+                  "max_sequence_length", "deadline_ms")
     inputs = [TensorSpec("prompt", "BYTES", ("N",))]
     inputs += [TensorSpec(n, "BYTES", ("N",), optional=True)
                for n in ("prompt_2", "negative_prompt", "negative_prompt_2")]
@@ -112,5 +112,7 @@ def bls_spec(info: FluxModelInfo) -> ComponentSpec:
         TensorSpec("image", "UINT8", ("B", "H", "W", 3)),
         TensorSpec("seed", "INT64", (1,)),
         TensorSpec("timings", "BYTES", (1,)),
+        TensorSpec("steps_completed", "INT32", (1,)),
+        TensorSpec("partial", "BOOL", (1,)),
     )
     return ComponentSpec("flux_bls", tuple(inputs), outputs)

@@ -30,7 +30,7 @@ def test_served_onnx_within_one_level_of_diffusers(served_onnx, diffusers_pipes,
         fields["guidance_scale"] = 4.5
     srv = served_onnx[variant]
     client = srv.client()
-    result = stream_generate(client, build_inputs(**fields))
+    result = stream_generate(client, build_inputs(**fields), timeout_s=120)
     client.close()
     assert result.error is None, result.error
     assert result.kinds[-2:] == ["image", "final"]

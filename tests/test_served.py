@@ -28,7 +28,7 @@ PARITY_CASES = {
 def served_generate(served, fields: dict):
     client = served.client()
     try:
-        return stream_generate(client, build_inputs(**fields))
+        return stream_generate(client, build_inputs(**fields), timeout_s=120)
     finally:
         client.close()
 
