@@ -65,7 +65,8 @@ def build_inputs(**values) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def _on_response(responses: queue.Queue, result, error) -> None:
+def queue_response(responses: queue.Queue, result, error) -> None:
+    """Stream callback: put (result, error) on the queue the caller drains."""
     responses.put((result, error))
 
 
@@ -79,7 +80,7 @@ def stream_generate(
     """Send one request on a gRPC stream and collect responses until the final flag."""
     responses: queue.Queue = queue.Queue()
     out = StreamResult()
-    client.start_stream(callback=partial(_on_response, responses))
+    client.start_stream(callback=partial(queue_response, responses))
     try:
         began = last = time.perf_counter()
         client.async_stream_infer(model, inputs, enable_empty_final_response=True)

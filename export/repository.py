@@ -18,6 +18,7 @@ from export.pbtxt import ensemble_config, python_model_config, tensorrt_model_co
 from flux_triton.components import load_component
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.preview import PreviewProjection, fit_preview_projection
+from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
 from flux_triton.specs import bls_spec, component_specs
 
@@ -50,6 +51,7 @@ def render_configs(
     device: str = "cpu",
     precision: str = "FP32",
     limits: ServingLimits | None = None,
+    retry: RetryPolicy | None = None,
 ) -> dict[str, str]:
     """config.pbtxt text of every served model, by model name."""
     if backend not in BACKENDS:
@@ -58,6 +60,7 @@ def render_configs(
         raise ValueError("TensorRT plans run on the GPU with FP32 inputs and outputs "
                          "(precision inside the plan comes from export/engine_config.json)")
     limits = limits or ServingLimits()
+    retry = retry or RetryPolicy()
     info = load_model_info(model_dir)
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
@@ -70,6 +73,8 @@ def render_configs(
                          else python_model_config(specs[name], params, kind))
     configs["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
     bls_params = dict(params, **{f.name: str(getattr(limits, f.name)) for f in fields(limits)})
+    bls_params["retry_attempts"] = str(retry.attempts)
+    bls_params["retry_backoff_ms"] = str(retry.backoff_s * 1000)
     bls_params["preview_projection"] = json.dumps(preview_projection(info).to_json())
     configs["flux_bls"] = python_model_config(bls_spec(info), bls_params, kind, decoupled=True)
     return configs

@@ -16,7 +16,7 @@ import torch.utils.dlpack
 
 from flux_triton.components import load_component
 from flux_triton.model_info import load_model_info
-from flux_triton.specs import TORCH_DTYPES, component_specs
+from flux_triton.specs import TORCH_DTYPES, ComponentSpec, component_specs
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -66,9 +66,10 @@ class FaultInjector:
     {"oom_min_batch": k} (every call with a batch of k or more fails with out-of-memory).
     """
 
-    def __init__(self, model: str):
+    def __init__(self, spec: ComponentSpec):
         fault_dir = os.environ.get(FAULTS_ENV)
-        self.plan = Path(fault_dir) / f"{model}.json" if fault_dir else None
+        self.plan = Path(fault_dir) / f"{spec.name}.json" if fault_dir else None
+        self.batched = {t.name for t in spec.inputs if t.dims[:1] in (("B",), ("N",))}
 
     def check(self, inputs: dict[str, torch.Tensor]) -> None:
         if self.plan is None or not self.plan.exists():
@@ -78,7 +79,7 @@ class FaultInjector:
             plan["fail_next"] -= 1
             self.plan.write_text(json.dumps(plan))
             raise RuntimeError("injected failure")
-        batch = max((v.shape[0] for v in inputs.values() if v.dim() > 0), default=1)
+        batch = max((v.shape[0] for n, v in inputs.items() if n in self.batched), default=1)
         if batch >= plan.get("oom_min_batch", 1 << 30):
             raise RuntimeError(f"CUDA out of memory (injected for batch {batch})")
 
@@ -98,7 +99,7 @@ class ComponentModel:
         precision = params.get("precision", "FP32")
         self.device = instance_device(args)
         self.spec = component_specs(info, precision)[self.name]
-        self.faults = FaultInjector(self.name)
+        self.faults = FaultInjector(self.spec)
         if params.get("backend", "torch") == "onnx":
             from flux_triton.onnx_runtime import OnnxComponent
 

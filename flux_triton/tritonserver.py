@@ -64,6 +64,7 @@ class TritonServer:
     metrics_port: int = 8002
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
@@ -91,6 +92,7 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout_s: float = 120.0) -> float:
@@ -118,6 +120,24 @@ class TritonServer:
                 return resp.status == 200
         except OSError:
             return False
+
+    def process_group_rss(self) -> int:
+        """Resident memory in bytes of the server and its model stubs (its process group)."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == self.process.pid:  # field 5: process group id
+                    total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss pages
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
+    def metrics(self) -> str:
+        """The Prometheus text of Triton's /metrics endpoint."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGINT (Triton's graceful shutdown), then SIGKILL of the whole group if it hangs."""

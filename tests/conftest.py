@@ -68,8 +68,9 @@ def _shm_regions() -> set[str]:
     return {p.name for p in SHM.glob("triton_python_backend_shm_region_*")}
 
 
-def _start(variant: str, model_dir: Path, root: Path, backend: str = "torch") -> Served:
-    repo = write_repository(model_dir, root / "repository", backend=backend)
+def _start(variant: str, model_dir: Path, root: Path, backend: str = "torch", env=None,
+           **options) -> Served:
+    repo = write_repository(model_dir, root / "repository", backend=backend, **options)
     trace = root / "trace.json"
     ports = [free_port() for _ in range(3)]
     server = TritonServer(
@@ -77,6 +78,7 @@ def _start(variant: str, model_dir: Path, root: Path, backend: str = "torch") ->
         extra_args=[f"--trace-config=triton,file={trace}", "--trace-config=level=TIMESTAMPS",
                     "--trace-config=rate=1", "--trace-config=count=-1",
                     "--trace-config=triton,log-frequency=1"],
+        extra_env=env or {},
     )
     ready_s = server.start()
     return Served(variant, load_model_info(model_dir), server, f"127.0.0.1:{ports[1]}", ready_s, trace)
@@ -120,3 +122,24 @@ def served(model_dirs, tmp_path_factory) -> dict[str, Served]:
 def served_onnx(model_dirs, tmp_path_factory) -> dict[str, Served]:
     """Both tiny models exported to ONNX (checked) and served by onnxruntime Python models."""
     yield from _serve_variants(model_dirs, tmp_path_factory, "onnx")
+
+
+@pytest.fixture(scope="session")
+def served_faulty(model_dirs, tmp_path_factory):
+    """The schnell model served with test-only fault injection enabled (FLUX_TRITON_FAULT_DIR)."""
+    from flux_triton.python_backend import FAULTS_ENV
+    from flux_triton.recovery import RetryPolicy
+
+    before = _shm_regions()
+    root = tmp_path_factory.mktemp("faulty")
+    fault_dir = root / "faults"
+    fault_dir.mkdir()
+    srv = _start("schnell", model_dirs["schnell"], root, env={FAULTS_ENV: str(fault_dir)},
+                 retry=RetryPolicy(attempts=3, backoff_s=0.01))
+    srv.fault_dir = fault_dir
+    try:
+        yield srv
+    finally:
+        stopped = _stop(srv)
+    assert stopped
+    assert _shm_regions() <= before, "python backend shared memory left in /dev/shm"

@@ -153,8 +153,8 @@ class TritonPythonModel:
             name: int(params[name]) for name in ServingLimits.__dataclass_fields__ if name in params
         })
         self.policy = RetryPolicy(
-            attempts=int(params.get("retry_attempts", 3)),
-            backoff_s=float(params.get("retry_backoff_ms", 50)) / 1000,
+            attempts=int(params.get("retry_attempts", RetryPolicy.attempts)),
+            backoff_s=float(params.get("retry_backoff_ms", RetryPolicy.backoff_s * 1000)) / 1000,
         )
         self.input_names = [spec.name for spec in bls_spec(self.info).inputs]
         specs = component_specs(self.info)
