@@ -143,3 +143,11 @@ def served_faulty(model_dirs, tmp_path_factory):
         stopped = _stop(srv)
     assert stopped
     assert _shm_regions() <= before, "python backend shared memory left in /dev/shm"
+
+
+@pytest.fixture
+def faults(served_faulty):
+    """The fault-injecting server, with every injected fault cleared after the test."""
+    yield served_faulty
+    for plan in served_faulty.fault_dir.glob("*.json"):
+        plan.unlink()

@@ -11,9 +11,8 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
 
-from clients.stream_client import queue_response, build_inputs, stream_generate
+from clients.stream_client import build_inputs, queue_response, stream_generate
 from flux_triton import sampling
 from flux_triton.components import load_component
 
@@ -42,11 +41,6 @@ def inject(srv, model: str, **plan) -> None:
     (srv.fault_dir / f"{model}.json").write_text(json.dumps(plan))
 
 
-@pytest.fixture
-def faults(served_faulty):
-    yield served_faulty
-    for plan in served_faulty.fault_dir.glob("*.json"):
-        plan.unlink()
 
 
 def test_failed_calls_are_retried(faults):
