@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,9 @@ FAULTS_ENV = "FLUX_TRITON_FAULT_DIR"
 class FaultInjector:
     """Test-only failures, enabled solely by the server's environment (FLUX_TRITON_FAULT_DIR).
 
-    `<dir>/<model>.json` may hold {"fail_next": n} (the next n calls fail) and/or
-    {"oom_min_batch": k} (every call with a batch of k or more fails with out-of-memory).
+    `<dir>/<model>.json` may hold {"fail_next": n} (the next n calls fail),
+    {"oom_min_batch": k} (every call with a batch of k or more fails with out-of-memory) and
+    {"delay_ms": t} (every call takes t ms longer).
     """
 
     def __init__(self, spec: ComponentSpec):
@@ -75,6 +77,7 @@ class FaultInjector:
         if self.plan is None or not self.plan.exists():
             return
         plan = json.loads(self.plan.read_text())
+        time.sleep(plan.get("delay_ms", 0) / 1000)
         if plan.get("fail_next", 0) > 0:
             plan["fail_next"] -= 1
             self.plan.write_text(json.dumps(plan))

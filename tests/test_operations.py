@@ -111,15 +111,16 @@ def test_deadline_returns_best_image_marked_partial(served, model_dirs):
     assert not full.partial and full.steps_completed == 2
 
 
-def test_cancelled_stream_stops_within_one_step(served):
-    srv = served["schnell"]
+def test_cancelled_stream_stops_within_one_step(faults):
+    srv = faults
+    inject(srv, "dit_transformer", delay_ms=150)  # steps far slower than cancellation takes to arrive
     steps_before = metric(srv, "flux_steps_total")
     cancelled_before = metric(srv, "flux_requests_total", outcome="cancelled")
     responses: queue.Queue = queue.Queue()
     client = srv.client()
     client.start_stream(callback=partial(queue_response, responses))
     try:
-        client.async_stream_infer("flux_bls", build_inputs(prompt="a cat", height=256, width=256,
+        client.async_stream_infer("flux_bls", build_inputs(prompt="a cat", height=64, width=64,
                                                            num_inference_steps=100, seed=4))
         for _ in range(2):
             _, error = responses.get(timeout=60)
@@ -133,7 +134,7 @@ def test_cancelled_stream_stops_within_one_step(served):
         time.sleep(0.1)
     steps_run = metric(srv, "flux_steps_total") - steps_before
     print(f"\ncancelled after 2 streamed steps; steps run: {steps_run:.0f} of 100")
-    assert steps_run <= 4  # the two received, the one in flight, at most one more
+    assert steps_run <= 3  # the two received and the one in flight when the cancellation came
     time.sleep(0.5)
     assert metric(srv, "flux_steps_total") - steps_before == steps_run  # nothing keeps running
 
