@@ -122,7 +122,9 @@ def stream_generate(
                 break
         out.total_s = time.perf_counter() - began
     finally:
-        client.stop_stream()
+        # An unfinished stream (error, timeout, Ctrl-C) is cancelled so the server stops its loop;
+        # a finished one is just closed.
+        client.stop_stream(cancel_requests="final" not in out.kinds and "error" not in out.kinds)
     return out
 
 
