@@ -58,7 +58,7 @@ def _run_stream(url: str, fields: dict, cancel_after: int | None) -> dict:
     finally:
         # Cancel only unfinished streams: with Triton 2.51, cancelling a stream whose final response
         # already arrived leaves flux_bls unable to unload at shutdown (it still serves).
-        client.stop_stream(cancel_requests=not outcome["final"])
+        client.stop_stream(cancel_requests=bool(outcome.get("cancelled")))
         client.close()
     return outcome
 
