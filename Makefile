@@ -14,7 +14,7 @@ PROMPT ?= a red circle on a blue background
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup model export engines serve demo test lint clean
+.PHONY: setup model export engines serve demo test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ demo: model
 
 test: model
 	$(PY) -m pytest -q tests
+
+# In-process vs served through Triton, tiny model on the CPU; prints a table, writes out/bench.json.
+bench: model
+	$(PY) -m clients.bench --model-dir $(MODEL_DIR) --out out/bench.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -92,6 +92,8 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # Seven model processes share the cores: OpenMP threads must sleep, not spin, when idle.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update(self.extra_env)
         return env
 
