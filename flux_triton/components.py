@@ -42,12 +42,22 @@ class PromptTokenizer:
         return {"clip_input_ids": clip_ids, "t5_input_ids": t5_ids}
 
 
+def _network(cls, model_dir: Path, subfolder: str, dtype: torch.dtype, device: str):
+    """`cls` from the folder's weights, or random weights for a full-size benchmark folder."""
+    from flux_triton.full_size import has_random_weights, random_network
+
+    if has_random_weights(model_dir):
+        return random_network(cls, model_dir / subfolder, device, dtype)
+    dtype_arg = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
+    return cls.from_pretrained(model_dir / subfolder, **{dtype_arg: dtype})
+
+
 class ClipEncoder(torch.nn.Module):
-    def __init__(self, model_dir: Path, dtype: torch.dtype):
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu"):
         super().__init__()
         from transformers import CLIPTextModel
 
-        self.model = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype)
+        self.model = _network(CLIPTextModel, model_dir, "text_encoder", dtype, device)
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(input_ids, output_hidden_states=False)
@@ -55,11 +65,11 @@ class ClipEncoder(torch.nn.Module):
 
 
 class T5Encoder(torch.nn.Module):
-    def __init__(self, model_dir: Path, dtype: torch.dtype):
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu"):
         super().__init__()
         from transformers import T5EncoderModel
 
-        self.model = T5EncoderModel.from_pretrained(model_dir / "text_encoder_2", dtype=dtype)
+        self.model = _network(T5EncoderModel, model_dir, "text_encoder_2", dtype, device)
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = self.model(input_ids, output_hidden_states=False)[0]
@@ -67,11 +77,11 @@ class T5Encoder(torch.nn.Module):
 
 
 class DitTransformer(torch.nn.Module):
-    def __init__(self, model_dir: Path, dtype: torch.dtype):
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu"):
         super().__init__()
         from diffusers import FluxTransformer2DModel
 
-        self.model = FluxTransformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=dtype)
+        self.model = _network(FluxTransformer2DModel, model_dir, "transformer", dtype, device)
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep,
                 img_ids, txt_ids, guidance=None) -> dict[str, torch.Tensor]:
@@ -89,11 +99,11 @@ class DitTransformer(torch.nn.Module):
 
 
 class VaeDecoder(torch.nn.Module):
-    def __init__(self, model_dir: Path, dtype: torch.dtype):
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu"):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        self.model = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype)
+        self.model = _network(AutoencoderKL, model_dir, "vae", dtype, device)
 
     def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"image": self.model.decode(latents, return_dict=False)[0]}
@@ -113,4 +123,4 @@ def load_component(name: str, info: FluxModelInfo, device: str = "cpu", dtype: s
         return PromptTokenizer(info.model_dir, info)
     if name not in NETWORKS:
         raise KeyError(f"unknown component {name!r}; expected tokenizer or one of {sorted(NETWORKS)}")
-    return NETWORKS[name](info.model_dir, DTYPES[dtype]).to(device).eval()
+    return NETWORKS[name](info.model_dir, DTYPES[dtype], device).to(device).eval()

@@ -1,0 +1,116 @@
+"""FLUX.1's real architecture with random weights, for benchmarks without the weights.
+
+`write_full_size_folder` writes a diffusers-layout folder holding the real component configs (no
+weights) and a `random_weights.json` marker; `load_component` then builds each network from its
+config with random bf16 weights directly on the device, so compute and memory are the real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+RANDOM_WEIGHTS_MARKER = "random_weights.json"
+
+TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
+    "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
+    "joint_attention_dim": 4096, "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56],
+}
+CLIP_TEXT = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408,
+    "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+T5_XXL = {
+    "architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": 32128, "d_model": 4096,
+    "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu", "is_gated_act": True,
+    "dense_act_fn": "gelu_new", "layer_norm_epsilon": 1e-06, "tie_word_embeddings": False,
+}
+VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "act_fn": "silu", "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+    "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True,
+}
+SCHEDULERS = {
+    "schnell": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+                "base_image_seq_len": 256, "max_image_seq_len": 4096},
+    "dev": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+            "base_image_seq_len": 256, "max_image_seq_len": 4096},
+}
+SERVING = {
+    "schnell": {"default_height": 1024, "default_width": 1024, "default_num_inference_steps": 4,
+                "default_max_sequence_length": 256, "default_guidance_scale": 0.0},
+    "dev": {"default_height": 1024, "default_width": 1024, "default_num_inference_steps": 28,
+            "default_max_sequence_length": 512, "default_guidance_scale": 3.5},
+}
+
+
+def write_full_size_folder(out_dir: str | Path, variant: str, tokenizers_from: str | Path) -> Path:
+    """A FLUX.1-`variant` folder with real configs, no weights, and tokenizers copied over."""
+    out = Path(out_dir)
+    configs = {
+        "transformer/config.json": dict(TRANSFORMER, guidance_embeds=variant == "dev"),
+        "text_encoder/config.json": CLIP_TEXT,
+        "text_encoder_2/config.json": T5_XXL,
+        "vae/config.json": VAE,
+        "scheduler/scheduler_config.json": SCHEDULERS[variant],
+        "flux_serving.json": SERVING[variant],
+        RANDOM_WEIGHTS_MARKER: {"init": "normal(0, 0.02) for Linear weights", "dtype": "bfloat16"},
+    }
+    for relative, config in configs.items():
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out / relative).write_text(json.dumps(config, indent=2))
+    source = Path(tokenizers_from)
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(source / name, out / name, dirs_exist_ok=True)
+    index = json.loads((source / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def has_random_weights(model_dir: Path) -> bool:
+    return (Path(model_dir) / RANDOM_WEIGHTS_MARKER).exists()
+
+
+def random_network(cls, config_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """`cls` built from its config on `device` in `dtype`, Linear weights ~ N(0, 0.02)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
+                model = cls.from_config(cls.load_config(config_dir))  # diffusers
+            else:
+                model = cls(cls.config_class.from_pretrained(config_dir))  # transformers
+    finally:
+        torch.set_default_dtype(previous)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.02, generator=generator)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variant", choices=["schnell", "dev"], default="schnell")
+    parser.add_argument("--tokenizers-from", default="models/tiny-flux-schnell")
+    args = parser.parse_args(argv)
+    print(write_full_size_folder(args.out, args.variant, args.tokenizers_from))
+
+
+if __name__ == "__main__":
+    main()

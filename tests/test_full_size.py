@@ -1,0 +1,31 @@
+"""The full-size benchmark folder: real FLUX.1 configs, random bf16 weights built on the device."""
+
+import torch
+
+from flux_triton.components import load_component
+from flux_triton.full_size import write_full_size_folder
+from flux_triton.model_info import load_model_info
+from flux_triton.specs import component_specs
+
+
+def test_full_size_folder_describes_flux1(model_dirs, tmp_path):
+    info = load_model_info(write_full_size_folder(tmp_path / "dev", "dev", model_dirs["dev"]))
+    assert info.guidance_embeds and info.t5_hidden_size == 4096 and info.clip_hidden_size == 768
+    assert (info.default_height, info.default_num_inference_steps) == (1024, 28)
+    dit = component_specs(info, "BF16")["dit_transformer"]
+    assert dit.input("hidden_states").dims == ("B", "S_img", 64)
+
+
+def test_small_components_build_with_random_bf16_weights(model_dirs, tmp_path):
+    info = load_model_info(write_full_size_folder(tmp_path / "schnell", "schnell", model_dirs["schnell"]))
+    clip = load_component("clip_encoder", info, "cpu", "bfloat16")
+    params = sum(p.numel() for p in clip.parameters())
+    assert 120e6 < params < 125e6 and next(clip.parameters()).dtype == torch.bfloat16
+    ids = load_component("tokenizer", info)(["a cat"], ["a cat"], 16)["clip_input_ids"]
+    with torch.inference_mode():
+        pooled = clip(input_ids=ids)["pooled_prompt_embeds"]
+    assert pooled.shape == (1, 768) and torch.isfinite(pooled.float()).all()
+    vae = load_component("vae_decoder", info, "cpu", "bfloat16")
+    with torch.inference_mode():
+        image = vae(latents=torch.randn(1, 16, 4, 4, dtype=torch.bfloat16))["image"]
+    assert image.shape == (1, 3, 32, 32)
