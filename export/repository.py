@@ -52,6 +52,7 @@ def render_configs(
     precision: str = "FP32",
     limits: ServingLimits | None = None,
     retry: RetryPolicy | None = None,
+    compile_dit: bool = False,
 ) -> dict[str, str]:
     """config.pbtxt text of every served model, by model name."""
     if backend not in BACKENDS:
@@ -69,8 +70,10 @@ def render_configs(
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     configs = {"tokenizer": python_model_config(specs["tokenizer"], params, "KIND_CPU")}
     for name in NETWORKS:
+        network_params = dict(params, compile="repeated_blocks") if (
+            compile_dit and name == "dit_transformer") else params
         configs[name] = (tensorrt_model_config(specs[name]) if backend == "tensorrt"
-                         else python_model_config(specs[name], params, kind))
+                         else python_model_config(specs[name], network_params, kind))
     configs["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
     bls_params = dict(params, **{f.name: str(getattr(limits, f.name)) for f in fields(limits)})
     bls_params["retry_attempts"] = str(retry.attempts)
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="FP32", choices=["FP32", "BF16", "FP16"])
     parser.add_argument("--onnx-dir", default="build/onnx", help="ONNX graphs for TensorRT builds")
+    parser.add_argument("--compile-dit", action="store_true",
+                        help="torch.compile the DiT's blocks at load (BACKEND=torch on a GPU)")
     args = parser.parse_args(argv)
     from export.onnx_export import ExportError
     from export.tensorrt_build import EngineBuildError
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "gpu" if args.backend == "tensorrt" else args.device
     try:
         dest = write_repository(args.model_dir, args.repository, backend=args.backend,
-                                onnx_dir=args.onnx_dir, device=device, precision=args.precision)
+                                onnx_dir=args.onnx_dir, device=device, precision=args.precision,
+                                compile_dit=args.compile_dit)
     except (ExportError, EngineBuildError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

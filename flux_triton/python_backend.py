@@ -110,6 +110,8 @@ class ComponentModel:
             self.component = OnnxComponent(onnx_path, self.spec, self.device)
         else:
             self.component = load_component(self.name, info, self.device, TORCH_DTYPES[precision])
+            if params.get("compile") == "repeated_blocks":  # torch.compile each transformer block
+                self.component.model.compile_repeated_blocks(fullgraph=True)
 
     def execute(self, requests: list) -> list:
         pb = self.pb

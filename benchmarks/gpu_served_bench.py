@@ -1,0 +1,92 @@
+"""(c): the pipeline served through tritonserver on the GPU, measured with the streaming client.
+
+Run on a GPU machine whose model environment has numpy<2 (see benchmarks/gpu_env.sh): writes the
+full-size folder, renders a GPU/BF16 repository with the DiT compiled, starts tritonserver and
+streams generations at 1024x1024.
+
+    python benchmarks/gpu_served_bench.py --variant schnell --out served.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tritonclient.grpc as grpcclient  # noqa: E402
+
+from clients.stream_client import build_inputs, stream_generate  # noqa: E402
+from export.repository import write_repository  # noqa: E402
+from flux_triton.full_size import write_full_size_folder  # noqa: E402
+from flux_triton.tritonserver import TritonServer, free_port  # noqa: E402
+
+STEPS = {"schnell": 4, "dev": 28}
+MAX_SEQ = {"schnell": 256, "dev": 512}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", choices=["schnell", "dev"], default="schnell")
+    parser.add_argument("--tokenizers-from", default="models/tiny-flux-schnell")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp())
+    folder = write_full_size_folder(root / args.variant, args.variant, args.tokenizers_from)
+    repo = write_repository(folder, root / "repository", device="gpu", precision="BF16",
+                            compile_dit=True)
+    ports = [free_port() for _ in range(3)]
+    server = TritonServer(repo, *ports, log_file=root / "tritonserver.log",
+                          extra_args=["--cuda-memory-pool-byte-size=0:268435456"])
+    result = {"variant": args.variant, "height": 1024, "width": 1024, "steps": STEPS[args.variant],
+              "batches": {}}
+    try:
+        result["server_ready_s"] = server.start(timeout_s=900)
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[1]}")
+        guidance = 3.5 if args.variant == "dev" else 0.0
+        for batch in [int(b) for b in args.batches.split(",")]:
+            fields = dict(prompt="a red circle on a blue background", num_images_per_prompt=batch,
+                          height=1024, width=1024, num_inference_steps=STEPS[args.variant],
+                          max_sequence_length=MAX_SEQ[args.variant], guidance_scale=guidance, seed=0)
+            began = time.perf_counter()
+            warm = stream_generate(client, build_inputs(**fields), timeout_s=900)  # compiles the DiT
+            if warm.error:
+                raise RuntimeError(warm.error)
+            warmup_s = time.perf_counter() - began
+            runs = [stream_generate(client, build_inputs(**fields), timeout_s=900)
+                    for _ in range(args.runs if batch == 1 else max(1, args.runs - 1))]
+            steps = [s["seconds"] for r in runs for s in r.steps[1:]]
+            dit = [(r.timings[f"step_{i}"][1] - r.timings[f"step_{i}"][0])
+                   for r in runs for i in range(2, len(r.steps) + 1)]
+            result["batches"][str(batch)] = {
+                "c_served": {
+                    "e2e_s": statistics.median(r.total_s for r in runs),
+                    "first_preview_s": statistics.median(r.first_response_s for r in runs),
+                    "step_interval_ms": statistics.median(steps) * 1000,
+                    "bls_dit_call_ms": statistics.median(dit),
+                    "server_stage_ms": {k: v[1] - v[0] for k, v in runs[-1].timings.items()
+                                        if isinstance(v, list)},
+                    "first_request_s": warmup_s,
+                }
+            }
+            print(json.dumps({batch: result["batches"][str(batch)]}), flush=True)
+        result["metrics_sample"] = [line for line in server.metrics().splitlines()
+                                    if line.startswith(("flux_gpu_memory", "nv_gpu_memory_used"))]
+    finally:
+        server.stop()
+        log = (root / "tritonserver.log").read_text(errors="replace")
+        print("\n".join(line for line in log.splitlines() if line.startswith(("E", "W")))[-3000:])
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
