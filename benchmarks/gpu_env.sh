@@ -11,7 +11,7 @@ system_site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib
 # The system packages, minus numpy and what was compiled against numpy 2 (transformers would import
 # scipy/sklearn and fail), behind the venv's own numpy 1.26.
 mkdir -p /tmp/syssite
-deny='^(numpy|scipy|sklearn|scikit_learn|pandas|matplotlib|numba|cupy|jax|jaxlib|pyarrow|h5py|skimage|scikit_image|cv2|opencv|statsmodels|seaborn|xarray|tensorstore|ml_dtypes|sentence_transformers)([-_.].*)?$'
+deny='^(numpy|scipy|sklearn|scikit_learn|pandas|matplotlib|numba|cupy|jax|jaxlib|pyarrow|h5py|skimage|scikit_image|cv2|opencv|statsmodels|seaborn|xarray|tensorstore|sentence_transformers)([-_.].*)?$'
 for entry in "$system_site"/*; do
   name=$(basename "$entry")
   [[ $name =~ $deny ]] || ln -sfn "$entry" "/tmp/syssite/$name"
