@@ -37,11 +37,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--eager", action="store_true", help="do not compile the served DiT")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp())
     folder = write_full_size_folder(root / args.variant, args.variant, args.tokenizers_from)
     repo = write_repository(folder, root / "repository", device="gpu", precision="BF16",
-                            compile_dit=True)
+                            compile_dit=not args.eager)
     ports = [free_port() for _ in range(3)]
     server = TritonServer(repo, *ports, log_file=root / "tritonserver.log",
                           extra_args=["--cuda-memory-pool-byte-size=0:268435456"])
@@ -77,8 +78,12 @@ def main(argv=None) -> int:
                 }
             }
             print(json.dumps({batch: result["batches"][str(batch)]}), flush=True)
-        result["metrics_sample"] = [line for line in server.metrics().splitlines()
-                                    if line.startswith(("flux_gpu_memory", "nv_gpu_memory_used"))]
+        metrics = server.metrics().splitlines()
+        result["metrics_sample"] = [line for line in metrics if line.startswith((
+            "flux_gpu_memory", "nv_gpu_memory_used", "nv_inference_compute_infer_duration_us",
+            "nv_inference_exec_count", "nv_inference_compute_input_duration_us",
+            "nv_inference_compute_output_duration_us"))]
+        print("\n".join(line for line in result["metrics_sample"] if "dit_transformer" in line))
     finally:
         server.stop()
         log = (root / "tritonserver.log").read_text(errors="replace")
