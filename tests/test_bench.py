@@ -1,0 +1,16 @@
+"""Smoke run of `make bench` (the real measurement is a script, never a timed assertion)."""
+
+import json
+
+from clients import bench
+
+
+def test_bench_smoke(model_dirs, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model-dir", str(model_dirs["schnell"]), "--height", "64", "--width", "64",
+                       "--steps", "3", "--runs", "1", "--throughput-requests", "2",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["median_ms"]) == {"end to end (ms)", "time to first preview (ms)", "per step (ms)"}
+    assert set(result["throughput_images_per_s"]) == {"1", "4", "8"}
+    assert result["machine"]["cores"] >= 1 and "served/in-process" in capsys.readouterr().out
