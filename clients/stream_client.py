@@ -52,7 +52,9 @@ def build_inputs(**values) -> list[grpcclient.InferInput]:
     for name, value in values.items():
         if value is None:
             continue
-        if name in kinds:
+        if name == "previews":
+            array = np.array([bool(value)], dtype=bool)
+        elif name in kinds:
             array = np.array([value], dtype=kinds[name])
         elif name == "sigmas":
             array = np.asarray(value, dtype=np.float32).reshape(-1)
@@ -104,7 +106,7 @@ def stream_generate(
                     "step": int(result.as_numpy("step")[0]),
                     "total_steps": int(result.as_numpy("total_steps")[0]),
                     "timestep": float(result.as_numpy("timestep")[0]),
-                    "preview_latent": result.as_numpy("preview_latent"),
+                    "preview_latent": result.as_numpy("preview_latent"),  # None if not asked for
                     "seconds": now - last,
                 }
                 out.steps.append(step)
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--deadline-ms", type=int, help="return the best image reached by then")
     parser.add_argument("--out", default="out", help="folder for previews and the final image")
-    parser.add_argument("--no-previews", action="store_true", help="do not save preview PNGs")
+    parser.add_argument("--no-previews", action="store_true",
+                        help="do not ask for previews (no preview tensors are sent or saved)")
     parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
                         help="draw previews in the terminal (auto: when stdout is a terminal)")
     args = parser.parse_args(argv)
@@ -196,20 +199,19 @@ def main(argv: list[str] | None = None) -> int:
         height=args.height, width=args.width, num_inference_steps=args.steps,
         num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
         guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed,
-        deadline_ms=args.deadline_ms,
+        deadline_ms=args.deadline_ms, previews=False if args.no_previews else None,
     )
     def on_step(step: dict) -> None:
         print(_progress(step), end="", flush=True)
-        if projection is None:
+        if projection is None or step["preview_latent"] is None:
             return
         import torch
 
         from flux_triton.preview import preview_rgb
 
         rgb = preview_rgb(torch.from_numpy(np.array(step["preview_latent"])), projection).numpy()
-        if not args.no_previews:
-            for b, image in enumerate(rgb):
-                Image.fromarray(image).save(out_dir / f"preview_step{step['step']:02d}_{b}.png")
+        for b, image in enumerate(rgb):
+            Image.fromarray(image).save(out_dir / f"preview_step{step['step']:02d}_{b}.png")
         if show:
             print("\n" + terminal_thumbnail(rgb[0]), flush=True)
 

@@ -97,7 +97,7 @@ class StepUpdate:
     step: int  # 1-based
     total_steps: int
     timestep: float
-    preview_latent: torch.Tensor  # [B, C, H/8, W/8] float32, unpacked model-space latents
+    preview_latent: torch.Tensor | None  # [B, C, H/8, W/8] float32 unpacked latents, if asked for
     seconds: float  # wall time of this step
 
 
@@ -215,7 +215,8 @@ async def generate(
         if neg:
             noise_pred = sampling.true_cfg(noise_pred, neg[0], request.true_cfg_scale)
         latents = sampling.euler_step(noise_pred, latents, sigma_schedule, i)
-        preview = sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
+        preview = (sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
+                   if request.previews else None)
         steps_completed = i + 1
         yield StepUpdate(step=i + 1, total_steps=len(timesteps), timestep=float(t),
                          preview_latent=preview, seconds=timer.now() - step_start)

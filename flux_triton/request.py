@@ -53,6 +53,7 @@ class GenerationRequest:
     seed: int
     sigmas: tuple[float, ...] | None
     deadline_ms: int | None = None
+    previews: bool = True  # stream preview_latent with each step
 
     @property
     def batch_size(self) -> int:
@@ -69,7 +70,7 @@ STRING_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 INT_FIELDS = ("height", "width", "num_inference_steps", "num_images_per_prompt", "max_sequence_length",
               "deadline_ms")
 FLOAT_FIELDS = ("guidance_scale", "true_cfg_scale")
-KNOWN_FIELDS = frozenset(STRING_FIELDS + INT_FIELDS + FLOAT_FIELDS + ("seed", "sigmas"))
+KNOWN_FIELDS = frozenset(STRING_FIELDS + INT_FIELDS + FLOAT_FIELDS + ("seed", "sigmas", "previews"))
 SEED_RANGE = (0, 2**63 - 1)
 DEADLINE_RANGE_MS = (1, 86_400_000)
 
@@ -208,6 +209,13 @@ def validate_request(
     if inputs.get("deadline_ms") is not None:
         deadline = _int_in("deadline_ms", inputs["deadline_ms"], 0, *DEADLINE_RANGE_MS)
 
+    previews = True
+    if inputs.get("previews") is not None:
+        flag = np.asarray(inputs["previews"])
+        if flag.size != 1 or flag.dtype != np.bool_:
+            raise InvalidRequest("previews", f"must be one BOOL value, got {flag.dtype} {list(flag.shape)}")
+        previews = bool(flag.reshape(-1)[0])
+
     return GenerationRequest(
         prompts=prompts,
         prompts_2=prompts_2,
@@ -223,4 +231,5 @@ def validate_request(
         seed=seed,
         sigmas=sigmas,
         deadline_ms=deadline,
+        previews=previews,
     )

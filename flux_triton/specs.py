@@ -103,7 +103,8 @@ def bls_spec(info: FluxModelInfo) -> ComponentSpec:
     inputs += [TensorSpec(n, "FP32", (1,), optional=True)
                for n in ("guidance_scale", "true_cfg_scale")]
     inputs += [TensorSpec("seed", "INT64", (1,), optional=True),
-               TensorSpec("sigmas", "FP32", ("N_steps",), optional=True)]
+               TensorSpec("sigmas", "FP32", ("N_steps",), optional=True),
+               TensorSpec("previews", "BOOL", (1,), optional=True)]
     outputs = (
         TensorSpec("step", "INT32", (1,)),
         TensorSpec("total_steps", "INT32", (1,)),

@@ -34,3 +34,10 @@ def test_client_says_when_server_is_down(tmp_path, capsys):
                                "--out", str(tmp_path)])
     assert code == 2
     assert "cannot reach Triton" in capsys.readouterr().err
+
+
+def test_client_without_previews(served, tmp_path, capsys):
+    code = stream_client.main(["--url", served["schnell"].url, "--prompt", "a cat", "--steps", "2",
+                               "--height", "64", "--width", "64", "--no-previews", "--out", str(tmp_path)])
+    assert code == 0 and "2 steps streamed in 4 responses" in capsys.readouterr().out
+    assert not list(tmp_path.glob("preview_step*.png")) and (tmp_path / "image_0.png").exists()

@@ -138,3 +138,13 @@ def test_ensemble_matches_diffusers_encode_prompt(served, diffusers_pipes, varia
             prompt=prompts, prompt_2=prompts_2, max_sequence_length=48)
     assert np.array_equal(result.as_numpy("prompt_embeds"), embeds.numpy())
     assert np.array_equal(result.as_numpy("pooled_prompt_embeds"), pooled.numpy())
+
+
+def test_previews_can_be_left_out(served):
+    with_previews = served_generate(served["schnell"], dict(prompt="a cat", height=64, width=64,
+                                                            num_inference_steps=2, seed=3))
+    without = served_generate(served["schnell"], dict(prompt="a cat", height=64, width=64,
+                                                      num_inference_steps=2, seed=3, previews=False))
+    assert without.kinds == ["step", "step", "image", "final"]
+    assert all(s["preview_latent"] is None for s in without.steps)
+    assert np.array_equal(without.image, with_previews.image)

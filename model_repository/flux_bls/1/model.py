@@ -206,12 +206,14 @@ class TritonPythonModel:
                 else:
                     self.metrics.steps.increment(1)
                     self.metrics.step_latency.observe(event.seconds * 1000)
-                    sender.send(pb_utils.InferenceResponse([
+                    outputs = [
                         pb_utils.Tensor("step", np.array([event.step], dtype=np.int32)),
                         pb_utils.Tensor("total_steps", np.array([event.total_steps], dtype=np.int32)),
                         pb_utils.Tensor("timestep", np.array([event.timestep], dtype=np.float32)),
-                        from_torch(pb_utils, "preview_latent", event.preview_latent),
-                    ]))
+                    ]
+                    if event.preview_latent is not None:
+                        outputs.append(from_torch(pb_utils, "preview_latent", event.preview_latent))
+                    sender.send(pb_utils.InferenceResponse(outputs))
             self.metrics.outcomes[outcome].increment(1)
             sender.send(flags=FINAL)
         except (StageFailed, ComponentError) as exc:
