@@ -25,15 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flux_triton.components import load_component  # noqa: E402
-from flux_triton.full_size import write_full_size_folder  # noqa: E402
+from flux_triton.full_size import SERVING, write_full_size_folder  # noqa: E402
 from flux_triton.local import TorchFluxModels  # noqa: E402
 from flux_triton.model_info import load_model_info  # noqa: E402
 from flux_triton.pipeline import FinalImage, dit_inputs, generate  # noqa: E402
 from flux_triton.request import validate_request  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.4
-STEPS = {"schnell": 4, "dev": 28}
-MAX_SEQ = {"schnell": 256, "dev": 512}
 
 
 def cuda_time(fn, warmup: int, runs: int) -> list[float]:
@@ -107,7 +105,8 @@ def main(argv=None) -> int:
     parts = {name: load_component(name, info, device, "bfloat16")
              for name in ("tokenizer", "clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")}
     build_s = time.perf_counter() - began
-    steps, max_seq = STEPS[args.variant], MAX_SEQ[args.variant]
+    defaults = SERVING[args.variant]
+    steps, max_seq = defaults["default_num_inference_steps"], defaults["default_max_sequence_length"]
     guidance = 3.5 if args.variant == "dev" else 0.0
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(

@@ -23,11 +23,8 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 
 from clients.stream_client import build_inputs, stream_generate  # noqa: E402
 from export.repository import write_repository  # noqa: E402
-from flux_triton.full_size import write_full_size_folder  # noqa: E402
+from flux_triton.full_size import SERVING, write_full_size_folder  # noqa: E402
 from flux_triton.tritonserver import TritonServer, free_port  # noqa: E402
-
-STEPS = {"schnell": 4, "dev": 28}
-MAX_SEQ = {"schnell": 256, "dev": 512}
 
 
 def main(argv=None) -> int:
@@ -46,16 +43,17 @@ def main(argv=None) -> int:
     ports = [free_port() for _ in range(3)]
     server = TritonServer(repo, *ports, log_file=root / "tritonserver.log",
                           extra_args=["--cuda-memory-pool-byte-size=0:268435456"])
-    result = {"variant": args.variant, "height": 1024, "width": 1024, "steps": STEPS[args.variant],
-              "batches": {}}
+    defaults = SERVING[args.variant]
+    steps, max_seq = defaults["default_num_inference_steps"], defaults["default_max_sequence_length"]
+    result = {"variant": args.variant, "height": 1024, "width": 1024, "steps": steps, "batches": {}}
     try:
         result["server_ready_s"] = server.start(timeout_s=900)
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[1]}")
         guidance = 3.5 if args.variant == "dev" else 0.0
         for batch in [int(b) for b in args.batches.split(",")]:
             fields = dict(prompt="a red circle on a blue background", num_images_per_prompt=batch,
-                          height=1024, width=1024, num_inference_steps=STEPS[args.variant],
-                          max_sequence_length=MAX_SEQ[args.variant], guidance_scale=guidance, seed=0)
+                          height=1024, width=1024, num_inference_steps=steps,
+                          max_sequence_length=max_seq, guidance_scale=guidance, seed=0)
             began = time.perf_counter()
             warm = stream_generate(client, build_inputs(**fields), timeout_s=900)  # compiles the DiT
             if warm.error:

@@ -71,7 +71,7 @@ class FaultInjector:
     def __init__(self, spec: ComponentSpec):
         fault_dir = os.environ.get(FAULTS_ENV)
         self.plan = Path(fault_dir) / f"{spec.name}.json" if fault_dir else None
-        self.batched = {t.name for t in spec.inputs if t.dims[:1] in (("B",), ("N",))}
+        self.batched = spec.batched_inputs()
 
     def check(self, inputs: dict[str, torch.Tensor]) -> None:
         if self.plan is None or not self.plan.exists():

@@ -34,6 +34,10 @@ class ComponentSpec:
     def output(self, name: str) -> TensorSpec:
         return next(t for t in self.outputs if t.name == name)
 
+    def batched_inputs(self) -> set[str]:
+        """Inputs whose first dim is the batch (split together when a batch is halved)."""
+        return {t.name for t in self.inputs if t.dims[:1] in (("B",), ("N",))}
+
 
 TORCH_DTYPES = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
 

@@ -158,8 +158,7 @@ class TritonPythonModel:
         )
         self.input_names = [spec.name for spec in bls_spec(self.info).inputs]
         specs = component_specs(self.info)
-        self.batched = {m: {t.name for t in specs[m].inputs if t.dims[:1] in (("B",), ("N",))}
-                        for m in NETWORKS}
+        self.batched = {m: specs[m].batched_inputs() for m in NETWORKS}
         self.on_gpu = instance_device(args) != "cpu"
         self.metrics = BlsMetrics()
 
