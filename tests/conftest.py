@@ -97,14 +97,14 @@ def _stop(served: Served) -> bool:
     return code == 0 and not leftovers
 
 
-def _serve_variants(model_dirs, tmp_path_factory, backend: str):
+def _serve_variants(model_dirs, tmp_path_factory, backend: str, variants=VARIANTS, **options):
     """A tritonserver per tiny model variant, stopped (and checked for leftovers) at the end."""
     before = _shm_regions()
     servers = {}
     try:
-        for variant in VARIANTS:
+        for variant in variants:
             root = tmp_path_factory.mktemp(f"{variant}-{backend}")
-            servers[variant] = _start(variant, model_dirs[variant], root, backend)
+            servers[variant] = _start(variant, model_dirs[variant], root, backend, **options)
         yield servers
     finally:
         stopped = [_stop(srv) for srv in servers.values()]
@@ -130,19 +130,12 @@ def served_faulty(model_dirs, tmp_path_factory):
     from flux_triton.python_backend import FAULTS_ENV
     from flux_triton.recovery import RetryPolicy
 
-    before = _shm_regions()
-    root = tmp_path_factory.mktemp("faulty")
-    fault_dir = root / "faults"
-    fault_dir.mkdir()
-    srv = _start("schnell", model_dirs["schnell"], root, env={FAULTS_ENV: str(fault_dir)},
-                 retry=RetryPolicy(attempts=3, backoff_s=0.01))
-    srv.fault_dir = fault_dir
-    try:
-        yield srv
-    finally:
-        stopped = _stop(srv)
-    assert stopped
-    assert _shm_regions() <= before, "python backend shared memory left in /dev/shm"
+    fault_dir = tmp_path_factory.mktemp("faults")
+    for servers in _serve_variants(model_dirs, tmp_path_factory, "torch", ("schnell",),
+                                   env={FAULTS_ENV: str(fault_dir)},
+                                   retry=RetryPolicy(attempts=3, backoff_s=0.01)):
+        servers["schnell"].fault_dir = fault_dir
+        yield servers["schnell"]
 
 
 @pytest.fixture
