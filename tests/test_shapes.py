@@ -1,0 +1,27 @@
+"""The shapes world and its pixel classifier, checked on ground-truth renders first."""
+
+import numpy as np
+import pytest
+
+from flux_triton.shapes import accuracy, all_scenes, classify, render
+
+
+def test_world_has_168_captions():
+    scenes = all_scenes()
+    assert len(scenes) == len({s.caption for s in scenes}) == 168
+    assert scenes[0].caption == "a red circle on a green background"
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_classifier_reads_ground_truth(size):
+    rng = np.random.default_rng(0)
+    scenes = all_scenes() * 2
+    images = [render(scene, size, rng) for scene in scenes]
+    scores = accuracy(images, scenes)
+    print(f"\nclassifier on {len(scenes)} ground-truth renders at {size}px: {scores}")
+    assert scores["colour"] == scores["background"] == 1.0
+    assert scores["shape"] >= 0.99
+
+
+def test_classifier_rejects_a_blank_image():
+    assert classify(np.full((64, 64, 3), 128, dtype=np.uint8)) is None
