@@ -78,8 +78,12 @@ def stream_generate(
     on_step=None,
     timeout_s: float = 600.0,
     model: str = MODEL,
+    stop_after_steps: int | None = None,
 ) -> StreamResult:
-    """Send one request on a gRPC stream and collect responses until the final flag."""
+    """Send one request on a gRPC stream and collect responses until the final flag.
+
+    With `stop_after_steps`, the stream is cancelled once that many steps have arrived.
+    """
     responses: queue.Queue = queue.Queue()
     out = StreamResult()
     client.start_stream(callback=partial(queue_response, responses))
@@ -112,6 +116,9 @@ def stream_generate(
                 out.steps.append(step)
                 if on_step:
                     on_step(step)
+                if stop_after_steps is not None and len(out.steps) >= stop_after_steps:
+                    out.kinds.append("cancelled")
+                    break
             if "image" in names:
                 out.image = result.as_numpy("image")
                 out.seed = int(result.as_numpy("seed")[0])
@@ -126,7 +133,7 @@ def stream_generate(
     finally:
         # An unfinished stream (error, timeout, Ctrl-C) is cancelled so the server stops its loop;
         # a finished one is just closed.
-        client.stop_stream(cancel_requests="final" not in out.kinds and "error" not in out.kinds)
+        client.stop_stream(cancel_requests=not {"final", "error"} & set(out.kinds))
     return out
 
 

@@ -5,18 +5,16 @@ Bounded so CI stays fast: 32 concurrent streams, 300 requests for the memory che
 
 from __future__ import annotations
 
-import queue
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.stream_client import build_inputs, queue_response, stream_generate
+from clients.stream_client import build_inputs, stream_generate
 from flux_triton.local import TorchFluxModels, run_in_process
 from flux_triton.request import validate_request
 from tests.reference import raw_inputs
@@ -27,40 +25,16 @@ MEMORY_REQUESTS = 300
 MEMORY_GROWTH_BOUND = 150 * 2**20
 
 
-def _run_stream(url: str, fields: dict, cancel_after: int | None) -> dict:
-    """One streaming client; cancels after `cancel_after` step responses when given."""
+def _run_stream(url: str, fields: dict, cancel_after: int | None):
+    """One streaming client on its own connection; cancels after `cancel_after` steps when given."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
-    responses: queue.Queue = queue.Queue()
-    client.start_stream(callback=partial(queue_response, responses))
-    outcome = {"fields": fields, "steps": 0, "image": None, "error": None, "final": False}
     try:
-        client.async_stream_infer("flux_bls", build_inputs(**fields), enable_empty_final_response=True)
-        while True:
-            result, error = responses.get(timeout=120)
-            if error is not None:
-                outcome["error"] = error.message()
-                break
-            response = result.get_response()
-            names = {o.name for o in response.outputs}
-            if "step" in names:
-                outcome["steps"] += 1
-                if cancel_after is not None and outcome["steps"] >= cancel_after:
-                    outcome["cancelled"] = True
-                    break
-            if "image" in names:
-                outcome["image"] = result.as_numpy("image")
-            final = response.parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                outcome["final"] = True
-                break
+        return stream_generate(client, build_inputs(**fields), timeout_s=120,
+                               stop_after_steps=cancel_after)
     finally:
-        # Cancel only unfinished streams: with Triton 2.51, cancelling a stream whose final response
-        # already arrived leaves flux_bls unable to unload at shutdown (it still serves).
-        client.stop_stream(cancel_requests=bool(outcome.get("cancelled")))
         client.close()
-    return outcome
 
 
 def test_concurrent_streams_do_not_mix(faults, model_dirs):
@@ -90,14 +64,14 @@ def test_concurrent_streams_do_not_mix(faults, model_dirs):
     for (kind, fields, _), outcome in zip(jobs, outcomes):
         counts[kind] += 1
         if kind == "invalid":
-            assert "`height`" in outcome["error"]
+            assert "`height`" in outcome.error
         elif kind == "cancel":
-            assert outcome.get("cancelled") and outcome["error"] is None
+            assert outcome.kinds[-1] == "cancelled" and outcome.error is None
         else:
-            assert outcome["error"] is None and outcome["final"], outcome["error"]
+            assert outcome.error is None and outcome.kinds[-1] == "final", outcome.error
             request = validate_request(raw_inputs(**fields), srv.info)
             expected = list(run_in_process(request, srv.info, models))[-1].image.numpy()
-            assert np.array_equal(outcome["image"], expected), f"seed {fields['seed']} got another image"
+            assert np.array_equal(outcome.image, expected), f"seed {fields['seed']} got another image"
     print(f"\nload: {CLIENTS} concurrent streams in {elapsed:.1f} s: {counts}, "
           f"3 injected DiT failures retried")
     assert srv.server.is_ready()

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 
-from clients.stream_client import build_inputs, stream_generate
 from export.onnx_export import (
     CHECK_SIZES,
     NETWORKS,
@@ -19,19 +18,15 @@ from export.repository import main as export_main
 from flux_triton.request import validate_request
 from flux_triton.specs import component_specs
 from tests.reference import diffusers_image, raw_inputs
-from tests.test_served import PARITY_CASES
+from tests.test_served import PARITY_CASES, parity_fields, served_generate
 
 
 @pytest.mark.parametrize("variant", ["schnell", "dev"])
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_served_onnx_within_one_level_of_diffusers(served_onnx, diffusers_pipes, variant, case):
-    fields = dict(PARITY_CASES[case])
-    if variant == "dev":
-        fields["guidance_scale"] = 4.5
+    fields = parity_fields(case, variant)
     srv = served_onnx[variant]
-    client = srv.client()
-    result = stream_generate(client, build_inputs(**fields), timeout_s=120)
-    client.close()
+    result = served_generate(srv, fields)
     assert result.error is None, result.error
     assert result.kinds[-2:] == ["image", "final"]
     request = validate_request(raw_inputs(**fields), srv.info)

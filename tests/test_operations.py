@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import json
-import queue
 import re
 import time
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from clients.stream_client import build_inputs, queue_response, stream_generate
+from clients.stream_client import build_inputs, stream_generate
 from flux_triton import sampling
 from flux_triton.components import load_component
 
 SMALL = dict(prompt="a red circle on a blue background", height=64, width=64, num_inference_steps=3)
 
 
-def generate(srv, timeout_s: float = 60, **fields):
+def generate(srv, timeout_s: float = 60, stop_after_steps: int | None = None, **fields):
     client = srv.client()
     try:
-        return stream_generate(client, build_inputs(**fields), timeout_s=timeout_s)
+        return stream_generate(client, build_inputs(**fields), timeout_s=timeout_s,
+                               stop_after_steps=stop_after_steps)
     finally:
         client.close()
 
@@ -116,18 +115,9 @@ def test_cancelled_stream_stops_within_one_step(faults):
     inject(srv, "dit_transformer", delay_ms=150)  # steps far slower than cancellation takes to arrive
     steps_before = metric(srv, "flux_steps_total")
     cancelled_before = metric(srv, "flux_requests_total", outcome="cancelled")
-    responses: queue.Queue = queue.Queue()
-    client = srv.client()
-    client.start_stream(callback=partial(queue_response, responses))
-    try:
-        client.async_stream_infer("flux_bls", build_inputs(prompt="a cat", height=64, width=64,
-                                                           num_inference_steps=100, seed=4))
-        for _ in range(2):
-            _, error = responses.get(timeout=60)
-            assert error is None
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
+    result = generate(srv, prompt="a cat", height=64, width=64, num_inference_steps=100, seed=4,
+                      stop_after_steps=2)
+    assert result.kinds == ["step", "step", "cancelled"]
     deadline = time.time() + 30
     while metric(srv, "flux_requests_total", outcome="cancelled") == cancelled_before:
         assert time.time() < deadline, "the server never noticed the cancellation"

@@ -25,6 +25,14 @@ PARITY_CASES = {
 }
 
 
+def parity_fields(case: str, variant: str) -> dict:
+    """The request of a parity case; dev models also get a distilled guidance scale."""
+    fields = dict(PARITY_CASES[case])
+    if variant == "dev":
+        fields["guidance_scale"] = 4.5
+    return fields
+
+
 def served_generate(served, fields: dict):
     client = served.client()
     try:
@@ -36,9 +44,7 @@ def served_generate(served, fields: dict):
 @pytest.mark.parametrize("variant", ["schnell", "dev"])
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_served_image_identical_to_diffusers(served, diffusers_pipes, variant, case):
-    fields = dict(PARITY_CASES[case])
-    if variant == "dev":
-        fields["guidance_scale"] = 4.5
+    fields = parity_fields(case, variant)
     result = served_generate(served[variant], fields)
     assert result.error is None, result.error
 
