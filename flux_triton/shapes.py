@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 PALETTE = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
@@ -35,23 +36,42 @@ def all_scenes() -> list[Scene]:
     return [Scene(s, c, b) for s in SHAPES for c in PALETTE for b in PALETTE if b != c]
 
 
-def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [size, size, 3]: the scene at a random position and scale, anti-aliased."""
-    big = size * SUPERSAMPLE
-    half = rng.uniform(0.2, 0.34) * big
-    cx, cy = (rng.uniform(half + 1, big - half - 1) for _ in range(2))
-    y, x = np.mgrid[0:big, 0:big] + 0.5
-    if scene.shape == "circle":
-        inside = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
-    elif scene.shape == "square":
-        inside = (np.abs(x - cx) <= half * 0.89) & (np.abs(y - cy) <= half * 0.89)
-    else:  # upright isosceles triangle inscribed in the same box
-        top, bottom = cy - half, cy + half
-        rel = (y - top) / (bottom - top)
-        inside = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= rel * half)
-    image = np.where(inside[..., None], PALETTE[scene.colour], PALETTE[scene.background])
-    image = image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return image.round().astype(np.uint8)
+def scene_index(scenes: list[Scene]) -> torch.Tensor:
+    """[B, 3] long tensor of (shape, colour, background) indices into SHAPES and PALETTE."""
+    colours = list(PALETTE)
+    return torch.tensor([[SHAPES.index(s.shape), colours.index(s.colour), colours.index(s.background)]
+                         for s in scenes], dtype=torch.long)
+
+
+def render_batch(index: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """float32 [B, 3, size, size] in 0..255: each scene of `index` (see `scene_index`) at a random
+    position and scale, anti-aliased by supersampling. Runs on the generator's device."""
+    device = generator.device
+    index = index.to(device)
+    batch, big = index.shape[0], size * SUPERSAMPLE
+    uniform = torch.rand(batch, 3, generator=generator, device=device)
+    half = (0.2 + 0.14 * uniform[:, 0]) * big
+    cx, cy = ((half + 1) + uniform[:, k] * (big - 2 * half - 2) for k in (1, 2))
+    half, cx, cy = (v.view(batch, 1, 1) for v in (half, cx, cy))
+    grid = torch.arange(big, device=device, dtype=torch.float32) + 0.5
+    y, x = grid.view(1, big, 1), grid.view(1, 1, big)
+    circle = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+    square = ((x - cx).abs() <= half * 0.89) & ((y - cy).abs() <= half * 0.89)
+    rel = (y - (cy - half)) / (2 * half)  # 0 at the apex, 1 at the base of an upright triangle
+    triangle = (y >= cy - half) & (y <= cy + half) & ((x - cx).abs() <= rel * half)
+    shape = index[:, 0].view(batch, 1, 1)
+    inside = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
+    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32, device=device)
+    colour = palette[index[:, 1]].view(batch, 3, 1, 1)
+    background = palette[index[:, 2]].view(batch, 3, 1, 1)
+    image = torch.where(inside.unsqueeze(1), colour, background)
+    return torch.nn.functional.avg_pool2d(image, SUPERSAMPLE)
+
+
+def render(scene: Scene, size: int, generator: torch.Generator) -> np.ndarray:
+    """uint8 [size, size, 3]: one scene drawn by `render_batch`."""
+    image = render_batch(scene_index([scene]), size, generator)[0]
+    return image.permute(1, 2, 0).round().to(torch.uint8).cpu().numpy()
 
 
 def _nearest(rgb: np.ndarray) -> str:

@@ -101,10 +101,42 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable + unprintable, map(chr, code_points)))
 
 
-def build_clip_tokenizer() -> CLIPTokenizer:
-    """The 49408-token CLIP BPE tokenizer, with vocab and merges as CLIP's SimpleTokenizer."""
+def _merges_applied(merges: list[str], words: set[str]) -> set[int]:
+    """Ranks of the BPE merges that CLIP's byte-pair encoding applies to each of `words`."""
+    rank = {tuple(merge.split()): index for index, merge in enumerate(merges)}
+    to_unicode = bytes_to_unicode()
+    applied = set()
+    for word in words:
+        parts = [to_unicode[byte] for byte in word.encode("utf-8")]
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            best = min(zip(parts, parts[1:]), key=lambda pair: rank.get(pair, len(rank)))
+            if best not in rank:
+                break
+            applied.add(rank[best])
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+    return applied
+
+
+def build_clip_tokenizer(words: set[str] | None = None) -> CLIPTokenizer:
+    """CLIP's BPE tokenizer, with vocab and merges as CLIP's SimpleTokenizer (49408 tokens).
+
+    With `words`, only the merges those words need are kept: they tokenize exactly as with the
+    full table (one token each for common words), and the vocabulary stays small.
+    """
     with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as bpe_file:
         merges = bpe_file.read().split("\n")[1 : CLIP_MERGE_COUNT + 1]
+    if words is not None:
+        keep = _merges_applied(merges, {word.lower() for word in words})
+        merges = [merge for index, merge in enumerate(merges) if index in keep]
     byte_tokens = list(bytes_to_unicode().values())
     tokens = byte_tokens + [token + "</w>" for token in byte_tokens]
     tokens += ["".join(merge.split()) for merge in merges]
@@ -140,13 +172,13 @@ def t5_training_corpus() -> list[str]:
     return sentences
 
 
-def train_t5_spm() -> bytes:
+def train_t5_spm(corpus: list[str] | None = None, vocab_size: int = T5_SPM_VOCAB_SIZE) -> bytes:
     """Train a small sentencepiece unigram model with T5's special ids; same bytes every run."""
     spm.SetRandomGeneratorSeed(0)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(t5_training_corpus()), model_writer=model, model_type="unigram",
-        vocab_size=T5_SPM_VOCAB_SIZE, hard_vocab_limit=False, character_coverage=1.0,
+        sentence_iterator=iter(corpus or t5_training_corpus()), model_writer=model,
+        model_type="unigram", vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
         num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
     )

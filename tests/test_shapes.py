@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from flux_triton.shapes import accuracy, all_scenes, classify, render
 
@@ -12,11 +13,11 @@ def test_world_has_168_captions():
     assert scenes[0].caption == "a red circle on a green background"
 
 
-@pytest.mark.parametrize("size", [64, 96])
+@pytest.mark.parametrize("size", [64, 96, 128])
 def test_classifier_reads_ground_truth(size):
-    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
     scenes = all_scenes() * 2
-    images = [render(scene, size, rng) for scene in scenes]
+    images = [render(scene, size, generator) for scene in scenes]
     scores = accuracy(images, scenes)
     print(f"\nclassifier on {len(scenes)} ground-truth renders at {size}px: {scores}")
     assert scores["colour"] == scores["background"] == 1.0

@@ -1,0 +1,322 @@
+"""`make train-default`: train the embedded default model, a small FLUX that draws the shapes world.
+
+Builds a FluxPipeline of small components (schnell layout, no guidance embedding), saves it, then
+trains the VAE on rendered scenes and, with the VAE frozen, the transformer together with both text
+encoders under the rectified-flow objective FLUX uses. The EMA weights are written back as float16
+into a diffusers folder, with the trained size, steps and sequence length in `flux_serving.json`.
+Runs on a GPU in minutes; on the CPU only as a smoke run (`--vae-steps 2 --dit-steps 2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from flux_triton.components import ClipEncoder, DitTransformer, PromptTokenizer, T5Encoder
+from flux_triton.model_info import SERVING_DEFAULTS_FILE, load_model_info
+from flux_triton.sampling import latent_image_ids, pack_latents, text_ids
+from flux_triton.shapes import all_scenes, render_batch, scene_index
+from flux_triton.tiny_model import (
+    CHARACTER_LINES,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    train_t5_spm,
+)
+
+TRAINING_LOG_FILE = "training_log.json"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that decides a training run (stored in the model folder's training log)."""
+
+    size: int = 128
+    max_sequence_length: int = 16
+    num_inference_steps: int = 12
+    vae_steps: int = 4000
+    vae_batch: int = 64
+    vae_lr: float = 5e-4
+    vae_kl_weight: float = 1e-6
+    dit_steps: int = 40000
+    dit_batch: int = 256
+    dit_lr: float = 3e-4
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    max_minutes: float = 8.0  # wall-clock budget for both stages together
+    vae_share: float = 0.2  # of max_minutes, at most
+    seed: int = 0
+
+
+def caption_words() -> set[str]:
+    return {word for scene in all_scenes() for word in scene.caption.split()}
+
+
+def whole_word_spm(spm_model: bytes, words: set[str]) -> bytes:
+    """Add each word as one piece ("▁word") to a unigram sentencepiece model, scored to win."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    except Exception:  # its generated code may demand a newer protobuf runtime than installed
+        from transformers.utils import sentencepiece_model_pb2_new as model_pb2
+    proto = model_pb2.ModelProto.FromString(spm_model)
+    present = {piece.piece for piece in proto.pieces}
+    for word in sorted(words):
+        if f"▁{word}" not in present:
+            piece = proto.pieces.add()
+            piece.piece, piece.score, piece.type = f"▁{word}", 0.0, model_pb2.ModelProto.SentencePiece.NORMAL
+    return proto.SerializeToString()
+
+
+def build_shapes_pipeline(seed: int = 0) -> tuple[FluxPipeline, bytes]:
+    """The untrained pipeline and its T5 sentencepiece model; tokenizers know each word whole."""
+    words = caption_words()
+    captions = [scene.caption for scene in all_scenes()]
+    t5_spm = whole_word_spm(train_t5_spm(captions * 4 + CHARACTER_LINES, vocab_size=160), words)
+    tokenizer, tokenizer_2 = build_clip_tokenizer(words), build_t5_tokenizer(t5_spm)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        max_position_embeddings=77, vocab_size=len(tokenizer), projection_dim=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=len(tokenizer_2),
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
+        guidance_embeds=False, axes_dims_rope=(16, 24, 24),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=32, sample_size=128, scaling_factor=1.0,
+        shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    pipeline = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    return pipeline, t5_spm
+
+
+def _images(generator: torch.Generator, batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random scenes: caption indices [B] and images in [-1, 1] [B, 3, size, size]."""
+    index = torch.randint(len(all_scenes()), (batch,), generator=generator, device=generator.device)
+    table = scene_index(all_scenes()).to(generator.device)
+    return index, render_batch(table[index], size, generator) / 127.5 - 1
+
+
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
+def _lr_factor(step: int, warmup: int, progress: float) -> float:
+    """Linear warmup, then cosine decay to a tenth as `progress` (0..1, steps or time) runs out."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_vae(vae: AutoencoderKL, config: TrainingConfig, device: str, deadline: float) -> dict:
+    """Reconstruction (L1 + L2) with a small KL term; then set the latent shift and scale."""
+    generator = torch.Generator(device).manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    vae.train()
+    step, began = 0, time.perf_counter()
+    while step < config.vae_steps and time.perf_counter() < deadline:
+        _, images = _images(generator, config.vae_batch, config.size)
+        with _autocast(device):
+            posterior = vae.encode(images).latent_dist
+            decoded = vae.decode(posterior.sample(generator)).sample.float()
+        error = decoded - images
+        loss = error.abs().mean() + error.square().mean() + config.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 500 == 0:
+            print(f"vae step {step}: loss {loss.item():.4f}", flush=True)
+    vae.eval()
+    with torch.no_grad(), _autocast(device):
+        _, images = _images(generator, 256, config.size)
+        posterior = vae.encode(images).latent_dist
+        latents = posterior.sample(generator).float()
+        decoded = vae.decode(posterior.mode()).sample.float().clamp(-1, 1)
+    mse = ((decoded - images) / 2).square().mean().item()
+    shift, scale = latents.mean().item(), 1 / latents.std().item()
+    vae.register_to_config(shift_factor=round(shift, 6), scaling_factor=round(scale, 6))
+    stats = {"steps": step, "seconds": round(time.perf_counter() - began, 1),
+             "psnr_db": round(10 * math.log10(1 / mse), 2), "shift_factor": vae.config.shift_factor,
+             "scaling_factor": vae.config.scaling_factor}
+    print(f"vae: {stats}", flush=True)
+    return stats
+
+
+def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfig, device: str,
+                      deadline: float) -> tuple[list[torch.nn.Module], dict]:
+    """Train DiT, CLIP and T5 on (noise - image latents); returns the modules holding EMA weights."""
+    info = load_model_info(model_dir)
+    captions = [scene.caption for scene in all_scenes()]
+    ids = PromptTokenizer(model_dir, info)(captions, captions, config.max_sequence_length)
+    clip_ids, t5_ids = ids["clip_input_ids"].to(device), ids["t5_input_ids"].to(device)
+    clip = ClipEncoder(model_dir, torch.float32, device).to(device)
+    t5 = T5Encoder(model_dir, torch.float32, device).to(device)
+    dit = DitTransformer(model_dir, torch.float32, device).to(device)
+    modules = [clip, t5, dit]
+    params = [p for m in modules for p in m.parameters()]
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=config.dit_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    generator = torch.Generator(device).manual_seed(config.seed + 1)
+    latent_side = config.size // info.vae_scale_factor
+    img_ids = latent_image_ids(latent_side, latent_side, device, torch.float32)
+    txt_ids = text_ids(config.max_sequence_length, device, torch.float32)
+    for module in modules:
+        module.train()
+    step, began, losses = 0, time.perf_counter(), []
+    while step < config.dit_steps and time.perf_counter() < deadline:
+        for group in optimizer.param_groups:
+            progress = max(step / config.dit_steps, (time.perf_counter() - began) / (deadline - began))
+            group["lr"] = config.dit_lr * _lr_factor(step, config.warmup_steps, progress)
+        index, images = _images(generator, config.dit_batch, config.size)
+        with torch.no_grad(), _autocast(device):
+            latents = vae.encode(images).latent_dist.sample(generator).float()
+        clean = pack_latents((latents - info.vae_shift_factor) * info.vae_scaling_factor)
+        noise = torch.randn(clean.shape, generator=generator, device=device)
+        # Logit-normal sigmas, as in SD3/FLUX training: most weight on the middle of the path.
+        sigma = torch.sigmoid(torch.randn(clean.shape[0], generator=generator, device=device))
+        noisy = (1 - sigma.view(-1, 1, 1)) * clean + sigma.view(-1, 1, 1) * noise
+        with _autocast(device):
+            pooled = clip(clip_ids[index])["pooled_prompt_embeds"]
+            prompt_embeds = t5(t5_ids[index])["prompt_embeds"]
+            velocity = dit(noisy, prompt_embeds, pooled, sigma, img_ids, txt_ids)["noise_pred"]
+        loss = (velocity.float() - (noise - clean)).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - config.ema_decay)
+        losses.append(loss.item() if step % 50 == 0 else None)
+        step += 1
+        if step % 1000 == 0:
+            recent = [v for v in losses[-1000:] if v is not None]
+            print(f"dit step {step}: loss {sum(recent) / len(recent):.4f} "
+                  f"({(time.perf_counter() - began) / step * 1000:.1f} ms/step)", flush=True)
+    with torch.no_grad():
+        for param, average in zip(params, ema):
+            param.copy_(average)
+    for module in modules:
+        module.eval()
+    recent = [v for v in losses[-2000:] if v is not None]
+    stats = {"steps": step, "seconds": round(time.perf_counter() - began, 1),
+             "final_loss": round(sum(recent) / max(1, len(recent)), 5)}
+    print(f"transformer: {stats}", flush=True)
+    return modules, stats
+
+
+def serving_defaults(config: TrainingConfig) -> dict:
+    """What a request leaves out is filled from here: the trained size, steps and text length."""
+    return {
+        "default_height": config.size,
+        "default_width": config.size,
+        "default_num_inference_steps": config.num_inference_steps,
+        "default_max_sequence_length": config.max_sequence_length,
+        "default_guidance_scale": 0.0,
+    }
+
+
+def train_default_model(out_dir: str | Path, config: TrainingConfig, device: str,
+                        init: Path | None = None) -> Path:
+    """Build (or copy from `init`), train and write the shapes model to `out_dir`.
+
+    The folder is swapped in only when complete. With `init` and `vae_steps` 0 the VAE and its
+    latent normalisation are kept, and training goes on from the folder's weights.
+    """
+    if device.startswith("cuda"):
+        # cuDNN's attention kernel failed in the transformer's backward pass on torch 2.11+cu130.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)
+    began = time.perf_counter()
+    deadline = began + config.max_minutes * 60
+    try:
+        history = []
+        if init is not None:
+            shutil.copytree(init, staging, dirs_exist_ok=True)
+            if (staging / TRAINING_LOG_FILE).exists():
+                history = json.loads((staging / TRAINING_LOG_FILE).read_text())["runs"]
+        else:
+            pipeline, t5_spm = build_shapes_pipeline(config.seed)
+            pipeline.save_pretrained(staging, safe_serialization=True)
+            (staging / "tokenizer_2" / "spiece.model").write_bytes(t5_spm)
+        serving = json.dumps(serving_defaults(config), indent=2) + "\n"
+        (staging / SERVING_DEFAULTS_FILE).write_text(serving)
+
+        vae = AutoencoderKL.from_pretrained(staging / "vae", torch_dtype=torch.float32).to(device)
+        vae_stats = None
+        if config.vae_steps > 0:
+            vae_deadline = began + config.max_minutes * 60 * config.vae_share
+            vae_stats = train_vae(vae, config, device, vae_deadline)
+            vae.to(torch.float16).save_pretrained(staging / "vae", safe_serialization=True)
+            vae = AutoencoderKL.from_pretrained(staging / "vae", torch_dtype=torch.float32).to(device)
+        vae.requires_grad_(False).eval()
+        modules, dit_stats = train_transformer(staging, vae, config, device, deadline)
+        for module, folder in zip(modules, ("text_encoder", "text_encoder_2", "transformer")):
+            module.model.to(torch.float16).save_pretrained(staging / folder, safe_serialization=True)
+        history.append({"config": asdict(config), "init": str(init) if init else None,
+                        "device": _device_name(device), "vae": vae_stats, "transformer": dit_stats,
+                        "minutes": round((time.perf_counter() - began) / 60, 2)})
+        log = json.dumps({"runs": history}, indent=2) + "\n"
+        (staging / TRAINING_LOG_FILE).write_text(log)
+        retired = staging.with_name(staging.name + ".old")
+        if out_dir.exists():
+            out_dir.rename(retired)
+        staging.rename(out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("models/shapes-flux"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this model folder (with --vae-steps 0: keep its VAE)")
+    for name, field in TrainingConfig.__dataclass_fields__.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
+    args = vars(parser.parse_args(argv))
+    out, device, init = args.pop("out"), args.pop("device"), args.pop("init")
+    print(train_default_model(out, TrainingConfig(**args), device, init))
+
+
+if __name__ == "__main__":
+    main()
