@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-MODEL_DIR ?= models/tiny-flux-schnell
+MODEL_DIR ?= models/shapes-flux
+TRAIN_MINUTES ?= 20
 BACKEND ?= torch
 DEVICE ?= cpu
 PRECISION ?= FP32
@@ -14,7 +15,7 @@ PROMPT ?= a red circle on a blue background
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup model export engines serve demo test bench lint clean
+.PHONY: setup model train-default accuracy export engines serve demo test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,15 @@ models/.built: $(VENV)/.installed flux_triton/tiny_model.py
 
 model: models/.built
 
+# The embedded default (committed): a small FLUX trained on the shapes world. Minutes on a GPU;
+# on a CPU only as a smoke run, e.g. make train-default TRAIN_ARGS="--vae-steps 20 --dit-steps 20".
+train-default: setup
+	$(PY) -m flux_triton.train_default --out models/shapes-flux --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
+
+# Renders every caption of the shapes world and classifies the pixels (classifier checked first).
+accuracy: setup
+	$(PY) -m flux_triton.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --out out/shapes_accuracy.json
+
 export: setup
 	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend $(BACKEND) --device $(DEVICE) \
 		--precision $(PRECISION)
@@ -42,7 +52,7 @@ serve: setup
 	$(PY) -m flux_triton.tritonserver --repository model_repository --http-port $(HTTP_PORT) \
 		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-demo: model
+demo: setup
 	$(MAKE) export
 	$(PY) -m clients.demo --repository model_repository --grpc-port $(GRPC_PORT) \
 		--http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --prompt "$(PROMPT)" --out out
@@ -52,7 +62,7 @@ test: model
 
 # In-process vs served through Triton, tiny model on the CPU; prints a table, writes out/bench.json.
 bench: model
-	$(PY) -m clients.bench --model-dir $(MODEL_DIR) --out out/bench.json
+	$(PY) -m clients.bench --model-dir models/tiny-flux-schnell --out out/bench.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="a red circle on a blue background")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out")
+    parser.add_argument("--preview-decoder", choices=["linear", "vae"], default="vae")
     args = parser.parse_args(argv)
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return stream_client.main([
             "--url", f"127.0.0.1:{args.grpc_port}", "--prompt", args.prompt,
-            "--seed", str(args.seed), "--out", args.out,
+            "--seed", str(args.seed), "--out", args.out, "--preview-decoder", args.preview_decoder,
         ])
     finally:
         began = time.perf_counter()

@@ -137,13 +137,50 @@ def stream_generate(
     return out
 
 
+def _bls_parameters(client: grpcclient.InferenceServerClient, model: str = MODEL) -> dict[str, str]:
+    config = client.get_model_config(model, as_json=True)["config"]
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
 def preview_projection(client: grpcclient.InferenceServerClient, model: str = MODEL):
     """The latent -> RGB map the server fitted at export, from the model's config parameters."""
     from flux_triton.preview import PreviewProjection
 
-    config = client.get_model_config(model, as_json=True)["config"]
-    raw = config.get("parameters", {}).get("preview_projection", {}).get("string_value")
+    raw = _bls_parameters(client, model).get("preview_projection")
     return PreviewProjection.from_json(json.loads(raw)) if raw else None
+
+
+def preview_renderer(client: grpcclient.InferenceServerClient, decoder: str):
+    """A function preview_latent [B, C, h, w] -> uint8 [B, H, W, 3], or None when not available.
+
+    `linear`: the cheap map fitted at export (one pixel per latent pixel, no server call).
+    `vae`: the server's own `vae_decoder` model decodes each preview, at full size and in true
+    colours (one more inference per step; needs an FP32 decoder input).
+    """
+    import torch
+
+    from flux_triton.preview import preview_rgb
+    from flux_triton.sampling import postprocess_uint8, to_vae_latents
+
+    if decoder == "linear":
+        projection = preview_projection(client)
+        if projection is None:
+            return None
+        return lambda latent: preview_rgb(torch.from_numpy(np.array(latent)), projection).numpy()
+    params = _bls_parameters(client)
+    inputs = client.get_model_metadata("vae_decoder", as_json=True)["inputs"]
+    if "vae_scaling_factor" not in params or inputs[0]["datatype"] != "FP32":
+        return None
+    scaling, shift = float(params["vae_scaling_factor"]), float(params["vae_shift_factor"])
+
+    def decode(latent: np.ndarray) -> np.ndarray:
+        latents = to_vae_latents(torch.from_numpy(np.array(latent)), scaling, shift).numpy()
+        tensor = grpcclient.InferInput("latents", list(latents.shape), "FP32")
+        tensor.set_data_from_numpy(latents)
+        image = client.infer("vae_decoder", [tensor]).as_numpy("image")
+        return postprocess_uint8(torch.from_numpy(image)).numpy()
+
+    return decode
 
 
 def terminal_thumbnail(rgb: np.ndarray, columns: int = 32) -> str:
@@ -157,6 +194,24 @@ def terminal_thumbnail(rgb: np.ndarray, columns: int = 32) -> str:
                  for t, b in zip(small[y], small[y + 1])]
         lines.append("".join(cells) + "\x1b[0m")
     return "\n".join(lines)
+
+
+def preview_strip(previews: list[np.ndarray], image: np.ndarray) -> list[np.ndarray]:
+    """Each step's preview scaled (nearest) to the image's size, then the image: the frames of
+    the preview strip and GIF."""
+    height, width = image.shape[:2]
+    frames = [np.array(Image.fromarray(p).resize((width, height), Image.NEAREST)) for p in previews]
+    return [*frames, image]
+
+
+def save_preview_strip(frames: list[np.ndarray], out_dir: Path, index: int) -> list[Path]:
+    """The frames side by side as one PNG, and as an animated GIF that rests on the image."""
+    strip, gif = out_dir / f"preview_strip_{index}.png", out_dir / f"previews_{index}.gif"
+    Image.fromarray(np.concatenate(frames, axis=1)).save(strip)
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(gif, save_all=True, append_images=images[1:], loop=0,
+                   duration=[250] * (len(images) - 1) + [1500])
+    return [strip, gif]
 
 
 def _progress(step: dict) -> str:
@@ -184,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out", help="folder for previews and the final image")
     parser.add_argument("--no-previews", action="store_true",
                         help="do not ask for previews (no preview tensors are sent or saved)")
+    parser.add_argument("--preview-decoder", choices=["linear", "vae"], default="linear",
+                        help="linear: the cheap latent->RGB map; vae: decode each preview with the "
+                             "server's vae_decoder (full size, true colours, one call per step)")
     parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
                         help="draw previews in the terminal (auto: when stdout is a terminal)")
     args = parser.parse_args(argv)
@@ -196,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if not client.is_model_ready(MODEL):
             print(f"error: model {MODEL} is not ready on {args.url}", file=sys.stderr)
             return 2
-        projection = preview_projection(client)
+        render = preview_renderer(client, args.preview_decoder)
     except InferenceServerException as exc:
         print(f"error: cannot reach Triton at {args.url}: {exc.message()}", file=sys.stderr)
         return 2
@@ -208,17 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed,
         deadline_ms=args.deadline_ms, previews=False if args.no_previews else None,
     )
+    previews: dict[int, list[np.ndarray]] = {}
+
     def on_step(step: dict) -> None:
         print(_progress(step), end="", flush=True)
-        if projection is None or step["preview_latent"] is None:
+        if render is None or step["preview_latent"] is None:
             return
-        import torch
-
-        from flux_triton.preview import preview_rgb
-
-        rgb = preview_rgb(torch.from_numpy(np.array(step["preview_latent"])), projection).numpy()
+        rgb = render(step["preview_latent"])
         for b, image in enumerate(rgb):
             Image.fromarray(image).save(out_dir / f"preview_step{step['step']:02d}_{b}.png")
+            previews.setdefault(b, []).append(image)
         if show:
             print("\n" + terminal_thumbnail(rgb[0]), flush=True)
 
@@ -232,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         path = out_dir / f"image_{b}.png"
         Image.fromarray(image).save(path)
         paths.append(str(path))
+        if previews.get(b):
+            paths += map(str, save_preview_strip(preview_strip(previews[b], image), out_dir, b))
     print(f"{len(result.steps)} steps streamed in {result.responses} responses, "
           f"first after {result.first_response_s * 1000:.0f} ms, total {result.total_s:.2f} s, "
           f"seed {result.seed}")

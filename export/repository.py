@@ -38,9 +38,9 @@ ENCODE_STEPS = [
 
 def preview_projection(info: FluxModelInfo) -> PreviewProjection:
     """Fit the latent -> RGB preview map to this model's VAE (once, at export)."""
-    vae = load_component("vae_decoder", info)
+    vae = load_component("vae_decoder", info).model
     return fit_preview_projection(
-        lambda latents: vae(latents)["image"], info.latent_channels, info.vae_scale_factor,
+        lambda images: vae.encode(images).latent_dist.mean, info.vae_scale_factor,
         info.vae_scaling_factor, info.vae_shift_factor,
     )
 
@@ -79,6 +79,9 @@ def render_configs(
     bls_params["retry_attempts"] = str(retry.attempts)
     bls_params["retry_backoff_ms"] = str(retry.backoff_s * 1000)
     bls_params["preview_projection"] = json.dumps(preview_projection(info).to_json())
+    # What a client needs to decode a preview latent with the vae_decoder model itself.
+    bls_params["vae_scaling_factor"] = repr(info.vae_scaling_factor)
+    bls_params["vae_shift_factor"] = repr(info.vae_shift_factor)
     configs["flux_bls"] = python_model_config(bls_spec(info), bls_params, kind, decoupled=True)
     return configs
 

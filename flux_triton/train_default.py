@@ -48,6 +48,7 @@ class TrainingConfig:
     size: int = 128
     max_sequence_length: int = 16
     num_inference_steps: int = 12
+    sampling_shift: float = 3.0  # the scheduler's shift; measured better than 1.0 for colour
     vae_steps: int = 30000
     vae_batch: int = 32
     vae_lr: float = 1e-3
@@ -112,7 +113,7 @@ def build_shapes_pipeline(seed: int = 0) -> tuple[FluxPipeline, bytes]:
         layers_per_block=1, norm_num_groups=32, sample_size=128, scaling_factor=1.0,
         shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
     pipeline = FluxPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
@@ -318,6 +319,9 @@ def train_default_model(out_dir: str | Path, config: TrainingConfig, device: str
             (staging / "tokenizer_2" / "spiece.model").write_bytes(t5_spm)
         serving = json.dumps(serving_defaults(config), indent=2) + "\n"
         (staging / SERVING_DEFAULTS_FILE).write_text(serving)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(staging / "scheduler")
+        scheduler.register_to_config(shift=config.sampling_shift)
+        scheduler.save_pretrained(staging / "scheduler")
 
         vae = AutoencoderKL.from_pretrained(staging / "vae", torch_dtype=torch.float32).to(device)
         vae_stats = None

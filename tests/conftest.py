@@ -19,6 +19,7 @@ from flux_triton.tritonserver import TritonServer, free_port
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("schnell", "dev")
+SHAPES_DIR = REPO_ROOT / "models" / "shapes-flux"  # the committed, trained default model
 SHM = Path("/dev/shm")
 
 
@@ -122,6 +123,22 @@ def served(model_dirs, tmp_path_factory) -> dict[str, Served]:
 def served_onnx(model_dirs, tmp_path_factory) -> dict[str, Served]:
     """Both tiny models exported to ONNX (checked) and served by onnxruntime Python models."""
     yield from _serve_variants(model_dirs, tmp_path_factory, "onnx")
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe():
+    """diffusers' FluxPipeline on the trained default model, upcast as the server loads it."""
+    import torch
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(SHAPES_DIR, torch_dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def served_shapes(tmp_path_factory) -> Served:
+    """The trained default model served by PyTorch Python models."""
+    for servers in _serve_variants({"shapes": SHAPES_DIR}, tmp_path_factory, "torch", ("shapes",)):
+        yield servers["shapes"]
 
 
 @pytest.fixture(scope="session")

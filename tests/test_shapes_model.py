@@ -1,0 +1,133 @@
+"""The trained default model (models/shapes-flux): served exactly as diffusers runs it, drawing what
+its captions say, and the training script that made it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clients import stream_client
+from clients.stream_client import build_inputs, stream_generate
+from flux_triton import sampling
+from flux_triton.model_info import load_model_info
+from flux_triton.request import validate_request
+from flux_triton.shapes import PALETTE, Scene, all_scenes, classify
+from tests.conftest import SHAPES_DIR
+from tests.reference import diffusers_image, raw_inputs
+
+DEMO_PROMPT = "a red circle on a blue background"
+WEIGHT_FILES = ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                "transformer/diffusion_pytorch_model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors")
+
+
+def _served(served, fields: dict):
+    client = served.client()
+    try:
+        return stream_generate(client, build_inputs(**fields), timeout_s=120)
+    finally:
+        client.close()
+
+
+def test_folder_records_its_trained_defaults_and_is_small():
+    info = load_model_info(SHAPES_DIR)
+    assert (info.default_height, info.default_width) == (128, 128)
+    assert info.default_max_sequence_length == 16
+    assert info.default_num_inference_steps == 12
+    sizes = {name: (SHAPES_DIR / name).stat().st_size for name in WEIGHT_FILES}
+    print(f"\nshapes-flux weights: {sum(sizes.values()) / 1e6:.1f} MB {sizes}")
+    assert sum(sizes.values()) < 25e6
+    log = json.loads((SHAPES_DIR / "training_log.json").read_text())
+    assert log["runs"] and log["runs"][-1]["transformer"]["steps"] > 0
+
+
+def test_tokenizers_give_one_token_per_caption_word():
+    from transformers import AutoTokenizer
+
+    clip = AutoTokenizer.from_pretrained(SHAPES_DIR / "tokenizer")
+    t5 = AutoTokenizer.from_pretrained(SHAPES_DIR / "tokenizer_2")
+    words = {word for scene in all_scenes() for word in scene.caption.split()}
+    assert {w: len(clip.tokenize(w)) for w in words} == dict.fromkeys(words, 1)
+    assert {w: len(t5.tokenize(w)) for w in words} == dict.fromkeys(words, 1)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(prompt=DEMO_PROMPT, seed=0),
+    dict(prompt=["a green triangle on a white background", "a yellow square on a purple background"],
+         num_images_per_prompt=2, seed=5, num_inference_steps=6),
+], ids=["demo request", "2 prompts x 2 images"])
+def test_served_shapes_identical_to_diffusers(served_shapes, shapes_pipe, fields):
+    result = _served(served_shapes, fields)
+    assert result.error is None, result.error
+    request = validate_request(raw_inputs(**fields), served_shapes.info)
+    expected, _, step_latents = diffusers_image(shapes_pipe, request)
+    lat = sampling.latent_grid(request.height, request.width, served_shapes.info.vae_scale_factor)
+    print(f"\nshapes parity: image {list(result.image.shape)}, uint8 max diff "
+          f"{int(np.abs(result.image.astype(int) - expected).max())}")
+    assert np.array_equal(result.image, expected)
+    assert len(result.steps) == len(step_latents) == request.num_inference_steps
+    for step, latents in zip(result.steps, step_latents):
+        assert np.array_equal(step["preview_latent"], sampling.unpack_latents(latents, *lat).numpy())
+
+
+def _share_near(image: np.ndarray, colour: str, tolerance: float = 60.0) -> float:
+    distance = np.linalg.norm(image.astype(float) - np.array(PALETTE[colour], dtype=float), axis=-1)
+    return float((distance < tolerance).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_red_circle_on_blue_background(served_shapes, seed):
+    """Served at the model's defaults: mostly blue, with one red round blob."""
+    result = _served(served_shapes, dict(prompt=DEMO_PROMPT, seed=seed))
+    assert result.error is None, result.error
+    image = result.image[0]
+    blue, red = _share_near(image, "blue"), _share_near(image, "red")
+    print(f"\nseed {seed}: blue {blue:.0%}, red {red:.0%}, read as {classify(image)}")
+    assert blue > 0.5 and 0.08 < red < 0.45
+    assert classify(image) == Scene("circle", "red", "blue")
+
+
+@pytest.mark.parametrize("decoder", ["vae", "linear"])
+def test_client_saves_a_preview_strip_that_converges(served_shapes, tmp_path, decoder):
+    code = stream_client.main(["--url", served_shapes.url, "--prompt", DEMO_PROMPT, "--seed", "0",
+                               "--out", str(tmp_path), "--show", "never",
+                               "--preview-decoder", decoder])
+    assert code == 0
+    strip = np.array(Image.open(tmp_path / "preview_strip_0.png"))
+    gif = Image.open(tmp_path / "previews_0.gif")
+    steps = served_shapes.info.default_num_inference_steps
+    assert strip.shape == (128, 128 * (steps + 1), 3)
+    assert gif.n_frames in (steps, steps + 1)  # GIF writers merge a last preview equal to the image
+    frames = [strip[:, i * 128:(i + 1) * 128].astype(float) for i in range(steps + 1)]
+    distance = [np.abs(frame - frames[-1]).mean() for frame in frames[:-1]]
+    print(f"\n{decoder} previews, mean distance to the image by step: "
+          f"{[round(d, 1) for d in distance]}")
+    assert all(later < earlier for earlier, later in zip(distance, distance[1:]))
+    if decoder == "vae":  # the last step's latents are the image's latents
+        assert distance[-1] == 0
+
+
+def test_training_smoke_run_writes_a_loadable_model(tmp_path):
+    """`make train-default` on a CPU, cut to a few steps at 32 px: a complete diffusers folder."""
+    from diffusers import FluxPipeline
+
+    from flux_triton.train_default import main
+
+    out = tmp_path / "shapes-smoke"
+    main(["--out", str(out), "--device", "cpu", "--size", "32", "--vae-steps", "3",
+          "--vae-batch", "4", "--dit-steps", "3", "--dit-batch", "4", "--images-per-caption", "1"])
+    info = load_model_info(out)
+    assert (info.default_height, info.default_max_sequence_length) == (32, 16)
+    assert info.scheduler.shift == 3.0 and info.vae_scaling_factor != 1.0
+    run = json.loads((out / "training_log.json").read_text())["runs"][-1]
+    assert run["vae"]["steps"] == 3 and run["transformer"]["steps"] == 3
+    assert np.isfinite(run["transformer"]["final_loss"])
+    pipe = FluxPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    assert pipe.transformer.dtype == torch.float32
+    image = pipe("a red circle on a blue background", height=32, width=32, num_inference_steps=2,
+                 max_sequence_length=16, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
