@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/shapes-flux
 TRAIN_MINUTES ?= 20
+TRAIN_OUT ?= models/shapes-flux
 BACKEND ?= torch
 DEVICE ?= cpu
 PRECISION ?= FP32
@@ -31,10 +32,11 @@ models/.built: $(VENV)/.installed flux_triton/tiny_model.py
 
 model: models/.built
 
-# The embedded default (committed): a small FLUX trained on the shapes world. Minutes on a GPU;
-# on a CPU only as a smoke run, e.g. make train-default TRAIN_ARGS="--vae-steps 20 --dit-steps 20".
+# The embedded default (committed): a small FLUX trained on the shapes world. Minutes on a GPU; on a
+# CPU only as a smoke run: make train-default TRAIN_OUT=out/shapes-smoke \
+#   TRAIN_ARGS="--size 32 --vae-steps 3 --dit-steps 3 --images-per-caption 1"
 train-default: setup
-	$(PY) -m flux_triton.train_default --out models/shapes-flux --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
+	$(PY) -m flux_triton.train_default --out $(TRAIN_OUT) --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
 
 # Renders every caption of the shapes world and classifies the pixels (classifier checked first).
 accuracy: setup

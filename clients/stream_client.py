@@ -178,7 +178,7 @@ def preview_renderer(client: grpcclient.InferenceServerClient, decoder: str):
         tensor = grpcclient.InferInput("latents", list(latents.shape), "FP32")
         tensor.set_data_from_numpy(latents)
         image = client.infer("vae_decoder", [tensor]).as_numpy("image")
-        return postprocess_uint8(torch.from_numpy(image)).numpy()
+        return postprocess_uint8(torch.from_numpy(np.array(image))).numpy()
 
     return decode
 

@@ -48,8 +48,7 @@ def _network(cls, model_dir: Path, subfolder: str, dtype: torch.dtype, device: s
 
     if has_random_weights(model_dir):
         return random_network(cls, model_dir / subfolder, device, dtype)
-    dtype_arg = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
-    return cls.from_pretrained(model_dir / subfolder, **{dtype_arg: dtype})
+    return cls.from_pretrained(model_dir / subfolder, dtype=dtype)
 
 
 class ClipEncoder(torch.nn.Module):

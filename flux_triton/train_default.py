@@ -323,13 +323,13 @@ def train_default_model(out_dir: str | Path, config: TrainingConfig, device: str
         scheduler.register_to_config(shift=config.sampling_shift)
         scheduler.save_pretrained(staging / "scheduler")
 
-        vae = AutoencoderKL.from_pretrained(staging / "vae", torch_dtype=torch.float32).to(device)
+        vae = AutoencoderKL.from_pretrained(staging / "vae", dtype=torch.float32).to(device)
         vae_stats = None
         if config.vae_steps > 0:
             vae_deadline = began + config.max_minutes * 60 * config.vae_share
             vae_stats = train_vae(vae, config, device, vae_deadline)
             vae.to(torch.float16).save_pretrained(staging / "vae", safe_serialization=True)
-            vae = AutoencoderKL.from_pretrained(staging / "vae", torch_dtype=torch.float32).to(device)
+            vae = AutoencoderKL.from_pretrained(staging / "vae", dtype=torch.float32).to(device)
         vae.requires_grad_(False).eval()
         modules, dit_stats = train_transformer(staging, vae, config, device, deadline)
         for module, folder in zip(modules, ("text_encoder", "text_encoder_2", "transformer")):

@@ -131,7 +131,7 @@ def shapes_pipe():
     import torch
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(SHAPES_DIR, torch_dtype=torch.float32)
+    return FluxPipeline.from_pretrained(SHAPES_DIR, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

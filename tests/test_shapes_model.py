@@ -11,26 +11,18 @@ import torch
 from PIL import Image
 
 from clients import stream_client
-from clients.stream_client import build_inputs, stream_generate
 from flux_triton import sampling
 from flux_triton.model_info import load_model_info
 from flux_triton.request import validate_request
 from flux_triton.shapes import PALETTE, Scene, all_scenes, classify
 from tests.conftest import SHAPES_DIR
 from tests.reference import diffusers_image, raw_inputs
+from tests.test_served import served_generate
 
 DEMO_PROMPT = "a red circle on a blue background"
 WEIGHT_FILES = ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
                 "transformer/diffusion_pytorch_model.safetensors",
                 "vae/diffusion_pytorch_model.safetensors")
-
-
-def _served(served, fields: dict):
-    client = served.client()
-    try:
-        return stream_generate(client, build_inputs(**fields), timeout_s=120)
-    finally:
-        client.close()
 
 
 def test_folder_records_its_trained_defaults_and_is_small():
@@ -61,7 +53,7 @@ def test_tokenizers_give_one_token_per_caption_word():
          num_images_per_prompt=2, seed=5, num_inference_steps=6),
 ], ids=["demo request", "2 prompts x 2 images"])
 def test_served_shapes_identical_to_diffusers(served_shapes, shapes_pipe, fields):
-    result = _served(served_shapes, fields)
+    result = served_generate(served_shapes, fields)
     assert result.error is None, result.error
     request = validate_request(raw_inputs(**fields), served_shapes.info)
     expected, _, step_latents = diffusers_image(shapes_pipe, request)
@@ -82,7 +74,7 @@ def _share_near(image: np.ndarray, colour: str, tolerance: float = 60.0) -> floa
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_red_circle_on_blue_background(served_shapes, seed):
     """Served at the model's defaults: mostly blue, with one red round blob."""
-    result = _served(served_shapes, dict(prompt=DEMO_PROMPT, seed=seed))
+    result = served_generate(served_shapes, dict(prompt=DEMO_PROMPT, seed=seed))
     assert result.error is None, result.error
     image = result.image[0]
     blue, red = _share_near(image, "blue"), _share_near(image, "red")
@@ -126,7 +118,7 @@ def test_training_smoke_run_writes_a_loadable_model(tmp_path):
     run = json.loads((out / "training_log.json").read_text())["runs"][-1]
     assert run["vae"]["steps"] == 3 and run["transformer"]["steps"] == 3
     assert np.isfinite(run["transformer"]["final_loss"])
-    pipe = FluxPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(out, dtype=torch.float32)
     assert pipe.transformer.dtype == torch.float32
     image = pipe("a red circle on a blue background", height=32, width=32, num_inference_steps=2,
                  max_sequence_length=16, output_type="np").images

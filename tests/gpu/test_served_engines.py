@@ -36,7 +36,7 @@ def test_stream_and_image_match_diffusers_bf16():
     assert result.error is None, result.error
     assert result.kinds == ["step"] * 4 + ["image", "final"]
 
-    pipe = FluxPipeline.from_pretrained(_model_dir(), torch_dtype=torch.bfloat16).to("cuda")
+    pipe = FluxPipeline.from_pretrained(_model_dir(), dtype=torch.bfloat16).to("cuda")
     reference = pipe(
         prompt=fields["prompt"], height=1024, width=1024, num_inference_steps=4,
         max_sequence_length=256, guidance_scale=3.5, output_type="np",
