@@ -9,7 +9,6 @@ memory, achieved TFLOP/s of the DiT against the bf16 peak. Writes JSON with GPU 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import platform
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flux_triton.components import load_component  # noqa: E402
-from flux_triton.full_size import SERVING, write_full_size_folder  # noqa: E402
+from flux_triton.full_size import SERVING, benchmark_parser, write_full_size_folder  # noqa: E402
 from flux_triton.local import TorchFluxModels  # noqa: E402
 from flux_triton.model_info import load_model_info  # noqa: E402
 from flux_triton.pipeline import FinalImage, dit_inputs, generate  # noqa: E402
@@ -86,12 +85,7 @@ def run_ours(models, request, info) -> tuple[float, float, np.ndarray]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", choices=["schnell", "dev"], default="schnell")
-    parser.add_argument("--tokenizers-from", default="models/tiny-flux-schnell")
-    parser.add_argument("--batches", default="1,4")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", required=True)
+    parser = benchmark_parser(__doc__)
     args = parser.parse_args(argv)
     import diffusers
     import transformers

@@ -9,7 +9,6 @@ streams generations at 1024x1024.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,17 +22,12 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 
 from clients.stream_client import build_inputs, stream_generate  # noqa: E402
 from export.repository import write_repository  # noqa: E402
-from flux_triton.full_size import SERVING, write_full_size_folder  # noqa: E402
+from flux_triton.full_size import SERVING, benchmark_parser, write_full_size_folder  # noqa: E402
 from flux_triton.tritonserver import TritonServer, free_port  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", choices=["schnell", "dev"], default="schnell")
-    parser.add_argument("--tokenizers-from", default="models/tiny-flux-schnell")
-    parser.add_argument("--batches", default="1,4")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", required=True)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--eager", action="store_true", help="do not compile the served DiT")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp())

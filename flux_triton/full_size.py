@@ -103,11 +103,26 @@ def random_network(cls, config_dir: Path, device: str, dtype: torch.dtype) -> to
     return model.to(device=device, dtype=dtype).eval()
 
 
+def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """--variant and --tokenizers-from: what `write_full_size_folder` needs."""
+    parser.add_argument("--variant", choices=["schnell", "dev"], default="schnell")
+    parser.add_argument("--tokenizers-from", default="models/tiny-flux-schnell")
+
+
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The command line the full-size GPU benchmarks share: folder, batch sizes, runs, output."""
+    parser = argparse.ArgumentParser(description=description)
+    add_folder_arguments(parser)
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--variant", choices=["schnell", "dev"], default="schnell")
-    parser.add_argument("--tokenizers-from", default="models/tiny-flux-schnell")
+    add_folder_arguments(parser)
     args = parser.parse_args(argv)
     print(write_full_size_folder(args.out, args.variant, args.tokenizers_from))
 
