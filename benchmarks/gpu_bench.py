@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - began
     defaults = SERVING[args.variant]
     steps, max_seq = defaults["default_num_inference_steps"], defaults["default_max_sequence_length"]
-    guidance = 3.5 if args.variant == "dev" else 0.0
+    guidance = defaults["default_guidance_scale"]
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(
             json.loads((folder / "scheduler" / "scheduler_config.json").read_text())),

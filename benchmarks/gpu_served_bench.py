@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     try:
         result["server_ready_s"] = server.start(timeout_s=900)
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[1]}")
-        guidance = 3.5 if args.variant == "dev" else 0.0
+        guidance = defaults["default_guidance_scale"]
         for batch in [int(b) for b in args.batches.split(",")]:
             fields = dict(prompt="a red circle on a blue background", num_images_per_prompt=batch,
                           height=1024, width=1024, num_inference_steps=steps,
@@ -55,14 +55,14 @@ def main(argv=None) -> int:
             warmup_s = time.perf_counter() - began
             runs = [stream_generate(client, build_inputs(**fields), timeout_s=900)
                     for _ in range(args.runs if batch == 1 else max(1, args.runs - 1))]
-            steps = [s["seconds"] for r in runs for s in r.steps[1:]]
+            intervals = [s["seconds"] for r in runs for s in r.steps[1:]]
             dit = [(r.timings[f"step_{i}"][1] - r.timings[f"step_{i}"][0])
                    for r in runs for i in range(2, len(r.steps) + 1)]
             result["batches"][str(batch)] = {
                 "c_served": {
                     "e2e_s": statistics.median(r.total_s for r in runs),
                     "first_preview_s": statistics.median(r.first_response_s for r in runs),
-                    "step_interval_ms": statistics.median(steps) * 1000,
+                    "step_interval_ms": statistics.median(intervals) * 1000,
                     "bls_dit_call_ms": statistics.median(dit),
                     "server_stage_ms": {k: v[1] - v[0] for k, v in runs[-1].timings.items()
                                         if isinstance(v, list)},
