@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from clients import stream_client
 from flux_triton import sampling
@@ -116,6 +117,9 @@ def test_training_smoke_run_writes_a_loadable_model(tmp_path):
     assert (info.default_height, info.default_max_sequence_length) == (32, 16)
     assert info.scheduler.shift == 3.0 and info.vae_scaling_factor != 1.0
     run = json.loads((out / "training_log.json").read_text())["runs"][-1]
+    assert info.vae_scaling_factor == run["vae"]["scaling_factor"]  # the fitted normalisation
+    for name in WEIGHT_FILES:
+        assert {t.dtype for t in load_file(out / name).values()} == {torch.float16}, name
     assert run["vae"]["steps"] == 3 and run["transformer"]["steps"] == 3
     assert np.isfinite(run["transformer"]["final_loss"])
     pipe = FluxPipeline.from_pretrained(out, dtype=torch.float32)
