@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from flux_triton.model_info import SERVING_DEFAULTS_FILE
+
 RANDOM_WEIGHTS_MARKER = "random_weights.json"
 
 TRANSFORMER = {
@@ -65,7 +67,7 @@ def write_full_size_folder(out_dir: str | Path, variant: str, tokenizers_from: s
         "text_encoder_2/config.json": T5_XXL,
         "vae/config.json": VAE,
         "scheduler/scheduler_config.json": SCHEDULERS[variant],
-        "flux_serving.json": SERVING[variant],
+        SERVING_DEFAULTS_FILE: SERVING[variant],
         RANDOM_WEIGHTS_MARKER: {"init": "normal(0, 0.02) for Linear weights", "dtype": "bfloat16"},
     }
     for relative, config in configs.items():

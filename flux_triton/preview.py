@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flux_triton.sampling import to_model_latents
+
 
 @dataclass(frozen=True)
 class PreviewProjection:
@@ -48,7 +50,7 @@ def fit_preview_projection(
     colours = torch.rand(samples, 3, size // 2, size // 2, generator=generator) * 2 - 1
     images = colours.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
     with torch.inference_mode():
-        latents = (encode(images).float().cpu() - shift_factor) * scaling_factor
+        latents = to_model_latents(encode(images).float().cpu(), scaling_factor, shift_factor)
     target = torch.nn.functional.avg_pool2d(images, vae_scale_factor)  # [S, 3, size, size]
     x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
     x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)

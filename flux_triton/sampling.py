@@ -132,6 +132,11 @@ def to_vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: f
     return (latents / scaling_factor) + shift_factor
 
 
+def to_model_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float) -> torch.Tensor:
+    """The VAE latent normalisation applied to encoder output (inverse of `to_vae_latents`)."""
+    return (latents - shift_factor) * scaling_factor
+
+
 def postprocess_uint8(decoded: torch.Tensor) -> torch.Tensor:
     """VAE output [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], as diffusers' PIL output."""
     image = (decoded / 2 + 0.5).clamp(0, 1)

@@ -7,6 +7,7 @@ from pixels, so generated images can be scored against their captions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,12 @@ def scene_index(scenes: list[Scene]) -> torch.Tensor:
                          for s in scenes], dtype=torch.long)
 
 
+@functools.cache
+def _palette(device: torch.device) -> torch.Tensor:
+    """[8, 3] colours, made once per device (a host-to-device copy per batch would stall it)."""
+    return torch.tensor(list(PALETTE.values()), dtype=torch.float32, device=device)
+
+
 def render_batch(index: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """float32 [B, 3, size, size] in 0..255: each scene of `index` (see `scene_index`) at a random
     position and scale, anti-aliased by supersampling. Runs on the generator's device."""
@@ -61,7 +68,7 @@ def render_batch(index: torch.Tensor, size: int, generator: torch.Generator) -> 
     triangle = (y >= cy - half) & (y <= cy + half) & ((x - cx).abs() <= rel * half)
     shape = index[:, 0].view(batch, 1, 1)
     inside = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
-    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32, device=device)
+    palette = _palette(device)
     colour = palette[index[:, 1]].view(batch, 3, 1, 1)
     background = palette[index[:, 2]].view(batch, 3, 1, 1)
     image = torch.where(inside.unsqueeze(1), colour, background)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import importlib.util
 import io
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -27,6 +29,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from flux_triton.model_info import SERVING_DEFAULTS_FILE
 
 VARIANTS = ("schnell", "dev")
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -185,13 +189,18 @@ def train_t5_spm(corpus: list[str] | None = None, vocab_size: int = T5_SPM_VOCAB
     return model.getvalue()
 
 
-def spm_precompiled_charsmap(spm_model: bytes) -> bytes:
-    """The normalizer table of a serialized sentencepiece model."""
+def spm_model_pb2():
+    """sentencepiece's protobuf module for model files."""
     try:
         from sentencepiece import sentencepiece_model_pb2
     except Exception:  # its generated code may demand a newer protobuf runtime than installed
         from transformers.utils import sentencepiece_model_pb2_new as sentencepiece_model_pb2
-    model_proto = sentencepiece_model_pb2.ModelProto.FromString(spm_model)
+    return sentencepiece_model_pb2
+
+
+def spm_precompiled_charsmap(spm_model: bytes) -> bytes:
+    """The normalizer table of a serialized sentencepiece model."""
+    model_proto = spm_model_pb2().ModelProto.FromString(spm_model)
     return model_proto.normalizer_spec.precompiled_charsmap
 
 
@@ -258,32 +267,40 @@ def serving_defaults(variant: str) -> dict[str, float | int]:
     }
 
 
-def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
-    """Write a tiny FLUX pipeline ("schnell" or "dev") to `out_dir` and return its path.
-
-    The folder is built beside `out_dir` and then swapped in, so rebuilding replaces an
-    older build and an interrupted build never leaves a half-written model behind.
-    """
+@contextlib.contextmanager
+def staged_model_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A fresh folder beside `out_dir` to write a model into; swapped in for `out_dir` when the
+    block ends without error, so an interrupted build never leaves a half-written model."""
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)
+    retired = staging.with_name(staging.name + ".old")
+    try:
+        yield staging
+        if out_dir.exists():
+            out_dir.rename(retired)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_serving_defaults(model_dir: Path, defaults: dict) -> None:
+    """The request defaults the server reads from the model folder (`flux_serving.json`)."""
+    (model_dir / SERVING_DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
+
+
+def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
+    """Write a tiny FLUX pipeline ("schnell" or "dev") to `out_dir` and return its path."""
     t5_spm_model = train_t5_spm()
     with torch.random.fork_rng(devices=[]):
         pipeline = build_tiny_pipeline(variant, seed, t5_spm_model)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging_dir.chmod(0o755)
-    retired_dir = staging_dir.with_name(staging_dir.name + ".old")
-    try:
-        pipeline.save_pretrained(staging_dir, safe_serialization=True)
-        (staging_dir / "tokenizer_2" / "spiece.model").write_bytes(t5_spm_model)
-        serving_json = json.dumps(serving_defaults(variant), indent=2) + "\n"
-        (staging_dir / "flux_serving.json").write_text(serving_json)
-        if out_dir.exists():
-            out_dir.rename(retired_dir)
-        staging_dir.rename(out_dir)
-    finally:
-        shutil.rmtree(staging_dir, ignore_errors=True)
-    shutil.rmtree(retired_dir, ignore_errors=True)
-    return out_dir
+    with staged_model_dir(out_dir) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        (staging / "tokenizer_2" / "spiece.model").write_bytes(t5_spm_model)
+        write_serving_defaults(staging, serving_defaults(variant))
+    return Path(out_dir).resolve()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,14 +27,17 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from flux_triton.components import ClipEncoder, DitTransformer, PromptTokenizer, T5Encoder
-from flux_triton.model_info import SERVING_DEFAULTS_FILE, load_model_info
-from flux_triton.sampling import latent_image_ids, pack_latents, text_ids
+from flux_triton.model_info import load_model_info
+from flux_triton.sampling import latent_image_ids, pack_latents, text_ids, to_model_latents
 from flux_triton.shapes import accuracy, all_scenes, render_batch, scene_index
 from flux_triton.tiny_model import (
     CHARACTER_LINES,
     build_clip_tokenizer,
     build_t5_tokenizer,
+    spm_model_pb2,
+    staged_model_dir,
     train_t5_spm,
+    write_serving_defaults,
 )
 
 TRAINING_LOG_FILE = "training_log.json"
@@ -71,10 +73,7 @@ def caption_words() -> set[str]:
 
 def whole_word_spm(spm_model: bytes, words: set[str]) -> bytes:
     """Add each word as one piece ("▁word") to a unigram sentencepiece model, scored to win."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as model_pb2
-    except Exception:  # its generated code may demand a newer protobuf runtime than installed
-        from transformers.utils import sentencepiece_model_pb2_new as model_pb2
+    model_pb2 = spm_model_pb2()
     proto = model_pb2.ModelProto.FromString(spm_model)
     present = {piece.piece for piece in proto.pieces}
     for word in sorted(words):
@@ -121,11 +120,14 @@ def build_shapes_pipeline(seed: int = 0) -> tuple[FluxPipeline, bytes]:
     return pipeline, t5_spm
 
 
-def _images(generator: torch.Generator, batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of random scenes: caption indices [B] and images in [-1, 1] [B, 3, size, size]."""
-    index = torch.randint(len(all_scenes()), (batch,), generator=generator, device=generator.device)
-    table = scene_index(all_scenes()).to(generator.device)
-    return index, render_batch(table[index], size, generator) / 127.5 - 1
+def _images(table: torch.Tensor, rows: torch.Tensor, size: int, generator: torch.Generator
+            ) -> torch.Tensor:
+    """The scenes of `table[rows]` (see `scene_index`) rendered as images in [-1, 1]."""
+    return render_batch(table[rows], size, generator) / 127.5 - 1
+
+
+def _random_rows(table: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(len(table), (batch,), generator=generator, device=generator.device)
 
 
 def _autocast(device: str):
@@ -154,6 +156,7 @@ def train_vae(vae: AutoencoderKL, config: TrainingConfig, device: str, deadline:
     """Reconstruction (L1 + L2) with a small KL term; then set the latent shift and scale."""
     generator = torch.Generator(device).manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    table = scene_index(all_scenes()).to(device)
     vae.to(memory_format=torch.channels_last).train()
     _compile(config.compile and device.startswith("cuda"), vae.encoder, vae.decoder)
     step, began = 0, time.perf_counter()
@@ -161,8 +164,8 @@ def train_vae(vae: AutoencoderKL, config: TrainingConfig, device: str, deadline:
         progress = max(step / config.vae_steps, (time.perf_counter() - began) / (deadline - began))
         for group in optimizer.param_groups:
             group["lr"] = config.vae_lr * _lr_factor(step, config.warmup_steps, progress)
-        _, images = _images(generator, config.vae_batch, config.size)
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = _images(table, _random_rows(table, config.vae_batch, generator), config.size,
+                         generator).contiguous(memory_format=torch.channels_last)
         with _autocast(device):
             posterior = vae.encode(images).latent_dist
             decoded = vae.decode(posterior.sample(generator)).sample.float()
@@ -176,7 +179,8 @@ def train_vae(vae: AutoencoderKL, config: TrainingConfig, device: str, deadline:
             print(f"vae step {step}: loss {loss.item():.4f}", flush=True)
     vae.eval()
     with torch.no_grad(), _autocast(device):
-        index, images = _images(generator, 256, config.size)
+        index = _random_rows(table, 256, generator)
+        images = _images(table, index, config.size, generator)
         posterior = vae.encode(images).latent_dist
         latents = posterior.sample(generator).float()
         decoded = vae.decode(posterior.mode()).sample.float().clamp(-1, 1)
@@ -205,7 +209,7 @@ def encode_dataset(vae: AutoencoderKL, config: TrainingConfig, device: str
     means, stds = [], []
     with torch.no_grad(), _autocast(device):
         for chunk in index.split(256):
-            images = render_batch(table[chunk], config.size, generator) / 127.5 - 1
+            images = _images(table, chunk, config.size, generator)
             posterior = vae.encode(images).latent_dist
             means.append(posterior.mean.float())
             stds.append(posterior.std.float())
@@ -243,7 +247,7 @@ def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfi
                              device=device)
         index, mean, std = dataset_index[pick], dataset_mean[pick], dataset_std[pick]
         latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
-        clean = pack_latents((latents - info.vae_shift_factor) * info.vae_scaling_factor)
+        clean = pack_latents(to_model_latents(latents, info.vae_scaling_factor, info.vae_shift_factor))
         noise = torch.randn(clean.shape, generator=generator, device=device)
         # Logit-normal sigmas, as in SD3/FLUX training: most weight on the middle of the path.
         sigma = torch.sigmoid(torch.randn(clean.shape[0], generator=generator, device=device))
@@ -301,13 +305,9 @@ def train_default_model(out_dir: str | Path, config: TrainingConfig, device: str
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)
     began = time.perf_counter()
     deadline = began + config.max_minutes * 60
-    try:
+    with staged_model_dir(out_dir) as staging:
         history = []
         if init is not None:
             shutil.copytree(init, staging, dirs_exist_ok=True)
@@ -317,8 +317,7 @@ def train_default_model(out_dir: str | Path, config: TrainingConfig, device: str
             pipeline, t5_spm = build_shapes_pipeline(config.seed)
             pipeline.save_pretrained(staging, safe_serialization=True)
             (staging / "tokenizer_2" / "spiece.model").write_bytes(t5_spm)
-        serving = json.dumps(serving_defaults(config), indent=2) + "\n"
-        (staging / SERVING_DEFAULTS_FILE).write_text(serving)
+        write_serving_defaults(staging, serving_defaults(config))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(staging / "scheduler")
         scheduler.register_to_config(shift=config.sampling_shift)
         scheduler.save_pretrained(staging / "scheduler")
@@ -339,14 +338,7 @@ def train_default_model(out_dir: str | Path, config: TrainingConfig, device: str
                         "minutes": round((time.perf_counter() - began) / 60, 2)})
         log = json.dumps({"runs": history}, indent=2) + "\n"
         (staging / TRAINING_LOG_FILE).write_text(log)
-        retired = staging.with_name(staging.name + ".old")
-        if out_dir.exists():
-            out_dir.rename(retired)
-        staging.rename(out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return Path(out_dir).resolve()
 
 
 def _device_name(device: str) -> str:
