@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from clients.stream_client import build_inputs, stream_generate
+from tests.reference import served_generate
 
 VALID = dict(prompt=["a cat"], height=64, width=64, num_inference_steps=2, seed=1)
 
@@ -43,13 +43,10 @@ INVALID = {
 }
 
 
-def _stream(served, fields: dict, extra: list | None = None):
-    client = served.client()
-    try:
-        merged = {k: v for k, v in {**VALID, **fields}.items() if v is not None}
-        return stream_generate(client, build_inputs(**merged) + (extra or []), timeout_s=60)
-    finally:
-        client.close()
+def _stream(served, fields: dict, extra: list = ()):
+    """VALID with `fields` over it (None removes a field), plus raw `extra` inputs."""
+    merged = {k: v for k, v in {**VALID, **fields}.items() if v is not None}
+    return served_generate(served, merged, timeout_s=60, extra_inputs=extra)
 
 
 def _http_generate_stream(served, body: dict) -> tuple[int, str]:

@@ -17,24 +17,12 @@ from hypothesis import strategies as st
 from clients.stream_client import build_inputs, stream_generate
 from flux_triton.local import TorchFluxModels, run_in_process
 from flux_triton.request import validate_request
-from tests.reference import raw_inputs
+from tests.reference import raw_inputs, served_generate
 from tests.test_operations import inject, metric
 
 CLIENTS = 32
 MEMORY_REQUESTS = 300
 MEMORY_GROWTH_BOUND = 150 * 2**20
-
-
-def _run_stream(url: str, fields: dict, cancel_after: int | None):
-    """One streaming client on its own connection; cancels after `cancel_after` steps when given."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        return stream_generate(client, build_inputs(**fields), timeout_s=120,
-                               stop_after_steps=cancel_after)
-    finally:
-        client.close()
 
 
 def test_concurrent_streams_do_not_mix(faults, model_dirs):
@@ -56,7 +44,8 @@ def test_concurrent_streams_do_not_mix(faults, model_dirs):
     before = time.perf_counter()
     with ThreadPoolExecutor(CLIENTS) as pool:
         outcomes = list(pool.map(
-            lambda job: _run_stream(srv.url, job[1], job[2] if job[0] == "cancel" else None), jobs))
+            lambda job: served_generate(srv, job[1], stop_after_steps=job[2] if job[0] == "cancel"
+                                       else None), jobs))
     elapsed = time.perf_counter() - before
 
     models = TorchFluxModels(srv.info)

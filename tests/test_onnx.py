@@ -17,8 +17,8 @@ from export.onnx_export import (
 from export.repository import main as export_main
 from flux_triton.request import validate_request
 from flux_triton.specs import component_specs
-from tests.reference import diffusers_image, raw_inputs
-from tests.test_served import PARITY_CASES, parity_fields, served_generate
+from tests.reference import diffusers_image, raw_inputs, served_generate
+from tests.test_served import PARITY_CASES, parity_fields
 
 
 @pytest.mark.parametrize("variant", ["schnell", "dev"])

@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from clients.stream_client import build_inputs, stream_generate
 from flux_triton import sampling
 from flux_triton.components import load_component
+from tests.reference import served_generate
 
 SMALL = dict(prompt="a red circle on a blue background", height=64, width=64, num_inference_steps=3)
-
-
-def generate(srv, timeout_s: float = 60, stop_after_steps: int | None = None, **fields):
-    client = srv.client()
-    try:
-        return stream_generate(client, build_inputs(**fields), timeout_s=timeout_s,
-                               stop_after_steps=stop_after_steps)
-    finally:
-        client.close()
 
 
 def metric(srv, name: str, **labels) -> float:
@@ -43,10 +34,10 @@ def inject(srv, model: str, **plan) -> None:
 
 
 def test_failed_calls_are_retried(faults):
-    reference = generate(faults, seed=21, **SMALL)
+    reference = served_generate(faults, dict(SMALL, seed=21), timeout_s=60)
     retries_before = metric(faults, "flux_component_retries_total", model="dit_transformer")
     inject(faults, "dit_transformer", fail_next=2)
-    result = generate(faults, seed=21, **SMALL)
+    result = served_generate(faults, dict(SMALL, seed=21), timeout_s=60)
     assert result.error is None, result.error
     assert np.array_equal(result.image, reference.image)
     assert result.timings["recovery"]["dit_transformer"] == {"retries": 2, "batch_splits": 0}
@@ -58,20 +49,21 @@ def test_failed_calls_are_retried(faults):
 def test_persistent_failure_ends_stream_naming_model_and_stage(faults, model, stage):
     inject(faults, model, fail_next=100)
     began = time.perf_counter()
-    result = generate(faults, seed=1, **SMALL)
+    result = served_generate(faults, dict(SMALL, seed=1), timeout_s=60)
     assert result.kinds[-1] == "error"
     assert f"{model} failed during {stage}" in result.error and "after 3 attempts" in result.error
     assert time.perf_counter() - began < 10  # bounded: 3 attempts, 10 + 20 ms backoff
     (faults.fault_dir / f"{model}.json").unlink()
-    assert generate(faults, seed=1, **SMALL).error is None  # the server is fine afterwards
+    afterwards = served_generate(faults, dict(SMALL, seed=1), timeout_s=60)
+    assert afterwards.error is None  # the server is fine afterwards
 
 
 def test_out_of_memory_halves_the_batch(faults):
     fields = dict(SMALL, prompt=["a red circle", "a blue square"], num_images_per_prompt=2, seed=8)
-    reference = generate(faults, **fields)
+    reference = served_generate(faults, fields, timeout_s=60)
     splits_before = metric(faults, "flux_batch_splits_total", model="dit_transformer")
     inject(faults, "dit_transformer", oom_min_batch=2)
-    result = generate(faults, **fields)
+    result = served_generate(faults, fields, timeout_s=60)
     assert result.error is None, result.error
     # batch 4 -> 2 + 2 -> 1 + 1 + 1 + 1: three splits per DiT call, three steps
     assert result.timings["recovery"]["dit_transformer"]["batch_splits"] == 9
@@ -86,15 +78,15 @@ def test_out_of_memory_halves_the_batch(faults):
 
 def test_out_of_memory_at_batch_one_is_reported(faults):
     inject(faults, "vae_decoder", oom_min_batch=1)
-    result = generate(faults, seed=2, **SMALL)
+    result = served_generate(faults, dict(SMALL, seed=2), timeout_s=60)
     assert "vae_decoder failed during vae_decoder" in result.error and "out of memory" in result.error
 
 
 def test_deadline_returns_best_image_marked_partial(served, model_dirs):
     srv = served["schnell"]
     steps = 100
-    result = generate(srv, prompt="a cat", height=128, width=128, num_inference_steps=steps, seed=3,
-                      deadline_ms=40)
+    result = served_generate(srv, dict(prompt="a cat", height=128, width=128,
+                                  num_inference_steps=steps, seed=3, deadline_ms=40), timeout_s=60)
     assert result.error is None, result.error
     assert result.partial and result.steps_completed < steps
     assert result.kinds == ["step"] * result.steps_completed + ["image", "final"]
@@ -106,7 +98,8 @@ def test_deadline_returns_best_image_marked_partial(served, model_dirs):
             decoded = vae(sampling.to_vae_latents(latents, srv.info.vae_scaling_factor,
                                                   srv.info.vae_shift_factor))["image"]
         assert np.array_equal(sampling.postprocess_uint8(decoded).numpy(), result.image)
-    full = generate(srv, prompt="a cat", height=64, width=64, num_inference_steps=2, deadline_ms=60000)
+    full = served_generate(srv, dict(prompt="a cat", height=64, width=64, num_inference_steps=2,
+                                deadline_ms=60000), timeout_s=60)
     assert not full.partial and full.steps_completed == 2
 
 
@@ -115,8 +108,8 @@ def test_cancelled_stream_stops_within_one_step(faults):
     inject(srv, "dit_transformer", delay_ms=150)  # steps far slower than cancellation takes to arrive
     steps_before = metric(srv, "flux_steps_total")
     cancelled_before = metric(srv, "flux_requests_total", outcome="cancelled")
-    result = generate(srv, prompt="a cat", height=64, width=64, num_inference_steps=100, seed=4,
-                      stop_after_steps=2)
+    result = served_generate(srv, dict(prompt="a cat", height=64, width=64, num_inference_steps=100,
+                                  seed=4), timeout_s=60, stop_after_steps=2)
     assert result.kinds == ["step", "step", "cancelled"]
     deadline = time.time() + 30
     while metric(srv, "flux_requests_total", outcome="cancelled") == cancelled_before:
@@ -131,7 +124,7 @@ def test_cancelled_stream_stops_within_one_step(faults):
 
 def test_metrics_are_exposed(served):
     srv = served["schnell"]
-    generate(srv, seed=5, **SMALL)
+    served_generate(srv, dict(SMALL, seed=5), timeout_s=60)
     text = srv.server.metrics()
     for name in ("flux_component_latency_ms_bucket", "flux_step_latency_ms_count",
                  "flux_request_latency_ms_sum", "flux_requests_total", "flux_steps_total",

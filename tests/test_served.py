@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.stream_client import build_inputs, stream_generate
-from flux_triton import sampling
-from flux_triton.request import validate_request
-from tests.reference import diffusers_image, raw_inputs
+from clients.stream_client import build_inputs
+from tests.reference import assert_served_matches_diffusers, served_generate
 
 PARITY_CASES = {
     "2 prompts x 2 images, 128x96": dict(
@@ -33,37 +31,11 @@ def parity_fields(case: str, variant: str) -> dict:
     return fields
 
 
-def served_generate(served, fields: dict):
-    client = served.client()
-    try:
-        return stream_generate(client, build_inputs(**fields), timeout_s=120)
-    finally:
-        client.close()
-
-
 @pytest.mark.parametrize("variant", ["schnell", "dev"])
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_served_image_identical_to_diffusers(served, diffusers_pipes, variant, case):
-    fields = parity_fields(case, variant)
-    result = served_generate(served[variant], fields)
-    assert result.error is None, result.error
-
-    request = validate_request(raw_inputs(**fields), served[variant].info)
-    expected_uint8, _, step_latents = diffusers_image(diffusers_pipes[variant], request)
-    lat_h, lat_w = sampling.latent_grid(request.height, request.width, 8)
-    expected_previews = [sampling.unpack_latents(x, lat_h, lat_w).numpy() for x in step_latents]
-    image = result.image
-    assert image.shape == expected_uint8.shape
-    latent_diff = max(float(np.abs(step["preview_latent"] - expected).max())
-                      for step, expected in zip(result.steps, expected_previews))
-    print(f"\nparity {variant} / {case}: image {list(image.shape)}, uint8 max diff "
-          f"{int(np.abs(image.astype(int) - expected_uint8).max())}, "
-          f"per-step latent max abs diff {latent_diff:.3e}")
-    assert np.array_equal(image, expected_uint8)
-    assert result.seed == request.seed
-    assert len(result.steps) == len(step_latents) == request.num_inference_steps
-    for step, expected in zip(result.steps, expected_previews):
-        assert np.array_equal(step["preview_latent"], expected), f"step {step['step']}"
+    assert_served_matches_diffusers(served[variant], diffusers_pipes[variant],
+                                    parity_fields(case, variant), f"{variant} / {case}")
 
 
 def test_stream_order(served):

@@ -12,13 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clients import stream_client
-from flux_triton import sampling
 from flux_triton.model_info import load_model_info
-from flux_triton.request import validate_request
 from flux_triton.shapes import PALETTE, Scene, all_scenes, classify
 from tests.conftest import SHAPES_DIR
-from tests.reference import diffusers_image, raw_inputs
-from tests.test_served import served_generate
+from tests.reference import assert_served_matches_diffusers, served_generate
 
 DEMO_PROMPT = "a red circle on a blue background"
 WEIGHT_FILES = ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
@@ -54,17 +51,7 @@ def test_tokenizers_give_one_token_per_caption_word():
          num_images_per_prompt=2, seed=5, num_inference_steps=6),
 ], ids=["demo request", "2 prompts x 2 images"])
 def test_served_shapes_identical_to_diffusers(served_shapes, shapes_pipe, fields):
-    result = served_generate(served_shapes, fields)
-    assert result.error is None, result.error
-    request = validate_request(raw_inputs(**fields), served_shapes.info)
-    expected, _, step_latents = diffusers_image(shapes_pipe, request)
-    lat = sampling.latent_grid(request.height, request.width, served_shapes.info.vae_scale_factor)
-    print(f"\nshapes parity: image {list(result.image.shape)}, uint8 max diff "
-          f"{int(np.abs(result.image.astype(int) - expected).max())}")
-    assert np.array_equal(result.image, expected)
-    assert len(result.steps) == len(step_latents) == request.num_inference_steps
-    for step, latents in zip(result.steps, step_latents):
-        assert np.array_equal(step["preview_latent"], sampling.unpack_latents(latents, *lat).numpy())
+    assert_served_matches_diffusers(served_shapes, shapes_pipe, fields, "shapes-flux")
 
 
 def _share_near(image: np.ndarray, colour: str, tolerance: float = 60.0) -> float:
