@@ -19,9 +19,8 @@ import torch
 from flux_triton import sampling
 from flux_triton.components import load_component
 from flux_triton.model_info import FluxModelInfo, load_model_info
-from flux_triton.specs import ComponentSpec, component_specs
+from flux_triton.specs import NETWORKS, ComponentSpec, component_specs
 
-NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to a side file (protobuf stops at 2 GiB)
 TOLERANCE = {"clip_encoder": 1e-4, "t5_encoder": 1e-4, "dit_transformer": 1e-4, "vae_decoder": 1e-4}
 

@@ -20,12 +20,10 @@ from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.preview import PreviewProjection, fit_preview_projection
 from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
-from flux_triton.specs import bls_spec, component_specs
+from flux_triton.specs import NETWORKS, bls_spec, component_specs
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 BACKENDS = ("torch", "onnx", "tensorrt")
-NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
-COMPONENTS = ("tokenizer", *NETWORKS)
 ARTIFACTS = {"onnx": "model.onnx", "tensorrt": "model.plan"}
 ENCODE_STEPS = [
     ("tokenizer",

@@ -11,14 +11,14 @@ from flux_triton.components import load_component
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.pipeline import FinalImage, StepUpdate, generate
 from flux_triton.request import GenerationRequest
+from flux_triton.specs import COMPONENTS
 
 
 class TorchFluxModels:
     """`FluxModels` implemented by direct calls of the loaded components."""
 
     def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32"):
-        names = ("tokenizer", "clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
-        self.parts = {n: load_component(n, info, device, dtype) for n in names}
+        self.parts = {n: load_component(n, info, device, dtype) for n in COMPONENTS}
         self.device = device
 
     async def tokenize(self, prompts, prompts_2, max_sequence_length):

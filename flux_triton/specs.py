@@ -40,6 +40,8 @@ class ComponentSpec:
 
 
 TORCH_DTYPES = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
+NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")  # the four FLUX networks
+COMPONENTS = ("tokenizer", *NETWORKS)
 
 
 def component_specs(info: FluxModelInfo, dtype: str = "FP32") -> dict[str, ComponentSpec]:

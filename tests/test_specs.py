@@ -2,9 +2,9 @@
 
 import pytest
 
-from export.repository import COMPONENTS, SOURCE_REPOSITORY, render_configs
+from export.repository import SOURCE_REPOSITORY, render_configs
 from flux_triton.model_info import load_model_info
-from flux_triton.specs import bls_spec, component_specs
+from flux_triton.specs import COMPONENTS, bls_spec, component_specs
 
 TRITON_TYPES = {"BYTES": "TYPE_STRING"}
 

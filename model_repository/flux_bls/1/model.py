@@ -23,18 +23,16 @@ from flux_triton.python_backend import (
     to_torch,
 )
 from flux_triton.recovery import (
-    ComponentError,
     RecoveryStats,
     RetryPolicy,
     call_with_recovery,
     classify_failure,
 )
 from flux_triton.request import InvalidRequest, ServingLimits, validate_request
-from flux_triton.specs import bls_spec, component_specs
+from flux_triton.specs import COMPONENTS, NETWORKS, bls_spec, component_specs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
-NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
 
 
 class BlsMetrics:
@@ -51,7 +49,7 @@ class BlsMetrics:
         latency = family("flux_component_latency_ms", "BLS call latency per component (ms)", histogram)
         self.component_latency = {
             m: latency.Metric(labels={"model": m}, buckets=LATENCY_BUCKETS_MS)
-            for m in ("tokenizer", *NETWORKS)
+            for m in COMPONENTS
         }
         self.step_latency = family("flux_step_latency_ms", "Denoising step latency (ms)", histogram
                                    ).Metric(labels={}, buckets=LATENCY_BUCKETS_MS)
@@ -215,7 +213,7 @@ class TritonPythonModel:
                     sender.send(pb_utils.InferenceResponse(outputs))
             self.metrics.outcomes[outcome].increment(1)
             sender.send(flags=FINAL)
-        except (StageFailed, ComponentError) as exc:
+        except StageFailed as exc:
             sender.send(error_response(pb_utils, f"flux_bls: {exc}", "UNAVAILABLE"), flags=FINAL)
             self.metrics.outcomes["failed"].increment(1)
         except Exception as exc:  # the stream must always end, or the request is lost
