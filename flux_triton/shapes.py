@@ -104,6 +104,13 @@ def classify(image: np.ndarray) -> Scene | None:
     return Scene(shape, colour, _nearest(background_rgb))
 
 
+def classifier_check(size: int, copies: int = 2) -> dict[str, float]:
+    """The classifier's accuracy on ground-truth renders of every caption at `size`."""
+    generator = torch.Generator().manual_seed(0)
+    scenes = all_scenes() * copies
+    return accuracy([render(scene, size, generator) for scene in scenes], scenes)
+
+
 def accuracy(images: list[np.ndarray], scenes: list[Scene]) -> dict[str, float]:
     """Share of images whose shape, colour and background match their scene."""
     found = [classify(image) for image in images]

@@ -8,20 +8,18 @@ bit-identical to diffusers and to the server.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from flux_triton.local import TorchFluxModels, run_in_process
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import ServingLimits, validate_request
-from flux_triton.shapes import Scene, accuracy, all_scenes, render
+from flux_triton.shapes import Scene, accuracy, all_scenes, classifier_check
 
 
 def generate_images(info: FluxModelInfo, models: TorchFluxModels, scenes: list[Scene], seed: int,
@@ -36,19 +34,10 @@ def generate_images(info: FluxModelInfo, models: TorchFluxModels, scenes: list[S
     return list(final.image.cpu().numpy())
 
 
-def classifier_check(size: int, copies: int = 2) -> dict[str, float]:
-    """The classifier's accuracy on ground-truth renders of every caption at `size`."""
-    generator = torch.Generator().manual_seed(0)
-    scenes = all_scenes() * copies
-    return accuracy([render(scene, size, generator) for scene in scenes], scenes)
-
-
 def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
-             num_inference_steps: int | None = None, shift: float | None = None) -> dict:
-    """Accuracy over every caption and seed; `shift` overrides the scheduler's, to explore."""
+             num_inference_steps: int | None = None) -> dict:
+    """Accuracy over every caption and seed."""
     info = load_model_info(model_dir)
-    if shift is not None:
-        info = dataclasses.replace(info, scheduler=dataclasses.replace(info.scheduler, shift=shift))
     models = TorchFluxModels(info, device)
     scenes = all_scenes()
     began = time.perf_counter()

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
 
-from flux_triton.shapes import accuracy, all_scenes, classify, render
+from flux_triton.shapes import all_scenes, classifier_check, classify
 
 
 def test_world_has_168_captions():
@@ -15,11 +14,8 @@ def test_world_has_168_captions():
 
 @pytest.mark.parametrize("size", [64, 96, 128])
 def test_classifier_reads_ground_truth(size):
-    generator = torch.Generator().manual_seed(0)
-    scenes = all_scenes() * 2
-    images = [render(scene, size, generator) for scene in scenes]
-    scores = accuracy(images, scenes)
-    print(f"\nclassifier on {len(scenes)} ground-truth renders at {size}px: {scores}")
+    scores = classifier_check(size, copies=2)
+    print(f"\nclassifier on {2 * len(all_scenes())} ground-truth renders at {size}px: {scores}")
     assert scores["colour"] == scores["background"] == 1.0
     assert scores["shape"] >= 0.99
 
