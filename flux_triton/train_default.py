@@ -61,7 +61,7 @@ class TrainingConfig:
     dit_lr: float = 4e-4
     warmup_steps: int = 500
     ema_decay: float = 0.999
-    max_minutes: float = 8.0  # wall-clock budget for both stages together
+    max_minutes: float = 20.0  # wall-clock budget for both stages together
     vae_minutes: float = 4.0  # at most, and at most half of max_minutes (1.7 min gave 27 dB only)
     compile: bool = True  # torch.compile the networks on a GPU (eager elsewhere)
     seed: int = 0
