@@ -9,6 +9,7 @@ TRAIN_OUT ?= models/shapes-flux
 BACKEND ?= torch
 DEVICE ?= cpu
 PRECISION ?= FP32
+HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
@@ -16,18 +17,23 @@ PROMPT ?= a red circle on a blue background
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup model train-default accuracy export engines serve demo test bench lint clean
+# Given on the command line (or in the environment), these reach `make serve` too.
+given = $(filter command line environment,$(origin $(1)))
+SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
+	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR))
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: setup model train-default accuracy export engines serve demo test test-fast bench lint clean
+
+$(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,export]'
-	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0 open-clip-torch==3.3.0
+	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e '.[serve,client,export,dev]'
+	$(PY) -m pip install -q --no-deps -r requirements/no-deps.txt
 	touch $@
 
 setup: $(VENV)/.installed
 
-models/.built: $(VENV)/.installed flux_triton/tiny_model.py
-	$(PY) -m flux_triton.tiny_model --out models --variant all
+models/.built: $(VENV)/.installed flux_dev/tiny_models.py flux_dev/tokenizers.py
+	$(PY) -m flux_dev.tiny_models --out models --variant all
 	touch $@
 
 model: models/.built
@@ -36,12 +42,13 @@ model: models/.built
 # CPU only as a smoke run: make train-default TRAIN_OUT=out/shapes-smoke \
 #   TRAIN_ARGS="--size 32 --vae-steps 3 --dit-steps 3 --images-per-caption 1"
 train-default: setup
-	$(PY) -m flux_triton.train_default --out $(TRAIN_OUT) --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
+	$(PY) -m flux_dev.train_shapes --out $(TRAIN_OUT) --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
 
 # Renders every caption of the shapes world and classifies the pixels (classifier checked first).
 accuracy: setup
-	$(PY) -m flux_triton.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --out out/shapes_accuracy.json
+	$(PY) -m flux_dev.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --out out/shapes_accuracy.json
 
+# Never deletes another backend's ONNX graphs or TensorRT plans: it lists the ones it leaves unused.
 export: setup
 	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend $(BACKEND) --device $(DEVICE) \
 		--precision $(PRECISION)
@@ -50,21 +57,27 @@ export: setup
 engines: setup
 	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend tensorrt
 
+# HOST=0.0.0.0 listens on every interface; DEVICE=gpu (or a GPU repository) turns GPU metrics on;
+# MODEL_DIR=... serves that folder with the rendered repository (e.g. a moved or mounted one).
 serve: setup
-	$(PY) -m flux_triton.tritonserver --repository model_repository --http-port $(HTTP_PORT) \
-		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m flux_dev.tritonserver --repository model_repository --host $(HOST) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(SERVE_OPTIONS)
 
 demo: setup
 	$(MAKE) export
-	$(PY) -m clients.demo --repository model_repository --grpc-port $(GRPC_PORT) \
+	$(PY) -m flux_dev.demo --repository model_repository --grpc-port $(GRPC_PORT) \
 		--http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --prompt "$(PROMPT)" --out out
 
 test: model
 	$(PY) -m pytest -q tests
 
+# Unit tests plus one served smoke test: minutes, for a change to one module.
+test-fast: model
+	$(PY) -m pytest -q -m fast tests
+
 # In-process vs served through Triton, tiny model on the CPU; prints a table, writes out/bench.json.
 bench: model
-	$(PY) -m clients.bench --model-dir models/tiny-flux-schnell --out out/bench.json
+	$(PY) -m flux_dev.bench_cpu --model-dir models/tiny-flux-schnell --out out/bench.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

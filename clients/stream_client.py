@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
+
+from flux_triton.specs import bls_input
 
 MODEL = "flux_bls"
 
@@ -40,28 +42,28 @@ class StreamResult:
     total_s: float = 0.0
 
 
+# numpy dtypes of the Triton types flux_bls declares (flux_triton.specs.BLS_INPUTS)
+NUMPY_DTYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,
+                "FP32": np.float32}
+
+
 def build_inputs(**values) -> list[grpcclient.InferInput]:
-    """InferInputs for the given `flux_bls` fields; None values are left out (server defaults)."""
-    kinds = {
-        "height": np.int32, "width": np.int32, "num_inference_steps": np.int32,
-        "num_images_per_prompt": np.int32, "max_sequence_length": np.int32,
-        "guidance_scale": np.float32, "true_cfg_scale": np.float32, "seed": np.int64,
-        "deadline_ms": np.int32,
-    }
+    """InferInputs for the given `flux_bls` fields; None values are left out (server defaults).
+
+    Types and shapes come from the model's declared interface: strings (or lists of them) for
+    BYTES [N], one number for [1] fields, a list of numbers for `sigmas`.
+    """
     inputs = []
     for name, value in values.items():
         if value is None:
             continue
-        if name == "previews":
-            array = np.array([bool(value)], dtype=bool)
-        elif name in kinds:
-            array = np.array([value], dtype=kinds[name])
-        elif name == "sigmas":
-            array = np.asarray(value, dtype=np.float32).reshape(-1)
-        else:
+        spec = bls_input(name)
+        if spec.dtype == "BYTES":
             strings = [value] if isinstance(value, str) else list(value)
             array = np.array([s.encode("utf-8") for s in strings], dtype=object)
-        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        else:
+            array = np.asarray(value, dtype=NUMPY_DTYPES[spec.dtype]).reshape(-1)
+        tensor = grpcclient.InferInput(name, list(array.shape), spec.dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from flux_triton import sampling
-from flux_triton.components import load_component
 from flux_triton.model_info import FluxModelInfo, load_model_info
+from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import NETWORKS, ComponentSpec, component_specs
 
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to a side file (protobuf stops at 2 GiB)

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from export.pbtxt import ensemble_config, python_model_config, tensorrt_model_config
-from flux_triton.components import load_component
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.preview import PreviewProjection, fit_preview_projection
 from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
+from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import NETWORKS, bls_spec, component_specs
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -51,8 +52,13 @@ def render_configs(
     limits: ServingLimits | None = None,
     retry: RetryPolicy | None = None,
     compile_dit: bool = False,
+    repository: str | Path = SOURCE_REPOSITORY,
 ) -> dict[str, str]:
-    """config.pbtxt text of every served model, by model name."""
+    """config.pbtxt text of every served model, by model name.
+
+    `model_dir` is written relative to `repository`, so the repository and its model folder can
+    move together; `$FLUX_TRITON_MODEL_DIR` at serve time points a moved repository elsewhere.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "tensorrt" and (device != "gpu" or precision != "FP32"):
@@ -63,7 +69,8 @@ def render_configs(
     info = load_model_info(model_dir)
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
-    params = {"model_dir": str(info.model_dir), "precision": precision, "backend": backend}
+    model_dir_param = os.path.relpath(info.model_dir, Path(repository).resolve())
+    params = {"model_dir": model_dir_param, "precision": precision, "backend": backend}
     if device == "gpu":
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     configs = {"tokenizer": python_model_config(specs["tokenizer"], params, "KIND_CPU")}
@@ -106,6 +113,12 @@ def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir:
             print(f"{name}: TensorRT plan ({config.precision[name]}) built in {seconds:.1f} s")
 
 
+def other_backend_artifacts(dest: Path, backend: str) -> list[Path]:
+    """ONNX graphs and TensorRT plans in `dest` that the `backend` being exported does not use."""
+    return sorted(path for other, artifact in ARTIFACTS.items() if other != backend
+                  for path in dest.glob(f"*/1/{artifact}*"))
+
+
 def write_repository(
     model_dir: str | Path,
     dest: str | Path,
@@ -120,17 +133,17 @@ def write_repository(
 
         require_tensorrt()  # fail fast, before the long ONNX export
     dest = Path(dest).resolve()
-    configs = render_configs(model_dir, backend=backend, **options)
+    configs = render_configs(model_dir, backend=backend, repository=dest, **options)
     for name in configs:
         version_dir = dest / name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
         source_code = SOURCE_REPOSITORY / name / "1" / "model.py"
         if dest != SOURCE_REPOSITORY and source_code.exists():
             shutil.copy2(source_code, version_dir / "model.py")
-        for other, artifact in ARTIFACTS.items():
-            if other != backend:
-                for stale in version_dir.glob(artifact + "*"):
-                    stale.unlink()
+    for path in other_backend_artifacts(dest, backend):  # never deleted: plans take long to rebuild
+        size_gb = path.stat().st_size / 1e9
+        print(f"kept {path.relative_to(dest)} ({size_gb:.2f} GB): unused by the {backend} backend; "
+              "delete it yourself if you no longer need it")
     if backend != "torch":
         build_network_artifacts(Path(model_dir), dest, backend, Path(onnx_dir).resolve())
     for name, text in configs.items():  # configs last: a failed export leaves no half repository

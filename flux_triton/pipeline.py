@@ -27,6 +27,7 @@ class StageFailed(RuntimeError):
         super().__init__(f"{cause.model} failed during {stage}: {cause.message}")
         self.stage = stage
         self.model = cause.model
+        self.cause = cause
 
 
 # What stops a request early: "cancelled" (nothing more is sent) or "deadline" (best image so far).

@@ -3,32 +3,81 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
 
-OOM_MARKERS = ("out of memory", "outofmemory", "out_of_memory")
+# Triton has no status code for out-of-memory: a component reports it as INTERNAL with this text.
+OUT_OF_MEMORY_MARKER = "out of memory"
+OOM_MARKERS = (OUT_OF_MEMORY_MARKER, "outofmemory", "out_of_memory", "can't allocate memory")
 
 
 class ComponentError(RuntimeError):
-    """A component call failed; `model` names the component."""
+    """A component call failed; `model` names the component, `retryable` says if trying again may
+    help (a transient failure) rather than fail the same way (a deterministic one)."""
 
-    def __init__(self, model: str, message: str):
+    def __init__(self, model: str, message: str, retryable: bool = False):
         super().__init__(f"{model}: {message}")
         self.model = model
         self.message = message
+        self.retryable = retryable
 
 
 class OutOfMemory(ComponentError):
     """The component ran out of (device) memory for this batch."""
 
 
-def classify_failure(model: str, message: str) -> ComponentError:
-    """OutOfMemory when the message says so, else a plain ComponentError."""
-    lowered = message.lower()
-    kind = OutOfMemory if any(m in lowered for m in OOM_MARKERS) else ComponentError
-    return kind(model, message)
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch's out-of-memory errors, on any device."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        m in str(exc).lower() for m in OOM_MARKERS)
+
+
+# Triton 2.51 hands a BLS caller every error response with the code INTERNAL, whatever the called
+# model set (triton-inference-server/server#7804). Our components therefore also tag the message
+# with their code, and Triton's own errors about a model that cannot serve right now are known by
+# their text.
+STATUS_TAG = re.compile(r"\[(UNAVAILABLE|INTERNAL|INVALID_ARG|NOT_FOUND|UNSUPPORTED|CANCELLED)\] ")
+TRITON_UNAVAILABLE_MARKERS = ("is not ready", "is not healthy", "unavailable")
+
+
+def tag_status(status: str, message: str) -> str:
+    """`message` with its status code spelled in it, so it survives a BLS hop."""
+    return f"[{status}] {message}"
+
+
+def reported_status(code: str | None, message: str) -> str | None:
+    """The status a failed call reports: its code where it says more than INTERNAL, else the tag
+    in its message, else (INTERNAL and untagged) UNAVAILABLE for Triton's own not-ready errors.
+    None when neither a code nor a tag is there."""
+    if code not in (None, "UNKNOWN", "INTERNAL"):
+        return code
+    tag = STATUS_TAG.search(message)
+    if tag:
+        return tag.group(1)
+    if code == "INTERNAL":
+        lowered = message.lower()
+        return "UNAVAILABLE" if any(m in lowered for m in TRITON_UNAVAILABLE_MARKERS) else "INTERNAL"
+    return None
+
+
+def classify_failure(model: str, message: str, code: str | None) -> ComponentError:
+    """What a failed component call means, decided by its status code (see `reported_status`).
+
+    UNAVAILABLE: transient (the model is loading, unloading or its process is restarting), retried.
+    INTERNAL: deterministic, not retried; except an out-of-memory, whose batch is halved.
+    Any other code (INVALID_ARG, CANCELLED, ...): final. Only when no code is set does the text
+    decide: out-of-memory as above, anything else retried.
+    """
+    status = reported_status(code, message)
+    out_of_memory = any(m in message.lower() for m in OOM_MARKERS)
+    if status == "UNAVAILABLE":
+        return ComponentError(model, message, retryable=True)
+    if status in (None, "INTERNAL") and out_of_memory:
+        return OutOfMemory(model, message)
+    return ComponentError(model, message, retryable=status is None)
 
 
 @dataclass(frozen=True)
@@ -71,7 +120,8 @@ async def call_with_recovery(
     policy: RetryPolicy,
     stats: RecoveryStats,
 ) -> Tensors:
-    """`call(inputs)`, retried on failure; on out-of-memory the batch is halved and each half run."""
+    """`call(inputs)`, retried on transient failures; on out-of-memory the batch is halved and each
+    half run; a deterministic failure is raised at once."""
     for attempt in range(1, policy.attempts + 1):
         try:
             return await call(inputs)
@@ -84,8 +134,11 @@ async def call_with_recovery(
                       for half in split_batch(inputs, batched)]
             return {name: torch.cat([h[name] for h in halves]) for name in halves[0]}
         except ComponentError as exc:
+            if not exc.retryable:
+                raise
             if attempt == policy.attempts:
-                raise ComponentError(model, f"failed after {attempt} attempts: {exc.message}") from exc
+                raise ComponentError(model, f"failed after {attempt} attempts: {exc.message}",
+                                     retryable=True) from exc
             stats.retries += 1
             await asyncio.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flux_triton.model_info import FluxModelInfo
+from flux_triton.specs import BLS_INPUTS
 
 
 class InvalidRequest(ValueError):
@@ -66,11 +67,9 @@ class GenerationRequest:
         return self.true_cfg_scale > 1 and self.negative_prompts is not None
 
 
-STRING_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
-INT_FIELDS = ("height", "width", "num_inference_steps", "num_images_per_prompt", "max_sequence_length",
-              "deadline_ms")
-FLOAT_FIELDS = ("guidance_scale", "true_cfg_scale")
-KNOWN_FIELDS = frozenset(STRING_FIELDS + INT_FIELDS + FLOAT_FIELDS + ("seed", "sigmas", "previews"))
+# Field groups by declared type (specs.BLS_INPUTS is the one declaration of the interface).
+STRING_FIELDS = tuple(t.name for t in BLS_INPUTS if t.dtype == "BYTES")
+KNOWN_FIELDS = frozenset(t.name for t in BLS_INPUTS)
 SEED_RANGE = (0, 2**63 - 1)
 DEADLINE_RANGE_MS = (1, 86_400_000)
 
@@ -149,7 +148,8 @@ def validate_request(
     if inputs.get("prompt") is None:
         raise InvalidRequest("prompt", "is required: a BYTES tensor [N] of N >= 1 prompts")
     prompts = _strings("prompt", inputs["prompt"], limits)
-    strings = {f: _strings(f, inputs[f], limits) for f in STRING_FIELDS[1:] if inputs.get(f) is not None}
+    strings = {f: _strings(f, inputs[f], limits) for f in STRING_FIELDS
+               if f != "prompt" and inputs.get(f) is not None}
     prompts_2 = _match_batch("prompt_2", strings.get("prompt_2"), len(prompts)) or prompts
     negative = _match_batch("negative_prompt", strings.get("negative_prompt"), len(prompts))
     negative_2 = _match_batch("negative_prompt_2", strings.get("negative_prompt_2"), len(prompts))

@@ -98,19 +98,38 @@ def component_specs(info: FluxModelInfo, dtype: str = "FP32") -> dict[str, Compo
     return {s.name: s for s in specs}
 
 
+# The public request of `flux_bls`, declared once: the rendered config, the validator
+# (`request.validate_request`) and the clients (`clients.stream_client.build_inputs`) all read it.
+# Every input but `prompt` is optional; N is the number of prompts, N_steps of sigmas.
+BLS_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("prompt", "BYTES", ("N",)),
+    TensorSpec("prompt_2", "BYTES", ("N",), optional=True),
+    TensorSpec("negative_prompt", "BYTES", ("N",), optional=True),
+    TensorSpec("negative_prompt_2", "BYTES", ("N",), optional=True),
+    TensorSpec("height", "INT32", (1,), optional=True),
+    TensorSpec("width", "INT32", (1,), optional=True),
+    TensorSpec("num_inference_steps", "INT32", (1,), optional=True),
+    TensorSpec("num_images_per_prompt", "INT32", (1,), optional=True),
+    TensorSpec("max_sequence_length", "INT32", (1,), optional=True),
+    TensorSpec("deadline_ms", "INT32", (1,), optional=True),
+    TensorSpec("guidance_scale", "FP32", (1,), optional=True),
+    TensorSpec("true_cfg_scale", "FP32", (1,), optional=True),
+    TensorSpec("seed", "INT64", (1,), optional=True),
+    TensorSpec("sigmas", "FP32", ("N_steps",), optional=True),
+    TensorSpec("previews", "BOOL", (1,), optional=True),
+)
+
+
+def bls_input(name: str) -> TensorSpec:
+    """The declaration of one `flux_bls` input; KeyError naming the accepted ones otherwise."""
+    for spec in BLS_INPUTS:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"flux_bls has no input {name!r}; its inputs are {[s.name for s in BLS_INPUTS]}")
+
+
 def bls_spec(info: FluxModelInfo) -> ComponentSpec:
     """The public streaming interface of `flux_bls`."""
-    scalar_int = ("height", "width", "num_inference_steps", "num_images_per_prompt",
-                  "max_sequence_length", "deadline_ms")
-    inputs = [TensorSpec("prompt", "BYTES", ("N",))]
-    inputs += [TensorSpec(n, "BYTES", ("N",), optional=True)
-               for n in ("prompt_2", "negative_prompt", "negative_prompt_2")]
-    inputs += [TensorSpec(n, "INT32", (1,), optional=True) for n in scalar_int]
-    inputs += [TensorSpec(n, "FP32", (1,), optional=True)
-               for n in ("guidance_scale", "true_cfg_scale")]
-    inputs += [TensorSpec("seed", "INT64", (1,), optional=True),
-               TensorSpec("sigmas", "FP32", ("N_steps",), optional=True),
-               TensorSpec("previews", "BOOL", (1,), optional=True)]
     outputs = (
         TensorSpec("step", "INT32", (1,)),
         TensorSpec("total_steps", "INT32", (1,)),
@@ -122,4 +141,4 @@ def bls_spec(info: FluxModelInfo) -> ComponentSpec:
         TensorSpec("steps_completed", "INT32", (1,)),
         TensorSpec("partial", "BOOL", (1,)),
     )
-    return ComponentSpec("flux_bls", tuple(inputs), outputs)
+    return ComponentSpec("flux_bls", BLS_INPUTS, outputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,14 +13,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from export.repository import write_repository
+from flux_dev.tiny_models import build_tiny_flux
+from flux_dev.tritonserver import TritonServer, free_port
 from flux_triton.model_info import FluxModelInfo, load_model_info
-from flux_triton.tiny_model import build_tiny_flux
-from flux_triton.tritonserver import TritonServer, free_port
+from tests.reference import REPO_ROOT, SHAPES_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("schnell", "dev")
-SHAPES_DIR = REPO_ROOT / "models" / "shapes-flux"  # the committed, trained default model
 SHM = Path("/dev/shm")
 
 
@@ -98,17 +98,41 @@ def _stop(served: Served) -> bool:
     return code == 0 and not leftovers
 
 
+class LazyServers(Mapping):
+    """A tritonserver per model variant, started on first use (so a test run that needs one
+    variant starts one server)."""
+
+    def __init__(self, start, variants):
+        self._start, self._variants, self.started = start, tuple(variants), {}
+
+    def __getitem__(self, variant: str) -> Served:
+        if variant not in self._variants:
+            raise KeyError(variant)
+        if variant not in self.started:
+            self.started[variant] = self._start(variant)
+        return self.started[variant]
+
+    def __iter__(self):
+        return iter(self._variants)
+
+    def __len__(self) -> int:
+        return len(self._variants)
+
+
 def _serve_variants(model_dirs, tmp_path_factory, backend: str, variants=VARIANTS, **options):
-    """A tritonserver per tiny model variant, stopped (and checked for leftovers) at the end."""
+    """A tritonserver per tiny model variant (started when first used), stopped and checked for
+    leftovers at the end."""
     before = _shm_regions()
-    servers = {}
+
+    def start(variant: str) -> Served:
+        root = tmp_path_factory.mktemp(f"{variant}-{backend}")
+        return _start(variant, model_dirs[variant], root, backend, **options)
+
+    servers = LazyServers(start, variants)
     try:
-        for variant in variants:
-            root = tmp_path_factory.mktemp(f"{variant}-{backend}")
-            servers[variant] = _start(variant, model_dirs[variant], root, backend, **options)
         yield servers
     finally:
-        stopped = [_stop(srv) for srv in servers.values()]
+        stopped = [_stop(srv) for srv in servers.started.values()]
     assert all(stopped)
     assert _shm_regions() <= before, "python backend shared memory left in /dev/shm"
 
@@ -144,7 +168,7 @@ def served_shapes(tmp_path_factory) -> Served:
 @pytest.fixture(scope="session")
 def served_faulty(model_dirs, tmp_path_factory):
     """The schnell model served with test-only fault injection enabled (FLUX_TRITON_FAULT_DIR)."""
-    from flux_triton.python_backend import FAULTS_ENV
+    from flux_triton.adapters.faults import FAULTS_ENV
     from flux_triton.recovery import RetryPolicy
 
     fault_dir = tmp_path_factory.mktemp("faults")

@@ -1,7 +1,11 @@
-"""Run diffusers' FluxPipeline on the same inputs as a served or in-process request, stream from a
-test server, and compare the two."""
+"""Shared test helpers: the parity cases; diffusers' FluxPipeline on the same inputs as a served or
+in-process request; streaming from a test server; reading its metrics and scripting its faults."""
 
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,6 +13,9 @@ import torch
 from clients.stream_client import StreamResult, build_inputs, stream_generate
 from flux_triton import sampling
 from flux_triton.request import GenerationRequest, validate_request
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHAPES_DIR = REPO_ROOT / "models" / "shapes-flux"  # the committed, trained default model
 
 
 def diffusers_call_kwargs(request: GenerationRequest) -> dict:
@@ -93,3 +100,39 @@ def assert_served_matches_diffusers(served, pipe, fields: dict, label: str) -> N
     assert len(result.steps) == len(step_latents) == request.num_inference_steps
     for step, expected in zip(result.steps, expected_previews):
         assert np.array_equal(step["preview_latent"], expected), f"step {step['step']}"
+
+
+PARITY_CASES = {
+    "2 prompts x 2 images, 128x96": dict(
+        prompt=["a red circle on a blue background", "a photo of a cat"], num_images_per_prompt=2,
+        height=128, width=96, seed=3),
+    "default size": dict(prompt="an astronaut riding a horse", seed=11),
+    "true CFG, 64x128": dict(
+        prompt=["a green square", "two cats"], negative_prompt="blurry, low quality",
+        true_cfg_scale=4.0, height=64, width=128, seed=5),
+    "custom sigmas, prompt_2": dict(
+        prompt="a horse", prompt_2="a horse on a hill", sigmas=[1.0, 0.75, 0.45, 0.2, 0.05],
+        height=96, width=64, seed=7, max_sequence_length=32),
+}
+
+
+def parity_fields(case: str, variant: str) -> dict:
+    """The request of a parity case; dev models also get a distilled guidance scale."""
+    fields = dict(PARITY_CASES[case])
+    if variant == "dev":
+        fields["guidance_scale"] = 4.5
+    return fields
+
+
+def metric(srv, name: str, **labels) -> float:
+    """A counter's value, or a histogram's `_count`, from /metrics (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in srv.server.metrics().splitlines():
+        match = re.match(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", line)
+        if match and (match.group(1) or "") == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def inject(srv, model: str, **plan) -> None:
+    (srv.fault_dir / f"{model}.json").write_text(json.dumps(plan))

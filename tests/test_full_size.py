@@ -1,11 +1,14 @@
 """The full-size benchmark folder: real FLUX.1 configs, random bf16 weights built on the device."""
 
+import pytest
 import torch
 
-from flux_triton.components import load_component
-from flux_triton.full_size import write_full_size_folder
+from flux_dev.full_size import write_full_size_folder
 from flux_triton.model_info import load_model_info
+from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import component_specs
+
+pytestmark = pytest.mark.fast  # unit tests: no server
 
 
 def test_full_size_folder_describes_flux1(model_dirs, tmp_path):

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from flux_triton.local import TorchFluxModels, run_in_process
 from flux_triton.model_info import load_model_info
 from flux_triton.preview import fit_preview_projection, preview_rgb
 from flux_triton.request import validate_request
+from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
 from tests.reference import diffusers_image, raw_inputs
+
+pytestmark = pytest.mark.fast  # unit tests: no server
 
 
 @pytest.mark.parametrize("variant", ["schnell", "dev"])

@@ -15,10 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.stream_client import build_inputs, stream_generate
-from flux_triton.local import TorchFluxModels, run_in_process
 from flux_triton.request import validate_request
-from tests.reference import raw_inputs, served_generate
-from tests.test_operations import inject, metric
+from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from tests.reference import inject, metric, raw_inputs, served_generate
 
 CLIENTS = 32
 MEMORY_REQUESTS = 300

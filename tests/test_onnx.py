@@ -17,8 +17,7 @@ from export.onnx_export import (
 from export.repository import main as export_main
 from flux_triton.request import validate_request
 from flux_triton.specs import component_specs
-from tests.reference import diffusers_image, raw_inputs, served_generate
-from tests.test_served import PARITY_CASES, parity_fields
+from tests.reference import PARITY_CASES, diffusers_image, parity_fields, raw_inputs, served_generate
 
 
 @pytest.mark.parametrize("variant", ["schnell", "dev"])

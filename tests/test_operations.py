@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import numpy as np
@@ -11,26 +10,10 @@ import pytest
 import torch
 
 from flux_triton import sampling
-from flux_triton.components import load_component
-from tests.reference import served_generate
+from flux_triton.runtime.torch_components import load_component
+from tests.reference import inject, metric, served_generate
 
 SMALL = dict(prompt="a red circle on a blue background", height=64, width=64, num_inference_steps=3)
-
-
-def metric(srv, name: str, **labels) -> float:
-    """A counter's value, or a histogram's `_count`, from /metrics (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in srv.server.metrics().splitlines():
-        match = re.match(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", line)
-        if match and (match.group(1) or "") == wanted:
-            return float(match.group(2))
-    return 0.0
-
-
-def inject(srv, model: str, **plan) -> None:
-    (srv.fault_dir / f"{model}.json").write_text(json.dumps(plan))
-
-
 
 
 def test_failed_calls_are_retried(faults):
@@ -120,6 +103,15 @@ def test_cancelled_stream_stops_within_one_step(faults):
     assert steps_run <= 3  # the two received and the one in flight when the cancellation came
     time.sleep(0.5)
     assert metric(srv, "flux_steps_total") - steps_before == steps_run  # nothing keeps running
+
+
+def test_deterministic_failure_is_not_retried(faults):
+    inject(faults, "dit_transformer", error_next=5)
+    began = time.perf_counter()
+    result = served_generate(faults, dict(SMALL, seed=6), timeout_s=60)
+    assert "dit_transformer failed during step_1" in result.error and "attempts" not in result.error
+    assert json.loads((faults.fault_dir / "dit_transformer.json").read_text())["error_next"] == 4
+    assert time.perf_counter() - began < 10
 
 
 def test_metrics_are_exposed(served):

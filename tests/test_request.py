@@ -9,6 +9,8 @@ from flux_triton.model_info import PIPELINE_DEFAULTS, load_model_info
 from flux_triton.request import InvalidRequest, ServingLimits, validate_request
 from tests.reference import raw_inputs
 
+pytestmark = pytest.mark.fast  # unit tests: no server
+
 
 def test_defaults_come_from_the_model_folder(model_dirs):
     info = load_model_info(model_dirs["schnell"])

@@ -11,6 +11,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from flux_triton import sampling
 from flux_triton.model_info import SchedulerConfig
 
+pytestmark = pytest.mark.fast  # unit tests: no server
+
 SCHEDULERS = [
     dict(shift=1.0, use_dynamic_shifting=False),
     dict(shift=3.0, use_dynamic_shifting=False),

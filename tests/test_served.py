@@ -7,28 +7,7 @@ import pytest
 import torch
 
 from clients.stream_client import build_inputs
-from tests.reference import assert_served_matches_diffusers, served_generate
-
-PARITY_CASES = {
-    "2 prompts x 2 images, 128x96": dict(
-        prompt=["a red circle on a blue background", "a photo of a cat"], num_images_per_prompt=2,
-        height=128, width=96, seed=3),
-    "default size": dict(prompt="an astronaut riding a horse", seed=11),
-    "true CFG, 64x128": dict(
-        prompt=["a green square", "two cats"], negative_prompt="blurry, low quality",
-        true_cfg_scale=4.0, height=64, width=128, seed=5),
-    "custom sigmas, prompt_2": dict(
-        prompt="a horse", prompt_2="a horse on a hill", sigmas=[1.0, 0.75, 0.45, 0.2, 0.05],
-        height=96, width=64, seed=7, max_sequence_length=32),
-}
-
-
-def parity_fields(case: str, variant: str) -> dict:
-    """The request of a parity case; dev models also get a distilled guidance scale."""
-    fields = dict(PARITY_CASES[case])
-    if variant == "dev":
-        fields["guidance_scale"] = 4.5
-    return fields
+from tests.reference import PARITY_CASES, assert_served_matches_diffusers, parity_fields, served_generate
 
 
 @pytest.mark.parametrize("variant", ["schnell", "dev"])
@@ -38,6 +17,7 @@ def test_served_image_identical_to_diffusers(served, diffusers_pipes, variant, c
                                     parity_fields(case, variant), f"{variant} / {case}")
 
 
+@pytest.mark.fast  # the served smoke test of `make test-fast`
 def test_stream_order(served):
     result = served_generate(served["schnell"], dict(prompt="a cat", num_inference_steps=6, seed=1,
                                                      height=64, width=64))

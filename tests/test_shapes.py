@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from flux_triton.shapes import all_scenes, classifier_check, classify
+from flux_dev.shapes import all_scenes, classifier_check, classify
+
+pytestmark = pytest.mark.fast  # unit tests: no server
 
 
 def test_world_has_168_captions():

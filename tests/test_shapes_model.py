@@ -12,10 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clients import stream_client
+from flux_dev.shapes import PALETTE, Scene, all_scenes, classify
 from flux_triton.model_info import load_model_info
-from flux_triton.shapes import PALETTE, Scene, all_scenes, classify
-from tests.conftest import SHAPES_DIR
-from tests.reference import assert_served_matches_diffusers, served_generate
+from tests.reference import SHAPES_DIR, assert_served_matches_diffusers, served_generate
 
 DEMO_PROMPT = "a red circle on a blue background"
 WEIGHT_FILES = ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
@@ -95,7 +94,7 @@ def test_training_smoke_run_writes_a_loadable_model(tmp_path):
     """`make train-default` on a CPU, cut to a few steps at 32 px: a complete diffusers folder."""
     from diffusers import FluxPipeline
 
-    from flux_triton.train_default import main
+    from flux_dev.train_shapes import main
 
     out = tmp_path / "shapes-smoke"
     main(["--out", str(out), "--device", "cpu", "--size", "32", "--vae-steps", "3",

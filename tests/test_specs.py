@@ -38,6 +38,7 @@ def test_loaded_configs_match_specs(served, variant):
     client.close()
 
 
+@pytest.mark.fast
 def test_every_model_has_its_code(model_dirs):
     configs = render_configs(model_dirs["schnell"])
     assert set(configs) == {*COMPONENTS, "encode_prompt", "flux_bls"}
@@ -46,6 +47,7 @@ def test_every_model_has_its_code(model_dirs):
             assert (SOURCE_REPOSITORY / name / "1" / "model.py").exists(), name
 
 
+@pytest.mark.fast
 def test_gpu_configs_keep_tensors_on_device(model_dirs):
     configs = render_configs(model_dirs["dev"], device="gpu", precision="BF16")
     for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "flux_bls"):
@@ -54,6 +56,7 @@ def test_gpu_configs_keep_tensors_on_device(model_dirs):
     assert "TYPE_BF16" in configs["dit_transformer"] and "kind: KIND_CPU" in configs["tokenizer"]
 
 
+@pytest.mark.fast
 def test_tensorrt_configs_and_profiles(model_dirs):
     from export.profiles import load_engine_config
 

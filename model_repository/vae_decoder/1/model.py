@@ -2,7 +2,7 @@
 
 import triton_python_backend_utils as pb_utils
 
-from flux_triton.python_backend import ComponentModel
+from flux_triton.adapters.components import ComponentModel
 
 
 class TritonPythonModel(ComponentModel):

@@ -4,7 +4,7 @@
 components (DiT blocks compiled); per-step DiT latency, end to end, time to first preview, peak GPU
 memory, achieved TFLOP/s of the DiT against the bf16 peak. Writes JSON with GPU and versions.
 
-    python benchmarks/gpu_bench.py --variant schnell --out results.json
+    python -m flux_dev.bench_gpu --variant schnell --out results.json
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from flux_triton.components import load_component  # noqa: E402
-from flux_triton.full_size import SERVING, benchmark_parser, write_full_size_folder  # noqa: E402
-from flux_triton.local import TorchFluxModels  # noqa: E402
-from flux_triton.model_info import load_model_info  # noqa: E402
-from flux_triton.pipeline import FinalImage, dit_inputs, generate  # noqa: E402
-from flux_triton.request import validate_request  # noqa: E402
+from flux_dev.full_size import SERVING, benchmark_parser, write_full_size_folder
+from flux_triton.model_info import load_model_info
+from flux_triton.pipeline import FinalImage, dit_inputs, generate
+from flux_triton.request import validate_request
+from flux_triton.runtime.in_process import TorchFluxModels
+from flux_triton.runtime.torch_components import load_component
 
 H100_BF16_DENSE_TFLOPS = 989.4
 

@@ -13,6 +13,9 @@ import torch
 
 from flux_triton.model_info import FluxModelInfo
 
+# A folder holding this file has configs but no weights (FLUX.1 at full size for benchmarks):
+# its networks are built from their configs with random weights, directly on the device.
+RANDOM_WEIGHTS_MARKER = "random_weights.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,12 +46,34 @@ class PromptTokenizer:
 
 
 def _network(cls, model_dir: Path, subfolder: str, dtype: torch.dtype, device: str):
-    """`cls` from the folder's weights, or random weights for a full-size benchmark folder."""
-    from flux_triton.full_size import has_random_weights, random_network
-
+    """`cls` from the folder's weights, or random weights for a folder marked as having none."""
     if has_random_weights(model_dir):
         return random_network(cls, model_dir / subfolder, device, dtype)
     return cls.from_pretrained(model_dir / subfolder, dtype=dtype)
+
+
+def has_random_weights(model_dir: Path) -> bool:
+    return (Path(model_dir) / RANDOM_WEIGHTS_MARKER).exists()
+
+
+def random_network(cls, config_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """`cls` built from its config on `device` in `dtype`, Linear weights ~ N(0, 0.02)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
+                model = cls.from_config(cls.load_config(config_dir))  # diffusers
+            else:
+                model = cls(cls.config_class.from_pretrained(config_dir))  # transformers
+    finally:
+        torch.set_default_dtype(previous)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.02, generator=generator)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 class ClipEncoder(torch.nn.Module):
@@ -108,7 +133,7 @@ class VaeDecoder(torch.nn.Module):
         return {"image": self.model.decode(latents, return_dict=False)[0]}
 
 
-NETWORKS = {
+NETWORK_CLASSES = {
     "clip_encoder": ClipEncoder,
     "t5_encoder": T5Encoder,
     "dit_transformer": DitTransformer,
@@ -120,6 +145,6 @@ def load_component(name: str, info: FluxModelInfo, device: str = "cpu", dtype: s
     """Load one served component (`tokenizer` or a network) from the model folder."""
     if name == "tokenizer":
         return PromptTokenizer(info.model_dir, info)
-    if name not in NETWORKS:
-        raise KeyError(f"unknown component {name!r}; expected tokenizer or one of {sorted(NETWORKS)}")
-    return NETWORKS[name](info.model_dir, DTYPES[dtype], device).to(device).eval()
+    if name not in NETWORK_CLASSES:
+        raise KeyError(f"unknown component {name!r}; expected tokenizer or one of {sorted(NETWORK_CLASSES)}")
+    return NETWORK_CLASSES[name](info.model_dir, DTYPES[dtype], device).to(device).eval()

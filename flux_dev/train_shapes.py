@@ -26,19 +26,18 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from flux_triton.components import ClipEncoder, DitTransformer, PromptTokenizer, T5Encoder
-from flux_triton.model_info import load_model_info
-from flux_triton.sampling import latent_image_ids, pack_latents, text_ids, to_model_latents
-from flux_triton.shapes import accuracy, all_scenes, render_batch, scene_index
-from flux_triton.tiny_model import (
+from flux_dev.model_folders import staged_model_dir, write_serving_defaults
+from flux_dev.shapes import accuracy, all_scenes, render_batch, scene_index
+from flux_dev.tokenizers import (
     CHARACTER_LINES,
     build_clip_tokenizer,
     build_t5_tokenizer,
     spm_model_pb2,
-    staged_model_dir,
     train_t5_spm,
-    write_serving_defaults,
 )
+from flux_triton.model_info import load_model_info
+from flux_triton.runtime.torch_components import ClipEncoder, DitTransformer, PromptTokenizer, T5Encoder
+from flux_triton.sampling import latent_image_ids, pack_latents, text_ids, to_model_latents
 
 TRAINING_LOG_FILE = "training_log.json"
 

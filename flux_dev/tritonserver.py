@@ -1,4 +1,4 @@
-"""Start and stop the `tritonserver` shipped in the nvidia-pytriton wheel, on loopback.
+"""Start and stop the `tritonserver` shipped in the nvidia-pytriton wheel (loopback by default).
 
 The python backend's stub runs the first `python3` on PATH, so the server is started with this
 interpreter's bin directory first on PATH: the models then import this venv's packages.
@@ -17,6 +17,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flux_triton.adapters.backend import MODEL_DIR_ENV
+
+# Per GPU: large enough that a 1024² DiT output (48 MiB) moves between models without CUDA IPC.
+CUDA_POOL_BYTES = 256 * 1024 * 1024
 
 
 def pytriton_root() -> Path:
@@ -48,6 +53,21 @@ def prepare_backends() -> Path:
     return root / "backends"
 
 
+def repository_uses_gpu(repository: Path) -> bool:
+    """True when any model of the rendered repository runs on a GPU."""
+    return any("KIND_GPU" in config.read_text() or "tensorrt_plan" in config.read_text()
+               for config in Path(repository).glob("*/config.pbtxt"))
+
+
+def gpu_ids() -> list[int]:
+    """Indices of the GPUs this process sees (from nvidia-smi; none when it is missing)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [i for i, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +76,12 @@ def free_port() -> int:
 
 @dataclass
 class TritonServer:
-    """One tritonserver process serving `repository` on 127.0.0.1."""
+    """One tritonserver process serving `repository` on `host` (loopback unless told otherwise).
+
+    `device` "auto" runs in GPU mode when the repository places any model on a GPU: GPU metrics on
+    and a CUDA memory pool large enough for 1024² tensors to pass between models without CUDA IPC.
+    `model_dir`, when given, overrides every config's model folder (FLUX_TRITON_MODEL_DIR).
+    """
 
     repository: Path
     http_port: int = 8000
@@ -65,21 +90,39 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    device: str = "auto"
+    model_dir: Path | None = None
     process: subprocess.Popen | None = None
 
+    @property
+    def on_gpu(self) -> bool:
+        if self.device == "auto":
+            return repository_uses_gpu(self.repository)
+        return self.device == "gpu"
+
+    @property
+    def local_host(self) -> str:
+        """Where this machine reaches the server (loopback when it listens on every address)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
     def command(self) -> list[str]:
+        if self.on_gpu:
+            pools = [f"--cuda-memory-pool-byte-size={gpu}:{CUDA_POOL_BYTES}" for gpu in gpu_ids()]
+            device_args = ["--allow-gpu-metrics=true", *pools]
+        else:
+            device_args = ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
         return [
             str(pytriton_root() / "bin" / "tritonserver"),
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={prepare_backends()}",
             "--disable-auto-complete-config",
-            "--pinned-memory-pool-byte-size=0",
-            "--allow-gpu-metrics=false",
-            "--http-address=127.0.0.1",
+            *device_args,
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            "--metrics-address=127.0.0.1",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=20",
             *self.extra_args,
@@ -94,6 +137,8 @@ class TritonServer:
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         # Seven model processes share the cores: OpenMP threads must sleep, not spin, when idle.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if self.model_dir is not None:
+            env[MODEL_DIR_ENV] = str(Path(self.model_dir).resolve())
         env.update(self.extra_env)
         return env
 
@@ -117,7 +162,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         try:
-            url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+            url = f"http://{self.local_host}:{self.http_port}/v2/health/ready"
             with urllib.request.urlopen(url, timeout=1) as resp:
                 return resp.status == 200
         except OSError:
@@ -137,7 +182,7 @@ class TritonServer:
 
     def metrics(self) -> str:
         """The Prometheus text of Triton's /metrics endpoint."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        url = f"http://{self.local_host}:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.read().decode()
 
@@ -161,20 +206,26 @@ class TritonServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`make serve`: run tritonserver in the foreground on loopback."""
+    """`make serve`: run tritonserver in the foreground."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--repository", default="model_repository")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="gpu: GPU metrics and CUDA memory pools; auto: as the repository says")
+    parser.add_argument("--model-dir", help="serve this model folder instead of the configs' model_dir")
     parser.add_argument("extra", nargs="*", help="more tritonserver flags (after --)")
     args = parser.parse_args(argv)
     if not any(Path(args.repository).glob("*/config.pbtxt")):
         raise SystemExit(f"{args.repository} has no config.pbtxt: run `make export` first")
     server = TritonServer(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
-                          extra_args=args.extra)
+                          extra_args=args.extra, host=args.host, device=args.device,
+                          model_dir=Path(args.model_dir) if args.model_dir else None)
     command = server.command()
     os.execve(command[0], command, server.environment())
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flux_triton.local import TorchFluxModels, run_in_process
+from flux_dev.shapes import Scene, accuracy, all_scenes, classifier_check
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import ServingLimits, validate_request
-from flux_triton.shapes import Scene, accuracy, all_scenes, classifier_check
+from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
 
 
 def generate_images(info: FluxModelInfo, models: TorchFluxModels, scenes: list[Scene], seed: int,

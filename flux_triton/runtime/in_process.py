@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import torch
 
-from flux_triton.components import load_component
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.pipeline import FinalImage, StepUpdate, generate
 from flux_triton.request import GenerationRequest
+from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import COMPONENTS
 
 

@@ -1,8 +1,9 @@
 """FLUX.1's real architecture with random weights, for benchmarks without the weights.
 
 `write_full_size_folder` writes a diffusers-layout folder holding the real component configs (no
-weights) and a `random_weights.json` marker; `load_component` then builds each network from its
-config with random bf16 weights directly on the device, so compute and memory are the real ones.
+weights) and a `random_weights.json` marker; `flux_triton.runtime.torch_components.load_component`
+then builds each network from its config with random bf16 weights directly on the device, so
+compute and memory are the real ones.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from flux_triton.model_info import SERVING_DEFAULTS_FILE
-
-RANDOM_WEIGHTS_MARKER = "random_weights.json"
+from flux_triton.runtime.torch_components import RANDOM_WEIGHTS_MARKER
 
 TRANSFORMER = {
     "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
@@ -79,30 +77,6 @@ def write_full_size_folder(out_dir: str | Path, variant: str, tokenizers_from: s
     index = json.loads((source / "model_index.json").read_text())
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
-
-
-def has_random_weights(model_dir: Path) -> bool:
-    return (Path(model_dir) / RANDOM_WEIGHTS_MARKER).exists()
-
-
-def random_network(cls, config_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """`cls` built from its config on `device` in `dtype`, Linear weights ~ N(0, 0.02)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
-                model = cls.from_config(cls.load_config(config_dir))  # diffusers
-            else:
-                model = cls(cls.config_class.from_pretrained(config_dir))  # transformers
-    finally:
-        torch.set_default_dtype(previous)
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0, 0.02, generator=generator)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def add_folder_arguments(parser: argparse.ArgumentParser) -> None:

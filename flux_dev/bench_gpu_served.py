@@ -4,7 +4,7 @@ Run on a GPU machine whose model environment has numpy<2 (see benchmarks/gpu_env
 full-size folder, renders a GPU/BF16 repository with the DiT compiled, starts tritonserver and
 streams generations at 1024x1024.
 
-    python benchmarks/gpu_served_bench.py --variant schnell --out served.json
+    python -m flux_dev.bench_gpu_served --variant schnell --out served.json
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tritonclient.grpc as grpcclient
 
-import tritonclient.grpc as grpcclient  # noqa: E402
-
-from clients.stream_client import build_inputs, stream_generate  # noqa: E402
-from export.repository import write_repository  # noqa: E402
-from flux_triton.full_size import SERVING, benchmark_parser, write_full_size_folder  # noqa: E402
-from flux_triton.tritonserver import TritonServer, free_port  # noqa: E402
+from clients.stream_client import build_inputs, stream_generate
+from export.repository import write_repository
+from flux_dev.full_size import SERVING, benchmark_parser, write_full_size_folder
+from flux_dev.tritonserver import TritonServer, free_port
 
 
 def main(argv=None) -> int:

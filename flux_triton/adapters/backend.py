@@ -1,0 +1,83 @@
+"""Tensor and config helpers shared by the adapters (the `pb` module is passed in, never imported)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.dlpack
+
+# Set at serve time (e.g. `make serve MODEL_DIR=...`, or a container's mount point), this overrides
+# the `model_dir` of every config, so one rendered repository serves a folder mounted anywhere.
+MODEL_DIR_ENV = "FLUX_TRITON_MODEL_DIR"
+
+# Triton status codes by name, as `TritonError` spells them.
+STATUS_CODES = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED",
+                "ALREADY_EXISTS", "CANCELLED")
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """The `parameters` string values of the model's config.pbtxt."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def resolve_model_dir(args: dict, params: dict[str, str]) -> Path:
+    """The diffusers model folder to serve.
+
+    `$FLUX_TRITON_MODEL_DIR` when set; else the config's `model_dir`, which export writes relative
+    to the model repository's root, so a repository moved together with its model keeps working.
+    """
+    override = os.environ.get(MODEL_DIR_ENV)
+    if override:
+        return Path(override).resolve()
+    path = Path(params["model_dir"])
+    if not path.is_absolute():
+        # args["model_repository"] is this model's own folder, <repository>/<model name>
+        path = Path(args["model_repository"]).parent / path
+    return path.resolve()
+
+
+def instance_device(args: dict) -> str:
+    """`cuda:N` for a KIND_GPU instance, else `cpu`."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args['model_instance_device_id']}"
+    return "cpu"
+
+
+def to_torch(tensor: Any) -> torch.Tensor:
+    """A Triton tensor as a torch tensor on the same device, without a copy."""
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+
+def aligned(value: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor in freshly allocated memory.
+
+    Tensors in Triton's shared memory can start at any offset, and CPU matmul kernels round
+    differently on unaligned data (~1e-7): a copy keeps results bit-identical to diffusers.
+    """
+    return value.clone() if value.device.type == "cpu" else value
+
+
+def from_torch(pb: Any, name: str, value: torch.Tensor) -> Any:
+    """A torch tensor as a named Triton tensor, without a copy."""
+    return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+
+
+def error_response(pb: Any, message: str, code_name: str = "INTERNAL") -> Any:
+    """An InferenceResponse carrying a TritonError with the given status code."""
+    return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code_name)))
+
+
+def status_code_name(pb: Any, error: Any) -> str | None:
+    """The name of a TritonError's status code (`UNAVAILABLE`, ...), or None when it has none."""
+    code = error.code() if hasattr(error, "code") else None
+    if code is None:
+        return None
+    for name in STATUS_CODES:
+        if getattr(pb.TritonError, name, object()) == code:
+            return name
+    return None

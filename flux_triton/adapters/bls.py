@@ -1,0 +1,215 @@
+"""`flux_bls`: the shared pipeline driven by BLS calls to the component models, streamed per step.
+
+The pipeline itself is `flux_triton.pipeline.generate`; this adapter turns its model calls into BLS
+requests (retried by status code, batch-halved on out-of-memory), its events into streamed
+responses, and its timings into Triton metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from flux_triton.adapters.backend import (
+    error_response,
+    from_torch,
+    instance_device,
+    model_parameters,
+    resolve_model_dir,
+    status_code_name,
+    to_torch,
+)
+from flux_triton.adapters.metrics import BlsMetrics
+from flux_triton.model_info import load_model_info
+from flux_triton.pipeline import FinalImage, StageFailed, StepUpdate, generate
+from flux_triton.recovery import (
+    OutOfMemory,
+    RecoveryStats,
+    RetryPolicy,
+    call_with_recovery,
+    classify_failure,
+)
+from flux_triton.request import InvalidRequest, ServingLimits, validate_request
+from flux_triton.specs import NETWORKS, bls_spec, component_specs
+
+
+class BlsFluxModels:
+    """`FluxModels` as BLS calls to the component models, for one client request."""
+
+    def __init__(self, pb: Any, batched: dict[str, set[str]], policy: RetryPolicy,
+                 metrics: BlsMetrics, gpu: int | None):
+        self.pb = pb
+        self.batched = batched
+        self.policy = policy
+        self.metrics = metrics
+        self.stats = {m: RecoveryStats() for m in NETWORKS}
+        self.request_kwargs = {}
+        if gpu is not None:  # outputs land on this instance's own GPU
+            self.request_kwargs["preferred_memory"] = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_GPU, gpu)
+
+    async def _exec(self, model: str, inputs: list, outputs: list[str]) -> dict[str, torch.Tensor]:
+        pb = self.pb
+        request = pb.InferenceRequest(
+            model_name=model, inputs=inputs, requested_output_names=outputs, **self.request_kwargs
+        )
+        began = time.perf_counter()
+        response = await request.async_exec()
+        self.metrics.component_latency[model].observe((time.perf_counter() - began) * 1000)
+        if response.has_error():
+            error = response.error()
+            raise classify_failure(model, error.message(), status_code_name(pb, error))
+        return {name: to_torch(pb.get_output_tensor_by_name(response, name)) for name in outputs}
+
+    async def _network(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        async def call(tensors):
+            return await self._exec(
+                model, [from_torch(self.pb, n, v) for n, v in tensors.items()], [output]
+            )
+
+        stats = self.stats[model]
+        retries, splits = stats.retries, stats.batch_splits
+        try:
+            result = await call_with_recovery(model, call, inputs, self.batched[model], self.policy, stats)
+        finally:
+            self.metrics.retries[model].increment(stats.retries - retries)
+            self.metrics.splits[model].increment(stats.batch_splits - splits)
+        return result[output]
+
+    async def tokenize(self, prompts, prompts_2, max_sequence_length):
+        pb = self.pb
+        inputs = [
+            pb.Tensor("prompt", np.array([p.encode() for p in prompts], dtype=object)),
+            pb.Tensor("prompt_2", np.array([p.encode() for p in prompts_2], dtype=object)),
+            pb.Tensor("max_sequence_length", np.array([max_sequence_length], dtype=np.int32)),
+        ]
+        ids = await self._exec("tokenizer", inputs, ["clip_input_ids", "t5_input_ids"])
+        return ids["clip_input_ids"], ids["t5_input_ids"]
+
+    async def clip_encoder(self, input_ids):
+        return await self._network("clip_encoder", {"input_ids": input_ids}, "pooled_prompt_embeds")
+
+    async def t5_encoder(self, input_ids):
+        return await self._network("t5_encoder", {"input_ids": input_ids}, "prompt_embeds")
+
+    async def dit_transformer(self, inputs):
+        return await self._network("dit_transformer", inputs, "noise_pred")
+
+    async def vae_decoder(self, latents):
+        return await self._network("vae_decoder", {"latents": latents}, "image")
+
+
+class FluxBlsModel:
+    """The decoupled `flux_bls` model; subclasses set `pb` (triton_python_backend_utils)."""
+
+    pb: Any
+
+    def initialize(self, args: dict) -> None:
+        pb = self.pb
+        config = json.loads(args["model_config"])
+        if not pb.using_decoupled_model_transaction_policy(config):
+            raise pb.TritonModelException(
+                "flux_bls streams responses: set model_transaction_policy { decoupled: true }"
+            )
+        params = model_parameters(args)
+        self.info = load_model_info(resolve_model_dir(args, params))
+        self.limits = ServingLimits(**{
+            name: int(params[name]) for name in ServingLimits.__dataclass_fields__ if name in params
+        })
+        self.policy = RetryPolicy(
+            attempts=int(params.get("retry_attempts", RetryPolicy.attempts)),
+            backoff_s=float(params.get("retry_backoff_ms", RetryPolicy.backoff_s * 1000)) / 1000,
+        )
+        self.input_names = [spec.name for spec in bls_spec(self.info).inputs]
+        specs = component_specs(self.info)
+        self.batched = {m: specs[m].batched_inputs() for m in NETWORKS}
+        device = instance_device(args)
+        self.gpu = None if device == "cpu" else int(device.split(":")[1])
+        self.metrics = BlsMetrics(pb, self.gpu)
+
+    async def execute(self, requests: list) -> None:
+        await asyncio.gather(*(self._serve(request) for request in requests))
+        return None
+
+    def _read_inputs(self, request) -> dict[str, np.ndarray]:
+        raw = {}
+        for name in self.input_names:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                raw[name] = tensor.as_numpy()
+        return raw
+
+    async def _serve(self, request) -> None:
+        pb = self.pb
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        sender = request.get_response_sender()
+        began = time.monotonic()
+        try:
+            gen_request = validate_request(self._read_inputs(request), self.info, self.limits)
+        except InvalidRequest as exc:
+            sender.send(error_response(pb, f"flux_bls: {exc}", "INVALID_ARG"), flags=final)
+            self.metrics.outcomes["invalid"].increment(1)
+            return
+        deadline = None if gen_request.deadline_ms is None else began + gen_request.deadline_ms / 1000
+
+        def stop_check():
+            if request.is_cancelled():
+                return "cancelled"
+            if deadline is not None and time.monotonic() >= deadline:
+                return "deadline"
+            return None
+
+        models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu)
+        outcome = "cancelled"
+        try:
+            async for event in generate(gen_request, self.info, models, stop_check):
+                self.metrics.sample_gpu_memory()
+                if isinstance(event, FinalImage):
+                    outcome = "partial" if event.partial else "completed"
+                    sender.send(self._image_response(event, models))
+                    self.metrics.request_latency.observe((time.monotonic() - began) * 1000)
+                    self.metrics.images.increment(event.image.shape[0])
+                else:
+                    self.metrics.steps.increment(1)
+                    self.metrics.step_latency.observe(event.seconds * 1000)
+                    sender.send(self._step_response(event))
+            self.metrics.outcomes[outcome].increment(1)
+            sender.send(flags=final)
+        except StageFailed as exc:
+            # UNAVAILABLE invites the client to try again later; a deterministic failure would not
+            # go away by itself.
+            transient = exc.cause.retryable or isinstance(exc.cause, OutOfMemory)
+            sender.send(error_response(pb, f"flux_bls: {exc}", "UNAVAILABLE" if transient else "INTERNAL"),
+                        flags=final)
+            self.metrics.outcomes["failed"].increment(1)
+        except Exception as exc:  # the stream must always end, or the request is lost
+            sender.send(error_response(pb, f"flux_bls: {type(exc).__name__}: {exc}"), flags=final)
+            self.metrics.outcomes["failed"].increment(1)
+
+    def _step_response(self, event: StepUpdate) -> Any:
+        pb = self.pb
+        outputs = [
+            pb.Tensor("step", np.array([event.step], dtype=np.int32)),
+            pb.Tensor("total_steps", np.array([event.total_steps], dtype=np.int32)),
+            pb.Tensor("timestep", np.array([event.timestep], dtype=np.float32)),
+        ]
+        if event.preview_latent is not None:
+            outputs.append(from_torch(pb, "preview_latent", event.preview_latent))
+        return pb.InferenceResponse(outputs)
+
+    def _image_response(self, event: FinalImage, models: BlsFluxModels) -> Any:
+        pb = self.pb
+        timings = event.timings.spans_ms()
+        recovery = {m: vars(s) for m, s in models.stats.items() if s.retries or s.batch_splits}
+        report = json.dumps(dict(timings, **({"recovery": recovery} if recovery else {})))
+        return pb.InferenceResponse([
+            from_torch(pb, "image", event.image),
+            pb.Tensor("seed", np.array([event.seed], dtype=np.int64)),
+            pb.Tensor("timings", np.array([report.encode()], dtype=object)),
+            pb.Tensor("steps_completed", np.array([event.steps_completed], dtype=np.int32)),
+            pb.Tensor("partial", np.array([event.partial], dtype=bool)),
+        ])

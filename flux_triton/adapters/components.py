@@ -1,0 +1,126 @@
+"""The component models (`tokenizer`, `clip_encoder`, `t5_encoder`, `dit_transformer`, `vae_decoder`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flux_triton.adapters.backend import (
+    aligned,
+    error_response,
+    from_torch,
+    instance_device,
+    model_parameters,
+    resolve_model_dir,
+    to_torch,
+)
+from flux_triton.adapters.faults import FaultInjector, InjectedUnavailable
+from flux_triton.model_info import load_model_info
+from flux_triton.recovery import OUT_OF_MEMORY_MARKER, is_out_of_memory, tag_status
+from flux_triton.runtime.torch_components import load_component
+from flux_triton.specs import TORCH_DTYPES, component_specs
+
+
+def failure_response(pb: Any, model: str, exc: Exception) -> Any:
+    """The error a component returns, with the status code the BLS decides retries by.
+
+    UNAVAILABLE for transient failures; INTERNAL otherwise, with `out of memory` in the text when
+    the device ran out of memory (Triton has no status code for it; the BLS halves the batch). The
+    code is also tagged into the text, which is all of it a BLS caller sees on Triton 2.51.
+    """
+    status = "UNAVAILABLE" if isinstance(exc, InjectedUnavailable) else "INTERNAL"
+    detail = f"{type(exc).__name__}: {exc}"
+    if is_out_of_memory(exc):
+        detail = f"{OUT_OF_MEMORY_MARKER}: {detail}"
+    return error_response(pb, f"{model}: {tag_status(status, detail)}", status)
+
+
+class ComponentModel:
+    """A served network: inputs and outputs by the names of its spec, computed by a runtime.
+
+    Subclasses set `name` and `pb` (the triton_python_backend_utils module).
+    """
+
+    name: str
+    pb: Any
+
+    def initialize(self, args: dict) -> None:
+        params = model_parameters(args)
+        info = load_model_info(resolve_model_dir(args, params))
+        precision = params.get("precision", "FP32")
+        self.device = instance_device(args)
+        self.spec = component_specs(info, precision)[self.name]
+        self.faults = FaultInjector(self.spec)
+        if params.get("backend", "torch") == "onnx":
+            from flux_triton.runtime.onnx_components import OnnxComponent
+
+            onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+            self.component = OnnxComponent(onnx_path, self.spec, self.device)
+        else:
+            self.component = load_component(self.name, info, self.device, TORCH_DTYPES[precision])
+            if params.get("compile") == "repeated_blocks":  # torch.compile each transformer block
+                self.component.model.compile_repeated_blocks(fullgraph=True)
+
+    def execute(self, requests: list) -> list:
+        pb = self.pb
+        responses = []
+        for request in requests:
+            try:
+                inputs = {}
+                for spec in self.spec.inputs:
+                    tensor = pb.get_input_tensor_by_name(request, spec.name)
+                    if tensor is not None:
+                        inputs[spec.name] = aligned(to_torch(tensor).to(self.device))
+                self.faults.check(inputs)
+                with torch.inference_mode():
+                    outputs = self.component(**inputs)
+                responses.append(pb.InferenceResponse(
+                    [from_torch(pb, spec.name, outputs[spec.name]) for spec in self.spec.outputs]
+                ))
+            except Exception as exc:  # one bad request must not fail the others
+                responses.append(failure_response(pb, self.name, exc))
+        return responses
+
+
+class TokenizerModel:
+    """`tokenizer`: prompts -> CLIP ids and T5 ids, as FluxPipeline tokenizes. Subclasses set `pb`."""
+
+    pb: Any
+
+    def initialize(self, args: dict) -> None:
+        info = load_model_info(resolve_model_dir(args, model_parameters(args)))
+        self.tokenizer = load_component("tokenizer", info)
+        self.max_length = info.t5_max_length
+
+    def _strings(self, request, name: str) -> list[str]:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        return [s.decode("utf-8") if isinstance(s, bytes) else str(s)
+                for s in tensor.as_numpy().reshape(-1)]
+
+    def execute(self, requests: list) -> list:
+        pb = self.pb
+        responses = []
+        for request in requests:
+            try:
+                prompts, prompts_2 = self._strings(request, "prompt"), self._strings(request, "prompt_2")
+                if len(prompts) != len(prompts_2):
+                    raise ValueError(f"`prompt_2` must hold {len(prompts)} strings, got {len(prompts_2)}")
+                max_seq = pb.get_input_tensor_by_name(request, "max_sequence_length").as_numpy()
+                max_seq = int(np.asarray(max_seq).reshape(-1)[0])
+                if not 1 <= max_seq <= self.max_length:
+                    raise ValueError(
+                        f"`max_sequence_length` must be in [1, {self.max_length}], got {max_seq}"
+                    )
+                ids = self.tokenizer(prompts, prompts_2, max_seq)
+                responses.append(pb.InferenceResponse(
+                    [from_torch(pb, name, value) for name, value in ids.items()]
+                ))
+            except ValueError as exc:
+                responses.append(error_response(pb, f"tokenizer: {tag_status('INVALID_ARG', str(exc))}",
+                                                "INVALID_ARG"))
+            except Exception as exc:
+                responses.append(failure_response(pb, "tokenizer", exc))
+        return responses

@@ -1,0 +1,51 @@
+"""`flux_*` metrics on Triton's /metrics endpoint, through the python backend's custom metrics API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flux_triton.specs import COMPONENTS, NETWORKS
+
+LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+OUTCOMES = ("completed", "partial", "cancelled", "invalid", "failed")
+
+
+class BlsMetrics:
+    """The BLS's metric families; `pb` is triton_python_backend_utils (or a stand-in)."""
+
+    def __init__(self, pb: Any, gpu: int | None = None):
+        self.families = []  # a MetricFamily must outlive its metrics
+
+        def family(name, description, kind):
+            self.families.append(pb.MetricFamily(name=name, description=description, kind=kind))
+            return self.families[-1]
+
+        histogram, counter = pb.MetricFamily.HISTOGRAM, pb.MetricFamily.COUNTER
+        latency = family("flux_component_latency_ms", "BLS call latency per component (ms)", histogram)
+        self.component_latency = {
+            m: latency.Metric(labels={"model": m}, buckets=LATENCY_BUCKETS_MS) for m in COMPONENTS
+        }
+        self.step_latency = family("flux_step_latency_ms", "Denoising step latency (ms)", histogram
+                                   ).Metric(labels={}, buckets=LATENCY_BUCKETS_MS)
+        self.request_latency = family("flux_request_latency_ms", "Request latency, start to image (ms)",
+                                      histogram).Metric(labels={}, buckets=LATENCY_BUCKETS_MS)
+        requests = family("flux_requests_total", "Requests by outcome", counter)
+        self.outcomes = {o: requests.Metric(labels={"outcome": o}) for o in OUTCOMES}
+        self.steps = family("flux_steps_total", "Denoising steps run", counter).Metric(labels={})
+        self.images = family("flux_images_total", "Images generated", counter).Metric(labels={})
+        retries = family("flux_component_retries_total", "Component calls retried", counter)
+        splits = family("flux_batch_splits_total", "Batches halved after out-of-memory", counter)
+        self.retries = {m: retries.Metric(labels={"model": m}) for m in NETWORKS}
+        self.splits = {m: splits.Metric(labels={"model": m}) for m in NETWORKS}
+        self.gpu = gpu
+        self.gpu_memory = None
+        if gpu is not None:
+            self.gpu_memory = family("flux_gpu_memory_used_bytes", "GPU memory in use (device-wide)",
+                                     pb.MetricFamily.GAUGE).Metric(labels={"gpu": str(gpu)})
+
+    def sample_gpu_memory(self) -> None:
+        if self.gpu_memory is not None:
+            free, total = torch.cuda.mem_get_info(self.gpu)
+            self.gpu_memory.set(total - free)

@@ -1,0 +1,184 @@
+"""A stand-in for `triton_python_backend_utils`, enough to run the adapters in-process.
+
+BLS requests go to the adapter instances registered in `models` (as a Triton repository would
+route them); `failures` queues error responses per model so tests can script bad days.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict, deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.utils.dlpack
+
+TRITONSERVER_MEMORY_GPU = 2
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+
+class TritonModelException(Exception):
+    pass
+
+
+class TritonError:
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = \
+        range(8)
+
+    def __init__(self, message: str, code: int | None = None):
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int | None:
+        return self._code
+
+
+class Tensor:
+    def __init__(self, name: str, value):
+        self._name, self._value = name, value
+
+    @classmethod
+    def from_dlpack(cls, name: str, capsule) -> Tensor:
+        return cls(name, torch.utils.dlpack.from_dlpack(capsule))
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        value = self._value
+        return value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+    def to_dlpack(self):
+        value = self._value
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+        return torch.utils.dlpack.to_dlpack(tensor)
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=(), error: TritonError | None = None):
+        self._outputs, self._error = list(output_tensors), error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+    def output_tensors(self) -> list[Tensor]:
+        return self._outputs
+
+
+class PreferredMemory:
+    def __init__(self, kind: int, device_id: int = 0):
+        self.kind, self.device_id = kind, device_id
+
+
+class ResponseSender:
+    """Collects what a decoupled model sends: (response or None, flags)."""
+
+    def __init__(self):
+        self.sent: list[tuple[InferenceResponse | None, int]] = []
+
+    def send(self, response=None, flags: int = 0) -> None:
+        assert not self.finished, "sent after the final flag"
+        self.sent.append((response, flags))
+
+    @property
+    def finished(self) -> bool:
+        return any(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL for _, flags in self.sent)
+
+
+class _Registry:
+    models: dict = {}
+    failures: dict[str, deque] = defaultdict(deque)
+    calls: dict[str, int] = defaultdict(int)
+
+
+models = _Registry.models
+failures = _Registry.failures
+calls = _Registry.calls
+
+
+def reset() -> None:
+    models.clear()
+    failures.clear()
+    calls.clear()
+
+
+class InferenceRequest:
+    def __init__(self, model_name: str = "", inputs=(), requested_output_names=(),
+                 preferred_memory: PreferredMemory | None = None):
+        self.model_name = model_name
+        self.inputs = {t.name(): t for t in inputs}
+        self.requested_output_names = list(requested_output_names)
+        self.preferred_memory = preferred_memory
+        self.sender = ResponseSender()
+        self.cancel_after_steps: int | None = None
+
+    def get_response_sender(self) -> ResponseSender:
+        return self.sender
+
+    def is_cancelled(self) -> bool:
+        steps = sum(1 for r, _ in self.sender.sent if r is not None and not r.has_error()
+                    and any(t.name() == "step" for t in r.output_tensors()))
+        return self.cancel_after_steps is not None and steps >= self.cancel_after_steps
+
+    async def async_exec(self) -> InferenceResponse:
+        calls[self.model_name] += 1
+        if failures[self.model_name]:
+            return InferenceResponse(error=failures[self.model_name].popleft())
+        response = models[self.model_name].execute([self])[0]
+        if response.has_error():  # as Triton 2.51 does (server issue #7804): the code is lost
+            response = InferenceResponse(error=TritonError(response.error().message(),
+                                                           TritonError.INTERNAL))
+        return response
+
+
+def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
+    return request.inputs.get(name)
+
+
+def get_output_tensor_by_name(response: InferenceResponse, name: str) -> Tensor | None:
+    return next((t for t in response.output_tensors() if t.name() == name), None)
+
+
+def using_decoupled_model_transaction_policy(config: dict) -> bool:
+    return bool(config.get("model_transaction_policy", {}).get("decoupled"))
+
+
+class _Metric:
+    def __init__(self, labels: dict, buckets=None):
+        self.labels, self.value, self.observations = labels, 0.0, []
+
+    def increment(self, value: float) -> None:
+        self.value += value
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def observe(self, value: float) -> None:
+        self.observations.append(value)
+
+
+class MetricFamily:
+    COUNTER, GAUGE, HISTOGRAM = range(3)
+
+    def __init__(self, name: str, description: str, kind: int):
+        self.name, self.kind, self.metrics = name, kind, []
+
+    def Metric(self, labels: dict, buckets=None) -> _Metric:  # noqa: N802 (pb_utils' spelling)
+        self.metrics.append(_Metric(labels, buckets))
+        return self.metrics[-1]
+
+
+def model_args(repository: Path, name: str, parameters: dict[str, str], decoupled: bool = False) -> dict:
+    """The `args` Triton passes to `initialize` for a CPU instance of `name` in `repository`."""
+    config = {"name": name, "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    if decoupled:
+        config["model_transaction_policy"] = {"decoupled": True}
+    return {"model_config": json.dumps(config), "model_instance_kind": "CPU",
+            "model_instance_device_id": "0", "model_repository": str(repository / name),
+            "model_version": "1", "model_name": name}

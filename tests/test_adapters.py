@@ -1,0 +1,233 @@
+"""The Triton adapters run in-process against a stand-in for triton_python_backend_utils: the BLS
+drives the component adapters exactly as tritonserver would route its requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from flux_triton.adapters.bls import FluxBlsModel
+from flux_triton.adapters.components import ComponentModel, TokenizerModel
+from flux_triton.adapters.faults import InjectedUnavailable
+from flux_triton.model_info import load_model_info
+from flux_triton.pipeline import FinalImage
+from flux_triton.recovery import OutOfMemory, classify_failure, reported_status
+from flux_triton.request import validate_request
+from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from flux_triton.specs import NETWORKS, bls_input
+from tests import python_backend_stub as pb
+from tests.reference import raw_inputs
+
+pytestmark = pytest.mark.fast
+SMALL = dict(prompt="a red circle on a blue background", height=64, width=64, num_inference_steps=3,
+             seed=7)
+
+
+def _adapter(base, name: str | None = None):
+    attrs = {"pb": pb} if name is None else {"pb": pb, "name": name}
+    return type(base.__name__, (base,), attrs)()
+
+
+@pytest.fixture
+def repository(model_dirs, tmp_path):
+    """tokenizer, the four networks and flux_bls of the tiny schnell model, wired through `pb`."""
+    pb.reset()
+    params = {"model_dir": str(model_dirs["schnell"]), "retry_attempts": "3", "retry_backoff_ms": "1"}
+    for name in ("tokenizer", *NETWORKS):
+        model = _adapter(TokenizerModel) if name == "tokenizer" else _adapter(ComponentModel, name)
+        model.initialize(pb.model_args(tmp_path, name, params))
+        pb.models[name] = model
+    bls = _adapter(FluxBlsModel)
+    bls.initialize(pb.model_args(tmp_path, "flux_bls", params, decoupled=True))
+    yield bls
+    pb.reset()
+
+
+def _request(**fields) -> pb.InferenceRequest:
+    tensors = []
+    for name, value in raw_inputs(**fields).items():
+        dtype = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}.get(bls_input(name).dtype)
+        tensors.append(pb.Tensor(name, value if dtype is None else value.astype(dtype)))
+    return pb.InferenceRequest("flux_bls", tensors)
+
+
+def _serve(bls, request) -> list[tuple]:
+    asyncio.run(bls.execute([request]))
+    assert request.sender.finished
+    return request.sender.sent
+
+
+def _outputs(response) -> dict[str, np.ndarray]:
+    return {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+
+def test_bls_streams_the_in_process_pipeline(repository, model_dirs):
+    sent = _serve(repository, _request(**SMALL))
+    steps = [_outputs(r) for r, _ in sent if r is not None and "step" in _outputs(r)]
+    image = next(_outputs(r) for r, _ in sent if r is not None and "image" in _outputs(r))
+    assert [int(s["step"][0]) for s in steps] == [1, 2, 3]
+    assert sent[-1] == (None, pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    info = load_model_info(model_dirs["schnell"])
+    events = list(run_in_process(validate_request(raw_inputs(**SMALL), info), info,
+                                 TorchFluxModels(info)))
+    expected = next(e for e in events if isinstance(e, FinalImage))
+    assert np.array_equal(image["image"], expected.image.numpy())
+    for step, event in zip(steps, events):
+        assert np.array_equal(step["preview_latent"], event.preview_latent.numpy())
+    assert int(image["seed"][0]) == 7 and not bool(image["partial"][0])
+    outcomes = repository.metrics.outcomes
+    assert outcomes["completed"].value == 1 and repository.metrics.steps.value == 3
+
+
+def test_invalid_request_ends_with_invalid_arg(repository):
+    sent = _serve(repository, _request(**dict(SMALL, height=100)))
+    (response, flags), = sent
+    assert flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert response.error().code() == pb.TritonError.INVALID_ARG
+    assert "`height`" in response.error().message() and "multiple of 16" in response.error().message()
+    assert repository.metrics.outcomes["invalid"].value == 1
+    assert sum(pb.calls.values()) == 0  # rejected before any model ran
+
+
+def _final_error(sent):
+    response, flags = sent[-1]
+    assert flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL and response.has_error()
+    return response.error()
+
+
+def test_unavailable_is_retried(repository):
+    pb.failures["dit_transformer"].extend(pb.TritonError("not ready", pb.TritonError.UNAVAILABLE)
+                                          for _ in range(2))
+    sent = _serve(repository, _request(**SMALL))
+    image = next(_outputs(r) for r, _ in sent if r is not None and "image" in _outputs(r))
+    assert '"dit_transformer": {"retries": 2' in image["timings"][0].decode()
+    assert repository.metrics.retries["dit_transformer"].value == 2
+
+
+def test_component_codes_survive_a_bls_hop_that_loses_them(repository, monkeypatch):
+    """On Triton 2.51 the BLS sees INTERNAL for every error; the tag in the text keeps the code."""
+    dit = pb.models["dit_transformer"]
+    plan = [InjectedUnavailable("busy"), InjectedUnavailable("busy"), None]
+    component = dit.component
+
+    def flaky(**inputs):
+        failure = plan.pop(0) if plan else None
+        if failure:
+            raise failure
+        return component(**inputs)
+
+    monkeypatch.setattr(dit, "component", flaky)
+    sent = _serve(repository, _request(**SMALL))
+    assert not sent[-2][0].has_error()
+    assert repository.metrics.retries["dit_transformer"].value == 2
+
+    plan[:] = [RuntimeError("bad weights")] * 3
+    error = _final_error(_serve(repository, _request(**SMALL)))
+    assert "dit_transformer: [INTERNAL] RuntimeError: bad weights" in error.message()
+    assert repository.metrics.retries["dit_transformer"].value == 2 and len(plan) == 2
+
+
+@pytest.mark.parametrize("code,message,expected", [
+    ("UNAVAILABLE", "anything", "UNAVAILABLE"),
+    ("INVALID_ARG", "anything", "INVALID_ARG"),
+    ("INTERNAL", "t5_encoder: [UNAVAILABLE] restarting", "UNAVAILABLE"),
+    ("INTERNAL", "vae_decoder: [INTERNAL] out of memory: ...", "INTERNAL"),
+    ("INTERNAL", "Model 'dit_transformer' is not ready.", "UNAVAILABLE"),
+    ("INTERNAL", "Stub process 'dit_transformer_0_0' is not healthy.", "UNAVAILABLE"),
+    ("INTERNAL", "RuntimeError: mat1 and mat2 shapes cannot be multiplied", "INTERNAL"),
+    (None, "no code at all", None),
+])
+def test_reported_status(code, message, expected):
+    assert reported_status(code, message) == expected
+
+
+def test_classification_by_status():
+    assert classify_failure("m", "x", "UNAVAILABLE").retryable
+    assert not classify_failure("m", "x", "INTERNAL").retryable
+    assert not classify_failure("m", "x", "INVALID_ARG").retryable
+    assert isinstance(classify_failure("m", "[INTERNAL] out of memory", "INTERNAL"), OutOfMemory)
+    assert isinstance(classify_failure("m", "CUDA out of memory", None), OutOfMemory)
+    assert classify_failure("m", "connection reset", None).retryable  # no code: the text decides
+
+
+def test_deterministic_internal_error_is_not_retried(repository):
+    pb.failures["dit_transformer"].extend(pb.TritonError("shape mismatch", pb.TritonError.INTERNAL)
+                                          for _ in range(3))
+    error = _final_error(_serve(repository, _request(**SMALL)))
+    assert "dit_transformer failed during step_1: shape mismatch" in error.message()
+    assert "attempts" not in error.message()
+    assert error.code() == pb.TritonError.INTERNAL
+    assert pb.calls["dit_transformer"] == 1 and len(pb.failures["dit_transformer"]) == 2
+
+
+def test_retries_exhausted_end_unavailable(repository):
+    pb.failures["vae_decoder"].extend(pb.TritonError("restarting", pb.TritonError.UNAVAILABLE)
+                                      for _ in range(5))
+    error = _final_error(_serve(repository, _request(**SMALL)))
+    assert "vae_decoder failed during vae_decoder: failed after 3 attempts" in error.message()
+    assert error.code() == pb.TritonError.UNAVAILABLE and pb.calls["vae_decoder"] == 3
+
+
+def test_internal_out_of_memory_halves_the_batch(repository):
+    pb.failures["dit_transformer"].append(
+        pb.TritonError("dit_transformer: out of memory: OutOfMemoryError: CUDA out of memory",
+                       pb.TritonError.INTERNAL))
+    sent = _serve(repository, _request(**dict(SMALL, num_images_per_prompt=2)))
+    image = next(_outputs(r) for r, _ in sent if r is not None and "image" in _outputs(r))
+    assert image["image"].shape == (2, 64, 64, 3)
+    assert repository.metrics.splits["dit_transformer"].value == 1
+
+
+def test_error_without_code_falls_back_to_its_text(repository):
+    pb.failures["t5_encoder"].append(pb.TritonError("connection reset"))
+    sent = _serve(repository, _request(**SMALL))
+    assert not sent[-2][0].has_error()  # retried once, then the image
+    assert repository.metrics.retries["t5_encoder"].value == 1
+
+
+def test_cancelled_request_ends_after_the_step_in_flight(repository):
+    request = _request(**dict(SMALL, num_inference_steps=6))
+    request.cancel_after_steps = 2
+    sent = _serve(repository, request)
+    kinds = ["final" if r is None else next(iter(_outputs(r))) for r, _ in sent]
+    assert kinds == ["step", "step", "final"]
+    assert repository.metrics.outcomes["cancelled"].value == 1
+
+
+def test_component_reports_out_of_memory_as_internal_with_marker(repository, monkeypatch):
+    vae = pb.models["vae_decoder"]
+
+    def out_of_memory(**inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(vae, "component", out_of_memory)
+    request = pb.InferenceRequest("vae_decoder", [pb.Tensor("latents", torch.zeros(1, 16, 8, 8))])
+    response, = vae.execute([request])
+    assert response.error().code() == pb.TritonError.INTERNAL
+    assert response.error().message().startswith(
+        "vae_decoder: [INTERNAL] out of memory: OutOfMemoryError")
+
+
+def test_component_failure_is_one_requests_alone(repository):
+    dit = pb.models["vae_decoder"]
+    good = pb.InferenceRequest("vae_decoder", [pb.Tensor("latents", torch.randn(1, 16, 8, 8))])
+    bad = pb.InferenceRequest("vae_decoder", [pb.Tensor("latents", torch.randn(1, 3, 8, 8))])
+    responses = dit.execute([bad, good])
+    assert responses[0].has_error() and responses[0].error().code() == pb.TritonError.INTERNAL
+    assert not responses[1].has_error()
+
+
+def test_tokenizer_rejects_sequence_length_as_invalid_arg(repository):
+    tokenizer = pb.models["tokenizer"]
+    request = pb.InferenceRequest("tokenizer", [
+        pb.Tensor("prompt", np.array([b"a cat"], dtype=object)),
+        pb.Tensor("prompt_2", np.array([b"a cat"], dtype=object)),
+        pb.Tensor("max_sequence_length", np.array([9999], dtype=np.int32)),
+    ])
+    response, = tokenizer.execute([request])
+    assert response.error().code() == pb.TritonError.INVALID_ARG
+    assert "`max_sequence_length` must be in [1, " in response.error().message()

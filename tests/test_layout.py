@@ -1,0 +1,83 @@
+"""The layering rules, checked on the source: serving code never imports development tooling, the
+core stays pure, clients talk to servers only over the wire."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.fast
+ROOT = Path(__file__).resolve().parent.parent
+SERVING = ["flux_triton", "export", "clients", "model_repository"]
+CORE = ["model_info", "specs", "request", "sampling", "pipeline", "recovery", "preview"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def _offenders(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{path.relative_to(ROOT)} imports {name}" for path in files
+            for name in sorted(imported_modules(path))
+            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+
+
+def test_serving_code_never_imports_dev_tooling_or_tests():
+    files = _files(*SERVING)
+    assert len(files) > 20
+    assert _offenders(files, ("flux_dev", "tests", "benchmarks")) == []
+
+
+def test_core_imports_only_torch_numpy_and_itself():
+    allowed_third_party = {"torch", "numpy"}
+    problems = []
+    for name in CORE:
+        path = ROOT / "flux_triton" / f"{name}.py"
+        for module in imported_modules(path):
+            top = module.split(".")[0]
+            if top == "flux_triton":
+                if module != "flux_triton" and module.split(".")[1] not in CORE:
+                    problems.append(f"{name} imports {module}")
+            elif top in allowed_third_party or top in _stdlib():
+                continue
+            else:
+                problems.append(f"{name} imports {module}")
+    assert problems == []
+
+
+def test_runtimes_do_not_know_triton():
+    files = _files("flux_triton/runtime") + [ROOT / "flux_triton" / f"{n}.py" for n in CORE]
+    assert _offenders(files, ("triton_python_backend_utils", "tritonclient", "flux_triton.adapters",
+                              "export", "clients")) == []
+
+
+def test_clients_talk_over_the_wire_only():
+    assert _offenders(_files("clients"), ("flux_triton.runtime", "flux_triton.adapters",
+                                          "flux_triton.pipeline", "diffusers", "transformers",
+                                          "export")) == []
+
+
+def test_model_repository_adapters_are_thin():
+    for path in (ROOT / "model_repository").glob("*/1/model.py"):
+        code = [line for line in path.read_text().splitlines() if line.strip()]
+        assert len(code) <= 10, f"{path.relative_to(ROOT)} has {len(code)} lines of code"
+
+
+def _stdlib() -> frozenset[str]:
+    import sys
+
+    return frozenset(sys.stdlib_module_names) | {"__future__"}

@@ -1,0 +1,104 @@
+"""The rendered model repository: relocatable, and an export never deletes another backend's
+artifacts; the launcher's address and device options."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.repository import write_repository
+from flux_dev.tritonserver import CUDA_POOL_BYTES, TritonServer, free_port
+from flux_triton.model_info import load_model_info
+from flux_triton.pipeline import FinalImage
+from flux_triton.request import validate_request
+from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from tests.reference import raw_inputs, served_generate
+
+FIELDS = dict(prompt="a lighthouse on a cliff", height=64, width=64, num_inference_steps=2, seed=11)
+
+
+def _in_process_image(model_dir: Path) -> np.ndarray:
+    info = load_model_info(model_dir)
+    events = run_in_process(validate_request(raw_inputs(**FIELDS), info), info, TorchFluxModels(info))
+    return next(e for e in events if isinstance(e, FinalImage)).image.numpy()
+
+
+class _Served:
+    def __init__(self, server: TritonServer):
+        self.server = server
+
+    def client(self):
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(f"127.0.0.1:{self.server.grpc_port}")
+
+
+def _serve_once(repository: Path, model_dir: Path | None = None) -> np.ndarray:
+    ports = [free_port() for _ in range(3)]
+    with TritonServer(repository, *ports, log_file=repository.parent / "server.log",
+                      model_dir=model_dir) as server:
+        result = served_generate(_Served(server), FIELDS, timeout_s=60)
+    assert result.error is None, result.error
+    return result.image
+
+
+def test_repository_moves_with_its_model_or_is_pointed_at_one(model_dirs, tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(model_dirs["schnell"], site / "model")
+    write_repository(site / "model", site / "repository")
+    config = (site / "repository" / "flux_bls" / "config.pbtxt").read_text()
+    assert 'string_value: "../model"' in config and str(tmp_path) not in config
+
+    moved = tmp_path / "elsewhere" / "site"
+    moved.parent.mkdir()
+    site.rename(moved)
+    expected = _in_process_image(model_dirs["schnell"])
+    assert np.array_equal(_serve_once(moved / "repository"), expected)
+
+    # The repository alone, mounted where its relative model_dir leads nowhere: given at serve time.
+    lone = tmp_path / "mounted" / "repository"
+    shutil.move(moved / "repository", lone)
+    assert not (lone.parent / "model").exists()
+    assert np.array_equal(_serve_once(lone, model_dir=moved / "model"), expected)
+
+
+@pytest.mark.fast
+def test_export_keeps_other_backends_artifacts(model_dirs, tmp_path, capsys):
+    repository = tmp_path / "repository"
+    plan = repository / "dit_transformer" / "1" / "model.plan"
+    graph = repository / "vae_decoder" / "1" / "model.onnx"
+    for artifact in (plan, graph):
+        artifact.parent.mkdir(parents=True)
+        artifact.write_bytes(b"built for hours")
+    write_repository(model_dirs["schnell"], repository, backend="torch")
+    assert plan.read_bytes() == graph.read_bytes() == b"built for hours"
+    printed = capsys.readouterr().out
+    assert "kept dit_transformer/1/model.plan" in printed and "kept vae_decoder/1/model.onnx" in printed
+
+
+@pytest.mark.fast
+def test_launcher_listens_where_told_and_knows_gpu_repositories(model_dirs, tmp_path, monkeypatch):
+    import flux_dev.tritonserver as launcher
+
+    monkeypatch.setattr(launcher, "prepare_backends", lambda: tmp_path)
+    monkeypatch.setattr(launcher, "gpu_ids", lambda: [0, 1])
+    cpu_repo = write_repository(model_dirs["schnell"], tmp_path / "cpu")
+    gpu_repo = write_repository(model_dirs["schnell"], tmp_path / "gpu", device="gpu",
+                                precision="BF16")
+
+    default = TritonServer(cpu_repo).command()
+    assert "--http-address=127.0.0.1" in default and "--allow-gpu-metrics=false" in default
+    everywhere = TritonServer(cpu_repo, host="0.0.0.0")
+    assert {"--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(
+        everywhere.command())
+    assert everywhere.local_host == "127.0.0.1"
+
+    gpu = TritonServer(gpu_repo).command()
+    assert "--allow-gpu-metrics=true" in gpu
+    assert {f"--cuda-memory-pool-byte-size={i}:{CUDA_POOL_BYTES}" for i in (0, 1)} <= set(gpu)
+    assert "--allow-gpu-metrics=true" in TritonServer(cpu_repo, device="gpu").command()
+    env = TritonServer(cpu_repo, model_dir=model_dirs["dev"]).environment()
+    assert env["FLUX_TRITON_MODEL_DIR"] == str(model_dirs["dev"])
