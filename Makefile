@@ -20,9 +20,12 @@ export TRANSFORMERS_OFFLINE := 1
 # Given on the command line (or in the environment), these reach `make serve` too.
 given = $(filter command line environment,$(origin $(1)))
 SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
-	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR))
+	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(call given,MPS),--mps $(MPS))
+# GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...]
+EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
+	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP))
 
-.PHONY: setup model train-default accuracy export engines serve demo test test-fast bench lint clean
+.PHONY: setup model train-default accuracy export engines serve demo test test-fast bench bench-gpu gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,13 +48,17 @@ train-default: setup
 	$(PY) -m flux_dev.train_shapes --out $(TRAIN_OUT) --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
 
 # Renders every caption of the shapes world and classifies the pixels (classifier checked first).
+# On a GPU: make accuracy DEVICE=gpu PRECISIONS=FP32,BF16,FP8 (PSNR of each against the first, too).
+PRECISIONS ?= $(PRECISION)
 accuracy: setup
-	$(PY) -m flux_dev.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --out out/shapes_accuracy.json
+	$(PY) -m flux_dev.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --device $(DEVICE) \
+		--precisions $(PRECISIONS) --out out/shapes_accuracy.json
 
 # Never deletes another backend's ONNX graphs or TensorRT plans: it lists the ones it leaves unused.
+# DEVICE=gpu PRECISION=BF16|FP8 compiles at load by default (COMPILE=0 turns it off).
 export: setup
 	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend $(BACKEND) --device $(DEVICE) \
-		--precision $(PRECISION)
+		--precision $(PRECISION) $(EXPORT_OPTIONS)
 
 # TensorRT plans (needs the tensorrt package and a GPU; says what is missing otherwise).
 engines: setup
@@ -78,6 +85,18 @@ test-fast: model
 # In-process vs served through Triton, tiny model on the CPU; prints a table, writes out/bench.json.
 bench: model
 	$(PY) -m flux_dev.bench_cpu --model-dir models/tiny-flux-schnell --out out/bench.json
+
+# The GPU table (make bench-gpu on a GPU machine with torch; README "Performance" says how): (a)
+# diffusers eager, (b) in-process, (c) served, merged into BENCH_OUT. BENCH_ARGS picks cases, e.g.
+# BENCH_ARGS="--variants schnell --precisions FP8 --batches 1".
+GPU_PYTHON ?= python3
+BENCH_OUT ?= benchmarks/results/gpu.json
+bench-gpu:
+	$(GPU_PYTHON) -m flux_dev.bench_gpu --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# .whl/gpu_bundle.tar.xz + .whl/install.sh: what a GPU machine with only torch needs, from PyPI.
+gpu-bundle:
+	bash benchmarks/gpu_bundle.sh .whl
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -21,11 +21,19 @@ from flux_triton.preview import PreviewProjection, fit_preview_projection
 from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import NETWORKS, bls_spec, component_specs
+from flux_triton.specs import (
+    NETWORKS,
+    PRECISIONS,
+    ServingShape,
+    bls_spec,
+    component_specs,
+    default_serving_shape,
+)
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 BACKENDS = ("torch", "onnx", "tensorrt")
 ARTIFACTS = {"onnx": "model.onnx", "tensorrt": "model.plan"}
+COMPILE_CACHE_DIR = ".compile_cache"  # inductor and Triton kernels, relative to the repository
 ENCODE_STEPS = [
     ("tokenizer",
      {"prompt": "prompt", "prompt_2": "prompt_2", "max_sequence_length": "max_sequence_length"},
@@ -51,22 +59,38 @@ def render_configs(
     precision: str = "FP32",
     limits: ServingLimits | None = None,
     retry: RetryPolicy | None = None,
-    compile_dit: bool = False,
+    compile: bool | None = None,
+    cuda_graphs: bool | None = None,
+    warmup: tuple[ServingShape, ...] | None = None,
     repository: str | Path = SOURCE_REPOSITORY,
 ) -> dict[str, str]:
     """config.pbtxt text of every served model, by model name.
 
     `model_dir` is written relative to `repository`, so the repository and its model folder can
     move together; `$FLUX_TRITON_MODEL_DIR` at serve time points a moved repository elsewhere.
+    On a GPU with the torch backend, `compile` (default on) compiles the DiT's blocks, the VAE
+    decoder and T5 at load, `cuda_graphs` (default: as compile) replays the DiT as CUDA graphs, and
+    `warmup` (default: one image at the model's default size) lists the shapes prepared at load;
+    compiled kernels are cached in `<repository>/.compile_cache` across restarts.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "tensorrt" and (device != "gpu" or precision != "FP32"):
         raise ValueError("TensorRT plans run on the GPU with FP32 inputs and outputs "
                          "(precision inside the plan comes from export/engine_config.json)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    accelerated = device == "gpu" and backend == "torch"
+    if precision == "FP8" and not accelerated:
+        raise ValueError("FP8 (float8 Linear layers through torchao) needs the torch backend on a GPU: "
+                         "make export DEVICE=gpu BACKEND=torch PRECISION=FP8")
+    compile = accelerated if compile is None else compile and accelerated
+    cuda_graphs = compile if cuda_graphs is None else cuda_graphs and accelerated
     limits = limits or ServingLimits()
     retry = retry or RetryPolicy()
     info = load_model_info(model_dir)
+    if warmup is None:
+        warmup = (default_serving_shape(info),) if compile or cuda_graphs else ()
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     model_dir_param = os.path.relpath(info.model_dir, Path(repository).resolve())
@@ -74,9 +98,11 @@ def render_configs(
     if device == "gpu":
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     configs = {"tokenizer": python_model_config(specs["tokenizer"], params, "KIND_CPU")}
+    network_params = dict(params)
+    if accelerated:
+        network_params.update(compile=str(int(compile)), cuda_graphs=str(int(cuda_graphs)),
+                              warmup=",".join(map(str, warmup)), compile_cache_dir=COMPILE_CACHE_DIR)
     for name in NETWORKS:
-        network_params = dict(params, compile="repeated_blocks") if (
-            compile_dit and name == "dit_transformer") else params
         configs[name] = (tensorrt_model_config(specs[name]) if backend == "tensorrt"
                          else python_model_config(specs[name], network_params, kind))
     configs["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
@@ -157,19 +183,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", default=str(SOURCE_REPOSITORY))
     parser.add_argument("--backend", default="torch", choices=BACKENDS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--precision", default="FP32", choices=["FP32", "BF16", "FP16"])
+    parser.add_argument("--precision", default="FP32", choices=PRECISIONS,
+                        help="FP8: the DiT's Linear layers in float8 (torch backend on a GPU)")
     parser.add_argument("--onnx-dir", default="build/onnx", help="ONNX graphs for TensorRT builds")
-    parser.add_argument("--compile-dit", action="store_true",
-                        help="torch.compile the DiT's blocks at load (BACKEND=torch on a GPU)")
+    parser.add_argument("--compile", type=int, choices=[0, 1], default=None,
+                        help="torch.compile DiT, VAE decoder and T5 at load (default 1 on a GPU)")
+    parser.add_argument("--cuda-graphs", type=int, choices=[0, 1], default=None,
+                        help="replay the DiT as CUDA graphs (default: as --compile)")
+    parser.add_argument("--warmup", default=None,
+                        help="shapes prepared at load, BxHxWxS[,...] (default: the model's default)")
     args = parser.parse_args(argv)
     from export.onnx_export import ExportError
     from export.tensorrt_build import EngineBuildError
 
     device = "gpu" if args.backend == "tensorrt" else args.device
     try:
-        dest = write_repository(args.model_dir, args.repository, backend=args.backend,
-                                onnx_dir=args.onnx_dir, device=device, precision=args.precision,
-                                compile_dit=args.compile_dit)
+        warmup = None if args.warmup is None else tuple(
+            ServingShape.parse(s) for s in args.warmup.split(",") if s)
+        dest = write_repository(
+            args.model_dir, args.repository, backend=args.backend, onnx_dir=args.onnx_dir,
+            device=device, precision=args.precision, warmup=warmup,
+            compile=None if args.compile is None else bool(args.compile),
+            cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))
     except (ExportError, EngineBuildError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

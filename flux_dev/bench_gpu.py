@@ -1,65 +1,119 @@
-"""GPU benchmark at 1024x1024 on FLUX.1's real architecture (random bf16 weights built on the GPU).
+"""`make bench-gpu`: FLUX.1 at 1024² on one GPU, (a) diffusers eager, (b) our pipeline in-process,
+(c) served by tritonserver and streamed to the gRPC client, for BF16 and FP8.
 
-(a) diffusers FluxPipeline, eager bf16, in-process; (b) our pipeline in-process with the optimized
-components (DiT blocks compiled); per-step DiT latency, end to end, time to first preview, peak GPU
-memory, achieved TFLOP/s of the DiT against the bf16 peak. Writes JSON with GPU and versions.
+FLUX.1's real architecture with random bf16 weights built on the device (`flux_dev.full_size`:
+compute and memory are the real ones). (b) and (c) load the networks the same way
+(`flux_triton.runtime.acceleration`: float8 for FP8, compiled DiT/VAE/T5, the DiT as CUDA graphs),
+so (c)/(b) is the cost of serving. Cases run in the order given and are merged into one JSON file
+(one row per variant/precision/batch, each with the card, driver and versions it ran on), so the
+table can be filled a few cases per call:
 
-    python -m flux_dev.bench_gpu --variant schnell --out results.json
+    python -m flux_dev.bench_gpu --variants schnell --precisions BF16,FP8 --batches 1,4 \
+        --out benchmarks/results/gpu-h100.json
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gc
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flux_dev.full_size import SERVING, benchmark_parser, write_full_size_folder
-from flux_triton.model_info import load_model_info
+from flux_dev.full_size import SERVING, diffusers_pipeline, write_full_size_folder
+from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage, dit_inputs, generate
-from flux_triton.request import validate_request
+from flux_triton.request import ServingLimits, validate_request
+from flux_triton.runtime.acceleration import Acceleration
 from flux_triton.runtime.in_process import TorchFluxModels
 from flux_triton.runtime.torch_components import load_component
+from flux_triton.specs import COMPONENTS, ServingShape
 
-H100_BF16_DENSE_TFLOPS = 989.4
+PROMPT = "a red circle on a blue background"
+SIZE = 1024
 
 
-def cuda_time(fn, warmup: int, runs: int) -> list[float]:
+def environment() -> dict:
+    """The card, driver and software a row was measured with."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "cuda": torch.version.cuda}
+    for package in ("diffusers", "torchao", "transformers", "triton", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.split()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        driver = None
+    return {"gpu": torch.cuda.get_device_name(0), "driver": driver, "versions": versions}
+
+
+def request_fields(variant: str, batch: int) -> dict:
+    defaults = SERVING[variant]
+    return dict(prompt=PROMPT, num_images_per_prompt=batch, height=SIZE, width=SIZE, seed=0,
+                num_inference_steps=defaults["default_num_inference_steps"],
+                max_sequence_length=defaults["default_max_sequence_length"],
+                guidance_scale=defaults["default_guidance_scale"])
+
+
+def serving_shape(variant: str, batch: int) -> ServingShape:
+    return ServingShape(batch, SIZE, SIZE, SERVING[variant]["default_max_sequence_length"])
+
+
+def synced_seconds(fn) -> float:
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - began
+
+
+def median_ms(fn, warmup: int = 2, runs: int = 5) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
-    return times
+    return statistics.median(synced_seconds(fn) for _ in range(runs)) * 1000
 
 
-def dit_step_inputs(info, batch: int, seq: int, device: str) -> dict:
+def raw_request(fields: dict) -> dict[str, np.ndarray]:
+    raw = {"prompt": np.array([fields["prompt"].encode()], dtype=object)}
+    for name, value in fields.items():
+        if name != "prompt":
+            raw[name] = np.array([value], dtype=np.float32 if isinstance(value, float) else np.int64)
+    return raw
+
+
+def dit_sample(info: FluxModelInfo, shape: ServingShape, dtype: torch.dtype) -> dict:
+    """The DiT's inputs at `shape`, as the pipeline builds them."""
     from flux_triton import sampling
 
-    lat = 128
-    embeds = type("E", (), {})()
-    embeds.sequence = torch.randn(batch, seq, info.t5_hidden_size, device=device, dtype=torch.bfloat16)
-    embeds.pooled = torch.randn(batch, info.clip_hidden_size, device=device, dtype=torch.bfloat16)
-    embeds.text_ids = sampling.text_ids(seq, device, torch.bfloat16)
-    latents = torch.randn(batch, (lat // 2) ** 2, 64, device=device, dtype=torch.bfloat16)
-    guidance = torch.full((batch,), 3.5, device=device) if info.guidance_embeds else None
-    timestep = torch.full((batch,), 0.5, device=device, dtype=torch.bfloat16)
+    sizes = shape.axis_sizes(info)
+    device = "cuda"
+    embeds = type("Embeds", (), {})()
+    embeds.sequence = torch.randn(shape.batch, sizes["S_txt"], info.t5_hidden_size, device=device,
+                                  dtype=dtype)
+    embeds.pooled = torch.randn(shape.batch, info.clip_hidden_size, device=device, dtype=dtype)
+    embeds.text_ids = sampling.text_ids(sizes["S_txt"], device, dtype)
+    latents = torch.randn(shape.batch, sizes["S_img"], info.latent_channels * 4, device=device,
+                          dtype=dtype)
+    guidance = (sampling.guidance_vector(3.5, shape.batch, device) if info.guidance_embeds else None)
+    timestep = torch.full((shape.batch,), 0.5, device=device, dtype=dtype)
     return dit_inputs(latents, timestep, guidance, embeds,
-                      sampling.latent_image_ids(lat, lat, device, torch.bfloat16))
+                      sampling.latent_image_ids(sizes["H_lat"], sizes["W_lat"], device, dtype))
 
 
-def dit_flops(dit, inputs) -> float:
+def dit_flops(dit, inputs: dict) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -67,8 +121,43 @@ def dit_flops(dit, inputs) -> float:
     return float(counter.get_total_flops())
 
 
-def run_ours(models, request, info) -> tuple[float, float, np.ndarray]:
-    """(end to end s, first preview s, image) of the shared pipeline in-process."""
+def release(*objects) -> None:
+    del objects
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def part_a(info: FluxModelInfo, variant: str, batches: list[int], runs: int) -> dict:
+    """(a) diffusers' FluxPipeline, eager bf16, on the same random networks."""
+    parts = {name: load_component(name, info, "cuda", "bfloat16") for name in COMPONENTS}
+    pipe = diffusers_pipeline(info, "cuda", "bfloat16", parts)
+    rows = {}
+    for batch in batches:
+        fields = request_fields(variant, batch)
+        inputs = dit_sample(info, serving_shape(variant, batch), torch.bfloat16)
+        with torch.inference_mode():
+            step_ms = median_ms(lambda inputs=inputs: parts["dit_transformer"](**inputs), 1, 3)
+        flops = dit_flops(parts["dit_transformer"], inputs)
+
+        def call(fields=fields, batch=batch):
+            with torch.inference_mode():
+                pipe(prompt=[fields["prompt"]], num_images_per_prompt=batch, height=SIZE, width=SIZE,
+                     num_inference_steps=fields["num_inference_steps"],
+                     max_sequence_length=fields["max_sequence_length"],
+                     guidance_scale=fields["guidance_scale"], output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(0))
+        call()
+        torch.cuda.reset_peak_memory_stats()
+        e2e = [synced_seconds(call) for _ in range(runs)]
+        rows[batch] = {"e2e_s": statistics.median(e2e), "e2e_runs_s": e2e, "dit_step_ms": step_ms,
+                       "dit_flops_per_step": flops, "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+        print(json.dumps({"a": {variant: {batch: rows[batch]}}}), flush=True)
+    release(pipe, parts)
+    return rows
+
+
+def run_pipeline(models, request, info) -> tuple[float, float, dict]:
+    """(end to end s, first preview s, stage spans) of the shared pipeline in-process."""
     async def go():
         began = time.perf_counter()
         first = None
@@ -77,104 +166,177 @@ def run_ours(models, request, info) -> tuple[float, float, np.ndarray]:
                 torch.cuda.synchronize()
                 first = time.perf_counter() - began
             if isinstance(event, FinalImage):
-                image = event.image.cpu().numpy()
-        return time.perf_counter() - began, first, image
+                event.image.cpu()
+                spans = event.timings.spans_ms()
+        return time.perf_counter() - began, first, spans
     return asyncio.run(go())
 
 
-def main(argv=None) -> int:
-    parser = benchmark_parser(__doc__)
-    args = parser.parse_args(argv)
-    import diffusers
-    import transformers
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    device = "cuda"
-    folder = write_full_size_folder(Path(tempfile.mkdtemp()) / args.variant, args.variant,
-                                    args.tokenizers_from)
-    info = load_model_info(folder)
+def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int], runs: int,
+           cache_dir: Path) -> dict:
+    """(b) our pipeline in one process, loaded as the served component models load."""
+    shapes = tuple(serving_shape(variant, b) for b in batches)
+    options = Acceleration(precision, compile=True, cuda_graphs=True, cache_dir=str(cache_dir))
     began = time.perf_counter()
-    parts = {name: load_component(name, info, device, "bfloat16")
-             for name in ("tokenizer", "clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")}
-    build_s = time.perf_counter() - began
-    defaults = SERVING[args.variant]
-    steps, max_seq = defaults["default_num_inference_steps"], defaults["default_max_sequence_length"]
-    guidance = defaults["default_guidance_scale"]
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
-            json.loads((folder / "scheduler" / "scheduler_config.json").read_text())),
-        vae=parts["vae_decoder"].model, text_encoder=parts["clip_encoder"].model,
-        tokenizer=parts["tokenizer"].clip, text_encoder_2=parts["t5_encoder"].model,
-        tokenizer_2=parts["tokenizer"].t5, transformer=parts["dit_transformer"].model,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    result = {
-        "gpu": torch.cuda.get_device_name(0), "variant": args.variant, "height": 1024, "width": 1024,
-        "steps": steps, "max_sequence_length": max_seq,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version(),
-                     "cuda": torch.version.cuda},
-        "random_weight_build_s": build_s, "batches": {},
-    }
-    dit = parts["dit_transformer"]
-    flops = {}
-    for batch in [int(b) for b in args.batches.split(",")]:
-        inputs = dit_step_inputs(info, batch, max_seq, device)
-        flops[batch] = dit_flops(dit, inputs)
+    models = TorchFluxModels(info, "cuda", acceleration=options, warmup=shapes)
+    result = {"load_and_warmup_s": time.perf_counter() - began, "batches": {}}
+    limits = ServingLimits(max_batch=max(batches))
+    dit = models.parts["dit_transformer"]
+    for batch, shape in zip(batches, shapes):
+        request = validate_request(raw_request(request_fields(variant, batch)), info, limits)
+        inputs = dit_sample(info, shape, torch.bfloat16)
         with torch.inference_mode():
-            eager_step = cuda_time(lambda inputs=inputs: dit(**inputs), 2, 5)
-        prompts = ["a red circle on a blue background"]
-        runs = args.runs if batch == 1 else max(1, args.runs - 1)
-
-        def diffusers_call(prompts=prompts, batch=batch):
-            with torch.inference_mode():
-                return pipe(prompt=prompts, num_images_per_prompt=batch, height=1024, width=1024,
-                            num_inference_steps=steps, max_sequence_length=max_seq,
-                            guidance_scale=guidance, output_type="np",
-                            generator=torch.Generator("cpu").manual_seed(0)).images
+            step_ms = median_ms(lambda inputs=inputs: dit(**inputs), 2, 5)
+        run_pipeline(models, request, info)
         torch.cuda.reset_peak_memory_stats()
-        diffusers_e2e = cuda_time(diffusers_call, 1, runs)
-        diffusers_peak = torch.cuda.max_memory_allocated()
-        result["batches"][str(batch)] = {
-            "dit_flops_per_step": flops[batch],
-            "a_diffusers_eager": {"e2e_s": statistics.median(diffusers_e2e),
-                                  "dit_step_ms": statistics.median(eager_step) * 1000,
-                                  "peak_gpu_bytes": diffusers_peak},
-        }
-        print(json.dumps({batch: result["batches"][str(batch)]}), flush=True)
+        measured = [run_pipeline(models, request, info) for _ in range(runs)]
+        spans = measured[-1][2]
+        result["batches"][batch] = {
+            "e2e_s": statistics.median(m[0] for m in measured), "e2e_runs_s": [m[0] for m in measured],
+            "first_preview_s": statistics.median(m[1] for m in measured), "dit_step_ms": step_ms,
+            "stage_ms": {k: v[1] - v[0] for k, v in spans.items()},
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+        print(json.dumps({"b": {variant: {precision: {batch: result["batches"][batch]}}}}), flush=True)
+    release(models)
+    return result
 
-    # (b) ours in-process: the same networks, DiT blocks compiled.
-    compile_began = time.perf_counter()
-    dit.model.compile_repeated_blocks(fullgraph=True)
-    models = TorchFluxModels.__new__(TorchFluxModels)
-    models.parts, models.device = parts, device
-    for batch in [int(b) for b in args.batches.split(",")]:
-        raw = {"prompt": np.array([b"a red circle on a blue background"], dtype=object),
-               "num_images_per_prompt": np.array([batch]), "seed": np.array([0]),
-               "guidance_scale": np.array([guidance], dtype=np.float32),
-               "max_sequence_length": np.array([max_seq])}
-        request = validate_request(raw, info)
-        inputs = dit_step_inputs(info, batch, max_seq, device)
-        with torch.inference_mode():
-            compiled_step = cuda_time(lambda inputs=inputs: dit(**inputs), 3, 5)
-        if batch == 1:
-            result["compile_s"] = time.perf_counter() - compile_began
-        runs = args.runs if batch == 1 else max(1, args.runs - 1)
-        run_ours(models, request, info)  # warm-up
-        torch.cuda.reset_peak_memory_stats()
-        measured = [run_ours(models, request, info) for _ in range(runs)]
-        entry = result["batches"][str(batch)]
-        step_ms = statistics.median(compiled_step) * 1000
-        entry["b_ours_in_process"] = {
-            "e2e_s": statistics.median(m[0] for m in measured),
-            "first_preview_s": statistics.median(m[1] for m in measured),
-            "dit_step_ms": step_ms, "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
-            "dit_tflops": flops[batch] / step_ms / 1e9,
-            "dit_vs_bf16_floor": step_ms / (flops[batch] / H100_BF16_DENSE_TFLOPS / 1e9),
-        }
-        entry["ratio_a_over_b"] = entry["a_diffusers_eager"]["e2e_s"] / entry["b_ours_in_process"]["e2e_s"]
-        print(json.dumps({batch: entry}), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+
+def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs: int,
+           repository: Path, mps: bool, restarts: int, cuda_graphs: bool = True) -> dict:
+    """(c) the same, served: tritonserver on this GPU, streamed to the gRPC client."""
+    import tritonclient.grpc as grpcclient
+
+    from clients.stream_client import build_inputs, stream_generate
+    from export.repository import write_repository
+    from flux_dev.tritonserver import TritonServer, free_port
+
+    shapes = tuple(serving_shape(variant, b) for b in batches)
+    write_repository(folder, repository, device="gpu", precision=precision, warmup=shapes,
+                     cuda_graphs=cuda_graphs, limits=ServingLimits(max_batch=max(batches)))
+    ports = [free_port() for _ in range(3)]
+    log = repository / f"tritonserver-{precision}-mps{int(mps)}.log"
+    server = TritonServer(repository, *ports, log_file=log, mps=mps)
+    result = {"mps": mps, "cuda_graphs": cuda_graphs, "batches": {}, "ready_s": []}
+    try:
+        result["ready_s"].append(server.start(timeout_s=1500))
+        for _ in range(restarts):  # a restart finds the compiled kernels in the repository's cache
+            server.stop()
+            result["ready_s"].append(server.start(timeout_s=1500))
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[1]}")
+        for batch in batches:
+            fields = request_fields(variant, batch)
+            warm = stream_generate(client, build_inputs(**fields), timeout_s=1500)
+            if warm.error:
+                raise RuntimeError(warm.error)
+            streams = [stream_generate(client, build_inputs(**fields), timeout_s=1500)
+                       for _ in range(runs)]
+            steps = len(streams[0].steps)
+            dit_ms = [r.timings[f"step_{i}"][1] - r.timings[f"step_{i}"][0]
+                      for r in streams for i in range(2, steps + 1)]
+            spans = streams[-1].timings
+            result["batches"][batch] = {
+                "e2e_s": statistics.median(r.total_s for r in streams),
+                "e2e_runs_s": [r.total_s for r in streams],
+                "first_preview_s": statistics.median(r.first_response_s for r in streams),
+                "step_interval_ms": statistics.median(s["seconds"] for r in streams
+                                                      for s in r.steps[1:]) * 1000,
+                "bls_dit_call_ms": statistics.median(dit_ms),
+                "server_stage_ms": {k: v[1] - v[0] for k, v in spans.items() if isinstance(v, list)},
+            }
+            print(json.dumps({"c": {variant: {precision: {batch: result["batches"][batch]}}}}),
+                  flush=True)
+        client.close()
+        result["metrics"] = [line for line in server.metrics().splitlines() if line.startswith(
+            ("nv_inference_compute_infer_duration_us", "nv_inference_compute_output_duration_us",
+             "nv_inference_exec_count", "nv_gpu_memory_used_bytes", "flux_gpu_memory_used_bytes"))]
+    finally:
+        server.stop()
+        errors = [line for line in log.read_text(errors="replace").splitlines()
+                  if line.startswith(("E", "W"))]
+        if errors:
+            print("\n".join(errors[-20:]), file=sys.stderr)
+    return result
+
+
+def merge(out: Path, env: dict, rows: dict[str, dict], extra: dict) -> dict:
+    """Add rows (by `variant/precision/batch`) to the results file, keeping rows of other runs."""
+    data = json.loads(out.read_text()) if out.exists() else {"rows": {}, "runs": []}
+    for key, row in rows.items():
+        data["rows"][key] = dict(data["rows"].get(key, {}), **row, environment=env)
+    data["runs"].append(dict(extra, environment=env, rows=sorted(rows)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def table(data: dict) -> str:
+    lines = ["| model | precision | batch | (a) s | (b) s | (c) s | a/c | c/b | DiT step ms a / b / c "
+             "| first preview ms b / c |", "|" + "---|" * 10]
+    for key in sorted(data["rows"]):
+        row = data["rows"][key]
+        a, b, c = row.get("a", {}), row.get("b", {}), row.get("c", {})
+        variant, precision, batch = key.split("/")
+
+        def f(part, name, scale=1.0, digits=3):
+            return f"{part[name] * scale:.{digits}f}" if name in part else "–"
+        ratio_ac = f"{a['e2e_s'] / c['e2e_s']:.2f}" if a and c else "–"
+        ratio_cb = f"{c['e2e_s'] / b['e2e_s']:.3f}" if b and c else "–"
+        lines.append(
+            f"| {variant} | {precision} | {batch} | {f(a, 'e2e_s')} | {f(b, 'e2e_s')} | "
+            f"{f(c, 'e2e_s')} | {ratio_ac} | {ratio_cb} | {f(a, 'dit_step_ms', 1, 1)} / "
+            f"{f(b, 'dit_step_ms', 1, 1)} / {f(c, 'bls_dit_call_ms', 1, 1)} | "
+            f"{f(b, 'first_preview_s', 1000, 0)} / {f(c, 'first_preview_s', 1000, 0)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="schnell,dev")
+    parser.add_argument("--precisions", default="BF16,FP8")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--parts", default="a,b,c", help="any of a, b, c")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--mps", choices=["on", "off", "both"], default="on",
+                        help="(c) with CUDA MPS (both: also without, to show what it changes)")
+    parser.add_argument("--restarts", type=int, default=1,
+                        help="(c) restarts per server after the first start (ready time from cache)")
+    parser.add_argument("--tokenizers-from", default="models/shapes-flux")
+    parser.add_argument("--workdir", default=None, help="folders, repositories and compile caches")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    batches = [int(b) for b in args.batches.split(",")]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-gpu-"))
+    env = environment()
+    print(json.dumps(env), flush=True)
+    for variant in args.variants.split(","):
+        folder = write_full_size_folder(work / variant, variant, args.tokenizers_from)
+        info = load_model_info(folder)
+        rows: dict[str, dict] = {}
+        extra: dict = {"variant": variant, "batches": batches}
+        if "a" in parts:
+            for batch, row in part_a(info, variant, batches, args.runs).items():
+                for precision in args.precisions.split(","):
+                    rows.setdefault(f"{variant}/{precision}/{batch}", {})["a"] = row
+        for precision in args.precisions.split(","):
+            repository = work / f"repository-{variant}-{precision}"
+            cache = repository / ".compile_cache"
+            if "b" in parts:
+                b = part_b(info, variant, precision, batches, args.runs, cache)
+                extra[f"b_{precision}_load_and_warmup_s"] = b["load_and_warmup_s"]
+                for batch, row in b["batches"].items():
+                    rows.setdefault(f"{variant}/{precision}/{batch}", {})["b"] = row
+            if "c" in parts:
+                for mps in {"on": [True], "off": [False], "both": [True, False]}[args.mps]:
+                    c = part_c(folder, variant, precision, batches, args.runs, repository, mps,
+                               args.restarts)
+                    extra[f"c_{precision}_mps{int(mps)}"] = {k: v for k, v in c.items() if k != "batches"}
+                    key = "c" if mps else "c_without_mps"
+                    for batch, row in c["batches"].items():
+                        rows.setdefault(f"{variant}/{precision}/{batch}", {})[key] = row
+        data = merge(args.out, env, rows, extra)
+    print(table(data))
     print(f"wrote {args.out}")
     return 0
 

@@ -79,6 +79,26 @@ def write_full_size_folder(out_dir: str | Path, variant: str, tokenizers_from: s
     return out
 
 
+def diffusers_pipeline(info, device: str, dtype: str, parts: dict | None = None):
+    """diffusers' FluxPipeline over the networks `load_component` loads from a folder (real or
+    random weights): the reference the served pipeline is compared with."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from flux_triton.runtime.torch_components import load_component
+    from flux_triton.specs import COMPONENTS
+
+    parts = parts or {name: load_component(name, info, device, dtype) for name in COMPONENTS}
+    scheduler_config = json.loads((info.model_dir / "scheduler" / "scheduler_config.json").read_text())
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
+        vae=parts["vae_decoder"].model, text_encoder=parts["clip_encoder"].model,
+        tokenizer=parts["tokenizer"].clip, text_encoder_2=parts["t5_encoder"].model,
+        tokenizer_2=parts["tokenizer"].t5, transformer=parts["dit_transformer"].model,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     """--variant and --tokenizers-from: what `write_full_size_folder` needs."""
     parser.add_argument("--variant", choices=["schnell", "dev"], default="schnell")

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -68,6 +69,43 @@ def gpu_ids() -> list[int]:
     return [i for i, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
 
 
+MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_CONTROL_FALLBACK = Path("/usr/local/nvidia/bin") / MPS_CONTROL
+
+
+class MpsDaemon:
+    """The CUDA MPS control daemon, private to one server (its own pipe and log folders).
+
+    Every Triton Python model instance is a process with its own CUDA context; without MPS the GPU
+    time-slices between them, and a model's small kernels stall the DiT's (measured: +6.8 % per
+    DiT step, 0.3 % with MPS). With it, all the server's processes share the GPU as one client.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.folder / "pipe"),
+                    "CUDA_MPS_LOG_DIRECTORY": str(self.folder / "log")}
+        self.running = False
+
+    @staticmethod
+    def control() -> str | None:
+        """The control program's path, or None when this machine has none."""
+        found = shutil.which(MPS_CONTROL)
+        return found or (str(MPS_CONTROL_FALLBACK) if MPS_CONTROL_FALLBACK.exists() else None)
+
+    def start(self) -> None:
+        for folder in self.env.values():
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        subprocess.run([self.control(), "-d"], env={**os.environ, **self.env}, check=True, timeout=30)
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            subprocess.run([self.control()], input=b"quit\n", env={**os.environ, **self.env},
+                           check=False, timeout=60)
+            self.running = False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +131,15 @@ class TritonServer:
     host: str = "127.0.0.1"
     device: str = "auto"
     model_dir: Path | None = None
+    mps: bool | None = None  # None: on for a GPU server where the MPS control program exists
     process: subprocess.Popen | None = None
+    mps_daemon: MpsDaemon | None = None
+
+    @property
+    def uses_mps(self) -> bool:
+        if self.mps is None:
+            return self.on_gpu and MpsDaemon.control() is not None
+        return self.mps
 
     @property
     def on_gpu(self) -> bool:
@@ -139,13 +185,27 @@ class TritonServer:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if self.model_dir is not None:
             env[MODEL_DIR_ENV] = str(Path(self.model_dir).resolve())
+        if self.mps_daemon is not None:
+            env.update(self.mps_daemon.env)
         env.update(self.extra_env)
         return env
+
+    def start_mps(self) -> None:
+        """Start this server's MPS daemon if it uses one (before the server's processes start)."""
+        if self.uses_mps and self.mps_daemon is None:
+            self.mps_daemon = MpsDaemon(Path(tempfile.mkdtemp(prefix="flux-triton-mps-")))
+            self.mps_daemon.start()
+
+    def stop_mps(self) -> None:
+        if self.mps_daemon is not None:
+            self.mps_daemon.stop()
+            self.mps_daemon = None
 
     def start(self, timeout_s: float = 120.0) -> float:
         """Start the server and wait until it is ready; return the start-to-ready seconds."""
         out = open(self.log_file, "wb") if self.log_file else None  # noqa: SIM115
         began = time.perf_counter()
+        self.start_mps()
         self.process = subprocess.Popen(
             self.command(), env=self.environment(), stdout=out or None, stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -187,15 +247,19 @@ class TritonServer:
             return resp.read().decode()
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGINT (Triton's graceful shutdown), then SIGKILL of the whole group if it hangs."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGINT)
+        """SIGINT (Triton's graceful shutdown), then SIGKILL of the whole group if it hangs; then
+        the MPS daemon, if any."""
         try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+            if self.process is None or self.process.poll() is not None:
+                return None if self.process is None else self.process.returncode
+            self.process.send_signal(signal.SIGINT)
+            try:
+                return self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                return self.process.wait()
+        finally:
+            self.stop_mps()
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -219,15 +283,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="gpu: GPU metrics and CUDA memory pools; auto: as the repository says")
     parser.add_argument("--model-dir", help="serve this model folder instead of the configs' model_dir")
+    parser.add_argument("--mps", choices=["auto", "on", "off"], default="auto",
+                        help="CUDA MPS for the server's processes (auto: on for a GPU repository)")
     parser.add_argument("extra", nargs="*", help="more tritonserver flags (after --)")
     args = parser.parse_args(argv)
     if not any(Path(args.repository).glob("*/config.pbtxt")):
         raise SystemExit(f"{args.repository} has no config.pbtxt: run `make export` first")
     server = TritonServer(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
                           extra_args=args.extra, host=args.host, device=args.device,
-                          model_dir=Path(args.model_dir) if args.model_dir else None)
-    command = server.command()
-    os.execve(command[0], command, server.environment())
+                          model_dir=Path(args.model_dir) if args.model_dir else None,
+                          mps={"auto": None, "on": True, "off": False}[args.mps])
+    server.start_mps()
+    try:  # in the foreground; Ctrl-C or SIGTERM stop it gracefully, then its MPS daemon
+        process = subprocess.Popen(server.command(), env=server.environment())
+        signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGINT))
+        while True:
+            try:
+                sys.exit(process.wait())
+            except KeyboardInterrupt:  # the terminal sent SIGINT to tritonserver too: let it finish
+                continue
+    finally:
+        server.stop_mps()
 
 
 if __name__ == "__main__":

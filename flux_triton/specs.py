@@ -40,12 +40,20 @@ class ComponentSpec:
 
 
 TORCH_DTYPES = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
+# Serving precisions and the type of the tensors between models for each: FP8 runs the DiT's Linear
+# layers in float8 inside the model and takes and gives bf16 like BF16.
+PRECISIONS = ("FP32", "FP16", "BF16", "FP8")
+IO_DTYPES = {"FP32": "FP32", "FP16": "FP16", "BF16": "BF16", "FP8": "BF16"}
 NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")  # the four FLUX networks
 COMPONENTS = ("tokenizer", *NETWORKS)
 
 
-def component_specs(info: FluxModelInfo, dtype: str = "FP32") -> dict[str, ComponentSpec]:
-    """Specs of tokenizer, clip_encoder, t5_encoder, dit_transformer, vae_decoder, encode_prompt."""
+def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, ComponentSpec]:
+    """Specs of tokenizer, clip_encoder, t5_encoder, dit_transformer, vae_decoder, encode_prompt,
+    with the floating-point tensors in the type `precision` serves them in (see IO_DTYPES)."""
+    if precision not in IO_DTYPES:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dtype = IO_DTYPES[precision]
     packed_channels = info.latent_channels * 4
     dit_inputs = [
         TensorSpec("hidden_states", dtype, ("B", "S_img", packed_channels)),
@@ -96,6 +104,43 @@ def component_specs(info: FluxModelInfo, dtype: str = "FP32") -> dict[str, Compo
         ComponentSpec("encode_prompt", prompt_inputs, (pooled, sequence)),
     ]
     return {s.name: s for s in specs}
+
+
+@dataclass(frozen=True)
+class ServingShape:
+    """A request shape the server prepares at load: compiled kernels and a CUDA graph for it, so
+    no request of that shape waits for compilation. Written `BxHxWxS` (batch, height, width,
+    max_sequence_length), e.g. `1x1024x1024x512`."""
+
+    batch: int
+    height: int
+    width: int
+    max_sequence_length: int
+
+    @classmethod
+    def parse(cls, text: str) -> ServingShape:
+        try:
+            batch, height, width, seq = (int(part) for part in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"a serving shape is BxHxWxS (e.g. 1x1024x1024x512), got {text!r}") from None
+        return cls(batch, height, width, seq)
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.height}x{self.width}x{self.max_sequence_length}"
+
+    def axis_sizes(self, info: FluxModelInfo) -> dict[str, int]:
+        """The size of every symbolic axis of the component specs at this shape (one image per
+        prompt)."""
+        lat_h = 2 * (self.height // (info.vae_scale_factor * 2))
+        lat_w = 2 * (self.width // (info.vae_scale_factor * 2))
+        return {"B": self.batch, "N": self.batch, "S_img": (lat_h // 2) * (lat_w // 2),
+                "S_txt": self.max_sequence_length, "H_lat": lat_h, "W_lat": lat_w,
+                "H": lat_h * info.vae_scale_factor, "W": lat_w * info.vae_scale_factor}
+
+
+def default_serving_shape(info: FluxModelInfo) -> ServingShape:
+    """One image at the model folder's default size and text length."""
+    return ServingShape(1, info.default_height, info.default_width, info.default_max_sequence_length)
 
 
 # The public request of `flux_bls`, declared once: the rendered config, the validator

@@ -20,8 +20,9 @@ from flux_triton.adapters.backend import (
 from flux_triton.adapters.faults import FaultInjector, InjectedUnavailable
 from flux_triton.model_info import load_model_info
 from flux_triton.recovery import OUT_OF_MEMORY_MARKER, is_out_of_memory, tag_status
+from flux_triton.runtime.acceleration import Acceleration, eager_for_new_shapes, load_accelerated
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import TORCH_DTYPES, component_specs
+from flux_triton.specs import ServingShape, component_specs
 
 
 def failure_response(pb: Any, model: str, exc: Exception) -> Any:
@@ -36,6 +37,18 @@ def failure_response(pb: Any, model: str, exc: Exception) -> Any:
     if is_out_of_memory(exc):
         detail = f"{OUT_OF_MEMORY_MARKER}: {detail}"
     return error_response(pb, f"{model}: {tag_status(status, detail)}", status)
+
+
+def acceleration_options(args: dict, params: dict[str, str]) -> Acceleration:
+    """The config's precision, compile, cuda_graphs and compile_cache_dir (relative to the model
+    repository, like model_dir)."""
+    cache_dir = params.get("compile_cache_dir")
+    if cache_dir and not Path(cache_dir).is_absolute():
+        cache_dir = str(Path(args["model_repository"]).parent / cache_dir)
+    return Acceleration(precision=params.get("precision", "FP32"),
+                        compile=params.get("compile", "0") == "1",
+                        cuda_graphs=params.get("cuda_graphs", "0") == "1",
+                        cache_dir=cache_dir)
 
 
 class ComponentModel:
@@ -59,10 +72,12 @@ class ComponentModel:
 
             onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
             self.component = OnnxComponent(onnx_path, self.spec, self.device)
-        else:
-            self.component = load_component(self.name, info, self.device, TORCH_DTYPES[precision])
-            if params.get("compile") == "repeated_blocks":  # torch.compile each transformer block
-                self.component.model.compile_repeated_blocks(fullgraph=True)
+            return
+        options = acceleration_options(args, params)
+        warmup = tuple(ServingShape.parse(s) for s in params.get("warmup", "").split(",") if s)
+        self.component = load_accelerated(self.name, info, self.device, options, warmup)
+        if options.compile and warmup:
+            eager_for_new_shapes()
 
     def execute(self, requests: list) -> list:
         pb = self.pb

@@ -10,15 +10,21 @@ import torch
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.pipeline import FinalImage, StepUpdate, generate
 from flux_triton.request import GenerationRequest
+from flux_triton.runtime.acceleration import Acceleration, load_accelerated
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import COMPONENTS
+from flux_triton.specs import COMPONENTS, ServingShape
 
 
 class TorchFluxModels:
     """`FluxModels` implemented by direct calls of the loaded components."""
 
-    def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32"):
-        self.parts = {n: load_component(n, info, device, dtype) for n in COMPONENTS}
+    def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32",
+                 acceleration: Acceleration | None = None, warmup: tuple[ServingShape, ...] = ()):
+        if acceleration is None:
+            self.parts = {n: load_component(n, info, device, dtype) for n in COMPONENTS}
+        else:  # exactly as the served component models load them
+            self.parts = {n: load_accelerated(n, info, device, acceleration, warmup)
+                          for n in COMPONENTS}
         self.device = device
 
     async def tokenize(self, prompts, prompts_2, max_sequence_length):

@@ -128,8 +128,11 @@ class VaeDecoder(torch.nn.Module):
         from diffusers import AutoencoderKL
 
         self.model = _network(AutoencoderKL, model_dir, "vae", dtype, device)
+        self.channels_last = False  # set when the decoder's convolutions run channels_last
 
     def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
         return {"image": self.model.decode(latents, return_dict=False)[0]}
 
 

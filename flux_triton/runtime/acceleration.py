@@ -1,0 +1,194 @@
+"""GPU speed for the PyTorch runtime: float8 Linear layers, torch.compile, CUDA graphs, and a
+compile cache that survives restarts.
+
+`Acceleration` says what to apply; `accelerate(name, module, ...)` applies it to one loaded
+network. The Triton component models and the in-process runner call the same function, so both
+run the same kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flux_triton.model_info import FluxModelInfo
+from flux_triton.runtime.torch_components import load_component
+from flux_triton.specs import IO_DTYPES, PRECISIONS, TORCH_DTYPES, ServingShape, component_specs
+
+COMPILED = ("dit_transformer", "vae_decoder", "t5_encoder")
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How a network runs on the GPU.
+
+    precision: FP32, FP16, BF16, or FP8 (the DiT's token Linear layers in row-wise dynamic float8
+    through torchao, everything else bf16). compile: torch.compile the DiT's blocks, the VAE
+    decoder (channels_last) and T5. cuda_graphs: replay the DiT as one CUDA graph per input shape.
+    cache_dir: where inductor and Triton keep compiled kernels, so a restart does not compile again.
+    """
+
+    precision: str = "FP32"
+    compile: bool = False
+    cuda_graphs: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    @property
+    def dtype(self) -> str:
+        """The torch dtype name the networks are loaded in."""
+        return TORCH_DTYPES[IO_DTYPES[self.precision]]
+
+    @property
+    def active(self) -> bool:
+        return self.precision == "FP8" or self.compile or self.cuda_graphs
+
+
+def use_compile_cache(cache_dir: str | Path) -> None:
+    """Keep inductor's FX-graph, AOTAutograd and Triton kernel caches in `cache_dir` (read at the
+    first compile, so call this before compiling)."""
+    path = Path(cache_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def is_token_linear(module: torch.nn.Module, name: str) -> bool:
+    """The DiT's Linear layers that act on image and text tokens (attention and MLPs of every
+    block): float8 there. The conditioning path (adaLN modulation, time/guidance/text embedders)
+    and the input and output projections stay bf16: they are a sliver of the FLOPs, and the
+    modulation runs on one row per image, where float8 gains nothing."""
+    return (isinstance(module, torch.nn.Linear) and "transformer_blocks." in name
+            and ".norm" not in name)
+
+
+def quantize_float8(transformer: torch.nn.Module) -> int:
+    """Row-wise dynamic float8 (weights and activations, e4m3) on the token Linear layers, through
+    torchao; returns how many layers were converted."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    names = [n for n, m in transformer.named_modules() if is_token_linear(m, n)]
+    chosen = set(names)
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, fqn: fqn in chosen)
+    return len(names)
+
+
+class CudaGraphRunner:
+    """Runs `forward(**tensors) -> dict of tensors` by replaying one CUDA graph per input shape.
+
+    A graph is captured the first time a shape is seen (after two warm-up calls on a side stream)
+    and replayed with the inputs copied into its static buffers; outputs are cloned, so a caller
+    may keep them while the next call replays. Graphs share one memory pool (calls never overlap
+    within a process); the least recently used is dropped beyond `max_graphs`.
+    """
+
+    def __init__(self, forward: Callable[..., dict[str, torch.Tensor]], max_graphs: int = 8):
+        self.forward = forward
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self.pool = None
+
+    @staticmethod
+    def key(inputs: dict[str, torch.Tensor]) -> tuple:
+        return tuple((name, tuple(v.shape), v.dtype, v.device) for name, v in sorted(inputs.items()))
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = self.key(inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(inputs)
+            self.graphs[key] = entry
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        static_inputs, graph, static_outputs = entry
+        for name, value in inputs.items():
+            static_inputs[name].copy_(value)
+        graph.replay()
+        return {name: value.clone() for name, value in static_outputs.items()}
+
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
+        static_inputs = {name: value.clone() for name, value in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles (if compiled) and settles the allocator before capture
+                self.forward(**static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_outputs = self.forward(**static_inputs)
+        return static_inputs, graph, static_outputs
+
+
+def accelerate(name: str, network: torch.nn.Module, options: Acceleration) -> Callable:
+    """Apply `options` to a loaded network component (a module whose `.model` is the diffusers or
+    transformers model); returns what to call instead of it."""
+    model = network.model
+    if name == "dit_transformer" and options.precision == "FP8":
+        quantize_float8(model)
+    if options.cache_dir and options.compile:
+        use_compile_cache(options.cache_dir)
+    if options.compile and name in COMPILED:
+        if name == "dit_transformer":
+            model.compile_repeated_blocks(fullgraph=True)
+        elif name == "vae_decoder":
+            model.to(memory_format=torch.channels_last)
+            model.decoder.compile(fullgraph=True)
+            network.channels_last = True
+        else:
+            model.compile(fullgraph=True)
+    if name == "dit_transformer" and options.cuda_graphs:
+        return CudaGraphRunner(network)
+    return network
+
+
+def eager_for_new_shapes() -> None:
+    """After warm-up: shapes not compiled yet run eagerly instead of compiling on a request's time
+    (minutes for float8). A process-wide switch; each served model is its own process."""
+    torch.compiler.set_stance("eager_on_recompile")
+
+
+def sample_inputs(name: str, info: FluxModelInfo, shape: ServingShape, device: str,
+                  precision: str) -> dict[str, torch.Tensor]:
+    """Inputs of component `name` at `shape`, by its spec: random floats, zero token ids."""
+    spec = component_specs(info, precision)[name]
+    sizes = shape.axis_sizes(info)
+    generator = torch.Generator(device).manual_seed(0)
+    inputs = {}
+    for tensor in spec.inputs:
+        dims = [d if isinstance(d, int) else sizes[d] for d in tensor.dims]
+        if tensor.dtype.startswith("INT"):
+            inputs[tensor.name] = torch.zeros(dims, dtype=torch.int64, device=device)
+        else:
+            dtype = getattr(torch, TORCH_DTYPES.get(tensor.dtype, "float32"))
+            inputs[tensor.name] = torch.randn(dims, generator=generator, device=device).to(dtype)
+    return inputs
+
+
+def load_accelerated(name: str, info: FluxModelInfo, device: str, options: Acceleration,
+                     warmup: tuple[ServingShape, ...] = ()) -> Callable:
+    """Load component `name` for `device` with `options` applied, and run it once at every warm-up
+    shape (compiling and capturing there, not on a request's time)."""
+    component = load_component(name, info, device, options.dtype)
+    if not options.active or name == "tokenizer" or not device.startswith("cuda"):
+        return component
+    runner = accelerate(name, component, options)
+    with torch.inference_mode():
+        for shape in warmup:
+            runner(**sample_inputs(name, info, shape, device, options.precision))
+    torch.cuda.synchronize(device)
+    return runner

@@ -1,0 +1,69 @@
+"""The GPU runtime options on the trained shapes model: CUDA graphs replay exactly what the module
+computes, compiled networks stay close to eager ones, float8 stays close to bf16 (skipped without
+a CUDA GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux_triton.model_info import load_model_info
+from flux_triton.runtime.acceleration import (
+    Acceleration,
+    CudaGraphRunner,
+    load_accelerated,
+    sample_inputs,
+)
+from flux_triton.runtime.torch_components import load_component
+from flux_triton.specs import ServingShape
+from tests.reference import SHAPES_DIR
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SHAPE = ServingShape(2, 128, 128, 16)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.fixture(scope="module")
+def info():
+    return load_model_info(SHAPES_DIR)
+
+
+def test_cuda_graph_replays_the_module_exactly(info):
+    dit = load_component("dit_transformer", info, "cuda", "bfloat16")
+    runner = CudaGraphRunner(dit)
+    with torch.inference_mode():
+        for seed in range(3):  # fresh inputs each time: the static buffers must be refilled
+            torch.manual_seed(seed)
+            inputs = sample_inputs("dit_transformer", info, SHAPE, "cuda", "BF16")
+            inputs["hidden_states"] = torch.randn_like(inputs["hidden_states"])
+            expected = dit(**inputs)["noise_pred"]
+            assert torch.equal(runner(**inputs)["noise_pred"], expected)
+    assert len(runner.graphs) == 1
+
+
+@pytest.mark.parametrize("name,bound", [("dit_transformer", 2e-2), ("vae_decoder", 2e-2),
+                                        ("t5_encoder", 2e-2)])
+def test_compiled_networks_match_eager(info, name, bound):
+    eager = load_component(name, info, "cuda", "bfloat16")
+    fast = load_accelerated(name, info, "cuda", Acceleration("BF16", compile=True, cuda_graphs=True),
+                            warmup=(SHAPE,))
+    inputs = sample_inputs(name, info, SHAPE, "cuda", "BF16")
+    with torch.inference_mode():
+        ref, out = eager(**inputs), fast(**inputs)
+    for key in ref:
+        error = _relative_error(out[key], ref[key])
+        print(f"{name} compiled vs eager bf16: relative error {error:.2e}")
+        assert error < bound
+
+
+def test_float8_dit_stays_close_to_bf16(info):
+    bf16 = load_component("dit_transformer", info, "cuda", "bfloat16")
+    fp8 = load_accelerated("dit_transformer", info, "cuda", Acceleration("FP8"))
+    inputs = sample_inputs("dit_transformer", info, SHAPE, "cuda", "FP8")
+    with torch.inference_mode():
+        error = _relative_error(fp8(**inputs)["noise_pred"], bf16(**inputs)["noise_pred"])
+    print(f"float8 DiT vs bf16 on the trained model: relative error {error:.2e}")
+    assert 0 < error < 0.1
