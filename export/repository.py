@@ -33,7 +33,9 @@ from flux_triton.specs import (
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 BACKENDS = ("torch", "onnx", "tensorrt")
 ARTIFACTS = {"onnx": "model.onnx", "tensorrt": "model.plan"}
-COMPILE_CACHE_DIR = ".compile_cache"  # inductor and Triton kernels, relative to the repository
+# Compiled kernels (inductor, Triton) live beside the repository, not in it: tritonserver would take a
+# folder inside it for a model.
+COMPILE_CACHE_SUFFIX = ".compile_cache"
 ENCODE_STEPS = [
     ("tokenizer",
      {"prompt": "prompt", "prompt_2": "prompt_2", "max_sequence_length": "max_sequence_length"},
@@ -71,7 +73,7 @@ def render_configs(
     On a GPU with the torch backend, `compile` (default on) compiles the DiT's blocks, the VAE
     decoder and T5 at load, `cuda_graphs` (default: as compile) replays the DiT as CUDA graphs, and
     `warmup` (default: one image at the model's default size) lists the shapes prepared at load;
-    compiled kernels are cached in `<repository>/.compile_cache` across restarts.
+    compiled kernels are cached in `<repository>.compile_cache` beside it across restarts.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -101,7 +103,8 @@ def render_configs(
     network_params = dict(params)
     if accelerated:
         network_params.update(compile=str(int(compile)), cuda_graphs=str(int(cuda_graphs)),
-                              warmup=",".join(map(str, warmup)), compile_cache_dir=COMPILE_CACHE_DIR)
+                              warmup=",".join(map(str, warmup)),
+                              compile_cache_dir=f"../{Path(repository).resolve().name}{COMPILE_CACHE_SUFFIX}")
     for name in NETWORKS:
         configs[name] = (tensorrt_model_config(specs[name]) if backend == "tensorrt"
                          else python_model_config(specs[name], network_params, kind))

@@ -259,11 +259,15 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
 
 
 def merge(out: Path, env: dict, rows: dict[str, dict], extra: dict) -> dict:
-    """Add rows (by `variant/precision/batch`) to the results file, keeping rows of other runs."""
+    """Add rows (by `variant/precision/batch`, one key per part) to the results file, keeping the
+    rows and parts of other runs."""
     data = json.loads(out.read_text()) if out.exists() else {"rows": {}, "runs": []}
-    for key, row in rows.items():
-        data["rows"][key] = dict(data["rows"].get(key, {}), **row, environment=env)
+    for key, parts in rows.items():
+        row = data["rows"].setdefault(key, {})
+        for part, values in parts.items():
+            row[part] = dict(values, environment=env)
     data["runs"].append(dict(extra, environment=env, rows=sorted(rows)))
+    data["rows"] = dict(sorted(data["rows"].items()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     return data
@@ -300,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mps", choices=["on", "off", "both"], default="on",
                         help="(c) with CUDA MPS (both: also without, to show what it changes)")
     parser.add_argument("--restarts", type=int, default=1,
-                        help="(c) restarts per server after the first start (ready time from cache)")
+                        help="(c) restarts of the MPS server after its first start (ready time "
+                             "with the compile cache filled)")
+    parser.add_argument("--restart-precisions", default="FP8",
+                        help="precisions whose server is restarted (--restarts) to time a cached start")
     parser.add_argument("--tokenizers-from", default="models/shapes-flux")
     parser.add_argument("--workdir", default=None, help="folders, repositories and compile caches")
     parser.add_argument("--out", required=True, type=Path)
@@ -310,33 +317,39 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-gpu-"))
     env = environment()
     print(json.dumps(env), flush=True)
+    data = None
     for variant in args.variants.split(","):
         folder = write_full_size_folder(work / variant, variant, args.tokenizers_from)
         info = load_model_info(folder)
-        rows: dict[str, dict] = {}
-        extra: dict = {"variant": variant, "batches": batches}
+        precisions = args.precisions.split(",")
+
+        def save(part: str, rows_by_batch: dict, precisions: list[str], extra: dict,
+                 variant: str = variant) -> dict:
+            """Merge one part's rows into the results file at once (a cut-off run keeps them)."""
+            rows = {f"{variant}/{precision}/{batch}": {part: row}
+                    for precision in precisions for batch, row in rows_by_batch.items()}
+            return merge(args.out, env, rows, dict(extra, variant=variant, part=part))
+
         if "a" in parts:
-            for batch, row in part_a(info, variant, batches, args.runs).items():
-                for precision in args.precisions.split(","):
-                    rows.setdefault(f"{variant}/{precision}/{batch}", {})["a"] = row
-        for precision in args.precisions.split(","):
+            data = save("a", part_a(info, variant, batches, args.runs), precisions, {})
+            release()
+        for precision in precisions:
             repository = work / f"repository-{variant}-{precision}"
-            cache = repository / ".compile_cache"
+            cache = work / f"{repository.name}.compile_cache"  # where the served models look
             if "b" in parts:
                 b = part_b(info, variant, precision, batches, args.runs, cache)
-                extra[f"b_{precision}_load_and_warmup_s"] = b["load_and_warmup_s"]
-                for batch, row in b["batches"].items():
-                    rows.setdefault(f"{variant}/{precision}/{batch}", {})["b"] = row
+                release()  # part_b's models are gone now: hand their cached blocks back
+                data = save("b", b["batches"], [precision],
+                            {"load_and_warmup_s": b["load_and_warmup_s"]})
             if "c" in parts:
                 for mps in {"on": [True], "off": [False], "both": [True, False]}[args.mps]:
+                    restarts = args.restarts if mps and precision in args.restart_precisions else 0
                     c = part_c(folder, variant, precision, batches, args.runs, repository, mps,
-                               args.restarts)
-                    extra[f"c_{precision}_mps{int(mps)}"] = {k: v for k, v in c.items() if k != "batches"}
-                    key = "c" if mps else "c_without_mps"
-                    for batch, row in c["batches"].items():
-                        rows.setdefault(f"{variant}/{precision}/{batch}", {})[key] = row
-        data = merge(args.out, env, rows, extra)
-    print(table(data))
+                               restarts)
+                    data = save("c" if mps else "c_without_mps", c["batches"], [precision],
+                                {k: v for k, v in c.items() if k != "batches"})
+    if data is not None:
+        print(table(data))
     print(f"wrote {args.out}")
     return 0
 

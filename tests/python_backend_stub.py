@@ -122,6 +122,7 @@ class InferenceRequest:
         return self.sender
 
     def is_cancelled(self) -> bool:
+        """True once the "client" has received `cancel_after_steps` steps (it then cancels)."""
         steps = sum(1 for r, _ in self.sender.sent if r is not None and not r.has_error()
                     and any(t.name() == "step" for t in r.output_tensors()))
         return self.cancel_after_steps is not None and steps >= self.cancel_after_steps

