@@ -90,7 +90,7 @@ bench: model
 # diffusers eager, (b) in-process, (c) served, merged into BENCH_OUT. BENCH_ARGS picks cases, e.g.
 # BENCH_ARGS="--variants schnell --precisions FP8 --batches 1".
 GPU_PYTHON ?= python3
-BENCH_OUT ?= benchmarks/results/gpu.json
+BENCH_OUT ?= benchmarks/results/bench-gpu.json
 bench-gpu:
 	$(GPU_PYTHON) -m flux_dev.bench_gpu --out $(BENCH_OUT) $(BENCH_ARGS)
 
