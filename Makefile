@@ -20,7 +20,8 @@ export TRANSFORMERS_OFFLINE := 1
 # Given on the command line (or in the environment), these reach `make serve` too.
 given = $(filter command line environment,$(origin $(1)))
 SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
-	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(call given,MPS),--mps $(MPS))
+	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(call given,MPS),--mps $(MPS)) \
+	$(if $(call given,SUPERVISOR_PORT),--supervisor-port $(SUPERVISOR_PORT))
 # GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...]
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP))
@@ -67,7 +68,7 @@ engines: setup
 # HOST=0.0.0.0 listens on every interface; DEVICE=gpu (or a GPU repository) turns GPU metrics on;
 # MODEL_DIR=... serves that folder with the rendered repository (e.g. a moved or mounted one).
 serve: setup
-	$(PY) -m flux_dev.tritonserver --repository model_repository --host $(HOST) \
+	$(PY) -m flux_triton.server.launcher --repository model_repository --host $(HOST) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(SERVE_OPTIONS)
 
 demo: setup

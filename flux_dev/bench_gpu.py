@@ -208,7 +208,7 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
 
     from clients.stream_client import build_inputs, stream_generate
     from export.repository import write_repository
-    from flux_dev.tritonserver import TritonServer, free_port
+    from flux_triton.server.launcher import TritonServer, free_port
 
     shapes = tuple(serving_shape(variant, b) for b in batches)
     write_repository(folder, repository, device="gpu", precision=precision, warmup=shapes,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from clients import stream_client
-from flux_dev.tritonserver import TritonServer
+from flux_triton.server.launcher import TritonServer
 
 
 def main(argv: list[str] | None = None) -> int:

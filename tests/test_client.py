@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from clients import stream_client
-from flux_dev.tritonserver import free_port
+from flux_triton.server.launcher import free_port
 
 
 def test_client_saves_previews_and_image(served, tmp_path, capsys):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from export.repository import write_repository
-from flux_dev.tritonserver import CUDA_POOL_BYTES, TritonServer, free_port
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from flux_triton.server.launcher import CUDA_POOL_BYTES, TritonServer, free_port
 from tests.reference import raw_inputs, served_generate
 
 FIELDS = dict(prompt="a lighthouse on a cliff", height=64, width=64, num_inference_steps=2, seed=11)
@@ -81,7 +81,7 @@ def test_export_keeps_other_backends_artifacts(model_dirs, tmp_path, capsys):
 
 @pytest.mark.fast
 def test_launcher_listens_where_told_and_knows_gpu_repositories(model_dirs, tmp_path, monkeypatch):
-    import flux_dev.tritonserver as launcher
+    import flux_triton.server.launcher as launcher
 
     monkeypatch.setattr(launcher, "prepare_backends", lambda: tmp_path)
     monkeypatch.setattr(launcher, "gpu_ids", lambda: [0, 1])

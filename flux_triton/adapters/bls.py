@@ -217,8 +217,10 @@ class FluxBlsModel:
             # UNAVAILABLE invites the client to try again later; a deterministic failure would not
             # go away by itself.
             transient = exc.cause.retryable or isinstance(exc.cause, OutOfMemory)
-            sender.send(error_response(pb, f"flux_bls: {exc}", "UNAVAILABLE" if transient else "INTERNAL"),
-                        flags=final)
+            hint = (f" ({exc.model} is unavailable: the server is restarting it; retry in a few "
+                    "seconds)" if exc.cause.retryable else "")
+            sender.send(error_response(pb, f"flux_bls: {exc}{hint}",
+                                       "UNAVAILABLE" if transient else "INTERNAL"), flags=final)
             self.metrics.outcomes["failed"].increment(1)
         except Exception as exc:  # the stream must always end, or the request is lost
             sender.send(error_response(pb, f"flux_bls: {type(exc).__name__}: {exc}"), flags=final)

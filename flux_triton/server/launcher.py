@@ -15,11 +15,13 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux_triton.adapters.backend import MODEL_DIR_ENV
+from flux_triton.server.supervisor import Supervisor, SupervisorMetrics
 
 # Per GPU: large enough that a 1024² DiT output (48 MiB) moves between models without CUDA IPC.
 CUDA_POOL_BYTES = 256 * 1024 * 1024
@@ -132,8 +134,12 @@ class TritonServer:
     device: str = "auto"
     model_dir: Path | None = None
     mps: bool | None = None  # None: on for a GPU server where the MPS control program exists
+    supervise: bool = True  # restart model processes that die or stop (flux_triton.server.supervisor)
+    supervisor_port: int | None = None  # the supervisor's Prometheus metrics, if given
+    liveness_bound_s: float = 120.0
     process: subprocess.Popen | None = None
     mps_daemon: MpsDaemon | None = None
+    supervisor: Supervisor | None = None
 
     @property
     def uses_mps(self) -> bool:
@@ -171,6 +177,9 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=20",
+            # Every model loaded at start, and the supervisor may unload and load one again.
+            "--model-control-mode=explicit",
+            "--load-model=*",
             *self.extra_args,
         ]
 
@@ -201,9 +210,10 @@ class TritonServer:
             self.mps_daemon.stop()
             self.mps_daemon = None
 
-    def start(self, timeout_s: float = 120.0) -> float:
-        """Start the server and wait until it is ready; return the start-to-ready seconds."""
-        out = open(self.log_file, "wb") if self.log_file else None  # noqa: SIM115
+    def start(self, timeout_s: float = 120.0, supervise: bool | None = None) -> float:
+        """Start the server and wait until it is ready; return the start-to-ready seconds. With
+        `supervise` (default: the `supervise` field) a supervisor then watches its processes."""
+        out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         began = time.perf_counter()
         self.start_mps()
         self.process = subprocess.Popen(
@@ -215,10 +225,27 @@ class TritonServer:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}"
                                    + (f"; see {self.log_file}" if self.log_file else ""))
             if self.is_ready():
-                return time.perf_counter() - began
+                ready_s = time.perf_counter() - began
+                if (self.supervise if supervise is None else supervise) and self.supervisor is None:
+                    self.supervisor = Supervisor(self, liveness_bound_s=self.liveness_bound_s)
+                    if self.supervisor_port:
+                        SupervisorMetrics(self.supervisor, self.supervisor_port, self.host)
+                    self.supervisor.start()
+                return ready_s
             time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s")
+
+    def model_control(self, model: str, action: str, timeout_s: float = 600.0) -> None:
+        """Load or unload one model through Triton's repository API (explicit model control)."""
+        url = f"http://{self.local_host}:{self.http_port}/v2/repository/models/{model}/{action}"
+        request = urllib.request.Request(url, data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"{action} {model}: HTTP {exc.code}: {exc.read().decode()[:300]}") from exc
 
     def is_ready(self) -> bool:
         try:
@@ -246,9 +273,14 @@ class TritonServer:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.read().decode()
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
+    def stop(self, timeout_s: float = 30.0, keep_supervisor: bool = False) -> int | None:
         """SIGINT (Triton's graceful shutdown), then SIGKILL of the whole group if it hangs; then
-        the MPS daemon, if any."""
+        the MPS daemon, if any. The supervisor stops first, unless it is the one restarting."""
+        if self.supervisor is not None and not keep_supervisor:
+            self.supervisor.stop()
+            if self.supervisor.metrics is not None:
+                self.supervisor.metrics.close()
+            self.supervisor = None
         try:
             if self.process is None or self.process.poll() is not None:
                 return None if self.process is None else self.process.returncode
@@ -285,6 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", help="serve this model folder instead of the configs' model_dir")
     parser.add_argument("--mps", choices=["auto", "on", "off"], default="auto",
                         help="CUDA MPS for the server's processes (auto: on for a GPU repository)")
+    parser.add_argument("--supervisor-port", type=int, default=None,
+                        help="serve the supervisor's Prometheus metrics on this port")
+    parser.add_argument("--ready-timeout", type=float, default=1800.0,
+                        help="seconds to wait for readiness (a first GPU start compiles)")
     parser.add_argument("extra", nargs="*", help="more tritonserver flags (after --)")
     args = parser.parse_args(argv)
     if not any(Path(args.repository).glob("*/config.pbtxt")):
@@ -293,17 +329,23 @@ def main(argv: list[str] | None = None) -> None:
                           extra_args=args.extra, host=args.host, device=args.device,
                           model_dir=Path(args.model_dir) if args.model_dir else None,
                           mps={"auto": None, "on": True, "off": False}[args.mps])
-    server.start_mps()
-    try:  # in the foreground; Ctrl-C or SIGTERM stop it gracefully, then its MPS daemon
-        process = subprocess.Popen(server.command(), env=server.environment())
-        signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGINT))
-        while True:
-            try:
-                sys.exit(process.wait())
-            except KeyboardInterrupt:  # the terminal sent SIGINT to tritonserver too: let it finish
-                continue
+    server.supervisor_port = args.supervisor_port
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
+    server.start(timeout_s=args.ready_timeout)
+    print(f"tritonserver ready: HTTP {server.local_host}:{server.http_port}, gRPC :{server.grpc_port},"
+          f" metrics :{server.metrics_port}" + (f", supervisor metrics :{args.supervisor_port}"
+                                                if args.supervisor_port else ""), flush=True)
+    try:  # in the foreground until Ctrl-C or SIGTERM, or until the supervisor gives up
+        while not stopping and not (server.supervisor and server.supervisor.failed):
+            if server.process.poll() is not None and not server.supervisor:
+                break
+            time.sleep(0.5)
     finally:
-        server.stop_mps()
+        failed = bool(server.supervisor and server.supervisor.failed)
+        code = server.stop()
+    sys.exit(1 if failed else (code or 0))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""Keeps a tritonserver serving: finds Python-model processes that died or stopped, brings them back,
+and makes readiness say so meanwhile.
+
+Triton 2.51 does neither by itself: after a model's stub process is killed (the out-of-memory
+killer, a segfault, a poisoned CUDA context) every request to that model fails with "Stub process
+... is not healthy" for good, while /v2/health/ready keeps answering 200.
+
+- A component (tokenizer, CLIP, T5, DiT, VAE) is unloaded at once, which turns the server's and the
+  model's readiness false and makes the requests waiting on it fail (flux_bls ends their streams
+  with UNAVAILABLE), then loaded again, which starts a fresh process.
+- `flux_bls` itself is different: its in-flight streams are held by the dead process, and Triton
+  2.51 never ends them, not even on unload. The supervisor restarts the whole server, which closes
+  those streams (the client sees UNAVAILABLE from gRPC) and brings everything back.
+- A stopped process (SIGSTOP, state T) is treated as dead: killed, then handled as above.
+- Recovery that keeps failing past `liveness_bound_s` stops the server, so liveness fails and an
+  orchestrator restarts the pod.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+STUB = "triton_python_backend_stub"
+SERVER = "tritonserver"  # the server process itself, in the supervisor's tables
+DEAD_STATES = {"T", "t", "Z", "X"}  # stopped, traced, zombie, dead
+
+
+@dataclass(frozen=True)
+class ModelProcess:
+    pid: int
+    model: str
+    state: str  # /proc/<pid>/stat state: R, S, D, T, Z, ...
+
+
+@dataclass(frozen=True)
+class PythonModel:
+    """A Python-backend model of the repository: how many processes it should have."""
+
+    name: str
+    instances: int
+    decoupled: bool
+
+
+def python_models(repository: Path) -> dict[str, PythonModel]:
+    """The repository's Python-backend models, from their config.pbtxt."""
+    models = {}
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        text = config.read_text()
+        if 'backend: "python"' not in text:
+            continue
+        counts = [int(n) for n in re.findall(r"count:\s*(\d+)", text)] or [1]
+        models[config.parent.name] = PythonModel(config.parent.name, sum(counts),
+                                                 "decoupled: true" in text)
+    return models
+
+
+def model_processes(process_group: int, repository: Path) -> list[ModelProcess]:
+    """The Python stub processes of the server whose process group is `process_group`."""
+    found = []
+    repository = Path(repository).resolve()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) != process_group:  # field 5: process group
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if len(argv) < 2 or not argv[0].decode(errors="replace").endswith(STUB):
+            continue
+        model_py = Path(argv[1].decode(errors="replace"))  # <repository>/<model>/<version>/model.py
+        if model_py.parent.parent.parent.resolve() == repository:
+            found.append(ModelProcess(int(entry.name), model_py.parent.parent.name, fields[0]))
+    return found
+
+
+class Supervisor:
+    """Watches one `TritonServer` (started in explicit model-control mode) from a thread."""
+
+    def __init__(self, server, poll_s: float = 0.5, liveness_bound_s: float = 120.0):
+        self.server = server
+        self.poll_s = poll_s
+        self.liveness_bound_s = liveness_bound_s
+        self.models = python_models(server.repository)
+        self.events: list[dict] = []  # the timeline: detected, unloaded, ready, ...
+        self.restarts: dict[str, int] = {name: 0 for name in (*self.models, SERVER)}
+        self.server_restarts = 0
+        self.not_ready_s = 0.0
+        self.failed = False  # recovery failed past the bound: the server was stopped
+        self.metrics = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="flux-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def _record(self, event: str, **details) -> None:
+        entry = {"t": round(time.time(), 3), "event": event, **details}
+        self.events.append(entry)
+        log.warning("supervisor: %s", entry)
+
+    # -- detection -------------------------------------------------------------------------
+    def problems(self) -> dict[str, str]:
+        """Models whose processes died or stopped, with what was seen."""
+        process = self.server.process
+        if process is None:
+            return {}
+        if process.poll() is not None:
+            return {SERVER: f"exited with code {process.returncode}"}
+        seen: dict[str, list[ModelProcess]] = {name: [] for name in self.models}
+        for stub in model_processes(process.pid, self.server.repository):
+            if stub.model in seen:
+                seen[stub.model].append(stub)
+        found = {}
+        for name, model in self.models.items():
+            stopped = [p for p in seen[name] if p.state in DEAD_STATES]
+            alive = [p for p in seen[name] if p.state not in DEAD_STATES]
+            if stopped:
+                what = "stopped" if stopped[0].state in "Tt" else "dead"
+                found[name] = f"process {stopped[0].pid} is {what}"
+            elif len(alive) < model.instances:
+                found[name] = f"{model.instances - len(alive)} of {model.instances} processes gone"
+        return found
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                problems = self.problems()
+            except Exception as exc:  # a bad /proc read must not end supervision
+                log.warning("supervisor: check failed: %s", exc)
+                continue
+            for model, seen in problems.items():
+                if self._stop.is_set():
+                    return
+                self.recover(model, seen)
+                break  # a whole-server restart changes every process: look again
+
+    # -- recovery --------------------------------------------------------------------------
+    def recover(self, model: str, seen: str) -> None:
+        """Bring `model` back; stop the server if that keeps failing past the liveness bound."""
+        began = time.monotonic()
+        self._record("detected", model=model, seen=seen)
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                if model == SERVER or self.models[model].decoupled:
+                    self._restart_server(model)
+                else:
+                    self._reload(model)
+                break
+            except Exception as exc:
+                waited = time.monotonic() - began
+                self._record("recovery_failed", model=model, attempt=attempt, error=str(exc)[:300])
+                if waited > self.liveness_bound_s:
+                    self._record("giving_up", model=model, after_s=round(waited, 1))
+                    self.failed = True
+                    self.server.stop(timeout_s=5)
+                    self._stop.set()
+                    return
+                time.sleep(min(2.0 * attempt, 10.0))
+        took = time.monotonic() - began
+        self.not_ready_s += took
+        if self.metrics is not None:
+            self.metrics.observe(model, took, whole_server=model not in self.models
+                                 or self.models[model].decoupled)
+        self._record("recovered", model=model, seconds=round(took, 2))
+
+    def _kill(self, model: str) -> None:
+        if self.server.process is None or self.server.process.poll() is not None:
+            return
+        for stub in model_processes(self.server.process.pid, self.server.repository):
+            if stub.model == model:
+                try:
+                    os.kill(stub.pid, signal.SIGKILL)
+                    os.kill(stub.pid, signal.SIGCONT)  # a stopped process must run to die
+                except ProcessLookupError:
+                    pass
+
+    def _reload(self, model: str) -> None:
+        """Unload (readiness goes false, waiting requests fail), then load a fresh process."""
+        self._kill(model)
+        self.server.model_control(model, "unload")
+        self._record("unloaded", model=model, server_ready=self.server.is_ready())
+        self.server.model_control(model, "load")
+        self.restarts[model] += 1
+        self._record("loaded", model=model, server_ready=self.server.is_ready())
+
+    def _restart_server(self, model: str) -> None:
+        """Stop the whole server at once (its streams end for the clients) and start it again."""
+        self._kill(model)
+        self.server.stop(timeout_s=2, keep_supervisor=True)
+        self._record("server_stopped", model=model)
+        self.server.start(timeout_s=600, supervise=False)
+        self.restarts[model] += 1
+        self.server_restarts += 1
+        self._record("server_restarted", model=model, server_ready=self.server.is_ready())
+
+
+class SupervisorMetrics:
+    """Prometheus metrics of the supervisor, on a port of their own (Triton's /metrics endpoint
+    belongs to the server, which the supervisor may have to restart)."""
+
+    def __init__(self, supervisor: Supervisor, port: int, host: str = "127.0.0.1"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+        self.registry = CollectorRegistry()
+        self.restarts = Counter("flux_component_restarts", "Model processes restarted, by model",
+                                ["model"], registry=self.registry)
+        self.server_restarts = Counter("flux_server_restarts",
+                                       "Whole-server restarts (a flux_bls process died)",
+                                       registry=self.registry)
+        self.not_ready = Counter("flux_not_ready_seconds", "Time spent recovering, not ready",
+                                 registry=self.registry)
+        self.failed = Gauge("flux_supervisor_failed", "1 once recovery failed past the liveness bound",
+                            registry=self.registry)
+        self.failed.set_function(lambda: float(supervisor.failed))
+        for model in supervisor.models:
+            self.restarts.labels(model=model)
+        self.http, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        supervisor.metrics = self
+
+    def observe(self, model: str, seconds: float, whole_server: bool) -> None:
+        self.restarts.labels(model=model).inc()
+        self.not_ready.inc(seconds)
+        if whole_server:
+            self.server_restarts.inc()
+
+    def close(self) -> None:
+        self.http.shutdown()

@@ -1,0 +1,215 @@
+"""A server that heals (real tritonserver, tiny model, CPU): kill -9 each model process, idle and
+mid-stream, and a stub that hangs (SIGSTOP). In-flight streams end, readiness goes false and comes
+back, and the same request afterwards gives the same image."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from export.repository import write_repository
+from flux_triton.server.launcher import TritonServer, free_port
+from flux_triton.server.supervisor import model_processes
+from tests.reference import served_generate
+
+MODELS = ("tokenizer", "clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "flux_bls")
+REQUEST = dict(prompt="a lighthouse on a cliff", height=64, width=64, num_inference_steps=4, seed=5)
+SLOW = dict(REQUEST, num_inference_steps=8)  # with the DiT slowed: a few seconds in flight
+RECOVERY_BOUND_S = 30  # the target on CPU with the tiny model
+STREAM_END_BOUND_S = 30
+
+
+class Healing:
+    def __init__(self, server: TritonServer, fault_dir):
+        self.server = server
+        self.fault_dir = fault_dir
+        self.url = f"127.0.0.1:{server.grpc_port}"
+
+    def client(self):
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.url)
+
+    def pid(self, model: str) -> int:
+        stubs = [p.pid for p in model_processes(self.server.process.pid, self.server.repository)
+                 if p.model == model]
+        assert stubs, f"no process of {model}"
+        return stubs[0]
+
+    def status(self, path: str) -> int:
+        url = f"http://127.0.0.1:{self.server.http_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0  # not answering (a whole-server restart)
+
+
+class ReadinessTimeline:
+    """Samples server and model readiness every 50 ms from a thread."""
+
+    def __init__(self, healing: Healing, model: str):
+        self.healing, self.model = healing, model
+        self.samples: list[tuple[float, int, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.began = time.monotonic()
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.samples.append((time.monotonic() - self.began,
+                                 self.healing.status("/v2/health/ready"),
+                                 self.healing.status(f"/v2/models/{self.model}/ready")))
+            time.sleep(0.05)
+
+    def wait_ready_again(self, bound_s: float) -> float:
+        """Seconds from the start until ready again after having been not ready."""
+        deadline = self.began + bound_s
+        while time.monotonic() < deadline:
+            went_down = any(s[1] != 200 for s in self.samples)
+            if went_down and self.samples[-1][1] == 200 and self.samples[-1][2] == 200:
+                self.stop.set()
+                return self.samples[-1][0]
+            time.sleep(0.05)
+        self.stop.set()
+        raise AssertionError(f"not ready again within {bound_s} s: {self.summary()}")
+
+    def summary(self) -> list[tuple[float, int, int]]:
+        """The samples where readiness changed."""
+        changes, last = [], None
+        for t, server, model in self.samples:
+            if (server, model) != last:
+                changes.append((round(t, 2), server, model))
+                last = (server, model)
+        return changes
+
+
+@pytest.fixture(scope="module")
+def healing(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("healing")
+    fault_dir = root / "faults"
+    fault_dir.mkdir()
+    repository = write_repository(model_dirs["schnell"], root / "repository")
+    ports = [free_port() for _ in range(3)]
+    server = TritonServer(repository, *ports, log_file=root / "tritonserver.log",
+                          extra_env={"FLUX_TRITON_FAULT_DIR": str(fault_dir)},
+                          supervisor_port=free_port())
+    server.start()
+    yield Healing(server, fault_dir)
+    server.stop(timeout_s=10)
+
+
+@pytest.fixture(scope="module")
+def reference(healing):
+    result = served_generate(healing, REQUEST, timeout_s=60)
+    assert result.error is None, result.error
+    return result.image
+
+
+def _kill_and_recover(healing: Healing, model: str, sig=signal.SIGKILL) -> tuple[float, list]:
+    timeline = ReadinessTimeline(healing, model)
+    os.kill(healing.pid(model), sig)
+    recovered_s = timeline.wait_ready_again(RECOVERY_BOUND_S)
+    return recovered_s, timeline.summary()
+
+
+def _wait_for(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the supervisor did not record the recovery"
+        time.sleep(0.05)
+
+
+def _after_recovery_same_image(healing: Healing, reference: np.ndarray) -> None:
+    result = served_generate(healing, REQUEST, timeout_s=60)
+    assert result.error is None, result.error
+    assert np.array_equal(result.image, reference)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_killed_while_idle_comes_back(healing, reference, model):
+    restarts = healing.server.supervisor.restarts[model]
+    recovered_s, timeline = _kill_and_recover(healing, model)
+    print(f"\n{model} killed while idle: ready again after {recovered_s:.1f} s; "
+          f"readiness (s, server, model): {timeline}")
+    _wait_for(lambda: healing.server.supervisor.restarts[model] == restarts + 1, 10)
+    _after_recovery_same_image(healing, reference)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_killed_mid_stream_ends_streams_and_comes_back(healing, reference, model):
+    (healing.fault_dir / "dit_transformer.json").write_text(json.dumps({"delay_ms": 400}))
+    results, started = {}, threading.Event()
+
+    def stream(i: int) -> None:
+        def on_step(step):
+            started.set()
+        client = healing.client()
+        from clients.stream_client import build_inputs, stream_generate
+
+        result = stream_generate(client, build_inputs(**dict(SLOW, seed=i)), on_step=on_step,
+                                 timeout_s=STREAM_END_BOUND_S + 30)
+        results[i] = (time.monotonic(), result)
+        client.close()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert started.wait(30), "no stream got a first step"
+        killed_at = time.monotonic()
+        recovered_s, timeline = _kill_and_recover(healing, model)
+    finally:
+        (healing.fault_dir / "dit_transformer.json").unlink()
+    for thread in threads:
+        thread.join(STREAM_END_BOUND_S + 40)
+    assert len(results) == 3, "a stream hung"
+    outcomes = []
+    for ended, result in results.values():
+        assert ended - killed_at < STREAM_END_BOUND_S, f"a stream ended {ended - killed_at:.1f} s late"
+        if result.error is None:  # it had passed the killed model, or came after its recovery
+            assert result.kinds[-2:] == ["image", "final"], result.kinds
+            outcomes.append(f"completed after {ended - killed_at:.1f} s")
+        elif model == "flux_bls":  # its process held the stream: the server restart closed it
+            assert "error" in result.kinds[-1:]
+            outcomes.append(f"{ended - killed_at:.1f} s: {result.error[:90]}")
+        else:  # flux_bls ended it with the component named and a hint
+            assert result.kinds[-1] == "error"
+            assert model in result.error and "retry in a few seconds" in result.error, result.error
+            outcomes.append(f"{ended - killed_at:.1f} s: {result.error[:90]}")
+    print(f"\n{model} killed mid-stream: ready again after {recovered_s:.1f} s; "
+          f"readiness (s, server, model): {timeline}; streams: {outcomes}")
+    _after_recovery_same_image(healing, reference)
+
+
+def test_stopped_process_is_treated_as_dead(healing, reference):
+    recovered_s, timeline = _kill_and_recover(healing, "dit_transformer", signal.SIGSTOP)
+    print(f"\ndit_transformer stopped (SIGSTOP): killed and ready again after {recovered_s:.1f} s; "
+          f"readiness (s, server, model): {timeline}")
+    _after_recovery_same_image(healing, reference)
+
+
+def test_recovery_is_counted_and_timed(healing):
+    supervisor = healing.server.supervisor
+    assert supervisor.restarts["dit_transformer"] >= 2 and supervisor.restarts["flux_bls"] >= 2
+    assert supervisor.server_restarts >= 2 and supervisor.not_ready_s > 0 and not supervisor.failed
+    url = f"http://127.0.0.1:{healing.server.supervisor_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("flux_")}
+    assert values['flux_component_restarts_total{model="dit_transformer"}'] >= 2
+    assert values["flux_server_restarts_total"] >= 2
+    assert values["flux_not_ready_seconds_total"] == pytest.approx(supervisor.not_ready_s)
+    assert values["flux_supervisor_failed"] == 0
