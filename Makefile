@@ -26,15 +26,21 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP))
 
-.PHONY: setup model train-default accuracy export engines serve demo test test-fast bench bench-gpu gpu-bundle lint clean
+.PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e '.[serve,client,export,dev]'
+	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e '.[serve,client,gateway,export,dev]'
 	$(PY) -m pip install -q --no-deps -r requirements/no-deps.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Debian's chromium for the browser tests (Playwright drives it; it downloads no browser of its own).
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+setup-browser: setup
+	@if [ -z "$(CHROMIUM)" ]; then apt-get update -q && apt-get install -y -q chromium; fi
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null
 
 models/.built: $(VENV)/.installed flux_dev/tiny_models.py flux_dev/tokenizers.py
 	$(PY) -m flux_dev.tiny_models --out models --variant all
@@ -76,8 +82,17 @@ demo: setup
 	$(PY) -m flux_dev.demo --repository model_repository --grpc-port $(GRPC_PORT) \
 		--http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --prompt "$(PROMPT)" --out out
 
-test: model
+test: model setup-browser
 	$(PY) -m pytest -q tests
+
+# The HTTP gateway in front of the server: OpenAI-style /v1/images/generations (SSE previews with
+# "stream": true) and the web page at /. GATEWAY_API_KEY, GATEWAY_CORS_ORIGINS: optional.
+GATEWAY_HOST ?= 127.0.0.1
+GATEWAY_PORT ?= 8080
+GATEWAY_TRITON_URL ?= 127.0.0.1:$(GRPC_PORT)
+gateway: setup
+	GATEWAY_HOST=$(GATEWAY_HOST) GATEWAY_PORT=$(GATEWAY_PORT) GATEWAY_TRITON_URL=$(GATEWAY_TRITON_URL) \
+		$(PY) -m gateway
 
 # Unit tests plus one served smoke test: minutes, for a change to one module.
 test-fast: model

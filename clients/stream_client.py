@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
 from flux_triton.specs import bls_input
 
 MODEL = "flux_bls"
@@ -113,6 +114,7 @@ def stream_generate(
                     "total_steps": int(result.as_numpy("total_steps")[0]),
                     "timestep": float(result.as_numpy("timestep")[0]),
                     "preview_latent": result.as_numpy("preview_latent"),  # None if not asked for
+                    "preview_x0": result.as_numpy("preview_x0"),  # with preview_kind x0 or both
                     "seconds": now - last,
                 }
                 out.steps.append(step)
@@ -140,47 +142,28 @@ def stream_generate(
 
 
 def _bls_parameters(client: grpcclient.InferenceServerClient, model: str = MODEL) -> dict[str, str]:
-    config = client.get_model_config(model, as_json=True)["config"]
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-
-
-def preview_projection(client: grpcclient.InferenceServerClient, model: str = MODEL):
-    """The latent -> RGB map the server fitted at export, from the model's config parameters."""
-    from flux_triton.preview import PreviewProjection
-
-    raw = _bls_parameters(client, model).get("preview_projection")
-    return PreviewProjection.from_json(json.loads(raw)) if raw else None
+    return bls_parameters(client.get_model_config(model, as_json=True)["config"])
 
 
 def preview_renderer(client: grpcclient.InferenceServerClient, decoder: str):
-    """A function preview_latent [B, C, h, w] -> uint8 [B, H, W, 3], or None when not available.
+    """A function preview latent [B, C, h, w] -> uint8 [B, H, W, 3], or None when not available.
 
     `linear`: the cheap map fitted at export (one pixel per latent pixel, no server call).
     `vae`: the server's own `vae_decoder` model decodes each preview, at full size and in true
     colours (one more inference per step; needs an FP32 decoder input).
     """
-    import torch
-
-    from flux_triton.preview import preview_rgb
-    from flux_triton.sampling import postprocess_uint8, to_vae_latents
-
-    if decoder == "linear":
-        projection = preview_projection(client)
-        if projection is None:
-            return None
-        return lambda latent: preview_rgb(torch.from_numpy(np.array(latent)), projection).numpy()
     params = _bls_parameters(client)
+    if decoder == "linear":
+        return linear_renderer(params)
     inputs = client.get_model_metadata("vae_decoder", as_json=True)["inputs"]
-    if "vae_scaling_factor" not in params or inputs[0]["datatype"] != "FP32":
+    if inputs[0]["datatype"] != "FP32" or vae_inputs(np.zeros((1, 1, 1, 1)), params) is None:
         return None
-    scaling, shift = float(params["vae_scaling_factor"]), float(params["vae_shift_factor"])
 
     def decode(latent: np.ndarray) -> np.ndarray:
-        latents = to_vae_latents(torch.from_numpy(np.array(latent)), scaling, shift).numpy()
+        latents = vae_inputs(latent, params)
         tensor = grpcclient.InferInput("latents", list(latents.shape), "FP32")
         tensor.set_data_from_numpy(latents)
-        image = client.infer("vae_decoder", [tensor]).as_numpy("image")
-        return postprocess_uint8(torch.from_numpy(np.array(image))).numpy()
+        return to_uint8_image(client.infer("vae_decoder", [tensor]).as_numpy("image"))
 
     return decode
 
@@ -244,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview-decoder", choices=["linear", "vae"], default="linear",
                         help="linear: the cheap latent->RGB map; vae: decode each preview with the "
                              "server's vae_decoder (full size, true colours, one call per step)")
+    parser.add_argument("--preview-kind", choices=["latent", "x0"], default="latent",
+                        help="latent: the latents reached; x0: the image the model predicts from them")
     parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
                         help="draw previews in the terminal (auto: when stdout is a terminal)")
     args = parser.parse_args(argv)
@@ -267,14 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
         guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed,
         deadline_ms=args.deadline_ms, previews=False if args.no_previews else None,
+        preview_kind=None if args.no_previews or args.preview_kind == "latent" else args.preview_kind,
     )
     previews: dict[int, list[np.ndarray]] = {}
 
     def on_step(step: dict) -> None:
         print(_progress(step), end="", flush=True)
-        if render is None or step["preview_latent"] is None:
+        latent = step["preview_x0"] if step["preview_x0"] is not None else step["preview_latent"]
+        if render is None or latent is None:
             return
-        rgb = render(step["preview_latent"])
+        rgb = render(latent)
         for b, image in enumerate(rgb):
             Image.fromarray(image).save(out_dir / f"preview_step{step['step']:02d}_{b}.png")
             previews.setdefault(b, []).append(image)

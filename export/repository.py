@@ -16,8 +16,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from export.pbtxt import ensemble_config, python_model_config, tensorrt_model_config
+from export.previews import fit_preview_projection
 from flux_triton.model_info import FluxModelInfo, load_model_info
-from flux_triton.preview import PreviewProjection, fit_preview_projection
+from flux_triton.preview import PreviewProjection
 from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
 from flux_triton.runtime.torch_components import load_component

@@ -100,6 +100,7 @@ class StepUpdate:
     timestep: float
     preview_latent: torch.Tensor | None  # [B, C, H/8, W/8] float32 unpacked latents, if asked for
     seconds: float  # wall time of this step
+    preview_x0: torch.Tensor | None = None  # [B, C, H/8, W/8] float32 predicted clean latents
 
 
 @dataclass(frozen=True)
@@ -215,12 +216,16 @@ async def generate(
         noise_pred, *neg = await timer.timed(f"step_{i + 1}", asyncio.gather(*calls))
         if neg:
             noise_pred = sampling.true_cfg(noise_pred, neg[0], request.true_cfg_scale)
+        x0 = None
+        if request.previews and request.preview_kind in ("x0", "both"):
+            x0 = sampling.unpack_latents(
+                sampling.predicted_clean(noise_pred, latents, sigma_schedule, i), lat_h, lat_w)
         latents = sampling.euler_step(noise_pred, latents, sigma_schedule, i)
         preview = (sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
-                   if request.previews else None)
+                   if request.previews and request.preview_kind in ("latent", "both") else None)
         steps_completed = i + 1
         yield StepUpdate(step=i + 1, total_steps=len(timesteps), timestep=float(t),
-                         preview_latent=preview, seconds=timer.now() - step_start)
+                         preview_latent=preview, seconds=timer.now() - step_start, preview_x0=x0)
 
     # 5. Decode (also what a deadline returns: the latents of the last completed step).
     if stop_check() == "cancelled":

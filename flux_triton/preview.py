@@ -1,13 +1,11 @@
-"""Cheap previews: a linear map from model-space latents to RGB, fitted to the model's own VAE."""
+"""Cheap previews: a linear map from model-space latents to RGB, fitted to the model's own VAE at
+export (`export.previews`). numpy only, so that clients need no torch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from flux_triton.sampling import to_model_latents
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -26,36 +24,9 @@ class PreviewProjection:
                    tuple(float(v) for v in data["bias"]))
 
 
-def preview_rgb(preview_latent: torch.Tensor, projection: PreviewProjection) -> torch.Tensor:
+def preview_rgb(preview_latent: np.ndarray, projection: PreviewProjection) -> np.ndarray:
     """[B, C, h, w] model-space latents -> uint8 [B, h, w, 3] preview."""
-    factors = torch.tensor(projection.factors, dtype=torch.float32)
-    bias = torch.tensor(projection.bias, dtype=torch.float32)
-    rgb = torch.einsum("bchw,cr->bhwr", preview_latent.float(), factors) + bias
-    return ((rgb / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def fit_preview_projection(
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    vae_scale_factor: int,
-    scaling_factor: float,
-    shift_factor: float,
-    samples: int = 16,
-    size: int = 16,
-    seed: int = 0,
-) -> PreviewProjection:
-    """Least-squares fit of model-space latent -> RGB on images of random colour blocks encoded by
-    `encode` ([-1, 1] images -> VAE latents): the map a clean latent's colours come back through."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    block = 2 * vae_scale_factor  # each latent pixel lies inside one block of one colour
-    colours = torch.rand(samples, 3, size // 2, size // 2, generator=generator) * 2 - 1
-    images = colours.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
-    with torch.inference_mode():
-        latents = to_model_latents(encode(images).float().cpu(), scaling_factor, shift_factor)
-    target = torch.nn.functional.avg_pool2d(images, vae_scale_factor)  # [S, 3, size, size]
-    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
-    x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
-    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
-    solution = torch.linalg.lstsq(x.double(), y.double()).solution.float()
-    factors = tuple(tuple(round(float(v), 6) for v in row) for row in solution[:-1])
-    bias = tuple(round(float(v), 6) for v in solution[-1])
-    return PreviewProjection(factors, bias)
+    factors = np.asarray(projection.factors, dtype=np.float32)
+    bias = np.asarray(projection.bias, dtype=np.float32)
+    rgb = np.einsum("bchw,cr->bhwr", np.asarray(preview_latent, dtype=np.float32), factors) + bias
+    return np.round(np.clip(rgb / 2 + 0.5, 0, 1) * 255).astype(np.uint8)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flux_triton.model_info import FluxModelInfo
-from flux_triton.specs import BLS_INPUTS
+from flux_triton.specs import BLS_INPUTS, PREVIEW_KINDS
 
 
 class InvalidRequest(ValueError):
@@ -54,7 +54,8 @@ class GenerationRequest:
     seed: int
     sigmas: tuple[float, ...] | None
     deadline_ms: int | None = None
-    previews: bool = True  # stream preview_latent with each step
+    previews: bool = True  # stream a preview with each step
+    preview_kind: str = "latent"  # what the preview shows (specs.PREVIEW_KINDS)
 
     @property
     def batch_size(self) -> int:
@@ -67,8 +68,9 @@ class GenerationRequest:
         return self.true_cfg_scale > 1 and self.negative_prompts is not None
 
 
-# Field groups by declared type (specs.BLS_INPUTS is the one declaration of the interface).
-STRING_FIELDS = tuple(t.name for t in BLS_INPUTS if t.dtype == "BYTES")
+# Field groups by declared type (specs.BLS_INPUTS is the one declaration of the interface): the
+# prompt strings are BYTES [N].
+STRING_FIELDS = tuple(t.name for t in BLS_INPUTS if t.dtype == "BYTES" and t.dims == ("N",))
 KNOWN_FIELDS = frozenset(t.name for t in BLS_INPUTS)
 SEED_RANGE = (0, 2**63 - 1)
 DEADLINE_RANGE_MS = (1, 86_400_000)
@@ -216,6 +218,13 @@ def validate_request(
             raise InvalidRequest("previews", f"must be one BOOL value, got {flag.dtype} {list(flag.shape)}")
         previews = bool(flag.reshape(-1)[0])
 
+    preview_kind = "latent"
+    if inputs.get("preview_kind") is not None:
+        kinds = _strings("preview_kind", inputs["preview_kind"], limits)
+        if len(kinds) != 1 or kinds[0] not in PREVIEW_KINDS:
+            raise InvalidRequest("preview_kind", f"must be one of {list(PREVIEW_KINDS)}, got {list(kinds)}")
+        preview_kind = kinds[0]
+
     return GenerationRequest(
         prompts=prompts,
         prompts_2=prompts_2,
@@ -232,4 +241,5 @@ def validate_request(
         sigmas=sigmas,
         deadline_ms=deadline,
         previews=previews,
+        preview_kind=preview_kind,
     )

@@ -127,6 +127,14 @@ def euler_step(
     return prev.to(noise_pred.dtype)
 
 
+def predicted_clean(
+    noise_pred: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor, step_index: int
+) -> torch.Tensor:
+    """The clean latents x0 the model predicts at this step (float32): FLUX's flow matching has
+    x_t = (1 - sigma) x0 + sigma noise and predicts v = noise - x0, so x0 = x_t - sigma v."""
+    return latents.float() - sigmas[step_index] * noise_pred.float()
+
+
 def to_vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float) -> torch.Tensor:
     """Undo the VAE latent normalisation before decoding."""
     return (latents / scaling_factor) + shift_factor

@@ -162,7 +162,11 @@ BLS_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("seed", "INT64", (1,), optional=True),
     TensorSpec("sigmas", "FP32", ("N_steps",), optional=True),
     TensorSpec("previews", "BOOL", (1,), optional=True),
+    TensorSpec("preview_kind", "BYTES", (1,), optional=True),
 )
+# What a step's preview shows: the latents reached ("latent", the default) or the clean image the
+# model predicts from them ("x0"), or both.
+PREVIEW_KINDS = ("latent", "x0", "both")
 
 
 def bls_input(name: str) -> TensorSpec:
@@ -180,6 +184,7 @@ def bls_spec(info: FluxModelInfo) -> ComponentSpec:
         TensorSpec("total_steps", "INT32", (1,)),
         TensorSpec("timestep", "FP32", (1,)),
         TensorSpec("preview_latent", "FP32", ("B", info.latent_channels, "H_lat", "W_lat")),
+        TensorSpec("preview_x0", "FP32", ("B", info.latent_channels, "H_lat", "W_lat")),
         TensorSpec("image", "UINT8", ("B", "H", "W", 3)),
         TensorSpec("seed", "INT64", (1,)),
         TensorSpec("timings", "BYTES", (1,)),

@@ -4,6 +4,7 @@ drives the component adapters exactly as tritonserver would route its requests."
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -189,7 +190,15 @@ def test_error_without_code_falls_back_to_its_text(repository):
     assert repository.metrics.retries["t5_encoder"].value == 1
 
 
-def test_cancelled_request_ends_after_the_step_in_flight(repository):
+def test_cancelled_request_ends_after_the_step_in_flight(repository, monkeypatch):
+    dit = pb.models["dit_transformer"]
+    component = dit.component
+
+    def slow(**inputs):  # steps far slower than a send, as on a real model
+        time.sleep(0.05)
+        return component(**inputs)
+
+    monkeypatch.setattr(dit, "component", slow)
     request = _request(**dict(SMALL, num_inference_steps=6))
     request.cancel_after_steps = 2
     sent = _serve(repository, request)

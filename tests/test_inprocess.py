@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from export.previews import fit_preview_projection
 from flux_triton.model_info import load_model_info
-from flux_triton.preview import fit_preview_projection, preview_rgb
+from flux_triton.preview import preview_rgb
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
 from tests.reference import diffusers_image, raw_inputs
@@ -39,5 +40,5 @@ def test_preview_projection_recovers_colours_through_a_linear_vae():
     image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latents = (linear_encoder(image) - 0.1159) * 0.3611
     expected = ((torch.nn.functional.avg_pool2d(image, 8) / 2 + 0.5) * 255).round()
-    got = preview_rgb(latents, projection).numpy().astype(int)
+    got = preview_rgb(latents.numpy(), projection).astype(int)
     assert np.abs(got - expected.permute(0, 2, 3, 1).numpy().astype(int)).max() <= 1

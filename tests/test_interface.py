@@ -24,7 +24,7 @@ SAMPLES = {
     "negative_prompt_2": "blurry", "height": 64, "width": 96, "num_inference_steps": 3,
     "num_images_per_prompt": 2, "max_sequence_length": 32, "deadline_ms": 5000,
     "guidance_scale": 3.5, "true_cfg_scale": 2.0, "seed": 12345, "sigmas": [1.0, 0.6, 0.3],
-    "previews": False,
+    "previews": False, "preview_kind": "both",
 }
 
 
@@ -34,7 +34,8 @@ def test_every_declared_input_has_a_sample():
 
 def test_validator_accepts_exactly_the_declared_inputs():
     assert request_module.KNOWN_FIELDS == {t.name for t in BLS_INPUTS}
-    assert set(request_module.STRING_FIELDS) == {t.name for t in BLS_INPUTS if t.dtype == "BYTES"}
+    assert set(request_module.STRING_FIELDS) == {t.name for t in BLS_INPUTS
+                                                  if t.dtype == "BYTES" and t.dims == ("N",)}
 
 
 def test_client_builds_each_input_as_declared():
@@ -58,6 +59,7 @@ def test_what_the_client_sends_validates(model_dirs):
                           else np.asarray(value, dtype=NUMPY_DTYPES[spec.dtype]).reshape(-1))
     request = validate_request(raw, info)
     assert request.batch_size == 4 and request.do_true_cfg and request.previews is False
+    assert request.preview_kind == "both"
     assert (request.height, request.width, request.seed) == (64, 96, 12345)
 
 

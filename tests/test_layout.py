@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.fast
 ROOT = Path(__file__).resolve().parent.parent
-SERVING = ["flux_triton", "export", "clients", "model_repository"]
+SERVING = ["flux_triton", "export", "clients", "gateway", "model_repository"]
 CORE = ["model_info", "specs", "request", "sampling", "pipeline", "recovery", "preview"]
 
 
@@ -66,9 +66,11 @@ def test_runtimes_do_not_know_triton():
 
 
 def test_clients_talk_over_the_wire_only():
-    assert _offenders(_files("clients"), ("flux_triton.runtime", "flux_triton.adapters",
-                                          "flux_triton.pipeline", "diffusers", "transformers",
-                                          "export")) == []
+    """The gRPC client and the HTTP gateway need neither torch nor diffusers (`.[client]`)."""
+    assert _offenders(_files("clients", "gateway"), (
+        "torch", "flux_triton.runtime", "flux_triton.adapters", "flux_triton.pipeline",
+        "flux_triton.sampling", "flux_triton.recovery", "flux_triton.server", "diffusers",
+        "transformers", "export")) == []
 
 
 def test_model_repository_adapters_are_thin():

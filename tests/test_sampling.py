@@ -95,3 +95,25 @@ def test_postprocess_matches_pil_output(dtype):
     reference = processor.postprocess(decoded, output_type="pil")
     ours = sampling.postprocess_uint8(decoded).numpy()
     assert all(np.array_equal(np.asarray(img), ours[i]) for i, img in enumerate(reference))
+
+
+def test_predicted_clean_is_where_the_euler_step_lands_at_the_end():
+    """x0 = x_t - sigma_t v: the last Euler step (to sigma 0) lands exactly there."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 64, generator=generator)
+    velocity = torch.randn(2, 16, 64, generator=generator)
+    sigmas = torch.tensor([0.7, 0.0])
+    x0 = sampling.predicted_clean(velocity, latents, sigmas, 0)
+    assert torch.allclose(x0, sampling.euler_step(velocity, latents, sigmas, 0), atol=1e-6)
+    assert torch.allclose(x0, latents - 0.7 * velocity)
+
+
+def test_client_side_numpy_conversions_equal_the_servers():
+    from clients.previews import to_uint8_image, to_vae_latents
+
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    assert np.allclose(to_vae_latents(latents.numpy(), 0.3611, 0.1159),
+                       sampling.to_vae_latents(latents, 0.3611, 0.1159).numpy(), rtol=0, atol=1e-6)
+    decoded = torch.rand(2, 3, 16, 16, generator=generator) * 2.4 - 1.2
+    assert np.array_equal(to_uint8_image(decoded.numpy()), sampling.postprocess_uint8(decoded).numpy())

@@ -235,6 +235,8 @@ class FluxBlsModel:
         ]
         if event.preview_latent is not None:
             outputs.append(from_torch(pb, "preview_latent", event.preview_latent))
+        if event.preview_x0 is not None:
+            outputs.append(from_torch(pb, "preview_x0", event.preview_x0))
         return pb.InferenceResponse(outputs)
 
     def _image_response(self, event: FinalImage, models: BlsFluxModels) -> Any:

@@ -1,0 +1,386 @@
+"""An HTTP front door to the Triton server: OpenAI's `/v1/images/generations`, with the image's
+previews streamed as Server-Sent Events, and a web page that shows them live.
+
+The gateway talks to Triton over gRPC streaming (tritonclient's asyncio client) and knows nothing of
+torch: requests become `flux_bls` inputs, its step responses become preview images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
+from clients.stream_client import build_inputs
+
+MODEL = "flux_bls"
+STATIC = Path(__file__).resolve().parent / "static"
+# flux_bls input -> the request field a client of this API wrote
+PARAMS = {"num_images_per_prompt": "n", "height": "size", "width": "size",
+          "num_inference_steps": "steps", "prompt_2": "prompt"}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the gateway serves and how (read from GATEWAY_* variables by `from_env`)."""
+
+    triton_url: str = "127.0.0.1:8001"
+    api_key: str | None = None  # bearer token required on /v1/* when set
+    max_body_bytes: int = 64 * 1024
+    cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
+    preview_decoder: str = "vae"  # vae: the server's VAE decodes each preview; linear: the fitted map
+    preview_format: str = "jpeg"
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> GatewaySettings:
+        origins = tuple(o.strip() for o in environ.get("GATEWAY_CORS_ORIGINS", "").split(",")
+                        if o.strip())
+        return cls(triton_url=environ.get("GATEWAY_TRITON_URL", cls.triton_url),
+                   api_key=environ.get("GATEWAY_API_KEY") or None,
+                   max_body_bytes=int(environ.get("GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes)),
+                   cors_origins=origins,
+                   preview_decoder=environ.get("GATEWAY_PREVIEW_DECODER", cls.preview_decoder),
+                   preview_format=environ.get("GATEWAY_PREVIEW_FORMAT", cls.preview_format))
+
+
+class GenerationRequest(BaseModel):
+    """OpenAI's images request, with this server's extra fields at top level."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4096)
+    model: str | None = None  # accepted for compatibility; the server has one model
+    n: int = Field(1, ge=1, le=16)
+    size: str | None = Field(None, pattern=r"^\d+x\d+$", description="WxH, e.g. 1024x1024")
+    response_format: Literal["b64_json"] = "b64_json"
+    stream: bool = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    max_sequence_length: int | None = None
+    deadline_ms: int | None = Field(None, ge=1)
+    preview: Literal["x0", "latent", "none"] = "x0"
+
+    def bls_fields(self) -> dict:
+        """The flux_bls inputs of this request (None: the server's default)."""
+        width, height = (int(v) for v in self.size.split("x")) if self.size else (None, None)
+        return dict(prompt=self.prompt, num_images_per_prompt=self.n, width=width, height=height,
+                    seed=self.seed, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                    negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg_scale,
+                    max_sequence_length=self.max_sequence_length, deadline_ms=self.deadline_ms,
+                    previews=self.preview != "none",
+                    preview_kind=None if self.preview == "none" else self.preview)
+
+
+class GatewayError(Exception):
+    """An error to answer in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+def triton_error(message: str) -> GatewayError:
+    """A flux_bls error as HTTP: a named invalid field -> 400; anything else -> 503."""
+    field_name = re.search(r"`(\w+)`: ", message)
+    if field_name:
+        name = field_name.group(1)
+        return GatewayError(400, message, PARAMS.get(name, name))
+    if "deadline" in message.lower():
+        return GatewayError(504, message, kind="timeout_error")
+    return GatewayError(503, message, kind="server_error", code="unavailable")
+
+
+@dataclass
+class Generation:
+    """What one request streamed back."""
+
+    steps: list[dict] = field(default_factory=list)
+    images: np.ndarray | None = None
+    seed: int | None = None
+    timings: dict | None = None
+    partial: bool = False
+    steps_completed: int | None = None
+
+
+def encode_image(rgb: np.ndarray, fmt: str) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG" if fmt == "jpeg" else "PNG", quality=85)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@dataclass
+class StreamHandle:
+    """The Triton stream of one generation, cancellable from synchronous code."""
+
+    stream: object | None = None
+    finished: bool = False  # the image (or an error) arrived: nothing left to cancel
+
+    def cancel(self) -> None:
+        # Never after the final response: that wedges flux_bls's unload on Triton 2.51.
+        if self.stream is not None and not self.finished:
+            self.stream.cancel()
+            self.finished = True
+
+
+class TritonStreams:
+    """Generations on a Triton server, over one asyncio gRPC client."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.client = grpcclient.InferenceServerClient(settings.triton_url)
+        self._parameters: dict[str, str] | None = None
+
+    async def parameters(self) -> dict[str, str]:
+        if self._parameters is None:
+            config = await self.client.get_model_config(MODEL, as_json=True)
+            self._parameters = bls_parameters(config["config"])
+        return self._parameters
+
+    async def ready(self) -> bool:
+        try:
+            return (await self.client.is_server_ready()) and (await self.client.is_model_ready(MODEL))
+        except InferenceServerException:
+            return False
+
+    async def generate(self, fields: dict, handle: StreamHandle | None = None
+                       ) -> AsyncIterator[tuple[str, dict]]:
+        """("step", step) for every step, then ("image", Generation). Leaving the iteration early
+        (a client that went away) cancels the Triton request, which stops the denoising loop;
+        `handle.cancel()` does the same from outside, without awaiting anything."""
+        inputs = build_inputs(**fields)
+
+        async def requests():
+            yield {"model_name": MODEL, "inputs": inputs}
+
+        stream = self.client.stream_infer(requests())
+        handle = handle or StreamHandle()
+        handle.stream = stream
+        finished = False
+        last = time.perf_counter()
+        generation = Generation()
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    finished = handle.finished = True
+                    raise triton_error(error.message() if hasattr(error, "message") else str(error))
+                names = {o.name for o in result.get_response().outputs}
+                now = time.perf_counter()
+                if "step" in names:
+                    preview = None
+                    for name in ("preview_x0", "preview_latent"):
+                        if name in names:
+                            preview = result.as_numpy(name)
+                            break
+                    step = {"step": int(result.as_numpy("step")[0]),
+                            "total_steps": int(result.as_numpy("total_steps")[0]),
+                            "timestep": float(result.as_numpy("timestep")[0]),
+                            "ms": round((now - last) * 1000, 1), "preview": preview}
+                    generation.steps.append(step)
+                    yield "step", step
+                if "image" in names:
+                    finished = handle.finished = True
+                    generation.images = result.as_numpy("image")
+                    generation.seed = int(result.as_numpy("seed")[0])
+                    generation.timings = json.loads(result.as_numpy("timings")[0])
+                    generation.partial = bool(result.as_numpy("partial")[0])
+                    generation.steps_completed = int(result.as_numpy("steps_completed")[0])
+                    yield "image", generation
+                last = now
+        except (InferenceServerException, grpc.RpcError) as exc:  # no server, or it went away
+            finished = True
+            detail = exc.message() if isinstance(exc, InferenceServerException) else exc.details()
+            raise GatewayError(503, f"Triton at {self.settings.triton_url}: {detail}",
+                               kind="server_error", code="unavailable") from exc
+        finally:
+            if not finished:
+                stream.cancel()
+        if not finished:
+            raise GatewayError(503, "the stream ended without an image", kind="server_error")
+
+    async def render_preview(self, latent: np.ndarray) -> np.ndarray | None:
+        """A preview latent [B, C, h, w] as uint8 [h', w', 3] of the first image."""
+        parameters = await self.parameters()
+        if self.settings.preview_decoder == "vae":
+            latents = vae_inputs(latent[:1], parameters)
+            if latents is not None:
+                tensor = InferInput("latents", list(latents.shape), "FP32")
+                tensor.set_data_from_numpy(latents)
+                result = await self.client.infer("vae_decoder", [tensor])
+                return to_uint8_image(result.as_numpy("image"))[0]
+        render = linear_renderer(parameters)
+        return None if render is None else render(latent[:1])[0]
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The gateway's ASGI application."""
+    settings = settings or GatewaySettings.from_env()
+    app = FastAPI(title="FLUX on Triton", docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    app.state.triton = None
+
+    def triton() -> TritonStreams:
+        if app.state.triton is None:  # created on the serving loop
+            app.state.triton = TritonStreams(settings)
+        return app.state.triton
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization",
+                                                                         "Content-Type"])
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > settings.max_body_bytes:
+            error = GatewayError(413, f"request body over {settings.max_body_bytes} bytes")
+            return JSONResponse(error.body(), status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_request: Request, exc: GatewayError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        error = GatewayError(400, f"`{param}`: {first.get('msg')}" if param else first.get("msg"),
+                             param)
+        return JSONResponse(error.body(), status_code=400)
+
+    def authorized(request: Request) -> None:
+        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            raise GatewayError(401, "a valid `Authorization: Bearer <key>` header is required",
+                               code="invalid_api_key")
+
+    @app.get("/healthz")
+    async def healthz():
+        ready = await triton().ready()
+        return JSONResponse({"status": "ready" if ready else "unavailable",
+                             "triton": settings.triton_url}, status_code=200 if ready else 503)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.post("/v1/images/generations", dependencies=[Depends(authorized)])
+    async def generations(body: GenerationRequest):
+        fields = body.bls_fields()
+        if body.stream:
+            events = sse_events(triton(), fields, settings.preview_format)
+            first = await anext(events)  # errors before the first event are HTTP errors
+            return StreamingResponse(_chain(first, events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        generation = None
+        async for kind, value in triton().generate(fields):
+            if kind == "image":
+                generation = value
+        return JSONResponse(completed_body(generation))
+
+    return app
+
+
+async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def completed_body(generation: Generation) -> dict:
+    """OpenAI's images response, plus the seed, the timings and whether a deadline cut it short."""
+    return {"created": int(time.time()),
+            "data": [{"b64_json": encode_image(image, "png")} for image in generation.images],
+            "seed": generation.seed, "timings": generation.timings, "partial": generation.partial,
+            "steps_completed": generation.steps_completed,
+            "output_format": "png"}
+
+
+def _event(name: str, payload: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+
+
+async def sse_events(triton: TritonStreams, fields: dict, fmt: str) -> AsyncIterator[str]:
+    """`image_generation.partial_image` per step (the preview as an image), then
+    `image_generation.completed` (or `error`). Yields one comment first, so that request errors
+    surface before the response starts."""
+    handle = StreamHandle()
+    generate = triton.generate(fields, handle)
+    try:
+        first = await anext(generate)
+    except StopAsyncIteration:
+        raise GatewayError(503, "the stream ended without an image", kind="server_error") from None
+    yield ": generating\n\n"
+    index = 0
+    pending = [first]
+    try:
+        while True:
+            kind, value = pending.pop() if pending else await anext(generate)
+            if kind == "step":
+                payload = {"type": "image_generation.partial_image", "partial_image_index": index,
+                           "step": value["step"], "total_steps": value["total_steps"],
+                           "timestep": value["timestep"], "step_ms": value["ms"],
+                           "created_at": int(time.time())}
+                if value["preview"] is not None:
+                    rgb = await triton.render_preview(value["preview"])
+                    if rgb is not None:
+                        payload["b64_json"] = await asyncio.to_thread(encode_image, rgb, fmt)
+                        payload["output_format"] = fmt
+                index += 1
+                yield _event("image_generation.partial_image", payload)
+            else:
+                body = completed_body(value)
+                yield _event("image_generation.completed", dict(
+                    body, type="image_generation.completed", b64_json=body["data"][0]["b64_json"],
+                    created_at=body["created"]))
+                return
+    except StopAsyncIteration:
+        return
+    except GatewayError as exc:
+        yield _event("error", dict(exc.body(), type="error", status=exc.status))
+    finally:
+        handle.cancel()  # the client went away mid-stream: stop the denoising loop
+
+
+def main() -> None:
+    """`make gateway`: serve the gateway with uvicorn (GATEWAY_HOST, GATEWAY_PORT)."""
+    import uvicorn
+
+    uvicorn.run(create_app(), host=os.environ.get("GATEWAY_HOST", "127.0.0.1"),
+                port=int(os.environ.get("GATEWAY_PORT", "8080")), log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The HTTP gateway run by uvicorn in a thread, for tests, and a small SSE reader."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+
+import uvicorn
+
+from flux_triton.server.launcher import free_port
+from gateway.app import GatewaySettings, create_app
+
+
+class RunningGateway:
+    """uvicorn serving `create_app(settings)` on 127.0.0.1 from a daemon thread."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.port = free_port()
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RunningGateway:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+
+    def post(self, path: str, body: dict | bytes, headers: dict | None = None
+             ) -> tuple[int, dict, dict]:
+        """(status, JSON body, headers) of a POST."""
+        connection = self.connection()
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        connection.request("POST", path, body=data,
+                           headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        payload = response.read()
+        connection.close()
+        return response.status, json.loads(payload) if payload else {}, dict(response.getheaders())
+
+    def get(self, path: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+        connection = self.connection()
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        payload = response.read()
+        connection.close()
+        return response.status, payload, dict(response.getheaders())
+
+
+def sse_events(response: http.client.HTTPResponse, stop_after: int | None = None):
+    """(event name, data, seconds since the first byte was asked for) from an SSE response;
+    `stop_after` partial images and the reading stops."""
+    began = time.perf_counter()
+    name, data, partials = "message", "", 0
+    while True:
+        line = response.readline()
+        if not line:
+            return
+        line = line.decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data += line[6:]
+        elif line == "" and data:
+            yield name, json.loads(data), time.perf_counter() - began
+            if name == "image_generation.partial_image":
+                partials += 1
+                if stop_after is not None and partials >= stop_after:
+                    return
+            name, data = "message", ""
