@@ -213,3 +213,29 @@ def test_recovery_is_counted_and_timed(healing):
     assert values["flux_server_restarts_total"] >= 2
     assert values["flux_not_ready_seconds_total"] == pytest.approx(supervisor.not_ready_s)
     assert values["flux_supervisor_failed"] == 0
+
+
+@pytest.mark.fast
+def test_supervisor_gives_up_past_the_liveness_bound(tmp_path):
+    """Recovery that keeps failing stops the server (so liveness fails), and says so."""
+    from flux_triton.server.supervisor import Supervisor
+
+    (tmp_path / "dit_transformer").mkdir()
+    (tmp_path / "dit_transformer" / "config.pbtxt").write_text('backend: "python"\ncount: 1\n')
+
+    class BrokenServer:
+        repository, process, stopped = tmp_path, None, False
+
+        def model_control(self, model, action):
+            raise RuntimeError("load failed: CUDA error: an illegal memory access")
+
+        def stop(self, timeout_s=30.0):
+            self.stopped = True
+
+    server = BrokenServer()
+    supervisor = Supervisor(server, liveness_bound_s=0.5)
+    began = time.monotonic()
+    supervisor.recover("dit_transformer", "process 1 is dead")
+    assert supervisor.failed and server.stopped
+    assert time.monotonic() - began < 10
+    assert [e["event"] for e in supervisor.events][-1] == "giving_up"
