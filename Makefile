@@ -22,9 +22,11 @@ given = $(filter command line environment,$(origin $(1)))
 SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(call given,MPS),--mps $(MPS)) \
 	$(if $(call given,SUPERVISOR_PORT),--supervisor-port $(SUPERVISOR_PORT))
-# GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...]
+# GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...];
+# BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off)
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
-	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP))
+	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
+	$(if $(call given,BATCH_DELAY_US),--batch-delay-us $(BATCH_DELAY_US))
 
 .PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu gpu-bundle lint clean
 

@@ -65,6 +65,7 @@ def render_configs(
     compile: bool | None = None,
     cuda_graphs: bool | None = None,
     warmup: tuple[ServingShape, ...] | None = None,
+    batch_delay_us: int = 0,
     repository: str | Path = SOURCE_REPOSITORY,
 ) -> dict[str, str]:
     """config.pbtxt text of every served model, by model name.
@@ -111,6 +112,7 @@ def render_configs(
                          else python_model_config(specs[name], network_params, kind))
     configs["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
     bls_params = dict(params, **{f.name: str(getattr(limits, f.name)) for f in fields(limits)})
+    bls_params["batch_delay_us"] = str(int(batch_delay_us))  # 0: every request its own DiT calls
     bls_params["retry_attempts"] = str(retry.attempts)
     bls_params["retry_backoff_ms"] = str(retry.backoff_s * 1000)
     bls_params["preview_projection"] = json.dumps(preview_projection(info).to_json())
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile DiT, VAE decoder and T5 at load (default 1 on a GPU)")
     parser.add_argument("--cuda-graphs", type=int, choices=[0, 1], default=None,
                         help="replay the DiT as CUDA graphs (default: as --compile)")
+    parser.add_argument("--batch-delay-us", type=int, default=0,
+                        help="share DiT calls between concurrent requests, holding a call up to this "
+                             "long for others (0: off; batched kernels round differently)")
     parser.add_argument("--warmup", default=None,
                         help="shapes prepared at load, BxHxWxS[,...] (default: the model's default)")
     args = parser.parse_args(argv)
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = write_repository(
             args.model_dir, args.repository, backend=args.backend, onnx_dir=args.onnx_dir,
             device=device, precision=args.precision, warmup=warmup,
+            batch_delay_us=args.batch_delay_us,
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))
     except (ExportError, EngineBuildError, ValueError) as exc:

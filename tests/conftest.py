@@ -182,6 +182,19 @@ def served_faulty(model_dirs, tmp_path_factory):
         yield servers["schnell"]
 
 
+@pytest.fixture(scope="session")
+def served_batched(model_dirs, tmp_path_factory):
+    """The schnell model served with DiT batching across requests on (BATCH_DELAY_US=20000) and
+    fault injection enabled."""
+    from flux_triton.adapters.faults import FAULTS_ENV
+
+    fault_dir = tmp_path_factory.mktemp("batched-faults")
+    for servers in _serve_variants(model_dirs, tmp_path_factory, "torch", ("schnell",),
+                                   env={FAULTS_ENV: str(fault_dir)}, batch_delay_us=20000):
+        servers["schnell"].fault_dir = fault_dir
+        yield servers["schnell"]
+
+
 @pytest.fixture
 def faults(served_faulty):
     """The fault-injecting server, with every injected fault cleared after the test."""

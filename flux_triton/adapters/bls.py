@@ -26,6 +26,7 @@ from flux_triton.adapters.backend import (
     to_torch,
 )
 from flux_triton.adapters.metrics import BlsMetrics
+from flux_triton.batching import CallBatcher
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage, StageFailed, StepUpdate, generate
 from flux_triton.recovery import (
@@ -43,8 +44,9 @@ class BlsFluxModels:
     """`FluxModels` as BLS calls to the component models, for one client request."""
 
     def __init__(self, pb: Any, batched: dict[str, set[str]], policy: RetryPolicy,
-                 metrics: BlsMetrics, gpu: int | None):
+                 metrics: BlsMetrics, gpu: int | None, dit_batcher: CallBatcher | None = None):
         self.pb = pb
+        self.dit_batcher = dit_batcher  # shares DiT calls with other requests (BATCH_DELAY_US)
         self.batched = batched
         self.policy = policy
         self.metrics = metrics
@@ -98,6 +100,8 @@ class BlsFluxModels:
         return await self._network("t5_encoder", {"input_ids": input_ids}, "prompt_embeds")
 
     async def dit_transformer(self, inputs):
+        if self.dit_batcher is not None:
+            return (await self.dit_batcher.submit(inputs))["noise_pred"]
         return await self._network("dit_transformer", inputs, "noise_pred")
 
     async def vae_decoder(self, latents):
@@ -158,6 +162,17 @@ class FluxBlsModel:
         device = instance_device(args)
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
         self.metrics = BlsMetrics(pb, self.gpu)
+        self.dit_batcher = None
+        delay_us = int(params.get("batch_delay_us", "0"))
+        if delay_us > 0:  # off by default: batched kernels round differently from single ones
+            self.dit_batcher = CallBatcher(self._merged_dit_call, self.batched["dit_transformer"],
+                                           delay_us / 1e6, self.limits.max_batch,
+                                           on_batch=self.metrics.observe_dit_batch)
+
+    async def _merged_dit_call(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One DiT call for several requests' rows (retried and split like any other call)."""
+        models = BlsFluxModels(self.pb, self.batched, self.policy, self.metrics, self.gpu)
+        return {"noise_pred": await models._network("dit_transformer", inputs, "noise_pred")}
 
     async def execute(self, requests: list) -> None:
         await asyncio.gather(*(self._serve(request) for request in requests))
@@ -197,7 +212,8 @@ class FluxBlsModel:
                 return "deadline"
             return None
 
-        models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu)
+        models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu,
+                               self.dit_batcher)
         outcome = "cancelled"
         try:
             async for event in generate(gen_request, self.info, models, stop_check):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,14 @@ def failure_response(pb: Any, model: str, exc: Exception) -> Any:
     return error_response(pb, f"{model}: {tag_status(status, detail)}", status)
 
 
+COMPILE_CACHE_ENV = "FLUX_TRITON_COMPILE_CACHE"
+
+
 def acceleration_options(args: dict, params: dict[str, str]) -> Acceleration:
     """The config's precision, compile, cuda_graphs and compile_cache_dir (relative to the model
-    repository, like model_dir)."""
-    cache_dir = params.get("compile_cache_dir")
+    repository, like model_dir; $FLUX_TRITON_COMPILE_CACHE overrides it, e.g. for a read-only
+    repository volume)."""
+    cache_dir = os.environ.get(COMPILE_CACHE_ENV) or params.get("compile_cache_dir")
     if cache_dir and not Path(cache_dir).is_absolute():
         cache_dir = str(Path(args["model_repository"]).parent / cache_dir)
     return Acceleration(precision=params.get("precision", "FP32"),

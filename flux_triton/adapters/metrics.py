@@ -39,11 +39,21 @@ class BlsMetrics:
         splits = family("flux_batch_splits_total", "Batches halved after out-of-memory", counter)
         self.retries = {m: retries.Metric(labels={"model": m}) for m in NETWORKS}
         self.splits = {m: splits.Metric(labels={"model": m}) for m in NETWORKS}
+        self.dit_batch = family("flux_dit_batch_size", "Rows per DiT call (batching across requests)",
+                                histogram).Metric(labels={}, buckets=[1, 2, 4, 8, 16, 32])
+        self.dit_merged = family("flux_dit_merged_calls_total",
+                                 "DiT calls that served several requests at once", counter
+                                 ).Metric(labels={})
         self.gpu = gpu
         self.gpu_memory = None
         if gpu is not None:
             self.gpu_memory = family("flux_gpu_memory_used_bytes", "GPU memory in use (device-wide)",
                                      pb.MetricFamily.GAUGE).Metric(labels={"gpu": str(gpu)})
+
+    def observe_dit_batch(self, rows: int, calls: int) -> None:
+        self.dit_batch.observe(rows)
+        if calls > 1:
+            self.dit_merged.increment(1)
 
     def sample_gpu_memory(self) -> None:
         if self.gpu_memory is not None:

@@ -27,10 +27,18 @@ from flux_triton.server.supervisor import Supervisor, SupervisorMetrics
 CUDA_POOL_BYTES = 256 * 1024 * 1024
 
 
+# An installed Triton (bin/tritonserver, backends/), e.g. /opt/tritonserver in NVIDIA's container;
+# without it the build inside the nvidia-pytriton wheel is used.
+TRITON_ROOT_ENV = "FLUX_TRITONSERVER_ROOT"
+
+
 def pytriton_root() -> Path:
-    """Folder of the wheel's Triton build (bin/, backends/, python_backend_stubs/)."""
+    """Folder of the Triton build (bin/, backends/): $FLUX_TRITONSERVER_ROOT, else the
+    nvidia-pytriton wheel's."""
     import importlib.util
 
+    if os.environ.get(TRITON_ROOT_ENV):
+        return Path(os.environ[TRITON_ROOT_ENV])
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
@@ -46,6 +54,8 @@ def prepare_backends() -> Path:
     RPATH still finds the wheel's bundled libraries.
     """
     root = pytriton_root()
+    if os.environ.get(TRITON_ROOT_ENV):  # an installed Triton brings its stub in place
+        return root / "backends"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
