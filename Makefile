@@ -23,10 +23,12 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(call given,MPS),--mps $(MPS)) \
 	$(if $(call given,SUPERVISOR_PORT),--supervisor-port $(SUPERVISOR_PORT))
 # GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...];
-# BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off)
+# BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off);
+# ONNX_PRECISION=FP32|BF16|FP8: the graphs BACKEND=tensorrt builds from
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
-	$(if $(call given,BATCH_DELAY_US),--batch-delay-us $(BATCH_DELAY_US))
+	$(if $(call given,BATCH_DELAY_US),--batch-delay-us $(BATCH_DELAY_US)) \
+	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION))
 
 .PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu gpu-bundle lint clean
 
@@ -69,9 +71,10 @@ export: setup
 	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend $(BACKEND) --device $(DEVICE) \
 		--precision $(PRECISION) $(EXPORT_OPTIONS)
 
-# TensorRT plans (needs the tensorrt package and a GPU; says what is missing otherwise).
+# TensorRT plans (needs the tensorrt package and a GPU; says what is missing otherwise), from FP32,
+# BF16 or FP8 graphs (ONNX_PRECISION=FP32|BF16|FP8; BF16 and FP8 are built strongly typed).
 engines: setup
-	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend tensorrt
+	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend tensorrt $(EXPORT_OPTIONS)
 
 # HOST=0.0.0.0 listens on every interface; DEVICE=gpu (or a GPU repository) turns GPU metrics on;
 # MODEL_DIR=... serves that folder with the rendered repository (e.g. a moved or mounted one).

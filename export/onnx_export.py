@@ -23,6 +23,27 @@ from flux_triton.specs import NETWORKS, ComponentSpec, component_specs
 
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to a side file (protobuf stops at 2 GiB)
 TOLERANCE = {"clip_encoder": 1e-4, "t5_encoder": 1e-4, "dit_transformer": 1e-4, "vae_decoder": 1e-4}
+ONNX_PRECISIONS = ("FP32", "BF16", "FP8")
+# The weights' type of each network's graph. BF16 as NVIDIA's FLUX demo builds it, except the VAE:
+# ONNX's Conv has no bf16 before opset 22, so its graph stays float32 (TensorRT builds it tf32).
+# FP8: the BF16 graphs, with float8 Q/DQ on the DiT's token Linear layers.
+_REDUCED = {"clip_encoder": "bfloat16", "t5_encoder": "bfloat16", "dit_transformer": "bfloat16",
+            "vae_decoder": "float32"}
+GRAPH_DTYPES = {"FP32": dict.fromkeys(NETWORKS, "float32"), "BF16": _REDUCED, "FP8": _REDUCED}
+IO_TYPES = {"float32": "FP32", "bfloat16": "BF16"}
+# Parity of a reduced-precision graph: its float32 twin (bf16 weights, float32 arithmetic) against
+# the PyTorch model with the same bf16 weights in float32 (and the same float8 Q/DQ for FP8). The
+# weights are identical, but constants the exporter writes into a bf16 graph (attention scales,
+# mask values) are bf16-rounded there and not in the float32 reference, and for FP8 a value on a
+# float8 rounding boundary can round the other way after a 1e-7 difference (one float8 step, 1/16
+# relative, for that element). So the bound is on the relative L2 error: 2e-3, a quarter of bf16's
+# epsilon; structural mistakes (a wrong weight, a dropped op) give errors of order 1.
+REDUCED_RELATIVE_TOLERANCE = 2e-3
+
+
+def io_type(name: str, onnx_precision: str) -> str:
+    """Triton type of a network's floating-point inputs and outputs in an `onnx_precision` graph."""
+    return IO_TYPES[GRAPH_DTYPES[onnx_precision][name]]
 
 
 class ExportError(RuntimeError):
@@ -100,22 +121,53 @@ CHECK_SIZES = [
 ]
 
 
-def export_component(name: str, info: FluxModelInfo, target: Path) -> Path:
+def reference_module(name: str, info: FluxModelInfo, onnx_precision: str = "FP32",
+                     dtype: str | None = None) -> torch.nn.Module:
+    """The PyTorch network an `onnx_precision` graph is exported from (`dtype` None) or checked
+    against (`dtype` "float32": the same bf16 weights, computing in float32)."""
+    graph_dtype = GRAPH_DTYPES[onnx_precision][name]
+    module = load_component(name, info, "cpu", graph_dtype).eval()
+    if onnx_precision == "FP8" and name == "dit_transformer":
+        from export.quantization import quantize_fp8
+
+        def calibrate():
+            for seed, sizes in enumerate(CHECK_SIZES):
+                inputs = _cast(sample_inputs(name, info, sizes, seed=100 + seed), graph_dtype)
+                module(**inputs)
+
+        quantize_fp8(module, calibrate)
+    if dtype is not None:
+        module = module.to(getattr(torch, dtype))
+    return module
+
+
+def _cast(inputs: dict, dtype: str) -> dict:
+    return {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def export_component(name: str, info: FluxModelInfo, target: Path, onnx_precision: str = "FP32",
+                     module: torch.nn.Module | None = None) -> Path:
     """Export one network to `target` (weights beside it if large); check validity and dtypes."""
     import onnx
 
-    spec = component_specs(info)[name]
-    wrapper = _Positional(load_component(name, info), spec).eval()
-    sample = sample_inputs(name, info, EXPORT_SIZES)
+    from export.quantization import FP8_OPSET, TRANSLATIONS
+
+    graph_dtype = GRAPH_DTYPES[onnx_precision][name]
+    spec = component_specs(info, IO_TYPES[graph_dtype])[name]
+    module = module if module is not None else reference_module(name, info, onnx_precision)
+    wrapper = _Positional(module, spec).eval()
+    sample = _cast(sample_inputs(name, info, EXPORT_SIZES), graph_dtype)
     args = tuple(sample[t.name] for t in spec.inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(target.name + "*"):
         stale.unlink()
     weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+    fp8 = onnx_precision == "FP8" and name == "dit_transformer"
     with float32_rope(), torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(
             wrapper, args, dynamo=True, input_names=wrapper.input_names,
             output_names=wrapper.output_names, dynamic_shapes=(_dynamic_shapes(spec),), optimize=True,
+            **({"custom_translation_table": TRANSLATIONS, "opset_version": FP8_OPSET} if fp8 else {}),
         )
         program.save(str(target), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     onnx.checker.check_model(str(target), full_check=True)
@@ -128,6 +180,8 @@ def export_component(name: str, info: FluxModelInfo, target: Path) -> Path:
     graph_inputs = [i.name for i in model.graph.input]
     if graph_inputs != wrapper.input_names:
         raise ExportError(f"{name}: ONNX inputs {graph_inputs}, expected {wrapper.input_names}")
+    if fp8 and not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        raise ExportError(f"{name}: no float8 QuantizeLinear in the FP8 graph")
     return target
 
 
@@ -137,30 +191,57 @@ class ParityRow:
     shapes: str
     max_abs_diff: float
     tolerance: float
+    relative_error: float = 0.0
+    relative_tolerance: float | None = None  # when set, the bound is on the relative L2 error
 
     @property
     def ok(self) -> bool:
+        if self.relative_tolerance is not None:
+            return self.relative_error <= self.relative_tolerance
         return self.max_abs_diff <= self.tolerance
 
 
-def check_component(name: str, info: FluxModelInfo, onnx_path: Path) -> list[ParityRow]:
-    """onnxruntime vs PyTorch on two batch sizes and two resolutions / text lengths."""
+def check_component(name: str, info: FluxModelInfo, onnx_path: Path, onnx_precision: str = "FP32",
+                    module: torch.nn.Module | None = None) -> list[ParityRow]:
+    """onnxruntime vs PyTorch on two batch sizes and two resolutions / text lengths. Reduced-precision
+    graphs are run as their float32 twin against the PyTorch model in float32 with the same weights
+    (see REDUCED_RELATIVE_TOLERANCE)."""
+    import onnx
     import onnxruntime as ort
 
+    from export.quantization import float32_twin
+
     spec = component_specs(info)[name]
-    component = load_component(name, info).eval()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    reduced = GRAPH_DTYPES[onnx_precision][name] != "float32" or (
+        onnx_precision == "FP8" and name == "dit_transformer")
+    if module is None:
+        module = reference_module(name, info, onnx_precision, dtype="float32")
+    else:
+        module = module.float()
+    model_path = str(onnx_path)
+    if reduced:
+        model_path = str(onnx_path.with_name(onnx_path.stem + ".float32-twin.onnx"))
+        onnx.save(float32_twin(onnx.load(str(onnx_path))), model_path)
+    options = ort.SessionOptions()
+    if reduced:  # no fusing Q/DQ into integer kernels: float8 inputs are not theirs
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
     rows = []
     for seed, sizes in enumerate(CHECK_SIZES):
         inputs = sample_inputs(name, info, sizes, seed=seed + 1)
         with torch.inference_mode():
-            expected = component(**inputs)
+            expected = module(**inputs)
         feed = {k: v.numpy() for k, v in inputs.items()}
         got = dict(zip([t.name for t in spec.outputs], session.run(None, feed)))
         diff = max(float(np.abs(got[k] - expected[k].numpy()).max()) for k in got)
+        relative = max(float(np.linalg.norm(got[k] - expected[k].numpy())
+                             / max(np.linalg.norm(expected[k].numpy()), 1e-12)) for k in got)
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in inputs.items() if k not in ("txt_ids",
                                                                                           "img_ids"))
-        rows.append(ParityRow(name, shapes, diff, TOLERANCE[name]))
+        rows.append(ParityRow(name, shapes, diff, TOLERANCE[name], relative,
+                              REDUCED_RELATIVE_TOLERANCE if reduced else None))
+    if reduced:
+        Path(model_path).unlink()
     return rows
 
 
@@ -169,30 +250,40 @@ def onnx_paths(out_dir: str | Path) -> dict[str, Path]:
     return {name: Path(out_dir) / name / "model.onnx" for name in NETWORKS}
 
 
-def export_all(model_dir: str | Path, targets: dict[str, Path], report_path: Path) -> list[ParityRow]:
+def export_all(model_dir: str | Path, targets: dict[str, Path], report_path: Path,
+               onnx_precision: str = "FP32") -> list[ParityRow]:
     """Export and check each network to its target; raise ExportError after the table if any fails."""
+    if onnx_precision not in ONNX_PRECISIONS:
+        raise ExportError(f"ONNX precision must be one of {ONNX_PRECISIONS}, got {onnx_precision!r}")
     info = load_model_info(model_dir)
     rows, report = [], {}
     for name, path in targets.items():
         began = time.perf_counter()
-        export_component(name, info, path)
+        module = reference_module(name, info, onnx_precision)
+        export_component(name, info, path, onnx_precision, module)
         exported = time.perf_counter() - began
-        component_rows = check_component(name, info, path)
+        component_rows = check_component(name, info, path, onnx_precision, module)
         rows += component_rows
         size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
         report[name] = {"export_s": round(exported, 2), "bytes": size,
-                        "max_abs_diff": [r.max_abs_diff for r in component_rows]}
+                        "graph_dtype": GRAPH_DTYPES[onnx_precision][name],
+                        "max_abs_diff": [r.max_abs_diff for r in component_rows],
+                        "relative_error": [r.relative_error for r in component_rows]}
         print(f"{name}: exported in {exported:.1f} s, {size / 1e6:.2f} MB", flush=True)
-    print(f"\n{'component':<16} {'max abs diff':>12} {'tolerance':>10}  shapes")
+    print(f"\n{'component':<16} {'max abs diff':>12} {'rel. error':>10} {'tolerance':>10}  shapes")
     for row in rows:
         flag = "" if row.ok else "  FAIL"
-        print(f"{row.component:<16} {row.max_abs_diff:>12.3e} {row.tolerance:>10.0e}  {row.shapes}{flag}")
+        bound = (f"{row.relative_tolerance:.0e} rel" if row.relative_tolerance is not None
+                 else f"{row.tolerance:.0e}")
+        print(f"{row.component:<16} {row.max_abs_diff:>12.3e} {row.relative_error:>10.2e} "
+              f"{bound:>10}  {row.shapes}{flag}")
     report_path.write_text(json.dumps(
-        {"model_dir": str(info.model_dir), "components": report}, indent=2))
+        {"model_dir": str(info.model_dir), "onnx_precision": onnx_precision, "components": report},
+        indent=2))
     failed = [r for r in rows if not r.ok]
     if failed:
         raise ExportError(
-            f"ONNX parity failed for {sorted({r.component for r in failed})}: max abs diff above tolerance"
+            f"ONNX parity failed for {sorted({r.component for r in failed})}: difference above tolerance"
         )
     return rows
 
@@ -201,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", default="models/tiny-flux-schnell")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--precision", default="FP32", choices=ONNX_PRECISIONS)
     args = parser.parse_args(argv)
     try:
         out = Path(args.out)
-        export_all(args.model_dir, onnx_paths(out), out / "export_report.json")
+        out.mkdir(parents=True, exist_ok=True)
+        export_all(args.model_dir, onnx_paths(out), out / "export_report.json", args.precision)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -30,6 +30,8 @@ class EngineConfig:
     precision: dict[str, str]
     workspace_gib: int
     builder_optimization_level: int
+    weight_streaming: bool = False
+    refit: bool = False
 
     def profile(self, spec: ComponentSpec) -> dict[str, tuple[tuple[int, ...], ...]]:
         """TensorRT min/opt/max shapes of every input of a component."""
@@ -68,4 +70,5 @@ def load_engine_config(info: FluxModelInfo, path: str | Path = ENGINE_CONFIG) ->
         "H_lat": latent(height, scale), "W_lat": latent(width, scale), "H": height, "W": width,
     }
     return EngineConfig(axes, dict(raw["precision"]), int(raw["workspace_gib"]),
-                        int(raw["builder_optimization_level"]))
+                        int(raw["builder_optimization_level"]),
+                        bool(raw.get("weight_streaming", False)), bool(raw.get("refit", False)))

@@ -23,6 +23,7 @@ from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import (
+    IO_DTYPES,
     NETWORKS,
     PRECISIONS,
     ServingShape,
@@ -66,6 +67,7 @@ def render_configs(
     cuda_graphs: bool | None = None,
     warmup: tuple[ServingShape, ...] | None = None,
     batch_delay_us: int = 0,
+    onnx_precision: str = "FP32",
     repository: str | Path = SOURCE_REPOSITORY,
 ) -> dict[str, str]:
     """config.pbtxt text of every served model, by model name.
@@ -80,8 +82,11 @@ def render_configs(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "tensorrt" and (device != "gpu" or precision != "FP32"):
-        raise ValueError("TensorRT plans run on the GPU with FP32 inputs and outputs "
-                         "(precision inside the plan comes from export/engine_config.json)")
+        raise ValueError("TensorRT plans run on the GPU; their types come from the graphs "
+                         "(ONNX_PRECISION) and export/engine_config.json, not from PRECISION")
+    if onnx_precision != "FP32" and backend != "tensorrt":
+        raise ValueError(f"ONNX_PRECISION={onnx_precision} graphs are for TensorRT (BACKEND=tensorrt): "
+                         "onnxruntime's CPU provider has no bf16 or float8 kernels to serve them")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     accelerated = device == "gpu" and backend == "torch"
@@ -107,12 +112,21 @@ def render_configs(
         network_params.update(compile=str(int(compile)), cuda_graphs=str(int(cuda_graphs)),
                               warmup=",".join(map(str, warmup)),
                               compile_cache_dir=f"../{Path(repository).resolve().name}{COMPILE_CACHE_SUFFIX}")
+    component_types = {}
     for name in NETWORKS:
-        configs[name] = (tensorrt_model_config(specs[name]) if backend == "tensorrt"
-                         else python_model_config(specs[name], network_params, kind))
+        if backend == "tensorrt":  # each plan takes and gives the types of its graph
+            from export.onnx_export import io_type
+
+            component_types[name] = io_type(name, onnx_precision)
+            configs[name] = tensorrt_model_config(component_specs(info, component_types[name])[name])
+        else:
+            component_types[name] = IO_DTYPES[precision]
+            configs[name] = python_model_config(specs[name], network_params, kind)
     configs["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
     bls_params = dict(params, **{f.name: str(getattr(limits, f.name)) for f in fields(limits)})
     bls_params["batch_delay_us"] = str(int(batch_delay_us))  # 0: every request its own DiT calls
+    # The floating-point type each network takes: flux_bls casts to it (graphs may differ).
+    bls_params["component_dtypes"] = json.dumps(component_types, sort_keys=True)
     bls_params["retry_attempts"] = str(retry.attempts)
     bls_params["retry_backoff_ms"] = str(retry.backoff_s * 1000)
     bls_params["preview_projection"] = json.dumps(preview_projection(info).to_json())
@@ -123,15 +137,18 @@ def render_configs(
     return configs
 
 
-def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir: Path) -> None:
+def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir: Path,
+                            onnx_precision: str = "FP32") -> None:
     """ONNX graphs (checked against PyTorch) for `onnx`; plus TensorRT plans for `tensorrt`."""
     from export.onnx_export import export_all, onnx_paths
 
     if backend == "tensorrt":
         targets = onnx_paths(onnx_dir)
+        onnx_dir.mkdir(parents=True, exist_ok=True)
     else:
         targets = {name: dest / name / "1" / ARTIFACTS["onnx"] for name in NETWORKS}
-    export_all(model_dir, targets, (onnx_dir if backend == "tensorrt" else dest) / "export_report.json")
+    export_all(model_dir, targets, (onnx_dir if backend == "tensorrt" else dest) / "export_report.json",
+               onnx_precision)
     if backend == "tensorrt":
         from export.profiles import load_engine_config
         from export.tensorrt_build import build_plan
@@ -141,8 +158,9 @@ def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir:
         specs = component_specs(info)
         for name in NETWORKS:
             seconds = build_plan(targets[name], dest / name / "1" / ARTIFACTS["tensorrt"], specs[name],
-                                 config, onnx_dir / "timing.cache")
-            print(f"{name}: TensorRT plan ({config.precision[name]}) built in {seconds:.1f} s")
+                                 config, onnx_dir / "timing.cache", onnx_precision)
+            print(f"{name}: TensorRT plan ({onnx_precision} graph, {config.precision[name]}) built "
+                  f"in {seconds:.1f} s")
 
 
 def other_backend_artifacts(dest: Path, backend: str) -> list[Path]:
@@ -177,7 +195,8 @@ def write_repository(
         print(f"kept {path.relative_to(dest)} ({size_gb:.2f} GB): unused by the {backend} backend; "
               "delete it yourself if you no longer need it")
     if backend != "torch":
-        build_network_artifacts(Path(model_dir), dest, backend, Path(onnx_dir).resolve())
+        build_network_artifacts(Path(model_dir), dest, backend, Path(onnx_dir).resolve(),
+                                options.get("onnx_precision", "FP32"))
     for name, text in configs.items():  # configs last: a failed export leaves no half repository
         (dest / name / "config.pbtxt").write_text(text)
     return dest
@@ -196,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile DiT, VAE decoder and T5 at load (default 1 on a GPU)")
     parser.add_argument("--cuda-graphs", type=int, choices=[0, 1], default=None,
                         help="replay the DiT as CUDA graphs (default: as --compile)")
+    parser.add_argument("--onnx-precision", default="FP32", choices=["FP32", "BF16", "FP8"],
+                        help="graphs for TensorRT: BF16 (bf16 weights, VAE float32) or FP8 (BF16 plus "
+                             "float8 Q/DQ on the DiT's Linear layers), built strongly typed")
     parser.add_argument("--batch-delay-us", type=int, default=0,
                         help="share DiT calls between concurrent requests, holding a call up to this "
                              "long for others (0: off; batched kernels round differently)")
@@ -212,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = write_repository(
             args.model_dir, args.repository, backend=args.backend, onnx_dir=args.onnx_dir,
             device=device, precision=args.precision, warmup=warmup,
-            batch_delay_us=args.batch_delay_us,
+            batch_delay_us=args.batch_delay_us, onnx_precision=args.onnx_precision,
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))
     except (ExportError, EngineBuildError, ValueError) as exc:

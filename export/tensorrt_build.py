@@ -35,23 +35,36 @@ def require_tensorrt():
     return tensorrt
 
 
+STRONGLY_TYPED_GRAPHS = ("BF16", "FP8")  # ONNX precisions whose graphs carry their own types
+
+
 def build_plan(
     onnx_path: Path,
     plan_path: Path,
     spec: ComponentSpec,
     config: EngineConfig,
     timing_cache: Path,
+    onnx_precision: str = "FP32",
+    trt=None,
 ) -> float:
-    """Build one plan; return the build time in seconds."""
-    trt = require_tensorrt()
+    """Build one plan; return the build time in seconds.
+
+    FP32 graphs are built as before, with the component's precision from engine_config.json as
+    builder flags (fp16, bf16, tf32). BF16 and FP8 graphs are built strongly typed, as NVIDIA
+    builds its FLUX engines: every layer runs in the type the graph gives it (bf16, or float8 where
+    Q/DQ pairs sit), no precision flags; a float32 graph among them (the VAE) keeps tf32 if asked.
+    """
+    trt = trt or require_tensorrt()
     precision = config.precision[spec.name]
-    if precision == "fp8":
+    strongly_typed = onnx_precision in STRONGLY_TYPED_GRAPHS
+    if precision == "fp8" and not strongly_typed:
         raise EngineBuildError(
-            f"{spec.name}: fp8 needs an ONNX graph with Q/DQ nodes (e.g. from NVIDIA ModelOpt); "
-            "this exporter writes FP32 graphs, so choose fp16, bf16 or tf32")
+            f"{spec.name}: fp8 needs an ONNX graph with float8 Q/DQ nodes: export with "
+            "ONNX_PRECISION=FP8 (make engines ONNX_PRECISION=FP8)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -60,12 +73,19 @@ def build_plan(
     build = builder.create_builder_config()
     build.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_gib << 30)
     build.builder_optimization_level = config.builder_optimization_level
-    if precision == "fp16":
+    if strongly_typed:
+        if precision != "tf32":
+            build.clear_flag(trt.BuilderFlag.TF32)
+        if config.weight_streaming:  # weights stay in host memory and stream in (strongly typed only)
+            build.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    elif precision == "fp16":
         build.set_flag(trt.BuilderFlag.FP16)
     elif precision == "bf16":
         build.set_flag(trt.BuilderFlag.BF16)
     elif precision == "fp32":
         build.clear_flag(trt.BuilderFlag.TF32)
+    if config.refit:  # the same plan can take new weights (e.g. a fine-tune) without a rebuild
+        build.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     cache_bytes = timing_cache.read_bytes() if timing_cache.exists() else b""
     cache = build.create_timing_cache(cache_bytes)
     build.set_timing_cache(cache, ignore_mismatch=False)

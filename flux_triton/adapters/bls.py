@@ -37,15 +37,17 @@ from flux_triton.recovery import (
     classify_failure,
 )
 from flux_triton.request import InvalidRequest, ServingLimits, validate_request
-from flux_triton.specs import NETWORKS, bls_spec, component_specs
+from flux_triton.specs import NETWORKS, TORCH_DTYPES, bls_spec, component_specs
 
 
 class BlsFluxModels:
     """`FluxModels` as BLS calls to the component models, for one client request."""
 
     def __init__(self, pb: Any, batched: dict[str, set[str]], policy: RetryPolicy,
-                 metrics: BlsMetrics, gpu: int | None, dit_batcher: CallBatcher | None = None):
+                 metrics: BlsMetrics, gpu: int | None, dit_batcher: CallBatcher | None = None,
+                 float_types: dict[str, torch.dtype] | None = None):
         self.pb = pb
+        self.float_types = float_types or {}  # the floating-point type each network takes
         self.dit_batcher = dit_batcher  # shares DiT calls with other requests (BATCH_DELAY_US)
         self.batched = batched
         self.policy = policy
@@ -69,6 +71,11 @@ class BlsFluxModels:
         return {name: to_torch(pb.get_output_tensor_by_name(response, name)) for name in outputs}
 
     async def _network(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        wanted = self.float_types.get(model)
+        if wanted is not None:  # e.g. bf16 latents into a float32 VAE plan
+            inputs = {n: v.to(wanted) if v.is_floating_point() and v.dtype != wanted else v
+                      for n, v in inputs.items()}
+
         async def call(tensors):
             return await self._exec(
                 model, [from_torch(self.pb, n, v) for n, v in tensors.items()], [output]
@@ -162,6 +169,8 @@ class FluxBlsModel:
         device = instance_device(args)
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
         self.metrics = BlsMetrics(pb, self.gpu)
+        self.float_types = {model: getattr(torch, TORCH_DTYPES[dtype]) for model, dtype in
+                            json.loads(params.get("component_dtypes", "{}")).items()}
         self.dit_batcher = None
         delay_us = int(params.get("batch_delay_us", "0"))
         if delay_us > 0:  # off by default: batched kernels round differently from single ones
@@ -171,7 +180,8 @@ class FluxBlsModel:
 
     async def _merged_dit_call(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One DiT call for several requests' rows (retried and split like any other call)."""
-        models = BlsFluxModels(self.pb, self.batched, self.policy, self.metrics, self.gpu)
+        models = BlsFluxModels(self.pb, self.batched, self.policy, self.metrics, self.gpu,
+                               float_types=self.float_types)
         return {"noise_pred": await models._network("dit_transformer", inputs, "noise_pred")}
 
     async def execute(self, requests: list) -> None:
@@ -213,7 +223,7 @@ class FluxBlsModel:
             return None
 
         models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu,
-                               self.dit_batcher)
+                               self.dit_batcher, self.float_types)
         outcome = "cancelled"
         try:
             async for event in generate(gen_request, self.info, models, stop_check):
