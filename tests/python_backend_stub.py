@@ -183,3 +183,39 @@ def model_args(repository: Path, name: str, parameters: dict[str, str], decouple
     return {"model_config": json.dumps(config), "model_instance_kind": "CPU",
             "model_instance_device_id": "0", "model_repository": str(repository / name),
             "model_version": "1", "model_name": name}
+
+
+def wire_repository(model_dir: Path, folder: Path, **parameters: str):
+    """tokenizer, the four networks and flux_bls of `model_dir` as adapters over this stand-in,
+    registered in `models` as Triton would route BLS calls; returns the flux_bls adapter."""
+    import sys
+
+    from flux_triton.adapters.bls import FluxBlsModel
+    from flux_triton.adapters.components import ComponentModel, TokenizerModel
+    from flux_triton.specs import NETWORKS
+
+    stub = sys.modules[__name__]
+    reset()
+    params = {"model_dir": str(model_dir), **parameters}
+    for name in ("tokenizer", *NETWORKS):
+        if name == "tokenizer":
+            model = type("TokenizerModel", (TokenizerModel,), {"pb": stub})()
+        else:
+            model = type("ComponentModel", (ComponentModel,), {"pb": stub, "name": name})()
+        model.initialize(model_args(folder, name, params))
+        models[name] = model
+    bls = type("FluxBlsModel", (FluxBlsModel,), {"pb": stub})()
+    bls.initialize(model_args(folder, "flux_bls", params, decoupled=True))
+    return bls
+
+
+def flux_bls_request(**fields) -> InferenceRequest:
+    """A flux_bls request of these fields, typed as its declared inputs."""
+    from flux_triton.specs import bls_input
+    from tests.reference import raw_inputs
+
+    tensors = []
+    for name, value in raw_inputs(**fields).items():
+        dtype = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}.get(bls_input(name).dtype)
+        tensors.append(Tensor(name, value if dtype is None else value.astype(dtype)))
+    return InferenceRequest("flux_bls", tensors)

@@ -10,15 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from flux_triton.adapters.bls import FluxBlsModel
-from flux_triton.adapters.components import ComponentModel, TokenizerModel
 from flux_triton.adapters.faults import InjectedUnavailable
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.recovery import OutOfMemory, classify_failure, reported_status
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
-from flux_triton.specs import NETWORKS, bls_input
 from tests import python_backend_stub as pb
 from tests.reference import raw_inputs
 
@@ -27,32 +24,14 @@ SMALL = dict(prompt="a red circle on a blue background", height=64, width=64, nu
              seed=7)
 
 
-def _adapter(base, name: str | None = None):
-    attrs = {"pb": pb} if name is None else {"pb": pb, "name": name}
-    return type(base.__name__, (base,), attrs)()
-
-
 @pytest.fixture
 def repository(model_dirs, tmp_path):
     """tokenizer, the four networks and flux_bls of the tiny schnell model, wired through `pb`."""
-    pb.reset()
-    params = {"model_dir": str(model_dirs["schnell"]), "retry_attempts": "3", "retry_backoff_ms": "1"}
-    for name in ("tokenizer", *NETWORKS):
-        model = _adapter(TokenizerModel) if name == "tokenizer" else _adapter(ComponentModel, name)
-        model.initialize(pb.model_args(tmp_path, name, params))
-        pb.models[name] = model
-    bls = _adapter(FluxBlsModel)
-    bls.initialize(pb.model_args(tmp_path, "flux_bls", params, decoupled=True))
-    yield bls
+    yield pb.wire_repository(model_dirs["schnell"], tmp_path, retry_attempts="3", retry_backoff_ms="1")
     pb.reset()
 
 
-def _request(**fields) -> pb.InferenceRequest:
-    tensors = []
-    for name, value in raw_inputs(**fields).items():
-        dtype = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}.get(bls_input(name).dtype)
-        tensors.append(pb.Tensor(name, value if dtype is None else value.astype(dtype)))
-    return pb.InferenceRequest("flux_bls", tensors)
+_request = pb.flux_bls_request
 
 
 def _serve(bls, request) -> list[tuple]:

@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from flux_triton.adapters.bls import FluxBlsModel
-from flux_triton.adapters.components import ComponentModel, TokenizerModel
 from flux_triton.batching import CallBatcher
-from flux_triton.specs import NETWORKS, bls_input
 from tests import python_backend_stub as pb
-from tests.reference import inject, metric, raw_inputs, served_generate
+from tests.reference import inject, metric, served_generate
 
 BATCHED = {"x", "t"}
 
@@ -84,26 +81,11 @@ def test_a_failed_merged_call_fails_each_caller():
 @pytest.fixture
 def batched_bls(model_dirs, tmp_path):
     """The tiny schnell repository in-process with batching on (20 ms)."""
-    pb.reset()
-    params = {"model_dir": str(model_dirs["schnell"]), "batch_delay_us": "20000"}
-    for name in ("tokenizer", *NETWORKS):
-        base = TokenizerModel if name == "tokenizer" else ComponentModel
-        model = type(base.__name__, (base,), {"pb": pb, **({"name": name} if base is ComponentModel
-                                                            else {})})()
-        model.initialize(pb.model_args(tmp_path, name, params))
-        pb.models[name] = model
-    bls = type("FluxBlsModel", (FluxBlsModel,), {"pb": pb})()
-    bls.initialize(pb.model_args(tmp_path, "flux_bls", params, decoupled=True))
-    yield bls
+    yield pb.wire_repository(model_dirs["schnell"], tmp_path, batch_delay_us="20000")
     pb.reset()
 
 
-def _request(**fields) -> pb.InferenceRequest:
-    tensors = []
-    for name, value in raw_inputs(**fields).items():
-        dtype = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}.get(bls_input(name).dtype)
-        tensors.append(pb.Tensor(name, value if dtype is None else value.astype(dtype)))
-    return pb.InferenceRequest("flux_bls", tensors)
+_request = pb.flux_bls_request
 
 
 def _image(request) -> np.ndarray:
