@@ -121,6 +121,46 @@ def dit_flops(dit, inputs: dict) -> float:
     return float(counter.get_total_flops())
 
 
+KERNEL_KINDS = (  # substrings of CUDA kernel names, first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("float8 matmul", ("f8f8", "fp8", "e4m3", "scaled_mm", "rowwise")),
+    ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul")),
+    ("fused (inductor)", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, markers in KERNEL_KINDS:
+        if any(m in lowered for m in markers):
+            return kind
+    return "other"
+
+
+def profile_step(fn) -> dict:
+    """GPU time of one call by kind of kernel (float8 and bf16 matmuls, attention, fused
+    elementwise/normalisation/quantisation kernels), and its ten longest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us and event.key and not event.key.startswith(("cudaGraph", "Memcpy", "Memset")):
+            kernels[event.key] = kernels.get(event.key, 0.0) + us / 1000
+    by_kind: dict[str, float] = {}
+    for name, ms in kernels.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    return {"gpu_ms_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "gpu_ms_total": round(sum(kernels.values()), 2),
+            "top_kernels_ms": [[name[:120], round(ms, 2)] for name, ms in top]}
+
+
 def release(*objects) -> None:
     del objects
     gc.collect()
@@ -173,7 +213,7 @@ def run_pipeline(models, request, info) -> tuple[float, float, dict]:
 
 
 def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int], runs: int,
-           cache_dir: Path) -> dict:
+           cache_dir: Path, profile: bool = False) -> dict:
     """(b) our pipeline in one process, loaded as the served component models load."""
     shapes = tuple(serving_shape(variant, b) for b in batches)
     options = Acceleration(precision, compile=True, cuda_graphs=True, cache_dir=str(cache_dir))
@@ -187,6 +227,9 @@ def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int]
         inputs = dit_sample(info, shape, torch.bfloat16)
         with torch.inference_mode():
             step_ms = median_ms(lambda inputs=inputs: dit(**inputs), 2, 5)
+            # kernels inside a CUDA graph replay are not traced: profile what the graph captured
+            network = getattr(dit, "forward", dit)
+            step_profile = (profile_step(lambda n=network, i=inputs: n(**i)) if profile else None)
         run_pipeline(models, request, info)
         torch.cuda.reset_peak_memory_stats()
         measured = [run_pipeline(models, request, info) for _ in range(runs)]
@@ -196,6 +239,8 @@ def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int]
             "first_preview_s": statistics.median(m[1] for m in measured), "dit_step_ms": step_ms,
             "stage_ms": {k: v[1] - v[0] for k, v in spans.items()},
             "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+        if step_profile:
+            result["batches"][batch]["dit_step_profile"] = step_profile
         print(json.dumps({"b": {variant: {precision: {batch: result["batches"][batch]}}}}), flush=True)
     release(models)
     return result
@@ -301,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--parts", default="a,b,c", help="any of a, b, c")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="(b) also profile one DiT step: GPU time by kind of kernel")
     parser.add_argument("--mps", choices=["on", "off", "both"], default="on",
                         help="(c) with CUDA MPS (both: also without, to show what it changes)")
     parser.add_argument("--restarts", type=int, default=1,
@@ -337,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             repository = work / f"repository-{variant}-{precision}"
             cache = work / f"{repository.name}.compile_cache"  # where the served models look
             if "b" in parts:
-                b = part_b(info, variant, precision, batches, args.runs, cache)
+                b = part_b(info, variant, precision, batches, args.runs, cache, args.profile)
                 release()  # part_b's models are gone now: hand their cached blocks back
                 data = save("b", b["batches"], [precision],
                             {"load_and_warmup_s": b["load_and_warmup_s"]})
