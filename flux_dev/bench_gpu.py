@@ -390,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                             {"load_and_warmup_s": b["load_and_warmup_s"]})
             if "c" in parts:
                 for mps in {"on": [True], "off": [False], "both": [True, False]}[args.mps]:
-                    restarts = args.restarts if mps and precision in args.restart_precisions else 0
+                    first_server = mps == (args.mps != "off")  # with --mps both: the MPS one
+                    restarts = (args.restarts if first_server
+                                and precision in args.restart_precisions else 0)
                     c = part_c(folder, variant, precision, batches, args.runs, repository, mps,
                                restarts)
                     data = save("c" if mps else "c_without_mps", c["batches"], [precision],
