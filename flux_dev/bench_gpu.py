@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from flux_dev.full_size import SERVING, diffusers_pipeline, write_full_size_folder
+from flux_triton.adapters.components import COMPILE_CACHE_ENV
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage, dit_inputs, generate
 from flux_triton.request import ServingLimits, validate_request
@@ -60,16 +62,20 @@ def environment() -> dict:
     return {"gpu": torch.cuda.get_device_name(0), "driver": driver, "versions": versions}
 
 
+# The T5 text length of every request: each variant's default unless --text-length says otherwise.
+TEXT_LENGTH: dict[str, int] = {v: d["default_max_sequence_length"] for v, d in SERVING.items()}
+
+
 def request_fields(variant: str, batch: int) -> dict:
     defaults = SERVING[variant]
     return dict(prompt=PROMPT, num_images_per_prompt=batch, height=SIZE, width=SIZE, seed=0,
                 num_inference_steps=defaults["default_num_inference_steps"],
-                max_sequence_length=defaults["default_max_sequence_length"],
+                max_sequence_length=TEXT_LENGTH[variant],
                 guidance_scale=defaults["default_guidance_scale"])
 
 
 def serving_shape(variant: str, batch: int) -> ServingShape:
-    return ServingShape(batch, SIZE, SIZE, SERVING[variant]["default_max_sequence_length"])
+    return ServingShape(batch, SIZE, SIZE, TEXT_LENGTH[variant])
 
 
 def synced_seconds(fn) -> float:
@@ -355,13 +361,26 @@ def main(argv: list[str] | None = None) -> int:
                              "with the compile cache filled)")
     parser.add_argument("--restart-precisions", default="FP8",
                         help="precisions whose server is restarted (--restarts) to time a cached start")
+    parser.add_argument("--text-length", type=int, default=None,
+                        help="T5 text length of every request (default: each variant's own, schnell "
+                             "256, dev 512); the same length lets dev reuse schnell's compiled blocks")
+    parser.add_argument("--compile-cache", type=Path, default=None,
+                        help="one compile cache for (b) and every served model (default: "
+                             "WORKDIR/compile_cache); inductor's keys keep variants apart")
     parser.add_argument("--tokenizers-from", default="models/shapes-flux")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="leave out the cases whose row and part --out already holds (to go on "
+                             "where a cut-off run stopped)")
     parser.add_argument("--workdir", default=None, help="folders, repositories and compile caches")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     batches = [int(b) for b in args.batches.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-gpu-"))
+    cache = (args.compile_cache or work / "compile_cache").resolve()
+    os.environ[COMPILE_CACHE_ENV] = str(cache)  # the served models' cache, as for a read-only volume
+    if args.text_length:
+        TEXT_LENGTH.update(dict.fromkeys(TEXT_LENGTH, args.text_length))
     env = environment()
     print(json.dumps(env), flush=True)
     data = None
@@ -373,28 +392,35 @@ def main(argv: list[str] | None = None) -> int:
         def save(part: str, rows_by_batch: dict, precisions: list[str], extra: dict,
                  variant: str = variant) -> dict:
             """Merge one part's rows into the results file at once (a cut-off run keeps them)."""
-            rows = {f"{variant}/{precision}/{batch}": {part: row}
+            rows = {f"{variant}/{precision}/{batch}": {part: dict(row, text_length=TEXT_LENGTH[variant])}
                     for precision in precisions for batch, row in rows_by_batch.items()}
             return merge(args.out, env, rows, dict(extra, variant=variant, part=part))
 
-        if "a" in parts:
-            data = save("a", part_a(info, variant, batches, args.runs), precisions, {})
+        def todo(part: str, precision: str, variant: str = variant) -> list[int]:
+            """The batches still to measure (with --skip-done: those without this part's row)."""
+            if not args.skip_done or not args.out.exists():
+                return batches
+            rows = json.loads(args.out.read_text())["rows"]
+            return [b for b in batches if part not in rows.get(f"{variant}/{precision}/{b}", {})]
+
+        if "a" in parts and todo("a", precisions[0]):
+            data = save("a", part_a(info, variant, todo("a", precisions[0]), args.runs), precisions, {})
             release()
         for precision in precisions:
             repository = work / f"repository-{variant}-{precision}"
-            cache = work / f"{repository.name}.compile_cache"  # where the served models look
-            if "b" in parts:
-                b = part_b(info, variant, precision, batches, args.runs, cache, args.profile)
+            if "b" in parts and todo("b", precision):
+                b = part_b(info, variant, precision, todo("b", precision), args.runs, cache,
+                           args.profile)
                 release()  # part_b's models are gone now: hand their cached blocks back
                 data = save("b", b["batches"], [precision],
                             {"load_and_warmup_s": b["load_and_warmup_s"]})
-            if "c" in parts:
+            if "c" in parts and todo("c", precision):
                 for mps in {"on": [True], "off": [False], "both": [True, False]}[args.mps]:
                     first_server = mps == (args.mps != "off")  # with --mps both: the MPS one
                     restarts = (args.restarts if first_server
                                 and precision in args.restart_precisions else 0)
-                    c = part_c(folder, variant, precision, batches, args.runs, repository, mps,
-                               restarts)
+                    c = part_c(folder, variant, precision, todo("c", precision), args.runs,
+                               repository, mps, restarts)
                     data = save("c" if mps else "c_without_mps", c["batches"], [precision],
                                 {k: v for k, v in c.items() if k != "batches"})
     if data is not None:
