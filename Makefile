@@ -24,11 +24,13 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 	$(if $(call given,SUPERVISOR_PORT),--supervisor-port $(SUPERVISOR_PORT))
 # GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...];
 # BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off);
-# ONNX_PRECISION=FP32|BF16|FP8: the graphs BACKEND=tensorrt builds from
+# ONNX_PRECISION=FP32|BF16|FP8: the graphs BACKEND=tensorrt builds from;
+# GPUS=all|0,1,...: a copy of each network and a flux_bls instance on each listed GPU (DEVICE=gpu)
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
 	$(if $(call given,BATCH_DELAY_US),--batch-delay-us $(BATCH_DELAY_US)) \
-	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION))
+	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION)) \
+	$(if $(call given,GPUS),--gpus $(GPUS))
 
 .PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu gpu-bundle lint clean
 

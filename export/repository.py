@@ -11,13 +11,21 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from export.pbtxt import ensemble_config, python_model_config, tensorrt_model_config
 from export.previews import fit_preview_projection
 from flux_triton.model_info import FluxModelInfo, load_model_info
+from flux_triton.placement import (
+    NETWORKS_BY_GPU_PARAMETER,
+    copied_network,
+    network_copy_name,
+    networks_by_gpu,
+    parse_gpus,
+)
 from flux_triton.preview import PreviewProjection
 from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
@@ -56,6 +64,28 @@ def preview_projection(info: FluxModelInfo) -> PreviewProjection:
     )
 
 
+def count_gpus() -> int:
+    """The GPUs of this machine, for GPUS=all: torch's count when it sees any, else the lines of
+    `nvidia-smi -L`."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:  # no torch, or a CUDA runtime that cannot start here
+        count = 0
+    if count:
+        return count
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        listing = None
+    count = 0 if listing is None else sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+    if not count:
+        raise ValueError("GPUS=all: neither torch nor nvidia-smi finds a GPU here; list the GPU ids "
+                         "instead, e.g. GPUS=0,1")
+    return count
+
+
 def render_configs(
     model_dir: str | Path,
     backend: str = "torch",
@@ -68,6 +98,7 @@ def render_configs(
     warmup: tuple[ServingShape, ...] | None = None,
     batch_delay_us: int = 0,
     onnx_precision: str = "FP32",
+    gpus: str | None = None,
     repository: str | Path = SOURCE_REPOSITORY,
 ) -> dict[str, str]:
     """config.pbtxt text of every served model, by model name.
@@ -78,6 +109,9 @@ def render_configs(
     decoder and T5 at load, `cuda_graphs` (default: as compile) replays the DiT as CUDA graphs, and
     `warmup` (default: one image at the model's default size) lists the shapes prepared at load;
     compiled kernels are cached in `<repository>.compile_cache` beside it across restarts.
+    `gpus` (GPUS: `all` or ids such as `0,1`) gives each listed GPU its own copy of the networks
+    and a `flux_bls` instance that calls them (`flux_triton.placement`); unset, every GPU model's
+    instances go on every GPU the server sees.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -93,6 +127,11 @@ def render_configs(
     if precision == "FP8" and not accelerated:
         raise ValueError("FP8 (float8 Linear layers through torchao) needs the torch backend on a GPU: "
                          "make export DEVICE=gpu BACKEND=torch PRECISION=FP8")
+    placement = None
+    if gpus is not None:
+        if device != "gpu":
+            raise ValueError("GPUS places the models on GPUs: export with DEVICE=gpu (or BACKEND=tensorrt)")
+        placement = parse_gpus(gpus, count_gpus)
     compile = accelerated if compile is None else compile and accelerated
     cuda_graphs = compile if cuda_graphs is None else cuda_graphs and accelerated
     limits = limits or ServingLimits()
@@ -118,10 +157,16 @@ def render_configs(
             from export.onnx_export import io_type
 
             component_types[name] = io_type(name, onnx_precision)
-            configs[name] = tensorrt_model_config(component_specs(info, component_types[name])[name])
+            spec = component_specs(info, component_types[name])[name]
         else:
             component_types[name] = IO_DTYPES[precision]
-            configs[name] = python_model_config(specs[name], network_params, kind)
+            spec = specs[name]
+        # One model for every GPU, or (GPUS) one copy pinned to each listed GPU.
+        for gpu in placement or (None,):
+            copy = spec if gpu is None else replace(spec, name=network_copy_name(name, gpu, placement))
+            pinned = None if gpu is None else (gpu,)
+            configs[copy.name] = (tensorrt_model_config(copy, gpus=pinned) if backend == "tensorrt"
+                                  else python_model_config(copy, network_params, kind, gpus=pinned))
     configs["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
     bls_params = dict(params, **{f.name: str(getattr(limits, f.name)) for f in fields(limits)})
     bls_params["batch_delay_us"] = str(int(batch_delay_us))  # 0: every request its own DiT calls
@@ -133,7 +178,10 @@ def render_configs(
     # What a client needs to decode a preview latent with the vae_decoder model itself.
     bls_params["vae_scaling_factor"] = repr(info.vae_scaling_factor)
     bls_params["vae_shift_factor"] = repr(info.vae_shift_factor)
-    configs["flux_bls"] = python_model_config(bls_spec(info), bls_params, kind, decoupled=True)
+    if placement is not None:  # each instance calls the networks on its own GPU
+        bls_params[NETWORKS_BY_GPU_PARAMETER] = json.dumps(networks_by_gpu(placement), sort_keys=True)
+    configs["flux_bls"] = python_model_config(bls_spec(info), bls_params, kind, decoupled=True,
+                                              gpus=placement)
     return configs
 
 
@@ -163,10 +211,34 @@ def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir:
                   f"in {seconds:.1f} s")
 
 
+def network_copies(dest: Path) -> list[Path]:
+    """The per-GPU copies (`<network>_gpu<k>/`) in a repository."""
+    return sorted(path for path in dest.glob("*_gpu*") if path.is_dir() and copied_network(path.name))
+
+
+def share_artifacts(dest: Path, backend: str, models: list[str]) -> None:
+    """Give each per-GPU copy among `models` its network's ONNX graph or TensorRT plan (hard links
+    where the file system allows: one build serves every GPU of a host)."""
+    if backend not in ARTIFACTS:
+        return
+    for model in models:
+        network = copied_network(model)
+        if network is None:
+            continue
+        for source in (dest / network / "1").glob(f"{ARTIFACTS[backend]}*"):
+            target = dest / model / "1" / source.name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+
+
 def other_backend_artifacts(dest: Path, backend: str) -> list[Path]:
-    """ONNX graphs and TensorRT plans in `dest` that the `backend` being exported does not use."""
+    """ONNX graphs and TensorRT plans in `dest` that the `backend` being exported does not use
+    (those of per-GPU copies are links to the networks' own)."""
     return sorted(path for other, artifact in ARTIFACTS.items() if other != backend
-                  for path in dest.glob(f"*/1/{artifact}*"))
+                  for path in dest.glob(f"*/1/{artifact}*") if not copied_network(path.parent.parent.name))
 
 
 def write_repository(
@@ -187,8 +259,9 @@ def write_repository(
     for name in configs:
         version_dir = dest / name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
-        source_code = SOURCE_REPOSITORY / name / "1" / "model.py"
-        if dest != SOURCE_REPOSITORY and source_code.exists():
+        source = copied_network(name) or name  # a per-GPU copy runs its network's model code
+        source_code = SOURCE_REPOSITORY / source / "1" / "model.py"
+        if (dest != SOURCE_REPOSITORY or source != name) and source_code.exists():
             shutil.copy2(source_code, version_dir / "model.py")
     for path in other_backend_artifacts(dest, backend):  # never deleted: plans take long to rebuild
         size_gb = path.stat().st_size / 1e9
@@ -197,7 +270,13 @@ def write_repository(
     if backend != "torch":
         build_network_artifacts(Path(model_dir), dest, backend, Path(onnx_dir).resolve(),
                                 options.get("onnx_precision", "FP32"))
-    for name, text in configs.items():  # configs last: a failed export leaves no half repository
+        share_artifacts(dest, backend, list(configs))
+    # Configs last: a failed export leaves no half repository. Copies for GPUs no longer listed go
+    # (their artifacts are links to the networks' own), so the server cannot load them.
+    for stale in network_copies(dest):
+        if stale.name not in configs:
+            shutil.rmtree(stale)
+    for name, text in configs.items():
         (dest / name / "config.pbtxt").write_text(text)
     return dest
 
@@ -223,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                              "long for others (0: off; batched kernels round differently)")
     parser.add_argument("--warmup", default=None,
                         help="shapes prepared at load, BxHxWxS[,...] (default: the model's default)")
+    parser.add_argument("--gpus", default=None,
+                        help="GPUS: `all` or ids such as 0,1: a copy of each network and a flux_bls "
+                             "instance on each listed GPU (default: every model's instances on every GPU)")
     args = parser.parse_args(argv)
     from export.onnx_export import ExportError
     from export.tensorrt_build import EngineBuildError
@@ -234,13 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         dest = write_repository(
             args.model_dir, args.repository, backend=args.backend, onnx_dir=args.onnx_dir,
             device=device, precision=args.precision, warmup=warmup,
-            batch_delay_us=args.batch_delay_us, onnx_precision=args.onnx_precision,
+            batch_delay_us=args.batch_delay_us, onnx_precision=args.onnx_precision, gpus=args.gpus,
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))
     except (ExportError, EngineBuildError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"model repository for {Path(args.model_dir).resolve()} ({args.backend}, {device}, "
+    where = "" if args.gpus is None else f", GPUS={args.gpus}"
+    print(f"model repository for {Path(args.model_dir).resolve()} ({args.backend}, {device}{where}, "
           f"{args.precision}) written to {dest}")
     return 0
 

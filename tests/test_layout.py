@@ -11,7 +11,8 @@ import pytest
 pytestmark = pytest.mark.fast
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = ["flux_triton", "export", "clients", "gateway", "model_repository"]
-CORE = ["model_info", "specs", "request", "sampling", "pipeline", "recovery", "preview", "batching"]
+CORE = ["model_info", "specs", "request", "sampling", "pipeline", "recovery", "preview", "batching",
+        "placement"]
 
 
 def imported_modules(path: Path) -> set[str]:
