@@ -1,7 +1,8 @@
 """A stand-in for `triton_python_backend_utils`, enough to run the adapters in-process.
 
 BLS requests go to the adapter instances registered in `models` (as a Triton repository would
-route them); `failures` queues error responses per model so tests can script bad days.
+route them) and are logged in `requested`; `failures` queues error responses per model so tests
+can script bad days.
 """
 
 from __future__ import annotations
@@ -95,17 +96,20 @@ class _Registry:
     models: dict = {}
     failures: dict[str, deque] = defaultdict(deque)
     calls: dict[str, int] = defaultdict(int)
+    requested: list = []  # every BLS request sent, in order
 
 
 models = _Registry.models
 failures = _Registry.failures
 calls = _Registry.calls
+requested = _Registry.requested
 
 
 def reset() -> None:
     models.clear()
     failures.clear()
     calls.clear()
+    requested.clear()
 
 
 class InferenceRequest:
@@ -129,6 +133,7 @@ class InferenceRequest:
 
     async def async_exec(self) -> InferenceResponse:
         calls[self.model_name] += 1
+        requested.append(self)
         if failures[self.model_name]:
             return InferenceResponse(error=failures[self.model_name].popleft())
         response = models[self.model_name].execute([self])[0]
@@ -175,19 +180,22 @@ class MetricFamily:
         return self.metrics[-1]
 
 
-def model_args(repository: Path, name: str, parameters: dict[str, str], decoupled: bool = False) -> dict:
-    """The `args` Triton passes to `initialize` for a CPU instance of `name` in `repository`."""
+def model_args(repository: Path, name: str, parameters: dict[str, str], decoupled: bool = False,
+               gpu: int | None = None) -> dict:
+    """The `args` Triton passes to `initialize` for an instance of `name` in `repository`, on the
+    CPU or (by its args only: nothing here touches CUDA) on GPU `gpu`."""
     config = {"name": name, "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
-    return {"model_config": json.dumps(config), "model_instance_kind": "CPU",
-            "model_instance_device_id": "0", "model_repository": str(repository / name),
+    return {"model_config": json.dumps(config), "model_instance_kind": "CPU" if gpu is None else "GPU",
+            "model_instance_device_id": str(gpu or 0), "model_repository": str(repository / name),
             "model_version": "1", "model_name": name}
 
 
-def wire_repository(model_dir: Path, folder: Path, **parameters: str):
+def wire_repository(model_dir: Path, folder: Path, bls_gpu: int | None = None, **parameters: str):
     """tokenizer, the four networks and flux_bls of `model_dir` as adapters over this stand-in,
-    registered in `models` as Triton would route BLS calls; returns the flux_bls adapter."""
+    registered in `models` as Triton would route BLS calls; returns the flux_bls adapter (its
+    args say GPU `bls_gpu` when given; the networks run on the CPU)."""
     import sys
 
     from flux_triton.adapters.bls import FluxBlsModel
@@ -205,7 +213,7 @@ def wire_repository(model_dir: Path, folder: Path, **parameters: str):
         model.initialize(model_args(folder, name, params))
         models[name] = model
     bls = type("FluxBlsModel", (FluxBlsModel,), {"pb": stub})()
-    bls.initialize(model_args(folder, "flux_bls", params, decoupled=True))
+    bls.initialize(model_args(folder, "flux_bls", params, decoupled=True, gpu=bls_gpu))
     return bls
 
 

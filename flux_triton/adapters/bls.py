@@ -30,6 +30,7 @@ from flux_triton.adapters.metrics import BlsMetrics
 from flux_triton.batching import CallBatcher
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage, StageFailed, StepUpdate, generate
+from flux_triton.placement import NETWORKS_BY_GPU_PARAMETER, served_networks
 from flux_triton.recovery import (
     OutOfMemory,
     RecoveryStats,
@@ -42,12 +43,18 @@ from flux_triton.specs import NETWORKS, TORCH_DTYPES, bls_spec, component_specs
 
 
 class BlsFluxModels:
-    """`FluxModels` as BLS calls to the component models, for one client request."""
+    """`FluxModels` as BLS calls to the component models, for one client request.
+
+    `served_names` maps a network to the model its calls go to (its copy on this instance's GPU,
+    see `flux_triton.placement`); a network not in it is called by its own name.
+    """
 
     def __init__(self, pb: Any, batched: dict[str, set[str]], policy: RetryPolicy,
                  metrics: BlsMetrics, gpu: int | None, dit_batcher: CallBatcher | None = None,
-                 float_types: dict[str, torch.dtype] | None = None):
+                 float_types: dict[str, torch.dtype] | None = None,
+                 served_names: dict[str, str] | None = None):
         self.pb = pb
+        self.served_names = served_names or {}
         self.float_types = float_types or {}  # the floating-point type each network takes
         self.dit_batcher = dit_batcher  # shares DiT calls with other requests (BATCH_DELAY_US)
         self.batched = batched
@@ -61,7 +68,8 @@ class BlsFluxModels:
     async def _exec(self, model: str, inputs: list, outputs: list[str]) -> dict[str, torch.Tensor]:
         pb = self.pb
         request = pb.InferenceRequest(
-            model_name=model, inputs=inputs, requested_output_names=outputs, **self.request_kwargs
+            model_name=self.served_names.get(model, model), inputs=inputs,
+            requested_output_names=outputs, **self.request_kwargs
         )
         began = time.perf_counter()
         response = await request.async_exec()
@@ -188,6 +196,7 @@ class FluxBlsModel:
         self.batched = {m: specs[m].batched_inputs() for m in NETWORKS}
         device = instance_device(args)
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
+        self.served_names = served_networks(params.get(NETWORKS_BY_GPU_PARAMETER), self.gpu)
         self.metrics = BlsMetrics(pb, self.gpu)
         self.float_types = {model: getattr(torch, TORCH_DTYPES[dtype]) for model, dtype in
                             json.loads(params.get("component_dtypes", "{}")).items()}
@@ -201,7 +210,7 @@ class FluxBlsModel:
     async def _merged_dit_call(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One DiT call for several requests' rows (retried and split like any other call)."""
         models = BlsFluxModels(self.pb, self.batched, self.policy, self.metrics, self.gpu,
-                               float_types=self.float_types)
+                               float_types=self.float_types, served_names=self.served_names)
         return {"noise_pred": await models._network("dit_transformer", inputs, "noise_pred")}
 
     async def execute(self, requests: list) -> None:
@@ -243,7 +252,7 @@ class FluxBlsModel:
             return None
 
         models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu,
-                               self.dit_batcher, self.float_types)
+                               self.dit_batcher, self.float_types, self.served_names)
         outcome = "cancelled"
         try:
             async for event in generate(gen_request, self.info, models, stop_check):

@@ -12,15 +12,30 @@ LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1000
 OUTCOMES = ("completed", "partial", "cancelled", "invalid", "failed")
 
 
+class _Labelled:
+    """A metric family whose metrics all carry `labels` besides their own."""
+
+    def __init__(self, family: Any, labels: dict[str, str]):
+        self.family, self.labels = family, labels
+
+    def Metric(self, labels: dict[str, str], **options) -> Any:  # noqa: N802 (pb_utils' spelling)
+        return self.family.Metric(labels={**labels, **self.labels}, **options)
+
+
 class BlsMetrics:
-    """The BLS's metric families; `pb` is triton_python_backend_utils (or a stand-in)."""
+    """The BLS's metric families; `pb` is triton_python_backend_utils (or a stand-in).
+
+    An instance on a GPU labels every metric with `gpu`, so the instances of a server that spans
+    several GPUs (GPUS) count apart; on a CPU the labels are as they always were.
+    """
 
     def __init__(self, pb: Any, gpu: int | None = None):
         self.families = []  # a MetricFamily must outlive its metrics
+        on_gpu = {} if gpu is None else {"gpu": str(gpu)}
 
         def family(name, description, kind):
             self.families.append(pb.MetricFamily(name=name, description=description, kind=kind))
-            return self.families[-1]
+            return _Labelled(self.families[-1], on_gpu)
 
         histogram, counter = pb.MetricFamily.HISTOGRAM, pb.MetricFamily.COUNTER
         latency = family("flux_component_latency_ms", "BLS call latency per component (ms)", histogram)
@@ -48,7 +63,7 @@ class BlsMetrics:
         self.gpu_memory = None
         if gpu is not None:
             self.gpu_memory = family("flux_gpu_memory_used_bytes", "GPU memory in use (device-wide)",
-                                     pb.MetricFamily.GAUGE).Metric(labels={"gpu": str(gpu)})
+                                     pb.MetricFamily.GAUGE).Metric(labels={})
 
     def observe_dit_batch(self, rows: int, calls: int) -> None:
         self.dit_batch.observe(rows)
