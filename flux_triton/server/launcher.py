@@ -7,6 +7,7 @@ interpreter's bin directory first on PATH: the models then import this venv's pa
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,6 +71,18 @@ def repository_uses_gpu(repository: Path) -> bool:
     """True when any model of the rendered repository runs on a GPU."""
     return any("KIND_GPU" in config.read_text() or "tensorrt_plan" in config.read_text()
                for config in Path(repository).glob("*/config.pbtxt"))
+
+
+def repository_models(repository: Path) -> list[str]:
+    """The models the rendered repository holds: its folders with a config.pbtxt."""
+    return sorted(config.parent.name for config in Path(repository).glob("*/config.pbtxt"))
+
+
+def repository_gpus(repository: Path) -> set[int]:
+    """The GPUs the repository's instance groups are pinned to (`gpus: [ ... ]`, from GPUS)."""
+    return {int(gpu) for config in Path(repository).glob("*/config.pbtxt")
+            for listed in re.findall(r"gpus:\s*\[([^\]]*)\]", config.read_text())
+            for gpu in listed.split(",") if gpu.strip()}
 
 
 def gpu_ids() -> list[int]:
@@ -169,8 +182,9 @@ class TritonServer:
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     def command(self) -> list[str]:
-        if self.on_gpu:
-            pools = [f"--cuda-memory-pool-byte-size={gpu}:{CUDA_POOL_BYTES}" for gpu in gpu_ids()]
+        if self.on_gpu:  # a pool on every GPU, listed in the repository or not
+            gpus = sorted(set(gpu_ids()) | repository_gpus(self.repository))
+            pools = [f"--cuda-memory-pool-byte-size={gpu}:{CUDA_POOL_BYTES}" for gpu in gpus]
             device_args = ["--allow-gpu-metrics=true", *pools]
         else:
             device_args = ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
@@ -187,9 +201,10 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=20",
-            # Every model loaded at start, and the supervisor may unload and load one again.
+            # Every rendered model loaded at start (no stray folder), and the supervisor may unload
+            # and load one again.
             "--model-control-mode=explicit",
-            "--load-model=*",
+            *(f"--load-model={model}" for model in repository_models(self.repository)),
             *self.extra_args,
         ]
 
