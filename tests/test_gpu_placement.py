@@ -1,0 +1,272 @@
+"""Several GPUs on one host (GPUS): the rendered repository gives every listed GPU a copy of each
+network and a flux_bls instance, and a flux_bls instance calls the copies on its own GPU.
+
+All on the CPU: configs are text, and a flux_bls instance's GPU is only what its args say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import export.repository as export_repository
+from export.repository import count_gpus, render_configs, share_artifacts, write_repository
+from flux_triton.placement import parse_gpus
+from flux_triton.server.launcher import CUDA_POOL_BYTES, TritonServer
+from flux_triton.server.supervisor import Supervisor, python_models
+from flux_triton.specs import NETWORKS
+from tests import python_backend_stub as pb
+
+pytestmark = pytest.mark.fast
+PLAIN = {"tokenizer", "encode_prompt", "flux_bls", *NETWORKS}
+GPU_OPTIONS = dict(device="gpu", precision="BF16", compile=True, warmup=None, batch_delay_us=2000)
+
+
+@pytest.fixture(scope="module")
+def render(model_dirs):
+    """render(gpus) -> configs of the tiny schnell model on GPUs (cached per GPUS)."""
+    rendered = {}
+
+    def render(gpus: str | None = None) -> dict[str, str]:
+        if gpus not in rendered:
+            rendered[gpus] = render_configs(model_dirs["schnell"], gpus=gpus, **GPU_OPTIONS)
+        return rendered[gpus]
+
+    return render
+
+
+def parameter(config: str, key: str) -> str:
+    """A string parameter of a rendered config, unquoted."""
+    quoted = re.search(rf'key: "{key}"\n  value: {{ string_value: "((?:[^"\\]|\\.)*)" }}', config)
+    assert quoted, f"no parameter {key}"
+    return re.sub(r"\\(.)", r"\1", quoted.group(1))
+
+
+def instance_groups(config: str) -> list[tuple[int, str, list[int] | None]]:
+    """(count, kind, gpus or None) of each instance group of a rendered config."""
+    groups = re.findall(r"\{\n    count: (\d+)\n    kind: (\w+)\n(?:    gpus: \[ ([\d, ]+) \]\n)?  \}",
+                        config)
+    return [(int(count), kind, [int(g) for g in gpus.split(",")] if gpus else None)
+            for count, kind, gpus in groups]
+
+
+def without_pins(config: str) -> str:
+    """A config less its GPU pins and its per-GPU model map."""
+    config = re.sub(r"    gpus: \[ [\d, ]+ \]\n", "", config)
+    return re.sub(r'parameters \{\n  key: "component_models_by_gpu"\n.*\n\}\n', "", config)
+
+
+@pytest.mark.parametrize("gpus,ids", [("0,1", [0, 1]), ("0,1,2,3", [0, 1, 2, 3]), ("2,5", [2, 5])])
+def test_each_listed_gpu_gets_its_copies_and_a_bls_instance(render, gpus, ids):
+    configs = render(gpus)
+    copies = {f"{n}_gpu{k}" for n in NETWORKS for k in ids[1:]}
+    assert set(configs) == PLAIN | copies
+    for network in NETWORKS:
+        for gpu in ids:
+            name = network if gpu == ids[0] else f"{network}_gpu{gpu}"
+            assert configs[name].startswith(f'name: "{name}"\n')
+            assert instance_groups(configs[name]) == [(1, "KIND_GPU", [gpu])]
+            # Every copy is the same model, options included (precision, compile, warmup, cache).
+            assert without_pins(configs[name]).replace(name, network) == without_pins(configs[network])
+    assert instance_groups(configs["tokenizer"]) == [(1, "KIND_CPU", None)]
+    assert instance_groups(configs["flux_bls"]) == [(1, "KIND_GPU", [gpu]) for gpu in ids]
+    mapping = json.loads(parameter(configs["flux_bls"], "component_models_by_gpu"))
+    assert mapping == {str(gpu): {n: n if gpu == ids[0] else f"{n}_gpu{gpu}" for n in NETWORKS}
+                       for gpu in ids}
+    steps = re.findall(r'model_name: "(\w+)"', configs["encode_prompt"])
+    assert steps == ["tokenizer", "clip_encoder", "t5_encoder"]  # the first GPU's, by plain name
+
+
+def test_gpus_all_is_every_gpu_the_machine_has(model_dirs, monkeypatch):
+    monkeypatch.setattr(export_repository, "count_gpus", lambda: 3)
+    configs = render_configs(model_dirs["schnell"], gpus="all", **GPU_OPTIONS)
+    assert set(configs) == PLAIN | {f"{n}_gpu{k}" for n in NETWORKS for k in (1, 2)}
+    assert instance_groups(configs["flux_bls"]) == [(1, "KIND_GPU", [k]) for k in (0, 1, 2)]
+
+
+def test_gpu_count_from_torch_else_nvidia_smi(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    listing = "GPU 0: NVIDIA H100 (UUID: GPU-a)\nGPU 1: NVIDIA H100 (UUID: GPU-b)\n"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, listing))
+    assert count_gpus() == 2
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    with pytest.raises(ValueError, match="GPUS=all: neither torch nor nvidia-smi finds a GPU"):
+        parse_gpus("all", count_gpus)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert parse_gpus("all", count_gpus) == (0, 1, 2, 3)
+
+
+def test_without_gpus_the_configs_are_as_before(render):
+    default = render()
+    assert set(default) == PLAIN
+    assert not any("gpus:" in c or "component_models_by_gpu" in c for c in default.values())
+    # One GPU listed: the same models, only pinned to it.
+    assert {name: without_pins(c) for name, c in render("0").items()} == default
+    pinned = render("0,1")  # and the first of several: the same models but flux_bls, pinned
+    assert all(without_pins(pinned[name]) == default[name] for name in PLAIN - {"flux_bls"})
+
+
+@pytest.mark.parametrize("gpus,problem", [
+    ("x", "'x' in 'x' is not a GPU id"), ("-1", "'-1' in '-1' is not a GPU id"),
+    ("0,,1", "'' in '0,,1' is not a GPU id"), ("0,1,0", "GPU 0 twice"), ("", "GPUS is empty"),
+    (" ", "GPUS is empty"),
+])
+def test_invalid_gpus_fail_naming_gpus(gpus, problem):
+    with pytest.raises(ValueError, match="GPUS") as failure:
+        parse_gpus(gpus, lambda: 8)
+    assert problem in str(failure.value)
+
+
+def test_invalid_gpus_stop_the_export(model_dirs, tmp_path, capsys):
+    with pytest.raises(ValueError, match="GPUS lists GPU 1 twice"):
+        render_configs(model_dirs["schnell"], device="gpu", gpus="1,1")
+    with pytest.raises(ValueError, match="GPUS places the models on GPUs: export with DEVICE=gpu"):
+        render_configs(model_dirs["schnell"], gpus="0,1")
+    code = export_repository.main(["--model-dir", str(model_dirs["schnell"]), "--repository",
+                                   str(tmp_path / "repository"), "--device", "gpu", "--gpus", "x"])
+    assert code == 1 and "GPUS lists GPU ids" in capsys.readouterr().err
+    assert not (tmp_path / "repository").exists()
+
+
+def test_export_writes_the_copies_and_removes_those_no_longer_listed(model_dirs, tmp_path, monkeypatch):
+    # `make export` writes into the source repository itself: a copy of it stands in here.
+    source = tmp_path / "model_repository"
+    shutil.copytree(export_repository.SOURCE_REPOSITORY, source,
+                    ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__", "model.onnx*",
+                                                  "model.plan", "export_report.json"))
+    monkeypatch.setattr(export_repository, "SOURCE_REPOSITORY", source)
+    write_repository(model_dirs["schnell"], source, device="gpu", gpus="0,1,2")
+    for network in NETWORKS:
+        code = (source / network / "1" / "model.py").read_text()
+        for gpu in (1, 2):
+            assert (source / f"{network}_gpu{gpu}" / "1" / "model.py").read_text() == code
+            assert (source / f"{network}_gpu{gpu}" / "config.pbtxt").exists()
+
+    write_repository(model_dirs["schnell"], source, device="gpu", gpus="0,2")
+    assert not any(source.glob("*_gpu1")) and len(list(source.glob("*_gpu2"))) == len(NETWORKS)
+    write_repository(model_dirs["schnell"], source, device="gpu")
+    assert {p.name for p in source.iterdir() if p.is_dir()} == PLAIN
+
+
+def test_copies_share_their_networks_plans(tmp_path):
+    plan = tmp_path / "dit_transformer" / "1" / "model.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"built for hours")
+    (tmp_path / "dit_transformer_gpu3" / "1").mkdir(parents=True)
+    share_artifacts(tmp_path, "tensorrt", ["tokenizer", "dit_transformer", "dit_transformer_gpu3"])
+    shared = tmp_path / "dit_transformer_gpu3" / "1" / "model.plan"
+    assert shared.read_bytes() == b"built for hours" and shared.stat().st_ino == plan.stat().st_ino
+
+
+def test_server_loads_what_was_rendered_with_a_pool_on_each_gpu(model_dirs, tmp_path, monkeypatch):
+    import flux_triton.server.launcher as launcher
+
+    monkeypatch.setattr(launcher, "prepare_backends", lambda: tmp_path)
+    monkeypatch.setattr(launcher, "gpu_ids", lambda: [])  # no nvidia-smi: the configs still say
+    repository = write_repository(model_dirs["schnell"], tmp_path / "repository", device="gpu",
+                                  gpus="2,5")
+    (repository / "left_over" / "1").mkdir(parents=True)  # not a rendered model: never loaded
+    command = TritonServer(repository).command()
+    loaded = {arg.split("=", 1)[1] for arg in command if arg.startswith("--load-model=")}
+    assert loaded == PLAIN | {f"{n}_gpu5" for n in NETWORKS}
+    pools = {arg for arg in command if arg.startswith("--cuda-memory-pool-byte-size=")}
+    assert pools == {f"--cuda-memory-pool-byte-size={gpu}:{CUDA_POOL_BYTES}" for gpu in (2, 5)}
+    assert "--allow-gpu-metrics=true" in command
+
+    models = python_models(repository)
+    assert models["dit_transformer_gpu5"].instances == 1 and not models["dit_transformer_gpu5"].decoupled
+    assert models["flux_bls"].instances == 2 and models["flux_bls"].decoupled
+
+
+def test_supervisor_reloads_a_copy_by_its_own_name(model_dirs, tmp_path):
+    class Server:  # what the supervisor asks of a TritonServer, recorded
+        repository = write_repository(model_dirs["schnell"], tmp_path / "repository", device="gpu",
+                                      gpus="0,1")
+        process = None
+        actions: list[tuple[str, str]] = []
+
+        def model_control(self, model, action):
+            self.actions.append((model, action))
+
+        def is_ready(self):
+            return True
+
+    server = Server()
+    supervisor = Supervisor(server)
+    supervisor.recover("dit_transformer_gpu1", "process 42 is dead")
+    assert server.actions == [("dit_transformer_gpu1", "unload"), ("dit_transformer_gpu1", "load")]
+    assert supervisor.restarts["dit_transformer_gpu1"] == 1 and supervisor.server_restarts == 0
+
+
+@pytest.fixture
+def bls_on_gpu(model_dirs, render, tmp_path, monkeypatch):
+    """wire(gpu, **params): flux_bls on that GPU with the GPUS=0,1 map; the networks registered
+    under the names of GPU 1's copies (on the CPU)."""
+    mapping = parameter(render("0,1")["flux_bls"], "component_models_by_gpu")
+
+    def wire(gpu: int, **params: str):
+        bls = pb.wire_repository(model_dirs["schnell"], tmp_path, bls_gpu=gpu,
+                                 component_models_by_gpu=mapping, **params)
+        for network in NETWORKS:
+            pb.models[f"{network}_gpu1"] = pb.models[network]
+        monkeypatch.setattr(bls.metrics, "sample_gpu_memory", lambda: None)  # no CUDA here
+        return bls
+
+    yield wire
+    pb.reset()
+
+
+def _generate(bls, **fields) -> list:
+    requests = [pb.flux_bls_request(prompt="a red circle", height=64, width=64,
+                                    num_inference_steps=2, seed=seed, **fields) for seed in (1, 2)]
+    asyncio.run(bls.execute(requests))
+    for request in requests:
+        response, _ = request.sender.sent[-2]
+        assert not response.has_error(), response.error().message()
+    return pb.requested
+
+
+@pytest.mark.parametrize("batch_delay_us", ["0", "20000"])
+def test_bls_on_gpu_1_calls_the_copies_on_gpu_1(bls_on_gpu, batch_delay_us):
+    bls = bls_on_gpu(1, batch_delay_us=batch_delay_us)
+    requested = _generate(bls)
+    assert {r.model_name for r in requested} == {"tokenizer", *(f"{n}_gpu1" for n in NETWORKS)}
+    assert {r.preferred_memory.device_id for r in requested} == {1}  # outputs on its own GPU
+    if batch_delay_us != "0":
+        assert bls.metrics.dit_merged.value > 0  # the two requests' DiT calls went as one
+    # Its metrics count apart from other GPUs' instances; the component label stays the network.
+    labels = [m.labels for family in bls.metrics.families for m in family.metrics]
+    assert labels and all(label["gpu"] == "1" for label in labels)
+    assert {"model": "dit_transformer", "gpu": "1"} in labels
+
+
+def test_bls_on_the_first_gpu_calls_the_plain_names(bls_on_gpu):
+    requested = _generate(bls_on_gpu(0))
+    assert {r.model_name for r in requested} == {"tokenizer", *NETWORKS}
+    assert {r.preferred_memory.device_id for r in requested} == {0}
+
+
+def test_bls_on_an_unlisted_gpu_refuses_to_load(bls_on_gpu):
+    with pytest.raises(ValueError, match=r"GPU 3 but component_models_by_gpu maps only GPUs \['0', '1'\]"):
+        bls_on_gpu(3)
+
+
+def test_repository_without_gpus_calls_plain_names_from_any_gpu(model_dirs, tmp_path):
+    bls = pb.wire_repository(model_dirs["schnell"], tmp_path, bls_gpu=1)
+    bls.metrics.sample_gpu_memory = lambda: None
+    try:
+        assert {r.model_name for r in _generate(bls)} == {"tokenizer", *NETWORKS}
+    finally:
+        pb.reset()
+
