@@ -82,6 +82,15 @@ def test_each_listed_gpu_gets_its_copies_and_a_bls_instance(render, gpus, ids):
     assert steps == ["tokenizer", "clip_encoder", "t5_encoder"]  # the first GPU's, by plain name
 
 
+def test_tensorrt_plans_are_placed_alike(model_dirs):
+    configs = render_configs(model_dirs["dev"], backend="tensorrt", device="gpu", gpus="0,1")
+    for network in NETWORKS:
+        assert instance_groups(configs[network]) == [(1, "KIND_GPU", [0])]
+        assert instance_groups(configs[f"{network}_gpu1"]) == [(1, "KIND_GPU", [1])]
+        assert 'platform: "tensorrt_plan"' in configs[f"{network}_gpu1"]
+    assert instance_groups(configs["flux_bls"]) == [(1, "KIND_GPU", [0]), (1, "KIND_GPU", [1])]
+
+
 def test_gpus_all_is_every_gpu_the_machine_has(model_dirs, monkeypatch):
     monkeypatch.setattr(export_repository, "count_gpus", lambda: 3)
     configs = render_configs(model_dirs["schnell"], gpus="all", **GPU_OPTIONS)
