@@ -32,7 +32,7 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION)) \
 	$(if $(call given,GPUS),--gpus $(GPUS))
 
-.PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu gpu-bundle lint clean
+.PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu bench-scale gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,13 @@ GPU_PYTHON ?= python3
 BENCH_OUT ?= benchmarks/results/bench-gpu.json
 bench-gpu:
 	$(GPU_PYTHON) -m flux_dev.bench_gpu --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# Scale-out table on a multi-GPU machine: one GPU vs several (GPUS), DiT batching off vs on, at
+# 1024² and 512², concurrency 1-8, merged into SCALE_OUT. SCALE_ARGS picks cases, e.g.
+# SCALE_ARGS="--gpus 0 0,1 --batch-delays-us 0 --sizes 512".
+SCALE_OUT ?= benchmarks/results/scale-gpu.json
+bench-scale:
+	$(GPU_PYTHON) -m flux_dev.bench_scale --out $(SCALE_OUT) $(SCALE_ARGS)
 
 # .whl/gpu_bundle.tar.xz + .whl/install.sh: what a GPU machine with only torch needs, from PyPI.
 gpu-bundle:

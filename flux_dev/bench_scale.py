@@ -1,0 +1,147 @@
+"""`make bench-scale`: images/s of full-size FLUX.1 served on one GPU vs several (GPUS), with DiT
+batching across streams off vs on (BATCH_DELAY_US), at several resolutions and concurrencies.
+
+Each server configuration is exported (`export.repository`, torch backend, real FLUX.1 architecture
+with random bf16 weights from `flux_dev.full_size`), started, loaded by `clients.load` at every
+concurrency for every size, and stopped; rows are merged into one JSON file with the card, driver
+and versions, so a cut-off run keeps what it measured:
+
+    python -m flux_dev.bench_scale --gpus 0 0,1 --batch-delays-us 0 2000 --sizes 1024,512 \
+        --concurrency 1,2,4,8 --out benchmarks/results/scale.json
+
+Compilation is off by default: with batching on, merged calls come in every batch size, and a
+compiled server runs sizes it was not warmed up for eagerly, which would compare compiled
+single calls with eager merged ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from clients.load import run_load
+from export.repository import write_repository
+from flux_dev.bench_gpu import environment
+from flux_dev.full_size import SERVING, write_full_size_folder
+from flux_triton.model_info import load_model_info
+from flux_triton.request import ServingLimits
+from flux_triton.server.launcher import TritonServer, free_port
+from flux_triton.specs import ServingShape
+
+PROMPT = "a red circle on a blue background"
+
+
+def dit_batch_counts(metrics: str) -> dict[str, dict[str, float]]:
+    """DiT rows, calls and merged calls so far, per GPU, from flux_bls's Prometheus metrics."""
+    names = {"flux_dit_batch_size_sum": "rows", "flux_dit_batch_size_count": "calls",
+             "flux_dit_merged_calls_total": "merged_calls"}
+    seen: dict[str, dict[str, float]] = {}
+    for line in metrics.splitlines():
+        match = re.match(r"(\w+)(?:\{(.*)\})? ([0-9.e+-]+)$", line)
+        if not match or match.group(1) not in names:
+            continue
+        gpu = re.search(r'gpu="(\d+)"', match.group(2) or "")
+        entry = seen.setdefault(gpu.group(1) if gpu else "-", dict.fromkeys(names.values(), 0.0))
+        entry[names[match.group(1)]] += float(match.group(3))
+    return seen
+
+
+def batches_between(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """What the DiT calls of one load run were, per GPU: calls, rows, mean rows per call, merges."""
+    out = {}
+    for gpu, entry in after.items():
+        delta = {k: v - before.get(gpu, {}).get(k, 0.0) for k, v in entry.items()}
+        delta["mean_rows_per_call"] = delta["rows"] / delta["calls"] if delta["calls"] else None
+        out[gpu] = delta
+    return out
+
+
+def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: int,
+                   sizes: list[int], concurrencies: list[int], per_stream: int, precision: str,
+                   compile: bool, max_batch: int) -> dict:
+    """Export, start, load at every size and concurrency, stop; the rows of one configuration
+    (`gpus` None: a CPU server, as the tests run it)."""
+    info = load_model_info(folder)
+    text, steps = info.default_max_sequence_length, info.default_num_inference_steps
+    began = time.perf_counter()
+    if gpus is None:
+        write_repository(folder, repository, batch_delay_us=delay_us,
+                         limits=ServingLimits(max_batch=max_batch))
+    else:
+        write_repository(folder, repository, device="gpu", precision=precision, gpus=gpus,
+                         batch_delay_us=delay_us, compile=compile, cuda_graphs=compile,
+                         warmup=tuple(ServingShape(1, size, size, text) for size in sizes),
+                         limits=ServingLimits(max_batch=max_batch))
+    ports = [free_port() for _ in range(3)]
+    server = TritonServer(repository, *ports, log_file=repository / "tritonserver.log")
+    result = {"gpus": gpus, "batch_delay_us": delay_us, "compile": compile, "rows": []}
+    try:
+        result["ready_s"] = server.start(timeout_s=1500)
+        result["export_and_ready_s"] = time.perf_counter() - began
+        url = f"127.0.0.1:{ports[1]}"
+        for size in sizes:
+            fields = dict(prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
+                          max_sequence_length=text, previews=False)
+            run_load(url, fields, 1, 2)  # first calls at this size (allocator, graphs) off the clock
+            for concurrency in concurrencies:
+                before = dit_batch_counts(server.metrics())
+                row = run_load(url, fields, concurrency, max(4, per_stream * concurrency))
+                row["dit_batches"] = batches_between(before, dit_batch_counts(server.metrics()))
+                row.update(size=size, gpus=gpus, batch_delay_us=delay_us)
+                result["rows"].append(row)
+                print(f"GPUS={gpus} BATCH_DELAY_US={delay_us} {size}² concurrency {concurrency}: "
+                      f"{row['images_per_s']:.2f} images/s, p50 {row['latency_s']['p50']:.3f} s, "
+                      f"errors {row['errors'] or 'none'}", flush=True)
+    finally:
+        server.stop()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="schnell", choices=sorted(SERVING))
+    parser.add_argument("--precision", default="BF16", choices=["BF16", "FP8"])
+    parser.add_argument("--gpus", nargs="+", default=["0", "0,1"],
+                        help="GPUS of each configuration (`cpu`: a CPU server)")
+    parser.add_argument("--batch-delays-us", nargs="+", type=int, default=[0, 2000],
+                        help="BATCH_DELAY_US of each configuration (0: batching off)")
+    parser.add_argument("--sizes", default="1024,512")
+    parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--per-stream", type=int, default=3, help="requests per stream")
+    parser.add_argument("--max-batch", type=int, default=8, help="rows per merged DiT call, at most")
+    parser.add_argument("--compile", type=int, choices=[0, 1], default=0)
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="serve this folder instead of the full-size one (with --gpus cpu: on "
+                             "the CPU, e.g. the tiny model)")
+    parser.add_argument("--tokenizers-from", default="models/shapes-flux")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
+    folder = args.model_dir or write_full_size_folder(work / args.variant, args.variant,
+                                                      args.tokenizers_from)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    data = json.loads(args.out.read_text()) if args.out.exists() else {"configs": []}
+    data["environment"] = environment() if args.gpus != ["cpu"] else {"gpu": None}
+    for gpus in args.gpus:
+        for delay in args.batch_delays_us:
+            repository = work / f"repository-{gpus.replace(',', '_')}-{delay}"
+            config = measure_server(folder, repository, None if gpus == "cpu" else gpus, delay,
+                                    sizes, concurrencies, args.per_stream, args.precision,
+                                    bool(args.compile), args.max_batch)
+            data["configs"].append(dict(config, variant=args.variant, precision=args.precision))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
