@@ -121,19 +121,30 @@ CHECK_SIZES = [
 ]
 
 
+def resolve_device(device: str) -> str:
+    """`auto`: the GPU when there is one (a 12 B-parameter DiT in bf16 fits one card), else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def on_device(inputs: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def reference_module(name: str, info: FluxModelInfo, onnx_precision: str = "FP32",
-                     dtype: str | None = None) -> torch.nn.Module:
+                     dtype: str | None = None, device: str = "cpu") -> torch.nn.Module:
     """The PyTorch network an `onnx_precision` graph is exported from (`dtype` None) or checked
-    against (`dtype` "float32": the same bf16 weights, computing in float32)."""
+    against (`dtype` "float32": the same bf16 weights, computing in float32), on `device`."""
     graph_dtype = GRAPH_DTYPES[onnx_precision][name]
-    module = load_component(name, info, "cpu", graph_dtype).eval()
+    module = load_component(name, info, device, graph_dtype).eval()
     if onnx_precision == "FP8" and name == "dit_transformer":
         from export.quantization import quantize_fp8
 
         def calibrate():
             for seed, sizes in enumerate(CHECK_SIZES):
                 inputs = _cast(sample_inputs(name, info, sizes, seed=100 + seed), graph_dtype)
-                module(**inputs)
+                module(**on_device(inputs, device))
 
         quantize_fp8(module, calibrate)
     if dtype is not None:
@@ -145,31 +156,50 @@ def _cast(inputs: dict, dtype: str) -> dict:
     return {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
-def export_component(name: str, info: FluxModelInfo, target: Path, onnx_precision: str = "FP32",
-                     module: torch.nn.Module | None = None) -> Path:
-    """Export one network to `target` (weights beside it if large); check validity and dtypes."""
-    import onnx
+def _module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
+
+def export_program(name: str, info: FluxModelInfo, module: torch.nn.Module,
+                   onnx_precision: str = "FP32"):
+    """`module` traced to an ONNXProgram on the device it lives on. Its initializers are the
+    module's own tensors (no copies): the optimizer folds no input above 8192 elements."""
     from export.quantization import FP8_OPSET, TRANSLATIONS
 
     graph_dtype = GRAPH_DTYPES[onnx_precision][name]
     spec = component_specs(info, IO_TYPES[graph_dtype])[name]
-    module = module if module is not None else reference_module(name, info, onnx_precision)
     wrapper = _Positional(module, spec).eval()
-    sample = _cast(sample_inputs(name, info, EXPORT_SIZES), graph_dtype)
+    sample = on_device(_cast(sample_inputs(name, info, EXPORT_SIZES), graph_dtype),
+                       _module_device(module))
     args = tuple(sample[t.name] for t in spec.inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(target.name + "*"):
-        stale.unlink()
-    weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
     fp8 = onnx_precision == "FP8" and name == "dit_transformer"
     with float32_rope(), torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        program = torch.onnx.export(
+        return torch.onnx.export(
             wrapper, args, dynamo=True, input_names=wrapper.input_names,
             output_names=wrapper.output_names, dynamic_shapes=(_dynamic_shapes(spec),), optimize=True,
             **({"custom_translation_table": TRANSLATIONS, "opset_version": FP8_OPSET} if fp8 else {}),
         )
-        program.save(str(target), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+
+
+def save_program(program, target: Path, weight_bytes: int) -> None:
+    """Write `program` to `target`, its weights to `target`.data when above EXTERNAL_DATA_BYTES.
+
+    ONNXProgram.save(external_data=True) hands the graph to onnx_ir.save, whose external-data writer
+    (`onnx_ir.external_data._write_external_data`) writes the initializers one by one with each
+    tensor's `tofile`; the exporter's TorchTensor.tofile copies that one tensor to host memory
+    (`.detach().cpu()`) and writes its bytes. Only the graph without weights is then serialized as a
+    ModelProto, so host memory holds one tensor at a time, never all weights."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(target.name + "*"):
+        stale.unlink()
+    program.save(str(target), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+
+
+def validate_graph(name: str, target: Path, input_names: list[str], fp8: bool = False) -> None:
+    """onnx.checker (by path, so graphs above 2 GiB pass), no float64, the spec's input names, and
+    float8 Q/DQ in an FP8 DiT. Reads the graph without its weights."""
+    import onnx
+
     onnx.checker.check_model(str(target), full_check=True)
     model = onnx.load(str(target), load_external_data=False)
     double = [v.name for v in (*model.graph.input, *model.graph.output, *model.graph.value_info)
@@ -178,10 +208,26 @@ def export_component(name: str, info: FluxModelInfo, target: Path, onnx_precisio
     if double:
         raise ExportError(f"{name}: float64 tensors left in the graph: {double[:5]}")
     graph_inputs = [i.name for i in model.graph.input]
-    if graph_inputs != wrapper.input_names:
-        raise ExportError(f"{name}: ONNX inputs {graph_inputs}, expected {wrapper.input_names}")
+    if graph_inputs != input_names:
+        raise ExportError(f"{name}: ONNX inputs {graph_inputs}, expected {input_names}")
     if fp8 and not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         raise ExportError(f"{name}: no float8 QuantizeLinear in the FP8 graph")
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_component(name: str, info: FluxModelInfo, target: Path, onnx_precision: str = "FP32",
+                     module: torch.nn.Module | None = None) -> Path:
+    """Export one network to `target` (weights beside it if large); check validity and dtypes."""
+    module = module if module is not None else reference_module(name, info, onnx_precision)
+    program = export_program(name, info, module, onnx_precision)
+    save_program(program, target, weight_bytes(module))
+    del program  # it holds the module's weights: drop it before the parity reference widens them
+    spec = component_specs(info)[name]
+    validate_graph(name, target, [t.name for t in spec.inputs],
+                   fp8=onnx_precision == "FP8" and name == "dit_transformer")
     return target
 
 
@@ -201,48 +247,91 @@ class ParityRow:
         return self.max_abs_diff <= self.tolerance
 
 
-def check_component(name: str, info: FluxModelInfo, onnx_path: Path, onnx_precision: str = "FP32",
-                    module: torch.nn.Module | None = None) -> list[ParityRow]:
-    """onnxruntime vs PyTorch on two batch sizes and two resolutions / text lengths. Reduced-precision
-    graphs are run as their float32 twin against the PyTorch model in float32 with the same weights
-    (see REDUCED_RELATIVE_TOLERANCE)."""
-    import onnx
+def is_reduced(name: str, onnx_precision: str) -> bool:
+    """Whether the graph is checked as its float32 twin (bf16 weights or float8 Q/DQ)."""
+    return GRAPH_DTYPES[onnx_precision][name] != "float32" or (
+        onnx_precision == "FP8" and name == "dit_transformer")
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """float32 matmuls and convolutions in full float32 on a GPU (no TF32), for references."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def torch_outputs(name: str, info: FluxModelInfo, module: torch.nn.Module,
+                  cases: list[dict]) -> list[dict[str, np.ndarray]]:
+    """`module` widened to float32 in place (the reference of every graph), run on each case on
+    its own device; the outputs come back as float32 arrays."""
+    module.float()
+    device = _module_device(module)
+    spec = component_specs(info)[name]
+    outputs = []
+    with torch.inference_mode(), exact_float32():
+        for inputs in cases:
+            result = module(**on_device(inputs, device))
+            outputs.append({t.name: result[t.name].float().cpu().numpy() for t in spec.outputs})
+    return outputs
+
+
+def onnx_outputs(name: str, info: FluxModelInfo, onnx_path: Path, onnx_precision: str,
+                 cases: list[dict]) -> list[dict[str, np.ndarray]]:
+    """The graph run by onnxruntime's CPU provider on each case: a reduced graph as its float32
+    twin, written beside it without its weights (it reads the graph's own bf16 weights file)."""
     import onnxruntime as ort
 
-    from export.quantization import float32_twin
+    from export.quantization import write_float32_twin
 
     spec = component_specs(info)[name]
-    reduced = GRAPH_DTYPES[onnx_precision][name] != "float32" or (
-        onnx_precision == "FP8" and name == "dit_transformer")
-    if module is None:
-        module = reference_module(name, info, onnx_precision, dtype="float32")
-    else:
-        module = module.float()
-    model_path = str(onnx_path)
-    if reduced:
-        model_path = str(onnx_path.with_name(onnx_path.stem + ".float32-twin.onnx"))
-        onnx.save(float32_twin(onnx.load(str(onnx_path))), model_path)
+    reduced = is_reduced(name, onnx_precision)
+    model_path = write_float32_twin(onnx_path) if reduced else onnx_path
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False  # freed tensors go back to the system: honest peak RSS
     if reduced:  # no fusing Q/DQ into integer kernels: float8 inputs are not theirs
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        names = [t.name for t in spec.outputs]
+        return [dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
+                for inputs in cases]
+    finally:
+        if reduced:
+            model_path.unlink()
+
+
+def parity_rows(name: str, onnx_precision: str, cases: list[dict], expected: list[dict],
+                got: list[dict]) -> list[ParityRow]:
+    """One row per case: the largest max abs diff and relative L2 error over the outputs."""
     rows = []
-    for seed, sizes in enumerate(CHECK_SIZES):
-        inputs = sample_inputs(name, info, sizes, seed=seed + 1)
-        with torch.inference_mode():
-            expected = module(**inputs)
-        feed = {k: v.numpy() for k, v in inputs.items()}
-        got = dict(zip([t.name for t in spec.outputs], session.run(None, feed)))
-        diff = max(float(np.abs(got[k] - expected[k].numpy()).max()) for k in got)
-        relative = max(float(np.linalg.norm(got[k] - expected[k].numpy())
-                             / max(np.linalg.norm(expected[k].numpy()), 1e-12)) for k in got)
-        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in inputs.items() if k not in ("txt_ids",
-                                                                                          "img_ids"))
+    for inputs, want, have in zip(cases, expected, got):
+        diff = max(float(np.abs(have[k] - want[k]).max()) for k in have)
+        relative = max(float(np.linalg.norm(have[k] - want[k]) / max(np.linalg.norm(want[k]), 1e-12))
+                       for k in have)
+        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in inputs.items()
+                           if k not in ("txt_ids", "img_ids"))
         rows.append(ParityRow(name, shapes, diff, TOLERANCE[name], relative,
-                              REDUCED_RELATIVE_TOLERANCE if reduced else None))
-    if reduced:
-        Path(model_path).unlink()
+                              REDUCED_RELATIVE_TOLERANCE if is_reduced(name, onnx_precision) else None))
     return rows
+
+
+def check_component(name: str, info: FluxModelInfo, onnx_path: Path, onnx_precision: str = "FP32",
+                    module: torch.nn.Module | None = None,
+                    sizes: list[dict] = CHECK_SIZES) -> list[ParityRow]:
+    """onnxruntime vs PyTorch on `sizes` (by default two batch sizes and two resolutions / text
+    lengths). Reduced-precision graphs are run as their float32 twin against the PyTorch model in
+    float32 with the same weights (see REDUCED_RELATIVE_TOLERANCE). The reference runs where
+    `module` lives (widened in place) and is computed before onnxruntime loads the graph."""
+    if module is None:
+        module = reference_module(name, info, onnx_precision)
+    cases = [sample_inputs(name, info, s, seed=seed + 1) for seed, s in enumerate(sizes)]
+    expected = torch_outputs(name, info, module, cases)
+    got = onnx_outputs(name, info, onnx_path, onnx_precision, cases)
+    return parity_rows(name, onnx_precision, cases, expected, got)
 
 
 def onnx_paths(out_dir: str | Path) -> dict[str, Path]:
@@ -251,21 +340,24 @@ def onnx_paths(out_dir: str | Path) -> dict[str, Path]:
 
 
 def export_all(model_dir: str | Path, targets: dict[str, Path], report_path: Path,
-               onnx_precision: str = "FP32") -> list[ParityRow]:
-    """Export and check each network to its target; raise ExportError after the table if any fails."""
+               onnx_precision: str = "FP32", device: str = "auto") -> list[ParityRow]:
+    """Export and check each network to its target, traced on `device` (auto: the GPU when there is
+    one); raise ExportError after the table if any fails."""
     if onnx_precision not in ONNX_PRECISIONS:
         raise ExportError(f"ONNX precision must be one of {ONNX_PRECISIONS}, got {onnx_precision!r}")
     info = load_model_info(model_dir)
+    device = resolve_device(device)
     rows, report = [], {}
     for name, path in targets.items():
         began = time.perf_counter()
-        module = reference_module(name, info, onnx_precision)
+        module = reference_module(name, info, onnx_precision, device=device)
         export_component(name, info, path, onnx_precision, module)
         exported = time.perf_counter() - began
         component_rows = check_component(name, info, path, onnx_precision, module)
+        del module
         rows += component_rows
         size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
-        report[name] = {"export_s": round(exported, 2), "bytes": size,
+        report[name] = {"export_s": round(exported, 2), "bytes": size, "device": device,
                         "graph_dtype": GRAPH_DTYPES[onnx_precision][name],
                         "max_abs_diff": [r.max_abs_diff for r in component_rows],
                         "relative_error": [r.relative_error for r in component_rows]}
@@ -293,11 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default="models/tiny-flux-schnell")
     parser.add_argument("--out", required=True)
     parser.add_argument("--precision", default="FP32", choices=ONNX_PRECISIONS)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where each network is traced and its reference runs (auto: the GPU if any)")
     args = parser.parse_args(argv)
     try:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        export_all(args.model_dir, onnx_paths(out), out / "export_report.json", args.precision)
+        export_all(args.model_dir, onnx_paths(out), out / "export_report.json", args.precision,
+                   args.device)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,8 @@ typed. The layers are the ones the PyTorch FP8 path quantizes (`runtime.accelera
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import torch
 from onnx import numpy_helper
@@ -86,10 +88,14 @@ def quantize_fp8(model: torch.nn.Module, calibrate) -> int:
 
 
 def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with every bf16 tensor, initializer, constant and cast in float32.
+    """The same graph computing in float32: each bf16 initializer is read through a Cast to float32
+    placed before its first use, and every other bf16 value, constant and cast becomes float32.
 
     Every bf16 value is exactly a float32, so this computes the graph's function with its bf16
     weights, in float32: what onnxruntime's CPU provider (which has no bf16 MatMul or Conv) can run.
+    The initializers stay as they are (in memory or in the graph's external data file), so a twin
+    of a 24 GB graph is a graph of a few MB reading the same weights file, and onnxruntime widens
+    each weight only while the node using it runs.
     """
     bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
     twin = onnx.ModelProto()
@@ -108,13 +114,33 @@ def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     retype(graph.input)
     retype(graph.output)
     retype(graph.value_info)
-    for index, tensor in enumerate(graph.initializer):
-        if tensor.data_type == bf16:
-            graph.initializer[index].CopyFrom(widen(tensor))
+    widened = {t.name: f"{t.name}.float32" for t in graph.initializer if t.data_type == bf16}
+    nodes, cast = [], set()
     for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in widened:
+                if name not in cast:
+                    cast.add(name)
+                    nodes.append(onnx.helper.make_node("Cast", [name], [widened[name]], to=f32,
+                                                       name=f"{name}.to_float32"))
+                node.input[index] = widened[name]
         for attribute in node.attribute:
             if attribute.name in ("to", "dtype") and attribute.i == bf16:
                 attribute.i = f32
             if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == bf16:
                 attribute.t.CopyFrom(widen(attribute.t))
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        nodes.append(copy)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
     return twin
+
+
+def write_float32_twin(onnx_path: Path) -> Path:
+    """`float32_twin` of the graph at `onnx_path`, written beside it as `<stem>.float32-twin.onnx`.
+    Its weights are not loaded: the twin refers to the same external data file, if any."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    twin_path = onnx_path.with_name(onnx_path.stem + ".float32-twin.onnx")
+    onnx.save(float32_twin(model), str(twin_path))
+    return twin_path
