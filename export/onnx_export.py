@@ -279,23 +279,31 @@ def torch_outputs(name: str, info: FluxModelInfo, module: torch.nn.Module,
     return outputs
 
 
+def parity_session(model_path: Path, reduced: bool):
+    """An onnxruntime CPU session for checking a graph (`reduced`: its float32 twin)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False  # freed tensors go back to the system: honest peak RSS
+    if reduced:  # no fusing Q/DQ into integer kernels: float8 inputs are not theirs
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # the default order runs every weight's Cast first (all float32 weights alive at once:
+        # 48 GB for the DiT); this one runs each Cast next to its consumer, as the twin lists them
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
 def onnx_outputs(name: str, info: FluxModelInfo, onnx_path: Path, onnx_precision: str,
                  cases: list[dict]) -> list[dict[str, np.ndarray]]:
     """The graph run by onnxruntime's CPU provider on each case: a reduced graph as its float32
     twin, written beside it without its weights (it reads the graph's own bf16 weights file)."""
-    import onnxruntime as ort
-
     from export.quantization import write_float32_twin
 
     spec = component_specs(info)[name]
     reduced = is_reduced(name, onnx_precision)
     model_path = write_float32_twin(onnx_path) if reduced else onnx_path
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False  # freed tensors go back to the system: honest peak RSS
-    if reduced:  # no fusing Q/DQ into integer kernels: float8 inputs are not theirs
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        session = parity_session(model_path, reduced)
         names = [t.name for t in spec.outputs]
         return [dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
                 for inputs in cases]
