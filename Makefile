@@ -32,7 +32,7 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION)) \
 	$(if $(call given,GPUS),--gpus $(GPUS))
 
-.PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu bench-scale gpu-bundle lint clean
+.PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu bench-scale export-full-size gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -123,6 +123,16 @@ bench-gpu:
 SCALE_OUT ?= benchmarks/results/scale-gpu.json
 bench-scale:
 	$(GPU_PYTHON) -m flux_dev.bench_scale --out $(SCALE_OUT) $(SCALE_ARGS)
+
+# FLUX.1 exported to ONNX at full size (random bf16 weights) on a GPU machine and measured: time,
+# peak host/GPU memory, sizes, checker, parity at 256² (README "Full-size ONNX export"). Entries
+# merge into FULL_SIZE_REPORT; FULL_SIZE_ARGS picks a group per run, e.g.
+# FULL_SIZE_ARGS="--variant dev --components dit_transformer --precisions FP8".
+FULL_SIZE_REPORT ?= benchmarks/results/export-full-size.json
+FULL_SIZE_DIR ?= out/export-full-size
+export-full-size:
+	$(GPU_PYTHON) -m flux_dev.export_full_size --out-dir $(FULL_SIZE_DIR) --report $(FULL_SIZE_REPORT) \
+		$(FULL_SIZE_ARGS)
 
 # .whl/gpu_bundle.tar.xz + .whl/install.sh: what a GPU machine with only torch needs, from PyPI.
 gpu-bundle:
