@@ -169,16 +169,30 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+class _Phases(dict):
+    """Figures of each phase, passed on to `progress` with the entry as each one ends."""
+
+    def __init__(self, entry: dict, progress):
+        super().__init__()
+        self.entry, self.progress = entry, progress
+
+    def __setitem__(self, phase: str, figures: dict) -> None:
+        super().__setitem__(phase, figures)
+        if self.progress is not None:
+            self.progress(dict(self.entry, phases=dict(self), incomplete=True))
+
+
 def measure(name: str, precision: str, info: FluxModelInfo, out_dir: Path, device: str,
-            sizes: dict[str, int], keep: bool = False) -> dict:
-    """Export one network in one precision, check it and compare it with PyTorch; the figures."""
+            sizes: dict[str, int], keep: bool = False, progress=None) -> dict:
+    """Export one network in one precision, check it and compare it with PyTorch; the figures.
+    `progress(entry)` gets the figures so far after each phase (a run cut short keeps them)."""
     import onnx
 
     cuda = device == "cuda"
     target = out_dir / precision / name / "model.onnx"
     entry: dict = {"component": name, "precision": precision,
                    "graph_dtype": GRAPH_DTYPES[precision][name], "device": device}
-    phases: dict[str, dict] = {}
+    phases = _Phases(entry, progress)
     try:
         with PeakMemory(cuda) as meter:
             module = reference_module(name, info, precision, device=device)
@@ -235,7 +249,7 @@ def measure(name: str, precision: str, info: FluxModelInfo, out_dir: Path, devic
         traceback.print_exc()
         entry["error"] = f"{type(exc).__name__}: {exc}"[:4000]
     finally:
-        entry["phases"] = phases
+        entry["phases"] = dict(phases)
         entry["peak_host_rss_bytes"] = max((p["peak_host_rss_bytes"] for p in phases.values()), default=0)
         gpu = [p["peak_gpu_allocated_bytes"] for p in phases.values() if p["peak_gpu_allocated_bytes"]]
         entry["peak_gpu_allocated_bytes"] = max(gpu) if gpu else None
@@ -339,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             if same_as:
                 print(f"{name} {precision}: the same graph as {same_as}, skipped", flush=True)
                 continue
-            entry = dict(measure(name, precision, info, out_dir, device, sizes, args.keep),
+            def progress(partial: dict) -> None:
+                merge_report(Path(args.report), model, [dict(partial, environment=env)])
+
+            entry = dict(measure(name, precision, info, out_dir, device, sizes, args.keep, progress),
                          environment=env)
             entries.append(entry)
             merge_report(Path(args.report), model, [entry])
