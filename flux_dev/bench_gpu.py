@@ -225,7 +225,8 @@ def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int]
     options = Acceleration(precision, compile=True, cuda_graphs=True, cache_dir=str(cache_dir))
     began = time.perf_counter()
     models = TorchFluxModels(info, "cuda", acceleration=options, warmup=shapes)
-    result = {"load_and_warmup_s": time.perf_counter() - began, "batches": {}}
+    result = {"load_and_warmup_s": time.perf_counter() - began, "load_phases": models.load_phases,
+              "batches": {}}
     limits = ServingLimits(max_batch=max(batches))
     dit = models.parts["dit_transformer"]
     for batch, shape in zip(batches, shapes):
@@ -413,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                            args.profile)
                 release()  # part_b's models are gone now: hand their cached blocks back
                 data = save("b", b["batches"], [precision],
-                            {"load_and_warmup_s": b["load_and_warmup_s"]})
+                            {"load_and_warmup_s": b["load_and_warmup_s"],
+                             "load_phases": b["load_phases"]})
             if "c" in parts and todo("c", precision):
                 for mps in {"on": [True], "off": [False], "both": [True, False]}[args.mps]:
                     first_server = mps == (args.mps != "off")  # with --mps both: the MPS one

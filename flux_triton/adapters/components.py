@@ -80,7 +80,11 @@ class ComponentModel:
             return
         options = acceleration_options(args, params)
         warmup = tuple(ServingShape.parse(s) for s in params.get("warmup", "").split(",") if s)
-        self.component = load_accelerated(self.name, info, self.device, options, warmup)
+        phases: dict = {}
+        self.component = load_accelerated(self.name, info, self.device, options, warmup, phases)
+        logger = getattr(self.pb, "Logger", None)
+        if logger is not None and options.active:  # what a slow start spent its time on
+            logger.log_info(f"{self.name} ready on {self.device}: {phases}")
         if options.compile and warmup:
             eager_for_new_shapes()
 

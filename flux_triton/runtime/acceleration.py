@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,16 +196,41 @@ def sample_inputs(name: str, info: FluxModelInfo, shape: ServingShape, device: s
     return inputs
 
 
+def compile_cache_counters() -> dict[str, int]:
+    """inductor's FX-graph and AOTAutograd cache hits, misses and bypasses so far in this process
+    (what tells a restart that recompiled from one that read the cache)."""
+    from torch._dynamo.utils import counters
+
+    wanted = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+              "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass")}
+    return {name: int(counters[group][name]) for group, names in wanted.items() for name in names}
+
+
 def load_accelerated(name: str, info: FluxModelInfo, device: str, options: Acceleration,
-                     warmup: tuple[ServingShape, ...] = ()) -> Callable:
+                     warmup: tuple[ServingShape, ...] = (), phases: dict | None = None) -> Callable:
     """Load component `name` for `device` with `options` applied, and run it once at every warm-up
-    shape (compiling and capturing there, not on a request's time)."""
+    shape (compiling and capturing there, not on a request's time).
+
+    `phases`, if given, receives the seconds of each phase (load, quantize and compile set-up,
+    each warm-up shape) and the compile-cache counters of the warm-up; they are logged too.
+    """
+    phases = {} if phases is None else phases
+    began = time.perf_counter()
     component = load_component(name, info, device, options.dtype)
+    phases["load_s"] = time.perf_counter() - began
     if not options.active or name == "tokenizer" or not device.startswith("cuda"):
         return component
+    began = time.perf_counter()
     runner = accelerate(name, component, options)
+    phases["prepare_s"] = time.perf_counter() - began
+    before = compile_cache_counters()
     with torch.inference_mode():
         for shape in warmup:
+            began = time.perf_counter()
             runner(**sample_inputs(name, info, shape, device, options.precision))
-    torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)
+            phases[f"warmup_{shape}_s"] = time.perf_counter() - began
+    after = compile_cache_counters()
+    phases["compile_cache"] = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    log.info("%s ready on %s: %s", name, device, phases)
     return runner

@@ -20,11 +20,12 @@ class TorchFluxModels:
 
     def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32",
                  acceleration: Acceleration | None = None, warmup: tuple[ServingShape, ...] = ()):
+        self.load_phases: dict[str, dict] = {n: {} for n in COMPONENTS}  # seconds, cache counters
         if acceleration is None:
             self.parts = {n: load_component(n, info, device, dtype) for n in COMPONENTS}
         else:  # exactly as the served component models load them
-            self.parts = {n: load_accelerated(n, info, device, acceleration, warmup)
-                          for n in COMPONENTS}
+            self.parts = {n: load_accelerated(n, info, device, acceleration, warmup,
+                                              self.load_phases[n]) for n in COMPONENTS}
         self.device = device
 
     async def tokenize(self, prompts, prompts_2, max_sequence_length):
