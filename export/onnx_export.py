@@ -163,7 +163,8 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 def export_program(name: str, info: FluxModelInfo, module: torch.nn.Module,
                    onnx_precision: str = "FP32"):
     """`module` traced to an ONNXProgram on the device it lives on. Its initializers are the
-    module's own tensors (no copies): the optimizer folds no input above 8192 elements."""
+    module's own tensors, but for the weights the optimizer folds `Transpose(W)` into (numpy views
+    of them on the CPU, host copies on a GPU)."""
     from export.quantization import FP8_OPSET, TRANSLATIONS
 
     graph_dtype = GRAPH_DTYPES[onnx_precision][name]

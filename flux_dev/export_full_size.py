@@ -32,6 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from export.onnx_export import (
@@ -120,15 +121,38 @@ class PeakMemory:
 
 
 def copied_initializer_bytes(program, module: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of the program's initializers that are not the module's own tensors, bytes of its
-    largest initializer): what saving holds in host memory beyond one tensor at a time."""
-    own = {t.data_ptr() for t in (*module.parameters(), *module.buffers())}
+    """(bytes of the program's initializers that hold memory of their own, bytes of its largest
+    initializer): what saving holds in host memory beyond one tensor at a time.
+
+    The exporter's optimizer folds `Transpose(weight)` into a new initializer whatever its size (a
+    Linear on 3-D input becomes MatMul(x, Transpose(W))): for a network on the CPU that is a numpy
+    view of the weight (no memory of its own), for one on the GPU a host copy of it. An initializer
+    counts as the network's own when its data starts inside one of the network's CPU tensors."""
+    storages = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "cpu":
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    ranges = [(start, start + size) for start, size in storages.items()]
+    device_tensors = {t.data_ptr() for t in (*module.parameters(), *module.buffers())
+                      if t.device.type != "cpu"}
+
+    def own(raw) -> bool:
+        if isinstance(raw, torch.Tensor):
+            if raw.device.type != "cpu":
+                return raw.data_ptr() in device_tensors
+            address = raw.data_ptr()
+        elif isinstance(raw, np.ndarray):
+            address = raw.__array_interface__["data"][0]
+        else:
+            return False
+        return any(low <= address < high for low, high in ranges)
+
     copied = largest = 0
     for value in program.model.graph.initializers.values():
         tensor = value.const_value
-        raw = getattr(tensor, "raw", None)
         largest = max(largest, tensor.nbytes)
-        if not (isinstance(raw, torch.Tensor) and raw.data_ptr() in own):
+        if not own(getattr(tensor, "raw", None)):
             copied += tensor.nbytes
     return copied, largest
 

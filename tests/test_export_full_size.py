@@ -73,6 +73,25 @@ class _Stack(torch.nn.Module):
         return self.layers(x)
 
 
+def test_folded_transposes_of_weights_are_views_not_copies():
+    """On 3-D input a Linear exports as MatMul(x, Transpose(W)), and the optimizer folds every such
+    Transpose into a new initializer (a numpy array, not the module's tensor): on the CPU it is a
+    view of the weight, which the count must not take for a copy; a real copy it must count."""
+    torch.manual_seed(0)
+    module = _Stack(2, 512).to(torch.bfloat16).eval()
+    x = torch.randn(2, 3, 512, dtype=torch.bfloat16)
+    with torch.no_grad():
+        program = torch.onnx.export(module, (x,), dynamo=True, input_names=["x"], output_names=["y"],
+                                    optimize=True)
+    raws = [v.const_value.raw for v in program.model.graph.initializers.values()
+            if v.const_value.nbytes == 512 * 512 * 2]
+    assert len(raws) == 2 and not any(isinstance(r, torch.Tensor) for r in raws)  # folded
+    assert copied_initializer_bytes(program, module) == (0, 512 * 512 * 2)
+    for layer in module.layers:  # the module's weights elsewhere now: the initializers are copies
+        layer.weight.data = layer.weight.data.clone()
+    assert copied_initializer_bytes(program, module)[0] == 2 * 512 * 512 * 2
+
+
 def test_weights_are_saved_one_tensor_at_a_time_and_the_twin_reads_them(tmp_path):
     """Eight 34 MB bf16 weights, saved as external data: saving adds far less host memory than the
     weights (a ModelProto holding them adds 1.5 GB), and the float32 twin is a small graph over the
