@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -38,16 +37,17 @@ PROMPT = "a red circle on a blue background"
 
 def dit_batch_counts(metrics: str) -> dict[str, dict[str, float]]:
     """DiT rows, calls and merged calls so far, per GPU, from flux_bls's Prometheus metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     names = {"flux_dit_batch_size_sum": "rows", "flux_dit_batch_size_count": "calls",
              "flux_dit_merged_calls_total": "merged_calls"}
     seen: dict[str, dict[str, float]] = {}
-    for line in metrics.splitlines():
-        match = re.match(r"(\w+)(?:\{(.*)\})? ([0-9.e+-]+)$", line)
-        if not match or match.group(1) not in names:
-            continue
-        gpu = re.search(r'gpu="(\d+)"', match.group(2) or "")
-        entry = seen.setdefault(gpu.group(1) if gpu else "-", dict.fromkeys(names.values(), 0.0))
-        entry[names[match.group(1)]] += float(match.group(3))
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name in names:
+                gpu = sample.labels.get("gpu", "-")
+                entry = seen.setdefault(gpu, dict.fromkeys(names.values(), 0.0))
+                entry[names[sample.name]] += sample.value
     return seen
 
 
