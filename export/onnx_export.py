@@ -41,6 +41,11 @@ IO_TYPES = {"float32": "FP32", "bfloat16": "BF16"}
 REDUCED_RELATIVE_TOLERANCE = 2e-3
 
 
+def carries_qdq(name: str, onnx_precision: str) -> bool:
+    """Whether the network's graph in `onnx_precision` has float8 Q/DQ (the DiT's, in FP8)."""
+    return onnx_precision == "FP8" and name == "dit_transformer"
+
+
 def io_type(name: str, onnx_precision: str) -> str:
     """Triton type of a network's floating-point inputs and outputs in an `onnx_precision` graph."""
     return IO_TYPES[GRAPH_DTYPES[onnx_precision][name]]
@@ -138,7 +143,7 @@ def reference_module(name: str, info: FluxModelInfo, onnx_precision: str = "FP32
     against (`dtype` "float32": the same bf16 weights, computing in float32), on `device`."""
     graph_dtype = GRAPH_DTYPES[onnx_precision][name]
     module = load_component(name, info, device, graph_dtype).eval()
-    if onnx_precision == "FP8" and name == "dit_transformer":
+    if carries_qdq(name, onnx_precision):
         from export.quantization import quantize_fp8
 
         def calibrate():
@@ -173,7 +178,7 @@ def export_program(name: str, info: FluxModelInfo, module: torch.nn.Module,
     sample = on_device(_cast(sample_inputs(name, info, EXPORT_SIZES), graph_dtype),
                        _module_device(module))
     args = tuple(sample[t.name] for t in spec.inputs)
-    fp8 = onnx_precision == "FP8" and name == "dit_transformer"
+    fp8 = carries_qdq(name, onnx_precision)
     with float32_rope(), torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         return torch.onnx.export(
             wrapper, args, dynamo=True, input_names=wrapper.input_names,
@@ -228,7 +233,7 @@ def export_component(name: str, info: FluxModelInfo, target: Path, onnx_precisio
     del program  # it holds the module's weights: drop it before the parity reference widens them
     spec = component_specs(info)[name]
     validate_graph(name, target, [t.name for t in spec.inputs],
-                   fp8=onnx_precision == "FP8" and name == "dit_transformer")
+                   fp8=carries_qdq(name, onnx_precision))
     return target
 
 
@@ -250,8 +255,7 @@ class ParityRow:
 
 def is_reduced(name: str, onnx_precision: str) -> bool:
     """Whether the graph is checked as its float32 twin (bf16 weights or float8 Q/DQ)."""
-    return GRAPH_DTYPES[onnx_precision][name] != "float32" or (
-        onnx_precision == "FP8" and name == "dit_transformer")
+    return GRAPH_DTYPES[onnx_precision][name] != "float32" or carries_qdq(name, onnx_precision)
 
 
 @contextlib.contextmanager

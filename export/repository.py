@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from flux_triton.preview import PreviewProjection
 from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
 from flux_triton.runtime.torch_components import load_component
+from flux_triton.server.launcher import gpu_ids
 from flux_triton.specs import (
     IO_DTYPES,
     NETWORKS,
@@ -65,21 +65,15 @@ def preview_projection(info: FluxModelInfo) -> PreviewProjection:
 
 
 def count_gpus() -> int:
-    """The GPUs of this machine, for GPUS=all: torch's count when it sees any, else the lines of
-    `nvidia-smi -L`."""
+    """The GPUs of this machine, for GPUS=all: torch's count when it sees any, else the GPUs
+    `nvidia-smi -L` lists (the launcher's `gpu_ids`)."""
     try:
         import torch
 
         count = torch.cuda.device_count()
     except Exception:  # no torch, or a CUDA runtime that cannot start here
         count = 0
-    if count:
-        return count
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        listing = None
-    count = 0 if listing is None else sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+    count = count or len(gpu_ids())
     if not count:
         raise ValueError("GPUS=all: neither torch nor nvidia-smi finds a GPU here; list the GPU ids "
                          "instead, e.g. GPUS=0,1")

@@ -11,12 +11,14 @@ only in the DiT, so FP8 runs of the other networks are skipped. On the tiny mode
 it runs on the CPU in seconds.
 
 Memory plan (DiT, 11.9 B parameters): the bf16 network is built on the GPU (23.8 GB) and traced
-there; the graph's initializers are the network's own tensors and are written one at a time (see
-`export.onnx_export.save_program`), so host memory holds one tensor (113 MB at most) beyond the
-process itself. For parity the trace is dropped, the same network is widened to float32 on the GPU
-(47.6 GB) and run once; it is then freed, and onnxruntime runs the float32 twin of the graph on the
-CPU, reading the 23.8 GB bf16 weights file through Casts (no float32 copy of the weights on disk,
-each weight widened only while its node runs).
+there; the graph's initializers are written one at a time (see `export.onnx_export.save_program`).
+They are the network's own tensors except the weights the exporter's optimizer folds `Transpose(W)`
+into: host copies of those when tracing on the GPU (about the weights' size until saved), numpy
+views of the weights on the CPU (`copied_initializer_bytes` counts the copies). For parity the
+trace is dropped, the same network is widened to float32 on the GPU (47.6 GB) and run once; it is
+then freed, and onnxruntime runs the float32 twin of the graph on the CPU, reading the 23.8 GB bf16
+weights file through Casts (no float32 copy of the weights on disk, each weight widened only while
+its node runs).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from export.onnx_export import (
     GRAPH_DTYPES,
     ONNX_PRECISIONS,
+    carries_qdq,
     export_program,
     is_reduced,
     onnx_outputs,
@@ -239,7 +242,7 @@ def measure(name: str, precision: str, info: FluxModelInfo, out_dir: Path, devic
         inputs = [t.name for t in component_specs(info)[name].inputs]
         with PeakMemory(False) as meter:
             try:
-                validate_graph(name, target, inputs, fp8=precision == "FP8" and name == "dit_transformer")
+                validate_graph(name, target, inputs, fp8=carries_qdq(name, precision))
                 entry["checker"] = {"passed": True, "full_check": True, "by_path": True}
             except onnx.checker.ValidationError as exc:
                 entry["checker"] = {"passed": False, "full_check": True, "by_path": True,
@@ -326,7 +329,7 @@ def _summary(entry: dict) -> str:
 
 def graph_kind(name: str, precision: str) -> tuple[str, bool]:
     """What makes two precisions' graphs of a network differ: weight type, float8 Q/DQ."""
-    return GRAPH_DTYPES[precision][name], precision == "FP8" and name == "dit_transformer"
+    return GRAPH_DTYPES[precision][name], carries_qdq(name, precision)
 
 
 def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
