@@ -404,25 +404,28 @@ def main(argv: list[str] | None = None) -> int:
             rows = json.loads(args.out.read_text())["rows"]
             return [b for b in batches if part not in rows.get(f"{variant}/{precision}/{b}", {})]
 
-        if "a" in parts and todo("a", precisions[0]):
-            data = save("a", part_a(info, variant, todo("a", precisions[0]), args.runs), precisions, {})
+        a_batches = todo("a", precisions[0]) if "a" in parts else []
+        if a_batches:
+            data = save("a", part_a(info, variant, a_batches, args.runs), precisions, {})
             release()
         for precision in precisions:
             repository = work / f"repository-{variant}-{precision}"
-            if "b" in parts and todo("b", precision):
-                b = part_b(info, variant, precision, todo("b", precision), args.runs, cache,
-                           args.profile)
+            b_batches = todo("b", precision) if "b" in parts else []
+            if b_batches:
+                b = part_b(info, variant, precision, b_batches, args.runs, cache, args.profile)
                 release()  # part_b's models are gone now: hand their cached blocks back
                 data = save("b", b["batches"], [precision],
                             {"load_and_warmup_s": b["load_and_warmup_s"],
                              "load_phases": b["load_phases"]})
-            if "c" in parts and todo("c", precision):
+            # once for every server of this case: the MPS run's rows must not hide them from the other
+            c_batches = todo("c", precision) if "c" in parts else []
+            if c_batches:
                 for mps in {"on": [True], "off": [False], "both": [True, False]}[args.mps]:
                     first_server = mps == (args.mps != "off")  # with --mps both: the MPS one
                     restarts = (args.restarts if first_server
                                 and precision in args.restart_precisions else 0)
-                    c = part_c(folder, variant, precision, todo("c", precision), args.runs,
-                               repository, mps, restarts)
+                    c = part_c(folder, variant, precision, c_batches, args.runs, repository, mps,
+                               restarts)
                     data = save("c" if mps else "c_without_mps", c["batches"], [precision],
                                 {k: v for k, v in c.items() if k != "batches"})
     if data is not None:
