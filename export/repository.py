@@ -15,6 +15,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from export.onnx_export import ONNX_PRECISIONS, ExportError, export_all, io_type, onnx_paths
 from export.pbtxt import ensemble_config, python_model_config, tensorrt_model_config
 from export.previews import fit_preview_projection
 from flux_triton.model_info import FluxModelInfo, load_model_info
@@ -148,8 +149,6 @@ def render_configs(
     component_types = {}
     for name in NETWORKS:
         if backend == "tensorrt":  # each plan takes and gives the types of its graph
-            from export.onnx_export import io_type
-
             component_types[name] = io_type(name, onnx_precision)
             spec = component_specs(info, component_types[name])[name]
         else:
@@ -182,8 +181,6 @@ def render_configs(
 def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir: Path,
                             onnx_precision: str = "FP32") -> None:
     """ONNX graphs (checked against PyTorch) for `onnx`; plus TensorRT plans for `tensorrt`."""
-    from export.onnx_export import export_all, onnx_paths
-
     if backend == "tensorrt":
         targets = onnx_paths(onnx_dir)
         onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile DiT, VAE decoder and T5 at load (default 1 on a GPU)")
     parser.add_argument("--cuda-graphs", type=int, choices=[0, 1], default=None,
                         help="replay the DiT as CUDA graphs (default: as --compile)")
-    parser.add_argument("--onnx-precision", default="FP32", choices=["FP32", "BF16", "FP8"],
+    parser.add_argument("--onnx-precision", default="FP32", choices=ONNX_PRECISIONS,
                         help="graphs for TensorRT: BF16 (bf16 weights, VAE float32) or FP8 (BF16 plus "
                              "float8 Q/DQ on the DiT's Linear layers), built strongly typed")
     parser.add_argument("--batch-delay-us", type=int, default=0,
@@ -300,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPUS: `all` or ids such as 0,1: a copy of each network and a flux_bls "
                              "instance on each listed GPU (default: every model's instances on every GPU)")
     args = parser.parse_args(argv)
-    from export.onnx_export import ExportError
     from export.tensorrt_build import EngineBuildError
 
     device = "gpu" if args.backend == "tensorrt" else args.device
