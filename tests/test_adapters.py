@@ -4,18 +4,21 @@ drives the component adapters exactly as tritonserver would route its requests."
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from flux_triton.adapters.backend import to_torch
 from flux_triton.adapters.faults import InjectedUnavailable
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.recovery import OutOfMemory, classify_failure, reported_status
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from flux_triton.specs import NETWORKS
 from tests import python_backend_stub as pb
 from tests.reference import raw_inputs
 
@@ -220,3 +223,22 @@ def test_tokenizer_rejects_sequence_length_as_invalid_arg(repository):
     response, = tokenizer.execute([request])
     assert response.error().code() == pb.TritonError.INVALID_ARG
     assert "`max_sequence_length` must be in [1, " in response.error().message()
+
+
+def test_each_network_input_gets_the_type_its_spec_declares(model_dirs, tmp_path):
+    """A bf16 dev DiT takes its latents and embeddings in bf16 but guidance in float32 (the spec
+    says so, and tritonserver rejects any other type): the BLS casts input by input."""
+    types = json.dumps(dict.fromkeys(NETWORKS, "BF16"))
+    bls = pb.wire_repository(model_dirs["dev"], tmp_path, precision="BF16", component_dtypes=types)
+    try:
+        sent = _serve(bls, _request(**dict(SMALL, num_inference_steps=2, guidance_scale=3.5)))
+        assert sent[-1] == (None, pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        assert not any(r is not None and r.has_error() for r, _ in sent)
+        dit_calls = [r for r in pb.requested if r.model_name == "dit_transformer"]
+        assert len(dit_calls) == 2
+        for call in dit_calls:
+            sent_types = {name: to_torch(t).dtype for name, t in call.inputs.items()}
+            assert sent_types["guidance"] == torch.float32
+            assert sent_types["hidden_states"] == sent_types["timestep"] == torch.bfloat16
+    finally:
+        pb.reset()

@@ -32,3 +32,20 @@ def test_small_components_build_with_random_bf16_weights(model_dirs, tmp_path):
     with torch.inference_mode():
         image = vae(latents=torch.randn(1, 16, 4, 4, dtype=torch.bfloat16))["image"]
     assert image.shape == (1, 3, 32, 32)
+
+
+def test_random_weights_are_the_same_in_every_process(model_dirs, tmp_path):
+    """A server and a reference pipeline build the network apart: every parameter (convolutions,
+    biases, embeddings too, not only the Linear weights) must come out the same, whatever the
+    caller's random state, and loading must leave that state alone."""
+    info = load_model_info(write_full_size_folder(tmp_path / "schnell", "schnell", model_dirs["schnell"]))
+    torch.manual_seed(1)
+    first = load_component("vae_decoder", info, "cpu", "bfloat16").state_dict()
+    state = torch.random.get_rng_state()
+    torch.rand(7)
+    second = load_component("vae_decoder", info, "cpu", "bfloat16").state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    torch.manual_seed(1)
+    load_component("clip_encoder", info, "cpu", "bfloat16")
+    assert torch.equal(torch.random.get_rng_state(), state)

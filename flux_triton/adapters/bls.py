@@ -51,11 +51,11 @@ class BlsFluxModels:
 
     def __init__(self, pb: Any, batched: dict[str, set[str]], policy: RetryPolicy,
                  metrics: BlsMetrics, gpu: int | None, dit_batcher: CallBatcher | None = None,
-                 float_types: dict[str, torch.dtype] | None = None,
+                 input_types: dict[str, dict[str, torch.dtype]] | None = None,
                  served_names: dict[str, str] | None = None):
         self.pb = pb
         self.served_names = served_names or {}
-        self.float_types = float_types or {}  # the floating-point type each network takes
+        self.input_types = input_types or {}  # network -> its floating-point inputs' types
         self.dit_batcher = dit_batcher  # shares DiT calls with other requests (BATCH_DELAY_US)
         self.batched = batched
         self.policy = policy
@@ -80,10 +80,10 @@ class BlsFluxModels:
         return {name: to_torch(pb.get_output_tensor_by_name(response, name)) for name in outputs}
 
     async def _network(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
-        wanted = self.float_types.get(model)
-        if wanted is not None:  # e.g. bf16 latents into a float32 VAE plan
-            inputs = {n: v.to(wanted) if v.is_floating_point() and v.dtype != wanted else v
-                      for n, v in inputs.items()}
+        wanted = self.input_types.get(model, {})
+        # e.g. bf16 latents into a float32 VAE plan, or a bf16 DiT's float32 guidance input
+        inputs = {n: v.to(wanted[n]) if n in wanted and v.dtype != wanted[n] else v
+                  for n, v in inputs.items()}
 
         async def call(tensors):
             return await self._exec(
@@ -122,6 +122,18 @@ class BlsFluxModels:
 
     async def vae_decoder(self, latents):
         return await self._network("vae_decoder", {"latents": latents}, "image")
+
+
+def network_input_types(info, io_types: dict[str, str]) -> dict[str, dict[str, torch.dtype]]:
+    """The torch type of every floating-point input of each network, from its spec at the I/O
+    type it is served with (`io_types`: network -> FP32/FP16/BF16). Types can differ within a
+    network: a bf16 DiT still takes its guidance in float32."""
+    types = {}
+    for model, io_type in io_types.items():
+        spec = component_specs(info, io_type)[model]
+        types[model] = {tensor.name: getattr(torch, TORCH_DTYPES[tensor.dtype])
+                        for tensor in spec.inputs if tensor.dtype in TORCH_DTYPES}
+    return types
 
 
 def host_tensor(pb: Any, name: str, value: torch.Tensor) -> Any:
@@ -198,8 +210,8 @@ class FluxBlsModel:
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
         self.served_names = served_networks(params.get(NETWORKS_BY_GPU_PARAMETER), self.gpu)
         self.metrics = BlsMetrics(pb, self.gpu)
-        self.float_types = {model: getattr(torch, TORCH_DTYPES[dtype]) for model, dtype in
-                            json.loads(params.get("component_dtypes", "{}")).items()}
+        self.input_types = network_input_types(
+            self.info, json.loads(params.get("component_dtypes", "{}")))
         self.dit_batcher = None
         delay_us = int(params.get("batch_delay_us", "0"))
         if delay_us > 0:  # off by default: batched kernels round differently from single ones
@@ -210,7 +222,7 @@ class FluxBlsModel:
     async def _merged_dit_call(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One DiT call for several requests' rows (retried and split like any other call)."""
         models = BlsFluxModels(self.pb, self.batched, self.policy, self.metrics, self.gpu,
-                               float_types=self.float_types, served_names=self.served_names)
+                               input_types=self.input_types, served_names=self.served_names)
         return {"noise_pred": await models._network("dit_transformer", inputs, "noise_pred")}
 
     async def execute(self, requests: list) -> None:
@@ -252,7 +264,7 @@ class FluxBlsModel:
             return None
 
         models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu,
-                               self.dit_batcher, self.float_types, self.served_names)
+                               self.dit_batcher, self.input_types, self.served_names)
         outcome = "cancelled"
         try:
             async for event in generate(gen_request, self.info, models, stop_check):

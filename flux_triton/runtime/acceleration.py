@@ -83,8 +83,12 @@ def quantize_float8(transformer: torch.nn.Module) -> int:
 
     names = [n for n, m in transformer.named_modules() if is_token_linear(m, n)]
     chosen = set(names)
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda module, fqn: fqn in chosen)
+    # set_inductor_config=False: by default torchao turns on inductor's exhaustive coordinate-descent
+    # tuning for the whole process, which benchmarks Triton variants of every kernel at the first
+    # call (measured on an H100: the float8 DiT took 8-9 minutes to get ready, with or without a
+    # filled compile cache, and every other network compiled in that process paid it too).
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(transformer, config, filter_fn=lambda module, fqn: fqn in chosen)
     return len(names)
 
 

@@ -57,11 +57,21 @@ def has_random_weights(model_dir: Path) -> bool:
 
 
 def random_network(cls, config_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """`cls` built from its config on `device` in `dtype`, Linear weights ~ N(0, 0.02)."""
+    """`cls` built from its config on `device` in `dtype`, Linear weights ~ N(0, 0.02).
+
+    Every parameter is a function of the config alone: the default initialisation (biases,
+    embeddings, convolutions) runs from a fixed seed, so a server process and a reference
+    pipeline in another process hold the same network."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    target = torch.device(device)
+    cuda_devices = [target.index or 0] if target.type == "cuda" else []
     try:
-        with torch.device(device):
+        with torch.random.fork_rng(devices=cuda_devices), torch.device(device):
+            torch.random.default_generator.manual_seed(0)
+            for index in cuda_devices:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(0)
             if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
                 model = cls.from_config(cls.load_config(config_dir))  # diffusers
             else:

@@ -64,8 +64,15 @@ def test_compiled_networks_are_as_close_to_float32_as_eager_bf16(info, name):
 
 
 def test_float8_dit_stays_close_to_bf16(info):
+    import torch._inductor.config as inductor_config
+
+    tuning_before = (inductor_config.coordinate_descent_tuning,
+                     inductor_config.coordinate_descent_check_all_directions)
     bf16 = load_component("dit_transformer", info, "cuda", "bfloat16")
     fp8 = load_accelerated("dit_transformer", info, "cuda", Acceleration("FP8"))
+    # quantizing must not switch on process-wide kernel tuning (minutes at every start)
+    assert (inductor_config.coordinate_descent_tuning,
+            inductor_config.coordinate_descent_check_all_directions) == tuning_before
     inputs = sample_inputs("dit_transformer", info, SHAPE, "cuda", "FP8")
     with torch.inference_mode():
         error = _relative_error(fp8(**inputs)["noise_pred"], bf16(**inputs)["noise_pred"])
