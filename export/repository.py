@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                              "float8 Q/DQ on the DiT's Linear layers), built strongly typed")
     parser.add_argument("--batch-delay-us", type=int, default=0,
                         help="share DiT calls between concurrent requests, holding a call up to this "
-                             "long for others (0: off; batched kernels round differently)")
+                             "long for others once the DiT is free (0: off; batched kernels round "
+                             "differently)")
     parser.add_argument("--warmup", default=None,
                         help="shapes prepared at load, BxHxWxS[,...] (default: the model's default)")
     parser.add_argument("--gpus", default=None,

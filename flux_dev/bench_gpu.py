@@ -128,10 +128,12 @@ def dit_flops(dit, inputs: dict) -> float:
 
 
 KERNEL_KINDS = (  # substrings of CUDA kernel names, first match wins
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("float8 matmul", ("f8f8", "fp8", "e4m3", "scaled_mm", "rowwise")),
-    ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul")),
+    # inductor names its kernels after every op fused in, attention and _scaled_mm included
     ("fused (inductor)", ("triton_",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    # cuBLAS's nvjet kernels spell float8 operands "qq" (nvjet_sm90_qqtst_..._ovscale)
+    ("float8 matmul", ("f8f8", "fp8", "e4m3", "scaled_mm", "rowwise", "nvjet_sm90_qq")),
+    ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul")),
 )
 
 

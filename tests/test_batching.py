@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -62,6 +63,70 @@ def test_what_cannot_share_a_call_does_not():
     for inputs, out in zip(submitted, outputs):
         expected = inputs["x"] * 2 + inputs["t"][:, None] + inputs["shared"].sum()
         assert torch.equal(out["y"], expected)
+
+
+def _streams_out_of_phase(max_in_flight: int) -> list[int]:
+    """Two streams of 5 sequential calls (60 ms each), the second starting 20 ms after the first,
+    through a 10 ms window: the batch sizes run."""
+    async def slow(inputs):
+        await asyncio.sleep(0.06)
+        return {"y": inputs["x"] * 2}
+
+    batcher = CallBatcher(slow, BATCHED, delay_s=0.01, max_rows=8, max_in_flight=max_in_flight)
+
+    async def stream(fill: float, start_s: float):
+        await asyncio.sleep(start_s)
+        for _ in range(5):
+            out = await batcher.submit(_inputs(1, fill))
+            assert torch.equal(out["y"], torch.full((1, 3), 2 * fill))
+            await asyncio.sleep(0.001)  # the scheduler step between two DiT calls
+
+    async def run():
+        await asyncio.gather(stream(1.0, 0.0), stream(2.0, 0.02))
+
+    asyncio.run(run())
+    return batcher.sizes
+
+
+@pytest.mark.fast
+def test_streams_out_of_phase_fall_in_step_while_the_dit_is_busy():
+    """A call arriving while another runs waits here and gets a fresh window when it returns, so the
+    stream just answered joins it: after the first call, the two streams share every call."""
+    sizes = _streams_out_of_phase(max_in_flight=1)
+    assert sum(sizes) == 10 and sizes.count(2) >= 3, sizes
+    # with calls run as soon as their window ends, the streams never meet
+    assert _streams_out_of_phase(max_in_flight=100) == [1] * 10
+
+
+@pytest.mark.fast
+def test_no_window_when_every_active_stream_is_waiting():
+    """With a 1 s window: a lone stream's calls run at once (a true-CFG pair still as one call),
+    and two streams' calls run together as soon as the second one arrives."""
+    calls = []
+    batcher = CallBatcher(_double(calls), BATCHED, delay_s=1.0, max_rows=8)
+
+    async def lone_stream():
+        with batcher.stream():
+            for _ in range(3):
+                pair = await asyncio.gather(batcher.submit(_inputs(1, 1.0)),
+                                            batcher.submit(_inputs(1, 2.0)))
+                assert [float(out["y"][0, 0]) for out in pair] == [5.0, 8.0]  # 2x + t + 2
+
+    async def stream(fill: float, start_s: float):
+        with batcher.stream():
+            await asyncio.sleep(start_s)
+            return await batcher.submit(_inputs(1, fill))
+
+    async def two_streams():
+        return await asyncio.gather(stream(1.0, 0.0), stream(2.0, 0.05))
+
+    began = time.perf_counter()
+    asyncio.run(lone_stream())
+    assert time.perf_counter() - began < 0.5 and batcher.sizes == [2, 2, 2]
+    began = time.perf_counter()
+    asyncio.run(two_streams())
+    assert time.perf_counter() - began < 0.5 and batcher.sizes[3:] == [2]
+    assert batcher.active_streams == 0
 
 
 @pytest.mark.fast

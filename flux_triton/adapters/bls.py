@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -266,32 +267,35 @@ class FluxBlsModel:
         models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu,
                                self.dit_batcher, self.input_types, self.served_names)
         outcome = "cancelled"
-        try:
-            async for event in generate(gen_request, self.info, models, stop_check):
-                if isinstance(event, FinalImage):
-                    self.metrics.sample_gpu_memory()
-                    outcome = "partial" if event.partial else "completed"
-                    sender.send(partial(self._image_response, event, models))
-                    self.metrics.request_latency.observe((time.monotonic() - began) * 1000)
-                    self.metrics.images.increment(event.image.shape[0])
-                else:
-                    self.metrics.steps.increment(1)
-                    self.metrics.step_latency.observe(event.seconds * 1000)
-                    sender.send(partial(self._step_response, event))
-            self.metrics.outcomes[outcome].increment(1)
-            sender.send(flags=final)
-        except StageFailed as exc:
-            # UNAVAILABLE invites the client to try again later; a deterministic failure would not
-            # go away by itself.
-            transient = exc.cause.retryable or isinstance(exc.cause, OutOfMemory)
-            hint = (f" ({exc.model} is unavailable: the server is restarting it; retry in a few "
-                    "seconds)" if exc.cause.retryable else "")
-            sender.send(error_response(pb, f"flux_bls: {exc}{hint}",
-                                       "UNAVAILABLE" if transient else "INTERNAL"), flags=final)
-            self.metrics.outcomes["failed"].increment(1)
-        except Exception as exc:  # the stream must always end, or the request is lost
-            sender.send(error_response(pb, f"flux_bls: {type(exc).__name__}: {exc}"), flags=final)
-            self.metrics.outcomes["failed"].increment(1)
+        # the batcher runs a DiT call at once when every active stream is waiting for one
+        streams = self.dit_batcher.stream() if self.dit_batcher is not None else nullcontext()
+        with streams:
+            try:
+                async for event in generate(gen_request, self.info, models, stop_check):
+                    if isinstance(event, FinalImage):
+                        self.metrics.sample_gpu_memory()
+                        outcome = "partial" if event.partial else "completed"
+                        sender.send(partial(self._image_response, event, models))
+                        self.metrics.request_latency.observe((time.monotonic() - began) * 1000)
+                        self.metrics.images.increment(event.image.shape[0])
+                    else:
+                        self.metrics.steps.increment(1)
+                        self.metrics.step_latency.observe(event.seconds * 1000)
+                        sender.send(partial(self._step_response, event))
+                self.metrics.outcomes[outcome].increment(1)
+                sender.send(flags=final)
+            except StageFailed as exc:
+                # UNAVAILABLE invites the client to try again later; a deterministic failure would not
+                # go away by itself.
+                transient = exc.cause.retryable or isinstance(exc.cause, OutOfMemory)
+                hint = (f" ({exc.model} is unavailable: the server is restarting it; retry in a few "
+                        "seconds)" if exc.cause.retryable else "")
+                sender.send(error_response(pb, f"flux_bls: {exc}{hint}",
+                                           "UNAVAILABLE" if transient else "INTERNAL"), flags=final)
+                self.metrics.outcomes["failed"].increment(1)
+            except Exception as exc:  # the stream must always end, or the request is lost
+                sender.send(error_response(pb, f"flux_bls: {type(exc).__name__}: {exc}"), flags=final)
+                self.metrics.outcomes["failed"].increment(1)
 
     def _step_response(self, event: StepUpdate) -> Any:
         pb = self.pb
