@@ -63,7 +63,7 @@ def batches_between(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: int,
                    sizes: list[int], concurrencies: list[int], per_stream: int, precision: str,
-                   compile: bool, max_batch: int) -> dict:
+                   compile: bool, max_batch: int, min_requests: int = 4) -> dict:
     """Export, start, load at every size and concurrency, stop; the rows of one configuration
     (`gpus` None: a CPU server, as the tests run it)."""
     info = load_model_info(folder)
@@ -87,10 +87,13 @@ def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: i
         for size in sizes:
             fields = dict(prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
                           max_sequence_length=text, previews=False)
-            run_load(url, fields, 1, 2)  # first calls at this size (allocator, graphs) off the clock
+            # First calls at this size (allocator, cuDNN plans, graphs) off the clock, on every
+            # GPU: one stream at a time could leave the second GPU's first call to the table.
+            instances = 1 if gpus is None else len(gpus.split(","))
+            run_load(url, fields, instances, 2 * instances)
             for concurrency in concurrencies:
                 before = dit_batch_counts(server.metrics())
-                row = run_load(url, fields, concurrency, max(4, per_stream * concurrency))
+                row = run_load(url, fields, concurrency, max(min_requests, per_stream * concurrency))
                 row["dit_batches"] = batches_between(before, dit_batch_counts(server.metrics()))
                 row.update(size=size, gpus=gpus, batch_delay_us=delay_us)
                 result["rows"].append(row)
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1024,512")
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--per-stream", type=int, default=3, help="requests per stream")
+    parser.add_argument("--min-requests", type=int, default=8,
+                        help="requests per row at least (at 512² four lasted ~1 s: too few)")
     parser.add_argument("--max-batch", type=int, default=8, help="rows per merged DiT call, at most")
     parser.add_argument("--compile", type=int, choices=[0, 1], default=0)
     parser.add_argument("--model-dir", type=Path, default=None,
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             repository = work / f"repository-{gpus.replace(',', '_')}-{delay}"
             config = measure_server(folder, repository, None if gpus == "cpu" else gpus, delay,
                                     sizes, concurrencies, args.per_stream, args.precision,
-                                    bool(args.compile), args.max_batch)
+                                    bool(args.compile), args.max_batch, args.min_requests)
             data["configs"].append(dict(config, variant=args.variant, precision=args.precision))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(data, indent=2) + "\n")

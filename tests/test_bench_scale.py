@@ -30,7 +30,7 @@ def test_dit_batches_per_gpu_from_metrics():
 def test_scale_table_on_the_tiny_model(tmp_path, model_dirs):
     out = tmp_path / "scale.json"
     assert main(["--gpus", "cpu", "--model-dir", str(model_dirs["schnell"]), "--batch-delays-us", "0",
-                 "20000", "--sizes", "64", "--concurrency", "1,4", "--per-stream", "2",
+                 "20000", "--sizes", "64", "--concurrency", "1,4", "--per-stream", "2", "--min-requests", "4",
                  "--workdir", str(tmp_path), "--out", str(out)]) == 0
     configs = json.loads(out.read_text())["configs"]
     assert [c["batch_delay_us"] for c in configs] == [0, 20000]
