@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 from clients.load import run_load
-from export.repository import write_repository
+from export.repository import count_gpus, write_repository
 from flux_dev.bench_gpu import environment
 from flux_dev.full_size import SERVING, write_full_size_folder
 from flux_triton.model_info import load_model_info
+from flux_triton.placement import parse_gpus
 from flux_triton.request import ServingLimits
 from flux_triton.server.launcher import TritonServer, free_port
 from flux_triton.specs import ServingShape
@@ -84,12 +85,12 @@ def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: i
         result["ready_s"] = server.start(timeout_s=1500)
         result["export_and_ready_s"] = time.perf_counter() - began
         url = f"127.0.0.1:{ports[1]}"
+        instances = 1 if gpus is None else len(parse_gpus(gpus, count_gpus))  # flux_bls: one per GPU
         for size in sizes:
             fields = dict(prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
                           max_sequence_length=text, previews=False)
             # First calls at this size (allocator, cuDNN plans, graphs) off the clock, on every
             # GPU: one stream at a time could leave the second GPU's first call to the table.
-            instances = 1 if gpus is None else len(gpus.split(","))
             run_load(url, fields, instances, 2 * instances)
             for concurrency in concurrencies:
                 before = dit_batch_counts(server.metrics())
