@@ -37,8 +37,8 @@ class _Group:
     calls: list[tuple[Tensors, asyncio.Future]] = field(default_factory=list)
     streams: set = field(default_factory=set)  # the streams (see CallBatcher.stream) with a call here
     rows: int = 0
+    # None once its window ended while the in-flight calls were all taken: it waits for one to return
     timer: asyncio.TimerHandle | None = None
-    due: bool = False  # its window ended while the in-flight calls were all taken
 
 
 class CallBatcher:
@@ -106,7 +106,7 @@ class CallBatcher:
             group = None
         if group is None:
             group = self.groups[key] = _Group()
-            group.timer = loop.call_later(self.delay_s, self._window_ended, key)
+            self._open_window(key, group)
         group.calls.append((inputs, future))
         group.rows += rows
         stream = _current_stream.get()
@@ -122,6 +122,9 @@ class CallBatcher:
         first = group.calls[0][0]
         return all(torch.equal(first[n], v) for n, v in inputs.items() if n not in self.batched)
 
+    def _open_window(self, key: tuple, group: _Group) -> None:
+        group.timer = asyncio.get_running_loop().call_later(self.delay_s, self._window_ended, key)
+
     def _window_ended(self, key: tuple) -> None:
         group = self.groups.get(key)
         if group is None:
@@ -129,8 +132,7 @@ class CallBatcher:
         group.timer = None
         if self.in_flight < self.max_in_flight:
             self._flush(key)
-        else:  # stays open until a call returns (see _call_returned)
-            group.due = True
+        # else it stays open, without a window, until a call returns (see _call_returned)
 
     def _flush(self, key: tuple) -> None:
         """Close the group of `key` (it takes no more calls) and run it when a call is free."""
@@ -150,11 +152,9 @@ class CallBatcher:
     def _call_returned(self) -> None:
         self.in_flight -= 1
         self._dispatch()
-        loop = asyncio.get_running_loop()
         for key, group in self.groups.items():
-            if group.due:  # a fresh window: the callers just answered can join with their next call
-                group.due = False
-                group.timer = loop.call_later(self.delay_s, self._window_ended, key)
+            if group.timer is None:  # a fresh window: the callers just answered can join with their next call
+                self._open_window(key, group)
 
     async def _run(self, group: _Group) -> None:
         try:
