@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU bundle for an offline GPU machine that has only torch: .whl/gpu_bundle.tar.xz (tritonserver
 # 2.51 with the Python 3.12 stub, numpy 1.26 for the model environment, diffusers, torchao,
-# tritonclient) and .whl/install.sh that unpacks it there, built here from PyPI wheels (25 MB).
+# tritonclient, onnxscript) and .whl/install.sh that unpacks it there, built here from PyPI wheels (25 MB).
 #
 #   bash benchmarks/gpu_bundle.sh [OUT_DIR]       (default OUT_DIR: .whl, from the repository root)
 #
@@ -30,6 +30,8 @@ WHEELS=(
   lazy-importer==0.1.0
   tritonclient==2.73.0        # pure python; [grpc] extra: grpcio>=1.81.1, protobuf>=6.30 (image), python-rapidjson
   python-rapidjson==1.25
+  onnxscript==0.7.2           # pure python: torch.onnx.export(dynamo=True) for make export-full-size
+  onnx-ir==1.1.0              # pure python: onnxscript's IR
 )
 PLATFORMS=(manylinux_2_35_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64
            manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any)
@@ -60,7 +62,8 @@ cp -a raw/numpy/. raw/ml_dtypes/. stage/np126/
   rm -rf ml_dtypes/tests )
 
 # ---- site/: usable by both the model venv (via .pth) and the image's python3 (via PYTHONPATH)
-for p in diffusers torchao importlib_metadata zipp lazy_importer tritonclient python_rapidjson nvidia_pytriton; do
+for p in diffusers torchao importlib_metadata zipp lazy_importer tritonclient python_rapidjson nvidia_pytriton \
+         onnxscript onnx_ir; do
   cp -a "raw/$p/." stage/site/
 done
 cd stage/site

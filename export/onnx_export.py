@@ -170,7 +170,7 @@ def export_program(name: str, info: FluxModelInfo, module: torch.nn.Module,
     """`module` traced to an ONNXProgram on the device it lives on. Its initializers are the
     module's own tensors, but for the weights the optimizer folds `Transpose(W)` into (numpy views
     of them on the CPU, host copies on a GPU)."""
-    from export.quantization import FP8_OPSET, TRANSLATIONS
+    from export import quantization, translations
 
     graph_dtype = GRAPH_DTYPES[onnx_precision][name]
     spec = component_specs(info, IO_TYPES[graph_dtype])[name]
@@ -183,7 +183,9 @@ def export_program(name: str, info: FluxModelInfo, module: torch.nn.Module,
         return torch.onnx.export(
             wrapper, args, dynamo=True, input_names=wrapper.input_names,
             output_names=wrapper.output_names, dynamic_shapes=(_dynamic_shapes(spec),), optimize=True,
-            **({"custom_translation_table": TRANSLATIONS, "opset_version": FP8_OPSET} if fp8 else {}),
+            custom_translation_table={**translations.TRANSLATIONS,
+                                      **(quantization.TRANSLATIONS if fp8 else {})},
+            **({"opset_version": quantization.FP8_OPSET} if fp8 else {}),
         )
 
 

@@ -29,6 +29,7 @@ from flux_triton.placement import (
 from flux_triton.preview import PreviewProjection
 from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
+from flux_triton.runtime.acceleration import COMPILE_CACHE_ENV, Acceleration
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.server.launcher import gpu_ids
 from flux_triton.specs import (
@@ -81,6 +82,27 @@ def count_gpus() -> int:
     return count
 
 
+def gpu_acceleration(info: FluxModelInfo, accelerated: bool, compile: bool | None,
+                     cuda_graphs: bool | None, warmup: tuple[ServingShape, ...] | None,
+                     ) -> tuple[bool, bool, tuple[ServingShape, ...]]:
+    """compile, cuda_graphs and the warm-up shapes with their defaults: compile and CUDA graphs on
+    for the torch backend on a GPU (`accelerated`), off elsewhere; one image at the model's default
+    size prepared at load when either is on."""
+    compile = accelerated if compile is None else compile and accelerated
+    cuda_graphs = compile if cuda_graphs is None else cuda_graphs and accelerated
+    if warmup is None:
+        warmup = (default_serving_shape(info),) if compile or cuda_graphs else ()
+    return compile, cuda_graphs, warmup
+
+
+def compile_cache_dir(repository: str | Path) -> Path:
+    """Where the served networks of `repository` keep compiled kernels (as their configs say,
+    unless $FLUX_TRITON_COMPILE_CACHE moves it)."""
+    repository = Path(repository).resolve()
+    override = os.environ.get(COMPILE_CACHE_ENV)
+    return Path(override) if override else repository.parent / f"{repository.name}{COMPILE_CACHE_SUFFIX}"
+
+
 def render_configs(
     model_dir: str | Path,
     backend: str = "torch",
@@ -127,13 +149,10 @@ def render_configs(
         if device != "gpu":
             raise ValueError("GPUS places the models on GPUs: export with DEVICE=gpu (or BACKEND=tensorrt)")
         placement = parse_gpus(gpus, count_gpus)
-    compile = accelerated if compile is None else compile and accelerated
-    cuda_graphs = compile if cuda_graphs is None else cuda_graphs and accelerated
     limits = limits or ServingLimits()
     retry = retry or RetryPolicy()
     info = load_model_info(model_dir)
-    if warmup is None:
-        warmup = (default_serving_shape(info),) if compile or cuda_graphs else ()
+    compile, cuda_graphs, warmup = gpu_acceleration(info, accelerated, compile, cuda_graphs, warmup)
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     model_dir_param = os.path.relpath(info.model_dir, Path(repository).resolve())
@@ -237,10 +256,12 @@ def write_repository(
     dest: str | Path,
     backend: str = "torch",
     onnx_dir: str | Path = "build/onnx",
+    precompile: bool = True,
     **options,
 ) -> Path:
     """Render every config.pbtxt into `dest` (copying the model code there if `dest` is elsewhere)
-    and produce the backend's artifacts (ONNX graphs or TensorRT plans) beside them."""
+    and produce the backend's artifacts (ONNX graphs or TensorRT plans) beside them. A compiled
+    GPU repository also gets its compile cache filled here (`precompile`, see export.precompile)."""
     if backend == "tensorrt":
         from export.tensorrt_build import require_tensorrt
 
@@ -269,7 +290,35 @@ def write_repository(
             shutil.rmtree(stale)
     for name, text in configs.items():
         (dest / name / "config.pbtxt").write_text(text)
+    if precompile and backend == "torch" and options.get("device") == "gpu":
+        fill_compile_cache(model_dir, dest, options)
     return dest
+
+
+def fill_compile_cache(model_dir: str | Path, dest: Path, options: dict) -> dict:
+    """Compile every network as the repository's configs ask, on each GPU they run on, into the
+    cache the server reads (nothing to do when compile is off)."""
+    import torch
+
+    from export.precompile import precompile
+
+    info = load_model_info(model_dir)
+    compile, cuda_graphs, warmup = gpu_acceleration(
+        info, True, options.get("compile"), options.get("cuda_graphs"), options.get("warmup"))
+    if not (compile and warmup):
+        return {}
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = options.get("gpus")
+    listed = parse_gpus(gpus, lambda: present) if gpus is not None and present else tuple(range(present))
+    missing = [gpu for gpu in listed if gpu >= present]
+    if missing or not listed:
+        print(f"compile cache not filled: torch sees {present} GPU(s) here, and GPU "
+              f"{','.join(map(str, missing or listed or [0]))} is not one of them; the server "
+              "compiles at its first start instead")
+        return {}
+    acceleration = Acceleration(options.get("precision", "FP32"), compile=compile,
+                                cuda_graphs=cuda_graphs, cache_dir=str(compile_cache_dir(dest)))
+    return precompile(info, acceleration, warmup, listed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                              "differently)")
     parser.add_argument("--warmup", default=None,
                         help="shapes prepared at load, BxHxWxS[,...] (default: the model's default)")
+    parser.add_argument("--precompile", type=int, choices=[0, 1], default=1,
+                        help="compiled GPU repository: compile every network here, one at a time, "
+                             "into its compile cache (default 1; 0 leaves it to the server's start)")
     parser.add_argument("--gpus", default=None,
                         help="GPUS: `all` or ids such as 0,1: a copy of each network and a flux_bls "
                              "instance on each listed GPU (default: every model's instances on every GPU)")
@@ -306,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             ServingShape.parse(s) for s in args.warmup.split(",") if s)
         dest = write_repository(
             args.model_dir, args.repository, backend=args.backend, onnx_dir=args.onnx_dir,
+            precompile=bool(args.precompile),
             device=device, precision=args.precision, warmup=warmup,
             batch_delay_us=args.batch_delay_us, onnx_precision=args.onnx_precision, gpus=args.gpus,
             compile=None if args.compile is None else bool(args.compile),

@@ -32,11 +32,10 @@ import numpy as np
 import torch
 
 from flux_dev.full_size import SERVING, diffusers_pipeline, write_full_size_folder
-from flux_triton.adapters.components import COMPILE_CACHE_ENV
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage, dit_inputs, generate
 from flux_triton.request import ServingLimits, validate_request
-from flux_triton.runtime.acceleration import Acceleration
+from flux_triton.runtime.acceleration import COMPILE_CACHE_ENV, Acceleration
 from flux_triton.runtime.in_process import TorchFluxModels
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import COMPONENTS, ServingShape
@@ -256,8 +255,10 @@ def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int]
 
 
 def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs: int,
-           repository: Path, mps: bool, restarts: int, cuda_graphs: bool = True) -> dict:
-    """(c) the same, served: tritonserver on this GPU, streamed to the gRPC client."""
+           repository: Path, mps: bool, restarts: int, cuda_graphs: bool = True,
+           precompile: bool = True) -> dict:
+    """(c) the same, served: tritonserver on this GPU, streamed to the gRPC client. The repository
+    is exported as `make export` does (`precompile`: the compile cache filled first)."""
     import tritonclient.grpc as grpcclient
 
     from clients.stream_client import build_inputs, stream_generate
@@ -265,12 +266,15 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
     from flux_triton.server.launcher import TritonServer, free_port
 
     shapes = tuple(serving_shape(variant, b) for b in batches)
+    began = time.perf_counter()
     write_repository(folder, repository, device="gpu", precision=precision, warmup=shapes,
+                     precompile=precompile,
                      cuda_graphs=cuda_graphs, limits=ServingLimits(max_batch=max(batches)))
     ports = [free_port() for _ in range(3)]
     log = repository / f"tritonserver-{precision}-mps{int(mps)}.log"
     server = TritonServer(repository, *ports, log_file=log, mps=mps)
-    result = {"mps": mps, "cuda_graphs": cuda_graphs, "batches": {}, "ready_s": []}
+    result = {"mps": mps, "cuda_graphs": cuda_graphs, "precompile": precompile,
+              "export_s": round(time.perf_counter() - began, 2), "batches": {}, "ready_s": []}
     try:
         result["ready_s"].append(server.start(timeout_s=1500))
         for _ in range(restarts):  # a restart finds the compiled kernels in the repository's cache
@@ -370,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-cache", type=Path, default=None,
                         help="one compile cache for (b) and every served model (default: "
                              "WORKDIR/compile_cache); inductor's keys keep variants apart")
+    parser.add_argument("--precompile", type=int, choices=[0, 1], default=1,
+                        help="(c) fill the compile cache at export, as make export does (0: the "
+                             "server compiles at its start)")
     parser.add_argument("--tokenizers-from", default="models/shapes-flux")
     parser.add_argument("--skip-done", action="store_true",
                         help="leave out the cases whose row and part --out already holds (to go on "
@@ -427,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                     restarts = (args.restarts if first_server
                                 and precision in args.restart_precisions else 0)
                     c = part_c(folder, variant, precision, c_batches, args.runs, repository, mps,
-                               restarts)
+                               restarts, precompile=bool(args.precompile))
                     data = save("c" if mps else "c_without_mps", c["batches"], [precision],
                                 {k: v for k, v in c.items() if k != "batches"})
     if data is not None:

@@ -287,3 +287,44 @@ def test_bf16_reference_uses_the_bf16_weights(model_dirs):
     weight = next(p for p in module.parameters() if p.dim() == 2)
     assert weight.dtype == torch.float32
     assert torch.equal(weight, weight.to(torch.bfloat16).float())
+
+
+class _FusedRmsNorm(torch.nn.Module):
+    """What RMSNorm becomes when torch 2.11 traces it on a GPU: `aten._fused_rms_norm`."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], self.weight.to(x.dtype), 1e-6)[0]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_translation_matches_torch(dtype, tmp_path):
+    """The exporter writes aten._fused_rms_norm through `export.translations` (torch 2.11 has no
+    translation of its own), and onnxruntime computes what torch computes."""
+    from export.translations import TRANSLATIONS
+
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
+    module = _FusedRmsNorm(64).eval()
+    program = torch.onnx.export(module, (x,), dynamo=True, custom_translation_table=TRANSLATIONS)
+    path = tmp_path / "rms.onnx"
+    program.save(str(path))
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"ReduceMean", "Reciprocal", "Sqrt"} <= ops and "Pow" not in ops  # ours squares by Mul
+    if dtype is torch.float32:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    else:  # onnxruntime's CPU provider has no bf16 kernels: run the float32 twin of a bf16 trace
+        program = torch.onnx.export(module.to(dtype), (x.to(dtype),), dynamo=True,
+                                    custom_translation_table=TRANSLATIONS)
+        program.save(str(path))
+        twin = float32_twin(onnx.load(str(path)))
+        session = ort.InferenceSession(twin.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.to(dtype).float().numpy()})[0]
+    with torch.no_grad():
+        expected = module(x.to(dtype)).float().numpy()
+    bound = 1e-5 if dtype is torch.float32 else 2e-2  # bf16: one rounding of the output
+    np.testing.assert_allclose(got, expected, rtol=bound, atol=bound)

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +280,39 @@ def test_repository_without_gpus_calls_plain_names_from_any_gpu(model_dirs, tmp_
     finally:
         pb.reset()
 
+
+
+def test_a_compiled_gpu_export_fills_the_cache_the_server_reads(model_dirs, tmp_path, monkeypatch):
+    """`make export DEVICE=gpu` compiles every network on each listed GPU into the cache the
+    rendered configs point the served networks at (export.precompile); without those GPUs it
+    leaves the compile to the server."""
+    import torch
+
+    import export.precompile
+    from flux_triton.adapters.components import acceleration_options
+
+    calls = []
+    monkeypatch.setattr(export.precompile, "precompile",
+                        lambda info, options, warmup, gpus: calls.append((options, warmup, gpus)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("FLUX_TRITON_COMPILE_CACHE", raising=False)
+    dest = tmp_path / "repository"
+    write_repository(model_dirs["schnell"], dest, device="gpu", precision="FP8", gpus="0,2")
+    [(options, warmup, gpus)] = calls
+    assert gpus == (0, 2) and options.compile and options.precision == "FP8" and warmup
+    config = (dest / "dit_transformer_gpu2" / "config.pbtxt").read_text()
+    params = {k: parameter(config, k) for k in ("precision", "compile", "cuda_graphs",
+                                                  "compile_cache_dir", "warmup")}
+    served = acceleration_options({"model_repository": str(dest / "dit_transformer_gpu2")}, params)
+    assert Path(options.cache_dir).resolve() == Path(served.cache_dir).resolve()
+    assert (options.compile, options.cuda_graphs) == (served.compile, served.cuda_graphs)
+    assert ",".join(map(str, warmup)) == params["warmup"]
+
+    calls.clear()
+    write_repository(model_dirs["schnell"], dest, device="gpu", gpus="0,3")  # no GPU 3 here
+    write_repository(model_dirs["schnell"], dest, device="gpu", compile=False)
+    write_repository(model_dirs["schnell"], dest, device="gpu", precompile=False)
+    assert calls == []
+    write_repository(model_dirs["schnell"], dest, device="gpu")  # unplaced: every GPU torch sees
+    assert calls[0][2] == (0, 1, 2)

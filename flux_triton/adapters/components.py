@@ -21,7 +21,12 @@ from flux_triton.adapters.backend import (
 from flux_triton.adapters.faults import FaultInjector, InjectedUnavailable
 from flux_triton.model_info import load_model_info
 from flux_triton.recovery import OUT_OF_MEMORY_MARKER, is_out_of_memory, tag_status
-from flux_triton.runtime.acceleration import Acceleration, eager_for_new_shapes, load_accelerated
+from flux_triton.runtime.acceleration import (
+    COMPILE_CACHE_ENV,
+    Acceleration,
+    eager_for_new_shapes,
+    load_accelerated,
+)
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import ServingShape, component_specs
 
@@ -38,9 +43,6 @@ def failure_response(pb: Any, model: str, exc: Exception) -> Any:
     if is_out_of_memory(exc):
         detail = f"{OUT_OF_MEMORY_MARKER}: {detail}"
     return error_response(pb, f"{model}: {tag_status(status, detail)}", status)
-
-
-COMPILE_CACHE_ENV = "FLUX_TRITON_COMPILE_CACHE"
 
 
 def acceleration_options(args: dict, params: dict[str, str]) -> Acceleration:

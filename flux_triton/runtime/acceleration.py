@@ -27,6 +27,10 @@ GRAPHED = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
 log = logging.getLogger(__name__)
 
 
+# Overrides every served network's compile_cache_dir parameter (e.g. for a read-only repository volume).
+COMPILE_CACHE_ENV = "FLUX_TRITON_COMPILE_CACHE"
+
+
 @dataclass(frozen=True)
 class Acceleration:
     """How a network runs on the GPU.
