@@ -22,12 +22,14 @@ given = $(filter command line environment,$(origin $(1)))
 SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(call given,MPS),--mps $(MPS)) \
 	$(if $(call given,SUPERVISOR_PORT),--supervisor-port $(SUPERVISOR_PORT))
-# GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...];
+# GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...],
+# PRECOMPILE=0|1 (default 1: the export compiles every network into the server's compile cache);
 # BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off);
 # ONNX_PRECISION=FP32|BF16|FP8: the graphs BACKEND=tensorrt builds from;
 # GPUS=all|0,1,...: a copy of each network and a flux_bls instance on each listed GPU (DEVICE=gpu)
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
+	$(if $(call given,PRECOMPILE),--precompile $(PRECOMPILE)) \
 	$(if $(call given,BATCH_DELAY_US),--batch-delay-us $(BATCH_DELAY_US)) \
 	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION)) \
 	$(if $(call given,GPUS),--gpus $(GPUS))
