@@ -2,18 +2,20 @@
 server's first start reads compiled kernels instead of compiling them itself.
 
 Why not leave it to the server: every served network is its own process, and Triton loads them at
-once. Kernels compiled there ran the full-size dev DiT step 16 % slower than the same kernels
-compiled in one quiet process (H200: 144.5 against 124.1 ms, the slow ones read back from the
-server's cache by an in-process run; `benchmarks/results/h200-compile-in-server.json`), because
-inductor picks among kernel variants by timing them as it compiles. Compiled here, the warm-up of
-each network has the GPU to itself; the cache keys (graph, shapes, device, torch version) are the
-ones the server's processes look up, so they load what this process chose.
+once. The full-size dev DiT compiled there ran its step 16 % slower than the same graphs compiled
+in one quiet process (H200: 146.7 against 126.5 ms served; the server's cache read back by an
+in-process run gave 144.5, so the difference is in what was compiled;
+`benchmarks/results/h200-compile-in-server.json`). The server's graphs called flash attention where
+the quiet process's called cuDNN attention (0.81 against 0.44 ms at FLUX's shape, times 57
+blocks), and a quarter of inductor's tuned kernels picked other block sizes, timed beside three
+sibling processes compiling. Here each network's warm-up has the GPU to itself; the cache keys
+(graph, shapes, device, torch version) are the ones the server's processes look up, so they load
+what this process chose.
 """
 
 from __future__ import annotations
 
 import gc
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +23,6 @@ from pathlib import Path
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.runtime.acceleration import Acceleration, ServingShape, load_accelerated
 from flux_triton.specs import NETWORKS
-
-log = logging.getLogger(__name__)
 
 
 def precompile(info: FluxModelInfo, options: Acceleration, warmup: Sequence[ServingShape],
