@@ -1,6 +1,10 @@
 """The GPU runtime options where there is no GPU: a CPU component loads as it is (nothing compiled,
 quantized or captured), and the load reports what it spent its time on."""
 
+import weakref
+
+import torch
+
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.acceleration import Acceleration, compile_cache_counters, load_accelerated
 from flux_triton.runtime.torch_components import load_component
@@ -39,3 +43,37 @@ def test_compile_cache_counters_see_a_miss_then_a_hit(tmp_path, monkeypatch):
     assert first["autograd_cache_miss"] == before["autograd_cache_miss"] + 1
     assert second["fxgraph_cache_hit"] == first["fxgraph_cache_hit"] + 1
     assert second["autograd_cache_hit"] == first["autograd_cache_hit"] + 1
+
+
+def test_precompile_warms_each_network_on_each_gpu_one_at_a_time(model_dirs, tmp_path, monkeypatch):
+    """export.precompile loads, compiles and frees one network at a time, for every GPU listed
+    (the cache keys name the device), and does nothing when there is nothing to compile."""
+    import export.precompile as precompile_module
+    from flux_triton.model_info import load_model_info
+    from flux_triton.specs import NETWORKS, ServingShape
+
+    loaded, live = [], weakref.WeakSet()
+
+    class Runner:
+        pass
+
+    def fake_load(name, info, device, options, warmup, phases):
+        assert not live, "the previous network was not freed before the next one loaded"
+        loaded.append((name, device, options.cache_dir, warmup))
+        phases["compile_cache"] = {"fxgraph_cache_miss": 1}
+        runner = Runner()
+        live.add(runner)
+        return runner
+
+    monkeypatch.setattr(precompile_module, "load_accelerated", fake_load)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    info = load_model_info(model_dirs["schnell"])
+    shape = (ServingShape.parse("1x64x64x16"),)
+    options = Acceleration("BF16", compile=True, cuda_graphs=True, cache_dir=str(tmp_path / "cache"))
+    report = precompile_module.precompile(info, options, shape, (0, 2))
+    assert [(n, d) for n, d, _, _ in loaded] == [(n, f"cuda:{g}") for g in (0, 2) for n in NETWORKS]
+    assert {c for _, _, c, _ in loaded} == {str(tmp_path / "cache")} and (tmp_path / "cache").is_dir()
+    assert set(report) == {f"{n}@cuda:{g}" for g in (0, 2) for n in NETWORKS}
+    loaded.clear()
+    assert precompile_module.precompile(info, Acceleration("BF16", compile=False), shape, (0,)) == {}
+    assert precompile_module.precompile(info, options, (), (0,)) == {} and loaded == []
