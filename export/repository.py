@@ -29,7 +29,7 @@ from flux_triton.placement import (
 from flux_triton.preview import PreviewProjection
 from flux_triton.recovery import RetryPolicy
 from flux_triton.request import ServingLimits
-from flux_triton.runtime.acceleration import COMPILE_CACHE_ENV, Acceleration
+from flux_triton.runtime.acceleration import Acceleration, compile_cache_location
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.server.launcher import gpu_ids
 from flux_triton.specs import (
@@ -95,12 +95,10 @@ def gpu_acceleration(info: FluxModelInfo, accelerated: bool, compile: bool | Non
     return compile, cuda_graphs, warmup
 
 
-def compile_cache_dir(repository: str | Path) -> Path:
-    """Where the served networks of `repository` keep compiled kernels (as their configs say,
-    unless $FLUX_TRITON_COMPILE_CACHE moves it)."""
-    repository = Path(repository).resolve()
-    override = os.environ.get(COMPILE_CACHE_ENV)
-    return Path(override) if override else repository.parent / f"{repository.name}{COMPILE_CACHE_SUFFIX}"
+def compile_cache_parameter(repository: str | Path) -> str:
+    """The served networks' compile_cache_dir: a folder beside the repository (inside it,
+    tritonserver would take the folder for a model), relative so the two move together."""
+    return f"../{Path(repository).resolve().name}{COMPILE_CACHE_SUFFIX}"
 
 
 def render_configs(
@@ -164,7 +162,7 @@ def render_configs(
     if accelerated:
         network_params.update(compile=str(int(compile)), cuda_graphs=str(int(cuda_graphs)),
                               warmup=",".join(map(str, warmup)),
-                              compile_cache_dir=f"../{Path(repository).resolve().name}{COMPILE_CACHE_SUFFIX}")
+                              compile_cache_dir=compile_cache_parameter(repository))
     component_types = {}
     for name in NETWORKS:
         if backend == "tensorrt":  # each plan takes and gives the types of its graph
@@ -311,13 +309,13 @@ def fill_compile_cache(model_dir: str | Path, dest: Path, options: dict) -> dict
     gpus = options.get("gpus")
     listed = parse_gpus(gpus, lambda: present) if gpus is not None and present else tuple(range(present))
     missing = [gpu for gpu in listed if gpu >= present]
-    if missing or not listed:
-        print(f"compile cache not filled: torch sees {present} GPU(s) here, and GPU "
-              f"{','.join(map(str, missing or listed or [0]))} is not one of them; the server "
-              "compiles at its first start instead")
+    if missing or not present:
+        what = f"GPU {','.join(map(str, missing))} is not here" if missing else "torch sees no GPU here"
+        print(f"compile cache not filled: {what}; the server compiles at its first start instead")
         return {}
+    cache_dir = compile_cache_location(dest, compile_cache_parameter(dest))  # as the server finds it
     acceleration = Acceleration(options.get("precision", "FP32"), compile=compile,
-                                cuda_graphs=cuda_graphs, cache_dir=str(compile_cache_dir(dest)))
+                                cuda_graphs=cuda_graphs, cache_dir=cache_dir)
     return precompile(info, acceleration, warmup, listed)
 
 

@@ -12,7 +12,7 @@ import onnx
 import torch
 from onnxscript import opset18 as op
 
-FLOAT32_EPS = 1.1920928955078125e-07  # ATen's default eps for bf16/fp16/fp32 inputs (float32 opmath)
+FLOAT32_EPS = torch.finfo(torch.float32).eps  # ATen's default eps for bf16/fp16/fp32 (float32 opmath)
 
 
 def fused_rms_norm_onnx(x, normalized_shape, weight=None, eps=None):

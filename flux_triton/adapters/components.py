@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ from flux_triton.adapters.faults import FaultInjector, InjectedUnavailable
 from flux_triton.model_info import load_model_info
 from flux_triton.recovery import OUT_OF_MEMORY_MARKER, is_out_of_memory, tag_status
 from flux_triton.runtime.acceleration import (
-    COMPILE_CACHE_ENV,
     Acceleration,
+    compile_cache_location,
     eager_for_new_shapes,
     load_accelerated,
 )
@@ -49,9 +48,8 @@ def acceleration_options(args: dict, params: dict[str, str]) -> Acceleration:
     """The config's precision, compile, cuda_graphs and compile_cache_dir (relative to the model
     repository, like model_dir; $FLUX_TRITON_COMPILE_CACHE overrides it, e.g. for a read-only
     repository volume)."""
-    cache_dir = os.environ.get(COMPILE_CACHE_ENV) or params.get("compile_cache_dir")
-    if cache_dir and not Path(cache_dir).is_absolute():
-        cache_dir = str(Path(args["model_repository"]).parent / cache_dir)
+    cache_dir = compile_cache_location(Path(args["model_repository"]).parent,
+                                       params.get("compile_cache_dir"))
     return Acceleration(precision=params.get("precision", "FP32"),
                         compile=params.get("compile", "0") == "1",
                         cuda_graphs=params.get("cuda_graphs", "0") == "1",

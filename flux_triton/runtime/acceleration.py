@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 COMPILE_CACHE_ENV = "FLUX_TRITON_COMPILE_CACHE"
 
 
+def compile_cache_location(repository: str | Path, configured: str | None) -> str | None:
+    """The compile cache a served network of `repository` uses: $FLUX_TRITON_COMPILE_CACHE, else
+    its config's compile_cache_dir (`configured`), a relative one taken from the repository."""
+    cache_dir = os.environ.get(COMPILE_CACHE_ENV) or configured
+    if cache_dir and not Path(cache_dir).is_absolute():
+        cache_dir = str(Path(repository) / cache_dir)
+    return cache_dir
+
+
 @dataclass(frozen=True)
 class Acceleration:
     """How a network runs on the GPU.
