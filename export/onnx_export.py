@@ -167,10 +167,9 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 
 def export_program(name: str, info: FluxModelInfo, module: torch.nn.Module,
                    onnx_precision: str = "FP32"):
-    """`module` traced to an ONNXProgram on the device it lives on. Its initializers are the
-    module's own tensors, but for the weights the optimizer folds `Transpose(W)` into (numpy views
-    of them on the CPU, host copies on a GPU)."""
-    from export import quantization, translations
+    """`module` traced to an ONNXProgram on the device it lives on, optimized by
+    `graph_optimizer`; its weights are the module's own tensors, not copies."""
+    from export import graph_optimizer, quantization, translations
 
     graph_dtype = GRAPH_DTYPES[onnx_precision][name]
     spec = component_specs(info, IO_TYPES[graph_dtype])[name]
@@ -180,13 +179,15 @@ def export_program(name: str, info: FluxModelInfo, module: torch.nn.Module,
     args = tuple(sample[t.name] for t in spec.inputs)
     fp8 = carries_qdq(name, onnx_precision)
     with float32_rope(), torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        return torch.onnx.export(
+        program = torch.onnx.export(
             wrapper, args, dynamo=True, input_names=wrapper.input_names,
-            output_names=wrapper.output_names, dynamic_shapes=(_dynamic_shapes(spec),), optimize=True,
+            output_names=wrapper.output_names, dynamic_shapes=(_dynamic_shapes(spec),), optimize=False,
             custom_translation_table={**translations.TRANSLATIONS,
                                       **(quantization.TRANSLATIONS if fp8 else {})},
             **({"opset_version": quantization.FP8_OPSET} if fp8 else {}),
         )
+        graph_optimizer.optimize(program.model)
+    return program
 
 
 def save_program(program, target: Path, weight_bytes: int) -> None:

@@ -12,13 +12,13 @@ it runs on the CPU in seconds.
 
 Memory plan (DiT, 11.9 B parameters): the bf16 network is built on the GPU (23.8 GB) and traced
 there; the graph's initializers are written one at a time (see `export.onnx_export.save_program`).
-They are the network's own tensors except the weights the exporter's optimizer folds `Transpose(W)`
-into: host copies of those when tracing on the GPU (about the weights' size until saved), numpy
-views of the weights on the CPU (`copied_initializer_bytes` counts the copies). For parity the
-trace is dropped, the same network is widened to float32 on the GPU (47.6 GB) and run once; it is
-then freed, and onnxruntime runs the float32 twin of the graph on the CPU, reading the 23.8 GB bf16
-weights file through Casts (no float32 copy of the weights on disk, each weight widened only while
-its node runs).
+They are the network's own tensors: `export.graph_optimizer` does not fold `Transpose(W)` into
+copies (`copied_initializer_bytes` counts any initializer that is not). For parity the trace is
+dropped, the same network is widened to float32 on the GPU (47.6 GB) and run once, then moved to
+the host (47.6 GB) and run again by PyTorch's CPU kernels (the spread of two correct float32
+answers, see SPREAD_FACTOR); it is then freed, and onnxruntime runs the float32 twin of the graph on
+the CPU, reading the 23.8 GB bf16 weights file through Casts (no float32 copy of the weights on
+disk, each weight widened only while its node runs).
 """
 
 from __future__ import annotations
@@ -58,6 +58,13 @@ from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.specs import NETWORKS, component_specs
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# Random weights (N(0, 0.02)) can make a deep network amplify float32 rounding far past the fixed
+# bounds (T5-XXL's unscaled attention logits then have a spread of about 13, so its softmax is
+# nearly one-hot and a rounding can move which key wins). onnxruntime is a third float32
+# implementation of the same function: it passes if it is no further from the GPU reference than
+# twice the distance PyTorch's own CPU kernels are from it. An export error (a wrong weight or op)
+# moves the output by the order of its norm, far outside either.
+SPREAD_FACTOR = 2.0
 
 
 def _status_bytes(field: str) -> int:
@@ -127,10 +134,11 @@ def copied_initializer_bytes(program, module: torch.nn.Module) -> tuple[int, int
     """(bytes of the program's initializers that hold memory of their own, bytes of its largest
     initializer): what saving holds in host memory beyond one tensor at a time.
 
-    The exporter's optimizer folds `Transpose(weight)` into a new initializer whatever its size (a
-    Linear on 3-D input becomes MatMul(x, Transpose(W))): for a network on the CPU that is a numpy
-    view of the weight (no memory of its own), for one on the GPU a host copy of it. An initializer
-    counts as the network's own when its data starts inside one of the network's CPU tensors."""
+    The exporter's own optimizer folds `Transpose(weight)` into a new initializer whatever its size
+    (a Linear on 3-D input becomes MatMul(x, Transpose(W))): for a network on the CPU a numpy view of
+    the weight (no memory of its own), for one on the GPU a host copy of it; ours keeps the weights.
+    An initializer counts as the network's own when it is one of the network's GPU tensors or its
+    data starts inside one of its CPU tensors."""
     storages = {}
     for t in (*module.parameters(), *module.buffers()):
         if t.device.type == "cpu":
@@ -255,18 +263,33 @@ def measure(name: str, precision: str, info: FluxModelInfo, out_dir: Path, devic
         cases = [sample_inputs(name, info, sizes, seed=1)]
         with PeakMemory(cuda) as meter:
             expected = torch_outputs(name, info, module, cases)
-            del module
+            if cuda:
+                module.cpu()
             _release(device)
         phases["reference"] = meter.figures()
+        spread = None
+        if cuda:  # the same float32 network through PyTorch's CPU kernels: a second correct answer
+            with PeakMemory(False) as meter:
+                on_cpu = torch_outputs(name, info, module, cases)
+            phases["reference_cpu"] = meter.figures()
+            spread = parity_rows(name, precision, cases, expected, on_cpu)[0].relative_error
+        del module
+        _release(device)
         with PeakMemory(False) as meter:
             got = onnx_outputs(name, info, target, precision, cases)
         phases["onnxruntime"] = meter.figures()
         row = parity_rows(name, precision, cases, expected, got)[0]
         entry["parity"] = {
             "shapes": row.shapes, "sizes": sizes, "relative_error": row.relative_error,
-            "max_abs_diff": row.max_abs_diff, "ok": row.ok,
+            "max_abs_diff": row.max_abs_diff,
+            "backend_spread": spread,
+            "relative_error_vs_cpu_reference": (
+                parity_rows(name, precision, cases, on_cpu, got)[0].relative_error if cuda else None),
+            "ok": within_bound(row, spread),
             "bound": ({"relative_error": row.relative_tolerance} if row.relative_tolerance is not None
                       else {"max_abs_diff": row.tolerance}),
+            "bound_from_spread": (None if spread is None
+                                  else {"relative_error": SPREAD_FACTOR * spread}),
             "against": ("float32 twin (bf16 weights, float32 arithmetic) vs PyTorch with the same "
                         "weights in float32" if is_reduced(name, precision)
                         else "float32 graph vs PyTorch in float32"),
@@ -286,6 +309,15 @@ def measure(name: str, precision: str, info: FluxModelInfo, out_dir: Path, devic
                 path.unlink()
         _release(device)
     return entry
+
+
+def within_bound(row, spread: float | None) -> bool:
+    """Parity of a full-size graph: within the row's own bound, or, for a network whose float32
+    output two correct PyTorch backends (GPU and CPU kernels) already put `spread` apart, within
+    SPREAD_FACTOR times that spread of the reference."""
+    if row.ok:
+        return True
+    return spread is not None and row.relative_error <= SPREAD_FACTOR * spread
 
 
 def _process_max_rss() -> int:

@@ -328,3 +328,24 @@ def test_fused_rms_norm_translation_matches_torch(dtype, tmp_path):
         expected = module(x.to(dtype)).float().numpy()
     bound = 1e-5 if dtype is torch.float32 else 2e-2  # bf16: one rounding of the output
     np.testing.assert_allclose(got, expected, rtol=bound, atol=bound)
+
+
+def test_exported_weights_are_the_modules_own(model_dirs):
+    """The export's optimizer keeps every Linear weight as the module holds it (no transposed copy:
+    on a GPU that copy is host memory, 24 GB for the DiT) and runs without SlicesSplit (quadratic in
+    the graph's size); the graph still has no SplitToSequence, which the checker rejects in bf16."""
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
+    from export.graph_optimizer import rewrite_rules
+    from export.onnx_export import export_program, reference_module
+
+    assert slice_split_rule not in rewrite_rules() and len(rewrite_rules()) > 30
+    info = load_model_info(model_dirs["dev"])
+    module = reference_module("dit_transformer", info, "BF16")
+    program = export_program("dit_transformer", info, module, "BF16")
+    params = {f"component.{name}": tuple(p.shape) for name, p in module.named_parameters()}
+    weights = {v.name: tuple(v.shape) for v in program.model.graph.initializers.values()
+               if len(v.shape) == 2 and v.name.endswith(".weight")}
+    assert len(weights) >= 30 and all(params.get(name) == shape for name, shape in weights.items())
+    ops = {node.op_type for node in program.model.graph}
+    assert "Transpose" in ops and "SplitToSequence" not in ops and "SequenceAt" not in ops
