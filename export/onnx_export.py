@@ -33,8 +33,9 @@ GRAPH_DTYPES = {"FP32": dict.fromkeys(NETWORKS, "float32"), "BF16": _REDUCED, "F
 IO_TYPES = {"float32": "FP32", "bfloat16": "BF16"}
 # Parity of a reduced-precision graph: its float32 twin (bf16 weights, float32 arithmetic) against
 # the PyTorch model with the same bf16 weights in float32 (and the same float8 Q/DQ for FP8). The
-# weights are identical, but constants the exporter writes into a bf16 graph (attention scales,
-# mask values) are bf16-rounded there and not in the float32 reference, and for FP8 a value on a
+# weights are identical, but constants the exporter writes into a bf16 graph (the attention scale
+# 1/sqrt(head_dim), mask values; not the activations' constants, see Float32Activation) are
+# bf16-rounded there and not in the float32 reference, and for FP8 a value on a
 # float8 rounding boundary can round the other way after a 1e-7 difference (one float8 step, 1/16
 # relative, for that element). So the bound is on the relative L2 error: 2e-3, a quarter of bf16's
 # epsilon; structural mistakes (a wrong weight, a dropped op) give errors of order 1.
@@ -137,12 +138,42 @@ def on_device(inputs: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in inputs.items()}
 
 
+class Float32Activation(torch.nn.Module):
+    """An activation computed in float32 and returned in its input's type.
+
+    transformers writes T5's tanh-GELU and CLIP's quick-GELU with Python constants (0.044715,
+    sqrt(2/pi), 1.702). PyTorch multiplies a bf16 tensor by such a scalar in float32, but a graph
+    traced in bf16 holds them as bf16 constants (0.04468, 0.7969, 1.703): measured on a
+    full-width 4-layer T5, that alone moved the output by 1.5e-3 (1.7e-5 with the constants
+    rounded in the reference too), and by 7.3e-2 through T5-XXL's 24 layers."""
+
+    def __init__(self, activation: torch.nn.Module):
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(x.float()).to(x.dtype)
+
+
+def with_float32_activations(module: torch.nn.Module) -> int:
+    """Wrap each transformers activation in `module` in Float32Activation; return how many."""
+    wrapped = 0
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__module__ == "transformers.activations":
+                setattr(parent, child_name, Float32Activation(child))
+                wrapped += 1
+    return wrapped
+
+
 def reference_module(name: str, info: FluxModelInfo, onnx_precision: str = "FP32",
                      dtype: str | None = None, device: str = "cpu") -> torch.nn.Module:
     """The PyTorch network an `onnx_precision` graph is exported from (`dtype` None) or checked
     against (`dtype` "float32": the same bf16 weights, computing in float32), on `device`."""
     graph_dtype = GRAPH_DTYPES[onnx_precision][name]
     module = load_component(name, info, device, graph_dtype).eval()
+    if graph_dtype != "float32":
+        with_float32_activations(module)
     if carries_qdq(name, onnx_precision):
         from export.quantization import quantize_fp8
 

@@ -60,6 +60,9 @@ def test_bf16_graphs_carry_bf16_weights_and_match_pytorch(exported):
         print(f"\nBF16 {row.component}: relative error {row.relative_error:.2e} "
               f"(bound {row.relative_tolerance}), {row.shapes}")
     assert all(r.ok for r in rows) and {r.component for r in rows} == set(NETWORKS)
+    # the text encoders' activations run in float32 in the graph, as PyTorch runs their Python-float
+    # constants: their float32 twins then match to float32 rounding (bf16 constants gave 2.6e-4)
+    assert all(r.relative_error < 1e-5 for r in rows if r.component in ("clip_encoder", "t5_encoder"))
     for name in NETWORKS:
         expected = {"bfloat16": onnx.TensorProto.BFLOAT16, "float32": onnx.TensorProto.FLOAT}[
             GRAPH_DTYPES["BF16"][name]]
