@@ -49,7 +49,6 @@ def test_precompile_warms_each_network_on_each_gpu_one_at_a_time(model_dirs, tmp
     """export.precompile loads, compiles and frees one network at a time, for every GPU listed
     (the cache keys name the device), and does nothing when there is nothing to compile."""
     import export.precompile as precompile_module
-    from flux_triton.model_info import load_model_info
     from flux_triton.specs import NETWORKS, ServingShape
 
     loaded, live = [], weakref.WeakSet()
