@@ -37,11 +37,13 @@ PROMPT = "a red circle on a blue background"
 
 
 def dit_batch_counts(metrics: str) -> dict[str, dict[str, float]]:
-    """DiT rows, calls and merged calls so far, per GPU, from flux_bls's Prometheus metrics."""
+    """DiT rows, calls and merged calls, and requests and their summed latency, so far, per GPU,
+    from flux_bls's Prometheus metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     names = {"flux_dit_batch_size_sum": "rows", "flux_dit_batch_size_count": "calls",
-             "flux_dit_merged_calls_total": "merged_calls"}
+             "flux_dit_merged_calls_total": "merged_calls", "flux_request_latency_ms_count": "requests",
+             "flux_request_latency_ms_sum": "latency_ms_sum"}
     seen: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
@@ -53,11 +55,14 @@ def dit_batch_counts(metrics: str) -> dict[str, dict[str, float]]:
 
 
 def batches_between(before: dict, after: dict) -> dict[str, dict[str, float]]:
-    """What the DiT calls of one load run were, per GPU: calls, rows, mean rows per call, merges."""
+    """What one load run did on each GPU: DiT calls, rows, mean rows per call, merges; requests
+    and their mean latency in the server."""
     out = {}
     for gpu, entry in after.items():
         delta = {k: v - before.get(gpu, {}).get(k, 0.0) for k, v in entry.items()}
         delta["mean_rows_per_call"] = delta["rows"] / delta["calls"] if delta["calls"] else None
+        delta["mean_latency_ms"] = (delta.pop("latency_ms_sum") / delta["requests"]
+                                    if delta["requests"] else None)
         out[gpu] = delta
     return out
 

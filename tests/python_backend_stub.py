@@ -82,10 +82,13 @@ class ResponseSender:
 
     def __init__(self):
         self.sent: list[tuple[InferenceResponse | None, int]] = []
+        self.on_final = None  # called once the final flag is sent
 
     def send(self, response=None, flags: int = 0) -> None:
         assert not self.finished, "sent after the final flag"
         self.sent.append((response, flags))
+        if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL and self.on_final is not None:
+            self.on_final()
 
     @property
     def finished(self) -> bool:
@@ -97,6 +100,15 @@ class _Registry:
     failures: dict[str, deque] = defaultdict(deque)
     calls: dict[str, int] = defaultdict(int)
     requested: list = []  # every BLS request sent, in order
+    bls_instances: list = []  # closed (their load board entries removed) by reset
+
+
+class Logger:
+    errors: list[str] = []
+
+    @classmethod
+    def log_error(cls, message: str) -> None:
+        cls.errors.append(message)
 
 
 models = _Registry.models
@@ -106,6 +118,8 @@ requested = _Registry.requested
 
 
 def reset() -> None:
+    while _Registry.bls_instances:
+        _Registry.bls_instances.pop().finalize()
     models.clear()
     failures.clear()
     calls.clear()
@@ -214,6 +228,7 @@ def wire_repository(model_dir: Path, folder: Path, bls_gpu: int | None = None, *
         models[name] = model
     bls = type("FluxBlsModel", (FluxBlsModel,), {"pb": stub})()
     bls.initialize(model_args(folder, "flux_bls", params, decoupled=True, gpu=bls_gpu))
+    _Registry.bls_instances.append(bls)
     return bls
 
 

@@ -38,7 +38,7 @@ _request = pb.flux_bls_request
 
 
 def _serve(bls, request) -> list[tuple]:
-    asyncio.run(bls.execute([request]))
+    asyncio.run(bls.serve([request]))
     assert request.sender.finished
     return request.sender.sent
 

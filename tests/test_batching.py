@@ -167,12 +167,12 @@ def test_bls_shares_dit_calls_between_streams_at_different_steps(batched_bls):
     fields = [dict(prompt=p, height=64, width=64, num_inference_steps=s, seed=i)
               for i, (p, s) in enumerate([("a cat", 4), ("a red circle", 3), ("a dog", 4), ("x", 2)])]
     together = [_request(**f) for f in fields]
-    asyncio.run(batched_bls.execute(together))
+    asyncio.run(batched_bls.serve(together))
     merged = pb.calls["dit_transformer"]
     alone = []
     for f in fields:
         request = _request(**f)
-        asyncio.run(batched_bls.execute([request]))
+        asyncio.run(batched_bls.serve([request]))
         alone.append(request)
     assert merged < sum(f["num_inference_steps"] for f in fields)  # calls were shared
     assert max(batched_bls.dit_batcher.sizes) == 4

@@ -13,18 +13,24 @@ flux_dit_batch_size_sum{gpu="1"} 4
 flux_dit_batch_size_count 2
 flux_dit_merged_calls_total{gpu="0"} 6
 flux_steps_total{gpu="0"} 99
+flux_request_latency_ms_count{gpu="0"} 4
+flux_request_latency_ms_sum{gpu="0"} 2000
 """
 
 
 def test_dit_batches_per_gpu_from_metrics():
     after = dit_batch_counts(METRICS)
-    assert after == {"0": {"rows": 30.0, "calls": 10.0, "merged_calls": 6.0},
-                     "1": {"rows": 4.0, "calls": 4.0, "merged_calls": 0.0},
-                     "-": {"rows": 0.0, "calls": 2.0, "merged_calls": 0.0}}
-    before = {"0": {"rows": 10.0, "calls": 5.0, "merged_calls": 1.0}}
+    none = {"requests": 0.0, "latency_ms_sum": 0.0}
+    assert after == {"0": {"rows": 30.0, "calls": 10.0, "merged_calls": 6.0, "requests": 4.0,
+                           "latency_ms_sum": 2000.0},
+                     "1": {"rows": 4.0, "calls": 4.0, "merged_calls": 0.0, **none},
+                     "-": {"rows": 0.0, "calls": 2.0, "merged_calls": 0.0, **none}}
+    before = {"0": {"rows": 10.0, "calls": 5.0, "merged_calls": 1.0, "requests": 2.0,
+                    "latency_ms_sum": 800.0}}
     delta = batches_between(before, after)
-    assert delta["0"] == {"rows": 20.0, "calls": 5.0, "merged_calls": 5.0, "mean_rows_per_call": 4.0}
-    assert delta["1"]["mean_rows_per_call"] == 1.0
+    assert delta["0"] == {"rows": 20.0, "calls": 5.0, "merged_calls": 5.0, "mean_rows_per_call": 4.0,
+                          "requests": 2.0, "mean_latency_ms": 600.0}
+    assert delta["1"]["mean_rows_per_call"] == 1.0 and delta["1"]["mean_latency_ms"] is None
 
 
 def test_scale_table_on_the_tiny_model(tmp_path, model_dirs):
@@ -42,3 +48,4 @@ def test_scale_table_on_the_tiny_model(tmp_path, model_dirs):
     off, on = (c["rows"][1]["dit_batches"] for c in configs)
     assert not off.get("-", {}).get("calls")  # batching off: the batcher never runs
     assert on["-"]["merged_calls"] > 0 and on["-"]["mean_rows_per_call"] > 1
+    assert off["-"]["requests"] == configs[0]["rows"][1]["requests"]  # every request, counted once

@@ -240,7 +240,7 @@ def bls_on_gpu(model_dirs, render, tmp_path, monkeypatch):
 def _generate(bls, **fields) -> list:
     requests = [pb.flux_bls_request(prompt="a red circle", height=64, width=64,
                                     num_inference_steps=2, seed=seed, **fields) for seed in (1, 2)]
-    asyncio.run(bls.execute(requests))
+    asyncio.run(bls.serve(requests))
     for request in requests:
         response, _ = request.sender.sent[-2]
         assert not response.has_error(), response.error().message()
@@ -316,3 +316,67 @@ def test_a_compiled_gpu_export_fills_the_cache_the_server_reads(model_dirs, tmp_
     assert calls == []
     write_repository(model_dirs["schnell"], dest, device="gpu")  # unplaced: every GPU torch sees
     assert calls[0][2] == (0, 1, 2)
+
+
+def _board(folder: Path, name: str, gpu: int | None, active: int = 0):
+    from flux_triton.adapters.dispatch import LoadBoard
+
+    board = LoadBoard(folder, name, gpu)
+    board.add(active)
+    return board
+
+
+def test_load_board_sums_live_instances_per_gpu(tmp_path):
+    gpu0, gpu0_b, gpu1 = (_board(tmp_path, "a", 0, 2), _board(tmp_path, "b", 0, 1),
+                          _board(tmp_path, "c", 1, 2))
+    assert gpu0.loads_by_gpu() == {0: 3, 1: 2}
+    assert gpu1.least_loaded() and not gpu0.least_loaded()
+    gpu0.add(-2)
+    assert gpu0.least_loaded() and not gpu1.least_loaded()
+    gpu0_b.close()
+    assert gpu1.loads_by_gpu() == {0: 0, 1: 2}
+    # A crashed instance's requests are gone: its file no longer counts, and the next instance
+    # to start removes it.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    Path(tmp_path / "crashed").write_bytes(
+        __import__("struct").pack("<qqq", dead.pid, 1, 7))
+    assert gpu0.loads_by_gpu() == {0: 0, 1: 2}
+    _board(tmp_path, "d", 2).close()
+    assert not (tmp_path / "crashed").exists()
+    for board in (gpu0, gpu1):
+        board.close()
+
+
+def test_a_lone_or_cpu_instance_never_waits(tmp_path):
+    board = _board(tmp_path, "only", None, 5)
+    assert board.wait_until_least_loaded(timeout_s=0)
+    board.close()
+
+
+def test_execute_returns_only_once_its_gpu_is_least_loaded(bls_on_gpu, tmp_path):
+    """An instance whose GPU runs more than another stays inside `execute` (so Triton hands new
+    requests to the other GPU's instance) until that changes; else it returns at once."""
+    import threading
+
+    bls = bls_on_gpu(1)
+    bls.board.close()
+    bls.board = _board(tmp_path, "gpu1", 1)
+    idle_gpu0 = _board(tmp_path, "gpu0", 0)
+
+    request = pb.flux_bls_request(prompt="a red circle", height=64, width=64,
+                                  num_inference_steps=2, seed=1)
+    bls.execute([request])  # GPU 0 has none: this returns only after the request ended
+    assert request.sender.sent[-1][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert bls.board.active == 0
+
+    idle_gpu0.add(3)  # GPU 0 busier: execute returns while the request may still run
+    done = threading.Event()
+    request = pb.flux_bls_request(prompt="a red circle", height=64, width=64,
+                                  num_inference_steps=2, seed=2)
+    request.sender.on_final = done.set
+    bls.execute([request])
+    assert done.wait(60)
+    response, _ = request.sender.sent[-2]
+    assert not response.has_error(), response.error().message()
+    idle_gpu0.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -27,6 +29,7 @@ from flux_triton.adapters.backend import (
     status_code_name,
     to_torch,
 )
+from flux_triton.adapters.dispatch import LoadBoard, board_folder
 from flux_triton.adapters.metrics import BlsMetrics
 from flux_triton.batching import CallBatcher
 from flux_triton.model_info import load_model_info
@@ -211,6 +214,10 @@ class FluxBlsModel:
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
         self.served_names = served_networks(params.get(NETWORKS_BY_GPU_PARAMETER), self.gpu)
         self.metrics = BlsMetrics(pb, self.gpu)
+        # tritonserver starts every instance's process: its pid names the board they share
+        self.board = LoadBoard(board_folder(os.getppid()),
+                               f"{args.get('model_instance_name', 'flux_bls')}-{os.getpid()}", self.gpu)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.input_types = network_input_types(
             self.info, json.loads(params.get("component_dtypes", "{}")))
         self.dit_batcher = None
@@ -226,9 +233,33 @@ class FluxBlsModel:
                                input_types=self.input_types, served_names=self.served_names)
         return {"noise_pred": await models._network("dit_transformer", inputs, "noise_pred")}
 
-    async def execute(self, requests: list) -> None:
-        await asyncio.gather(*(self._serve(request) for request in requests))
+    def execute(self, requests: list) -> None:
+        """Start `requests` on this instance's event loop, then return once this instance's GPU
+        is among the server's least loaded (`flux_triton.adapters.dispatch`): until then Triton
+        gives new requests to the other instances. Responses stream from the loop."""
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="flux_bls_loop", daemon=True).start()
+        for request in requests:
+            self.board.add(1)
+            running = asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
+            running.add_done_callback(self._request_done)
+        self.board.wait_until_least_loaded()
         return None
+
+    def _request_done(self, running) -> None:
+        self.board.add(-1)
+        if not running.cancelled() and running.exception() is not None:
+            self.pb.Logger.log_error(f"flux_bls: a request's stream broke: {running.exception()!r}")
+
+    async def serve(self, requests: list) -> None:
+        """Serve `requests` on the running loop until every stream has ended (tests)."""
+        await asyncio.gather(*(self._serve(request) for request in requests))
+
+    def finalize(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.board.close()
 
     def _read_inputs(self, request) -> dict[str, np.ndarray]:
         raw = {}

@@ -1,0 +1,122 @@
+"""Least-loaded dispatch of `flux_bls` requests over the GPUs of one server.
+
+Triton hands a request to any `flux_bls` instance that is not inside `execute`. A decoupled async
+`execute` returns at once, so every instance always looks free and requests go round-robin
+whatever each GPU already runs: at 8 streams over 2 GPUs one GPU can hold 5 while the other holds
+3. So `flux_bls` runs its requests on its own event loop and returns from `execute` only once its
+GPU is among the least loaded: until then Triton sees the instance busy and gives the next request
+to one on a less loaded GPU.
+
+The instances are separate processes; each publishes its GPU and its active request count in a
+small file of a folder private to the server (`LoadBoard`), and reads the others'.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# pid, gpu (-1: CPU), active requests: three little-endian int64 per instance file
+_ENTRY = struct.Struct("<qqq")
+_ACTIVE_OFFSET = 16
+
+
+def board_folder(server_pid: int) -> Path:
+    """The folder the `flux_bls` instances of the server with this pid share (in memory when
+    /dev/shm exists)."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return base / f"flux-bls-load-{server_pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _entry_pid(path: str) -> int | None:
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(_ENTRY.size)
+    except FileNotFoundError:
+        return None
+    return _ENTRY.unpack(raw)[0] if len(raw) == _ENTRY.size else None
+
+
+class LoadBoard:
+    """This instance's active request count, published for the server's other instances, and
+    theirs, summed per GPU."""
+
+    def __init__(self, folder: Path, instance: str, gpu: int | None):
+        self.folder = folder
+        self.gpu = -1 if gpu is None else gpu
+        self.active = 0
+        self.lock = threading.Lock()  # execute's thread adds, the event loop's thread subtracts
+        folder.mkdir(parents=True, exist_ok=True)
+        for entry in os.scandir(folder):  # files left by crashed instances
+            pid = _entry_pid(entry.path)
+            if pid is not None and not _alive(pid):
+                Path(entry.path).unlink(missing_ok=True)
+        self.path = folder / instance
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.pwrite(self.fd, _ENTRY.pack(os.getpid(), self.gpu, 0), 0)
+
+    def add(self, count: int) -> None:
+        """Count `count` more (or, negative, fewer) active requests on this instance."""
+        with self.lock:
+            self.active += count
+            # one aligned 8-byte write: readers never see a torn count
+            os.pwrite(self.fd, struct.pack("<q", self.active), _ACTIVE_OFFSET)
+
+    def loads_by_gpu(self) -> dict[int, int]:
+        """Active requests per GPU over the live instances (this one included)."""
+        loads = {self.gpu: 0}
+        for entry in os.scandir(self.folder):
+            try:
+                with open(entry.path, "rb") as file:
+                    raw = file.read(_ENTRY.size)
+            except FileNotFoundError:  # an instance that just finalized
+                continue
+            if len(raw) < _ENTRY.size:
+                continue
+            pid, gpu, active = _ENTRY.unpack(raw)
+            if entry.path == str(self.path):
+                active, pid = self.active, os.getpid()
+            elif not _alive(pid):  # a crashed instance's file: its requests are gone
+                continue
+            loads[gpu] = loads.get(gpu, 0) + max(active, 0)
+        return loads
+
+    def least_loaded(self) -> bool:
+        """Whether this instance's GPU runs no more requests than any other GPU of the server."""
+        loads = self.loads_by_gpu()
+        return loads[self.gpu] <= min(loads.values())
+
+    def wait_until_least_loaded(self, poll_s: float = 0.001, timeout_s: float | None = None) -> bool:
+        """Block until this GPU is among the least loaded (True), or `timeout_s` passed (False).
+
+        It ends by itself: this instance's own requests finish, and a GPU with none is least loaded.
+        """
+        began = time.monotonic()
+        while not self.least_loaded():
+            if timeout_s is not None and time.monotonic() - began >= timeout_s:
+                return False
+            time.sleep(poll_s)
+        return True
+
+    def close(self) -> None:
+        """Withdraw this instance from the board."""
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()  # the last instance out removes the folder
+        except OSError:
+            pass
