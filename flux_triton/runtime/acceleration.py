@@ -125,6 +125,13 @@ class CudaGraphRunner:
         return tuple((name, tuple(v.shape), v.dtype, v.device) for name, v in sorted(inputs.items()))
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Capture and replay on the inputs' GPU: the current device's streams would invalidate a
+        # capture of work on another GPU (a copy on GPU 1 of a server whose processes start on 0).
+        device = next(v.device for v in inputs.values() if v.is_cuda)
+        with torch.cuda.device(device):
+            return self._run(inputs)
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key = self.key(inputs)
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)

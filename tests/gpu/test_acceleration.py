@@ -44,6 +44,21 @@ def test_cuda_graph_replays_the_module_exactly(info):
     assert len(runner.graphs) == 1
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_cuda_graph_on_a_gpu_other_than_the_current_one(info):
+    """A copy on GPU 1 in a process whose current device is GPU 0 (as a server's are) captures
+    its graph on GPU 1 and replays it exactly."""
+    assert torch.cuda.current_device() == 0
+    dit = load_component("dit_transformer", info, "cuda:1", "bfloat16")
+    runner = CudaGraphRunner(dit)
+    with torch.inference_mode():
+        inputs = sample_inputs("dit_transformer", info, SHAPE, "cuda:1", "BF16")
+        expected = dit(**inputs)["noise_pred"]
+        out = runner(**inputs)["noise_pred"]
+    assert runner.graphs[runner.key(inputs)] is not None, "the capture failed"
+    assert out.device == torch.device("cuda:1") and torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("name", ["dit_transformer", "vae_decoder", "t5_encoder"])
 def test_compiled_networks_are_as_close_to_float32_as_eager_bf16(info, name):
     """Compiled kernels (and channels_last for the VAE) round differently from eager ones; judged
