@@ -125,8 +125,8 @@ class CudaGraphRunner:
         return tuple((name, tuple(v.shape), v.dtype, v.device) for name, v in sorted(inputs.items()))
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        # Capture and replay on the inputs' GPU: the current device's streams would invalidate a
-        # capture of work on another GPU (a copy on GPU 1 of a server whose processes start on 0).
+        # Capture and replay on the inputs' GPU, whatever GPU is current (one process can hold
+        # networks on several GPUs, as the export's precompile does).
         device = next(v.device for v in inputs.values() if v.is_cuda)
         with torch.cuda.device(device):
             return self._run(inputs)
@@ -166,7 +166,9 @@ class CudaGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # On the side stream, on this GPU: torch.cuda.graph's default capture stream is made once
+        # per process, on whatever GPU captured first (a capture there of work here is invalid).
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             static_outputs = self.forward(**static_inputs)
         return static_inputs, graph, static_outputs
 

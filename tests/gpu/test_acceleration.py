@@ -46,9 +46,12 @@ def test_cuda_graph_replays_the_module_exactly(info):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_cuda_graph_on_a_gpu_other_than_the_current_one(info):
-    """A copy on GPU 1 in a process whose current device is GPU 0 (as a server's are) captures
-    its graph on GPU 1 and replays it exactly."""
+    """A network on GPU 1 in a process whose current device is GPU 0 and which captured on GPU 0
+    before (as the export's precompile does) captures its graph on GPU 1 and replays it exactly."""
     assert torch.cuda.current_device() == 0
+    on_gpu0 = load_component("dit_transformer", info, "cuda:0", "bfloat16")
+    with torch.inference_mode():
+        CudaGraphRunner(on_gpu0)(**sample_inputs("dit_transformer", info, SHAPE, "cuda:0", "BF16"))
     dit = load_component("dit_transformer", info, "cuda:1", "bfloat16")
     runner = CudaGraphRunner(dit)
     with torch.inference_mode():
