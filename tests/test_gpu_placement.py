@@ -364,11 +364,13 @@ def test_execute_returns_only_once_its_gpu_is_least_loaded(bls_on_gpu, tmp_path)
     bls.board = _board(tmp_path, "gpu1", 1)
     idle_gpu0 = _board(tmp_path, "gpu0", 0)
 
+    gauge = []
+    bls.metrics.active_requests.set = gauge.append
     request = pb.flux_bls_request(prompt="a red circle", height=64, width=64,
                                   num_inference_steps=2, seed=1)
     bls.execute([request])  # GPU 0 has none: this returns only after the request ended
     assert request.sender.sent[-1][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-    assert bls.board.active == 0
+    assert bls.board.active == 0 and gauge == [1, 0]  # flux_active_requests followed it
 
     idle_gpu0.add(3)  # GPU 0 busier: execute returns while the request may still run
     done = threading.Event()

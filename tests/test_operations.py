@@ -120,8 +120,10 @@ def test_metrics_are_exposed(served):
     text = srv.server.metrics()
     for name in ("flux_component_latency_ms_bucket", "flux_step_latency_ms_count",
                  "flux_request_latency_ms_sum", "flux_requests_total", "flux_steps_total",
-                 "flux_images_total", "flux_component_retries_total", "flux_batch_splits_total"):
+                 "flux_images_total", "flux_component_retries_total", "flux_batch_splits_total",
+                 "flux_active_requests"):
         assert name in text, name
+    assert metric(srv, "flux_active_requests") == 0  # every request above has ended
     assert metric(srv, "flux_component_latency_ms_count", model="dit_transformer") >= 3
     assert metric(srv, "flux_requests_total", outcome="completed") >= 1
     assert 'nv_inference_request_success{model="dit_transformer"' in text  # Triton's own, too

@@ -241,14 +241,18 @@ class FluxBlsModel:
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="flux_bls_loop", daemon=True).start()
         for request in requests:
-            self.board.add(1)
+            self._count_active(1)
             running = asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
             running.add_done_callback(self._request_done)
         self.board.wait_until_least_loaded()
         return None
 
+    def _count_active(self, change: int) -> None:
+        self.board.add(change)
+        self.metrics.active_requests.set(self.board.active)
+
     def _request_done(self, running) -> None:
-        self.board.add(-1)
+        self._count_active(-1)
         if not running.cancelled() and running.exception() is not None:
             self.pb.Logger.log_error(f"flux_bls: a request's stream broke: {running.exception()!r}")
 
