@@ -334,6 +334,8 @@ def test_load_board_sums_live_instances_per_gpu(tmp_path):
     gpu0.add(-2)
     assert gpu0.least_loaded() and not gpu1.least_loaded()
     gpu0_b.close()
+    gpu0_b.add(-1)  # a request that ends after its instance closed: counted, not published
+    gpu0_b.close()
     assert gpu1.loads_by_gpu() == {0: 0, 1: 2}
     # A crashed instance's requests are gone: its file no longer counts, and the next instance
     # to start removes it.

@@ -66,15 +66,16 @@ class LoadBoard:
             if pid is not None and not _alive(pid):
                 Path(entry.path).unlink(missing_ok=True)
         self.path = folder / instance
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.pwrite(self.fd, _ENTRY.pack(os.getpid(), self.gpu, 0), 0)
 
     def add(self, count: int) -> None:
         """Count `count` more (or, negative, fewer) active requests on this instance."""
         with self.lock:
             self.active += count
-            # one aligned 8-byte write: readers never see a torn count
-            os.pwrite(self.fd, struct.pack("<q", self.active), _ACTIVE_OFFSET)
+            if self.fd is not None:  # after close, a late request's end is only counted here
+                # one aligned 8-byte write: readers never see a torn count
+                os.pwrite(self.fd, struct.pack("<q", self.active), _ACTIVE_OFFSET)
 
     def loads_by_gpu(self) -> dict[int, int]:
         """Active requests per GPU over the live instances (this one included)."""
@@ -114,7 +115,11 @@ class LoadBoard:
 
     def close(self) -> None:
         """Withdraw this instance from the board."""
-        os.close(self.fd)
+        with self.lock:
+            if self.fd is None:
+                return
+            os.close(self.fd)
+            self.fd = None
         self.path.unlink(missing_ok=True)
         try:
             self.folder.rmdir()  # the last instance out removes the folder
