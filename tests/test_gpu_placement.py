@@ -356,7 +356,24 @@ def test_a_lone_or_cpu_instance_never_waits(tmp_path):
     board.close()
 
 
-def test_execute_returns_only_once_its_gpu_is_least_loaded(bls_on_gpu, tmp_path):
+def test_own_count_bounds_the_wait(tmp_path):
+    """A file that claims requests it does not serve (a living pid that is not an instance's, or
+    this instance's own file gone) can neither keep an instance waiting once its own requests are
+    done, nor hide this instance's count."""
+    mine = _board(tmp_path, "mine", 1, 1)
+    stale = _board(tmp_path, "stale", 1, 5)  # this test's pid: alive
+    idle = _board(tmp_path, "idle", 0)
+    assert not mine.wait_until_least_loaded(timeout_s=0.02)  # 6 on GPU 1 against none on GPU 0
+    mine.add(-1)
+    assert mine.wait_until_least_loaded(timeout_s=0.02)
+    mine.add(2)
+    mine.path.unlink()
+    assert idle.loads_by_gpu() == {0: 0, 1: 5} and mine.loads_by_gpu() == {1: 7, 0: 0}
+    for board in (mine, stale, idle):
+        board.close()
+
+
+def test_execute_returns_only_once_its_gpu_is_least_loaded(bls_on_gpu, tmp_path, monkeypatch):
     """An instance whose GPU runs more than another stays inside `execute` (so Triton hands new
     requests to the other GPU's instance) until that changes; else it returns at once."""
     import threading
@@ -374,12 +391,22 @@ def test_execute_returns_only_once_its_gpu_is_least_loaded(bls_on_gpu, tmp_path)
     assert request.sender.sent[-1][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     assert bls.board.active == 0 and gauge == [1, 0]  # flux_active_requests followed it
 
-    idle_gpu0.add(3)  # GPU 0 busier: execute returns while the request may still run
-    done = threading.Event()
+    idle_gpu0.add(3)  # GPU 0 busier: execute returns while the request runs
+    dit = pb.models["dit_transformer_gpu1"]
+    release, done = threading.Event(), threading.Event()
+    run = dit.execute
+
+    def held(requests):  # the DiT answers only once released
+        release.wait(60)
+        return run(requests)
+
+    monkeypatch.setattr(dit, "execute", held)
     request = pb.flux_bls_request(prompt="a red circle", height=64, width=64,
                                   num_inference_steps=2, seed=2)
     request.sender.on_final = done.set
     bls.execute([request])
+    assert not done.is_set() and bls.board.active == 1  # returned mid-request: GPU 1 takes more
+    release.set()
     assert done.wait(60)
     response, _ = request.sender.sent[-2]
     assert not response.has_error(), response.error().message()

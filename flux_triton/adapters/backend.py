@@ -42,14 +42,14 @@ def resolve_model_dir(args: dict, params: dict[str, str]) -> Path:
 
 
 def instance_device(args: dict) -> str:
-    """`cuda:N` for a KIND_GPU instance (made the process's current GPU), else `cpu`."""
+    """`cuda:N` for a KIND_GPU instance (made the calling thread's current GPU), else `cpu`."""
     if args.get("model_instance_kind") == "GPU":
-        device = f"cuda:{args['model_instance_device_id']}"
-        if torch.cuda.is_available():
-            # Streams, CUDA graphs and kernels launched without an explicit device go to the
-            # instance's own GPU, not GPU 0.
-            torch.cuda.set_device(device)
-        return device
+        index = int(args["model_instance_device_id"])
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            # On the thread that initializes and executes (the stub's main thread), streams, CUDA
+            # graphs and kernels launched without an explicit device go to the instance's own GPU.
+            torch.cuda.set_device(index)
+        return f"cuda:{index}"
     return "cpu"
 
 

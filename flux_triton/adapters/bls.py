@@ -217,6 +217,7 @@ class FluxBlsModel:
         # tritonserver starts every instance's process: its pid names the board they share
         self.board = LoadBoard(board_folder(os.getppid()),
                                f"{args.get('model_instance_name', 'flux_bls')}-{os.getpid()}", self.gpu)
+        self.active_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.input_types = network_input_types(
             self.info, json.loads(params.get("component_dtypes", "{}")))
@@ -239,22 +240,40 @@ class FluxBlsModel:
         gives new requests to the other instances. Responses stream from the loop."""
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
-            threading.Thread(target=self.loop.run_forever, name="flux_bls_loop", daemon=True).start()
+            threading.Thread(target=self._run_loop, name="flux_bls_loop", daemon=True).start()
         for request in requests:
             self._count_active(1)
             running = asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
             running.add_done_callback(self._request_done)
-        self.board.wait_until_least_loaded()
+        try:
+            self.board.wait_until_least_loaded()
+        except Exception as exc:  # the requests run on: dispatch falls back to Triton's own
+            self._log_error(f"flux_bls: load board unreadable ({exc!r}); not waiting")
         return None
 
+    def _run_loop(self) -> None:
+        if self.gpu is not None and torch.cuda.is_available():
+            torch.cuda.set_device(self.gpu)  # the current GPU is per thread
+        self.loop.run_forever()
+
     def _count_active(self, change: int) -> None:
-        self.board.add(change)
-        self.metrics.active_requests.set(self.board.active)
+        with self.active_lock:  # the gauge ends at the last count, whichever thread set it
+            # the gauge first: once the board says so, an execute waiting at it may return
+            self.metrics.active_requests.set(self.board.active + change)
+            try:
+                self.board.add(change)
+            except OSError as exc:  # a request must not fail for its count
+                self._log_error(f"flux_bls: load board not updated ({exc!r})")
 
     def _request_done(self, running) -> None:
         self._count_active(-1)
         if not running.cancelled() and running.exception() is not None:
-            self.pb.Logger.log_error(f"flux_bls: a request's stream broke: {running.exception()!r}")
+            self._log_error(f"flux_bls: a request's stream broke: {running.exception()!r}")
+
+    def _log_error(self, message: str) -> None:
+        logger = getattr(self.pb, "Logger", None)
+        if logger is not None:
+            logger.log_error(message)
 
     async def serve(self, requests: list) -> None:
         """Serve `requests` on the running loop until every stream has ended (tests)."""

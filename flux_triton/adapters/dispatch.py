@@ -27,9 +27,14 @@ _ACTIVE_OFFSET = 16
 
 def board_folder(server_pid: int) -> Path:
     """The folder the `flux_bls` instances of the server with this pid share (in memory when
-    /dev/shm exists)."""
+    /dev/shm exists). It is named by the pid and the process's start time: a server restarted in
+    a container that keeps its /dev/shm may get the same pid, never the same start."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return base / f"flux-bls-load-{server_pid}"
+    try:  # field 22 of /proc/<pid>/stat, after the parenthesised command name
+        started = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    return base / f"flux-bls-load-{server_pid}-{started}"
 
 
 def _alive(pid: int) -> bool:
@@ -60,27 +65,37 @@ class LoadBoard:
         self.gpu = -1 if gpu is None else gpu
         self.active = 0
         self.lock = threading.Lock()  # execute's thread adds, the event loop's thread subtracts
-        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / instance
+        for attempt in range(3):  # the last instance of a stopping server may remove the folder
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        os.pwrite(self.fd, _ENTRY.pack(os.getpid(), self.gpu, 0), 0)
         for entry in os.scandir(folder):  # files left by crashed instances
             pid = _entry_pid(entry.path)
             if pid is not None and not _alive(pid):
                 Path(entry.path).unlink(missing_ok=True)
-        self.path = folder / instance
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.pwrite(self.fd, _ENTRY.pack(os.getpid(), self.gpu, 0), 0)
 
-    def add(self, count: int) -> None:
-        """Count `count` more (or, negative, fewer) active requests on this instance."""
+    def add(self, count: int) -> int:
+        """Count `count` more (or, negative, fewer) active requests on this instance; returns the
+        new count."""
         with self.lock:
             self.active += count
             if self.fd is not None:  # after close, a late request's end is only counted here
                 # one aligned 8-byte write: readers never see a torn count
                 os.pwrite(self.fd, struct.pack("<q", self.active), _ACTIVE_OFFSET)
+            return self.active
 
     def loads_by_gpu(self) -> dict[int, int]:
         """Active requests per GPU over the live instances (this one included)."""
-        loads = {self.gpu: 0}
+        loads = {self.gpu: self.active}  # this instance's own count, whatever its file says
         for entry in os.scandir(self.folder):
+            if entry.path == str(self.path):
+                continue
             try:
                 with open(entry.path, "rb") as file:
                     raw = file.read(_ENTRY.size)
@@ -89,9 +104,7 @@ class LoadBoard:
             if len(raw) < _ENTRY.size:
                 continue
             pid, gpu, active = _ENTRY.unpack(raw)
-            if entry.path == str(self.path):
-                active, pid = self.active, os.getpid()
-            elif not _alive(pid):  # a crashed instance's file: its requests are gone
+            if not _alive(pid):  # a crashed instance's file: its requests are gone
                 continue
             loads[gpu] = loads.get(gpu, 0) + max(active, 0)
         return loads
@@ -101,13 +114,16 @@ class LoadBoard:
         loads = self.loads_by_gpu()
         return loads[self.gpu] <= min(loads.values())
 
-    def wait_until_least_loaded(self, poll_s: float = 0.001, timeout_s: float | None = None) -> bool:
-        """Block until this GPU is among the least loaded (True), or `timeout_s` passed (False).
+    def wait_until_least_loaded(self, poll_s: float = 0.005, timeout_s: float | None = None) -> bool:
+        """Block until this GPU is among the least loaded or this instance serves no request
+        (True), or `timeout_s` passed (False).
 
-        It ends by itself: this instance's own requests finish, and a GPU with none is least loaded.
+        The second condition bounds the wait by this instance's own requests whatever the others'
+        files say. While one instance waits another is free (the least loaded one returned), so
+        the poll interval delays no request.
         """
         began = time.monotonic()
-        while not self.least_loaded():
+        while self.active > 0 and not self.least_loaded():
             if timeout_s is not None and time.monotonic() - began >= timeout_s:
                 return False
             time.sleep(poll_s)

@@ -127,7 +127,9 @@ class CudaGraphRunner:
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         # Capture and replay on the inputs' GPU, whatever GPU is current (one process can hold
         # networks on several GPUs, as the export's precompile does).
-        device = next(v.device for v in inputs.values() if v.is_cuda)
+        device = next((v.device for v in inputs.values() if v.is_cuda), None)
+        if device is None:  # nothing on a GPU: nothing to capture
+            return self.forward(**inputs)
         with torch.cuda.device(device):
             return self._run(inputs)
 
