@@ -41,6 +41,8 @@ def _serve_once(repository: Path, model_dir: Path | None = None) -> np.ndarray:
     with TritonServer(repository, *ports, log_file=repository.parent / "server.log",
                       model_dir=model_dir) as server:
         result = served_generate(_Served(server), FIELDS, timeout_s=60)
+        assert any(server.load_board.iterdir())  # flux_bls publishes its load here
+    assert not server.load_board.exists()  # and the server's stop removes it
     assert result.error is None, result.error
     return result.image
 

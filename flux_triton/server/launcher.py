@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux_triton.adapters.backend import MODEL_DIR_ENV
+from flux_triton.adapters.dispatch import board_folder
 from flux_triton.server.supervisor import Supervisor, SupervisorMetrics
 
 # Per GPU: large enough that a 1024² DiT output (48 MiB) moves between models without CUDA IPC.
@@ -163,6 +164,7 @@ class TritonServer:
     process: subprocess.Popen | None = None
     mps_daemon: MpsDaemon | None = None
     supervisor: Supervisor | None = None
+    load_board: Path | None = None
 
     @property
     def uses_mps(self) -> bool:
@@ -245,6 +247,8 @@ class TritonServer:
             self.command(), env=self.environment(), stdout=out or None, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        # the folder where this server's flux_bls instances share their load (see stop)
+        self.load_board = board_folder(self.process.pid)
         while time.perf_counter() - began < timeout_s:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}"
@@ -317,6 +321,8 @@ class TritonServer:
                 return self.process.wait()
         finally:
             self.stop_mps()
+            if self.load_board is not None:  # instances that were killed never removed their files
+                shutil.rmtree(self.load_board, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:
         self.start()
