@@ -47,13 +47,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _entry_pid(path: str) -> int | None:
+def _read_entry(path: str) -> tuple[int, int, int] | None:
+    """(pid, gpu, active) of an instance file; None while it is being written or once removed."""
     try:
         with open(path, "rb") as file:
             raw = file.read(_ENTRY.size)
     except FileNotFoundError:
         return None
-    return _ENTRY.unpack(raw)[0] if len(raw) == _ENTRY.size else None
+    return _ENTRY.unpack(raw) if len(raw) == _ENTRY.size else None
 
 
 class LoadBoard:
@@ -76,34 +77,26 @@ class LoadBoard:
                     raise
         os.pwrite(self.fd, _ENTRY.pack(os.getpid(), self.gpu, 0), 0)
         for entry in os.scandir(folder):  # files left by crashed instances
-            pid = _entry_pid(entry.path)
-            if pid is not None and not _alive(pid):
+            read = _read_entry(entry.path)
+            if read is not None and not _alive(read[0]):
                 Path(entry.path).unlink(missing_ok=True)
 
-    def add(self, count: int) -> int:
-        """Count `count` more (or, negative, fewer) active requests on this instance; returns the
-        new count."""
+    def add(self, count: int) -> None:
+        """Count `count` more (or, negative, fewer) active requests on this instance."""
         with self.lock:
             self.active += count
             if self.fd is not None:  # after close, a late request's end is only counted here
                 # one aligned 8-byte write: readers never see a torn count
                 os.pwrite(self.fd, struct.pack("<q", self.active), _ACTIVE_OFFSET)
-            return self.active
 
     def loads_by_gpu(self) -> dict[int, int]:
         """Active requests per GPU over the live instances (this one included)."""
         loads = {self.gpu: self.active}  # this instance's own count, whatever its file says
         for entry in os.scandir(self.folder):
-            if entry.path == str(self.path):
+            read = None if entry.path == str(self.path) else _read_entry(entry.path)
+            if read is None:
                 continue
-            try:
-                with open(entry.path, "rb") as file:
-                    raw = file.read(_ENTRY.size)
-            except FileNotFoundError:  # an instance that just finalized
-                continue
-            if len(raw) < _ENTRY.size:
-                continue
-            pid, gpu, active = _ENTRY.unpack(raw)
+            pid, gpu, active = read
             if not _alive(pid):  # a crashed instance's file: its requests are gone
                 continue
             loads[gpu] = loads.get(gpu, 0) + max(active, 0)
