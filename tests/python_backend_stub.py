@@ -104,11 +104,15 @@ class _Registry:
 
 
 class Logger:
-    errors: list[str] = []
+    lines: list[tuple[str, str]] = []  # (level, message)
+
+    @classmethod
+    def log_info(cls, message: str) -> None:
+        cls.lines.append(("info", message))
 
     @classmethod
     def log_error(cls, message: str) -> None:
-        cls.errors.append(message)
+        cls.lines.append(("error", message))
 
 
 models = _Registry.models

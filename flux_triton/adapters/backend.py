@@ -41,6 +41,13 @@ def resolve_model_dir(args: dict, params: dict[str, str]) -> Path:
     return path.resolve()
 
 
+def log(pb: Any, message: str, error: bool = False) -> None:
+    """A line in Triton's log through the stub's Logger (stand-ins may have none)."""
+    logger = getattr(pb, "Logger", None)
+    if logger is not None:
+        (logger.log_error if error else logger.log_info)(message)
+
+
 def instance_device(args: dict) -> str:
     """`cuda:N` for a KIND_GPU instance (made the calling thread's current GPU), else `cpu`."""
     if args.get("model_instance_kind") == "GPU":

@@ -24,6 +24,7 @@ from flux_triton.adapters.backend import (
     error_response,
     from_torch,
     instance_device,
+    log,
     model_parameters,
     resolve_model_dir,
     status_code_name,
@@ -248,7 +249,7 @@ class FluxBlsModel:
         try:
             self.board.wait_until_least_loaded()
         except Exception as exc:  # the requests run on: dispatch falls back to Triton's own
-            self._log_error(f"flux_bls: load board unreadable ({exc!r}); not waiting")
+            log(self.pb, f"flux_bls: load board unreadable ({exc!r}); not waiting", error=True)
         return None
 
     def _run_loop(self) -> None:
@@ -263,17 +264,12 @@ class FluxBlsModel:
             try:
                 self.board.add(change)
             except OSError as exc:  # a request must not fail for its count
-                self._log_error(f"flux_bls: load board not updated ({exc!r})")
+                log(self.pb, f"flux_bls: load board not updated ({exc!r})", error=True)
 
     def _request_done(self, running) -> None:
         self._count_active(-1)
         if not running.cancelled() and running.exception() is not None:
-            self._log_error(f"flux_bls: a request's stream broke: {running.exception()!r}")
-
-    def _log_error(self, message: str) -> None:
-        logger = getattr(self.pb, "Logger", None)
-        if logger is not None:
-            logger.log_error(message)
+            log(self.pb, f"flux_bls: a request's stream broke: {running.exception()!r}", error=True)
 
     async def serve(self, requests: list) -> None:
         """Serve `requests` on the running loop until every stream has ended (tests)."""

@@ -13,6 +13,7 @@ from flux_triton.adapters.backend import (
     error_response,
     from_torch,
     instance_device,
+    log,
     model_parameters,
     resolve_model_dir,
     to_torch,
@@ -82,9 +83,8 @@ class ComponentModel:
         warmup = tuple(ServingShape.parse(s) for s in params.get("warmup", "").split(",") if s)
         phases: dict = {}
         self.component = load_accelerated(self.name, info, self.device, options, warmup, phases)
-        logger = getattr(self.pb, "Logger", None)
-        if logger is not None and options.active:  # what a slow start spent its time on
-            logger.log_info(f"{self.name} ready on {self.device}: {phases}")
+        if options.active:  # what a slow start spent its time on
+            log(self.pb, f"{self.name} ready on {self.device}: {phases}")
         if options.compile and warmup:
             eager_for_new_shapes()
 
