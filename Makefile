@@ -13,6 +13,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+REPOSITORY ?= model_repository
 PROMPT ?= a red circle on a blue background
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -26,13 +27,15 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 # PRECOMPILE=0|1 (default 1: the export compiles every network into the server's compile cache);
 # BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off);
 # ONNX_PRECISION=FP32|BF16|FP8: the graphs BACKEND=tensorrt builds from;
-# GPUS=all|0,1,...: a copy of each network and a flux_bls instance on each listed GPU (DEVICE=gpu)
+# GPUS=all|0,1,...: a copy of each network and a flux_bls instance on each listed GPU (DEVICE=gpu);
+# MAX_PIXEL_STEPS=N: the most work one request may ask for, height × width × steps × images
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
 	$(if $(call given,PRECOMPILE),--precompile $(PRECOMPILE)) \
 	$(if $(call given,BATCH_DELAY_US),--batch-delay-us $(BATCH_DELAY_US)) \
 	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION)) \
-	$(if $(call given,GPUS),--gpus $(GPUS))
+	$(if $(call given,GPUS),--gpus $(GPUS)) \
+	$(if $(call given,MAX_PIXEL_STEPS),--max-pixel-steps $(MAX_PIXEL_STEPS))
 
 .PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu bench-scale export-full-size gpu-bundle lint clean
 
@@ -83,7 +86,7 @@ engines: setup
 # HOST=0.0.0.0 listens on every interface; DEVICE=gpu (or a GPU repository) turns GPU metrics on;
 # MODEL_DIR=... serves that folder with the rendered repository (e.g. a moved or mounted one).
 serve: setup
-	$(PY) -m flux_triton.server.launcher --repository model_repository --host $(HOST) \
+	$(PY) -m flux_triton.server.launcher --repository $(REPOSITORY) --host $(HOST) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(SERVE_OPTIONS)
 
 demo: setup

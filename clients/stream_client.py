@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import sys
 import time
@@ -20,7 +21,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
-from flux_triton.specs import bls_input
+from flux_triton.specs import NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"
 
@@ -48,11 +49,31 @@ NUMPY_DTYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64
                 "FP32": np.float32}
 
 
+def checked_numbers(name: str, value, dtype: str) -> list:
+    """`value` (one number or a list) as a list, each checked to fit `dtype` before any conversion
+    to a fixed-width type; ValueError naming the field and quoting the value otherwise."""
+    numbers = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if dtype == "BOOL":
+        return numbers
+    lo, hi = NUMBER_RANGES[dtype]
+    for number in numbers:
+        integral = isinstance(number, (int, np.integer)) and not isinstance(number, bool)
+        if dtype != "FP32" and not integral:
+            raise ValueError(f"`{name}`: must be an integer ({dtype}), got {number!r}")
+        # NaN and infinity travel as they are (FP32 holds them; the server says what it accepts)
+        if dtype == "FP32" and not math.isfinite(number):
+            continue
+        if not lo <= number <= hi:
+            raise ValueError(f"`{name}`: must be in [{lo}, {hi}] ({dtype}), got {number!r}")
+    return numbers
+
+
 def build_inputs(**values) -> list[grpcclient.InferInput]:
     """InferInputs for the given `flux_bls` fields; None values are left out (server defaults).
 
     Types and shapes come from the model's declared interface: strings (or lists of them) for
-    BYTES [N], one number for [1] fields, a list of numbers for `sigmas`.
+    BYTES [N], one number for [1] fields, a list of numbers for `sigmas`. A number that its type
+    cannot hold is a ValueError naming the field, never a wrapped value.
     """
     inputs = []
     for name, value in values.items():
@@ -63,7 +84,8 @@ def build_inputs(**values) -> list[grpcclient.InferInput]:
             strings = [value] if isinstance(value, str) else list(value)
             array = np.array([s.encode("utf-8") for s in strings], dtype=object)
         else:
-            array = np.asarray(value, dtype=NUMPY_DTYPES[spec.dtype]).reshape(-1)
+            numbers = checked_numbers(name, value, spec.dtype)
+            array = np.asarray(numbers, dtype=NUMPY_DTYPES[spec.dtype]).reshape(-1)
         tensor = grpcclient.InferInput(name, list(array.shape), spec.dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -246,14 +268,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot reach Triton at {args.url}: {exc.message()}", file=sys.stderr)
         return 2
 
-    inputs = build_inputs(
-        prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
-        height=args.height, width=args.width, num_inference_steps=args.steps,
-        num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
-        guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed,
-        deadline_ms=args.deadline_ms, previews=False if args.no_previews else None,
-        preview_kind=None if args.no_previews or args.preview_kind == "latent" else args.preview_kind,
-    )
+    try:
+        inputs = build_inputs(
+            prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
+            height=args.height, width=args.width, num_inference_steps=args.steps,
+            num_images_per_prompt=args.images_per_prompt,
+            max_sequence_length=args.max_sequence_length, guidance_scale=args.guidance,
+            true_cfg_scale=args.true_cfg, seed=args.seed, deadline_ms=args.deadline_ms,
+            previews=False if args.no_previews else None,
+            preview_kind=None if args.no_previews or args.preview_kind == "latent"
+            else args.preview_kind,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     previews: dict[int, list[np.ndarray]] = {}
 
     def on_step(step: dict) -> None:

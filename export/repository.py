@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default=None,
                         help="GPUS: `all` or ids such as 0,1: a copy of each network and a flux_bls "
                              "instance on each listed GPU (default: every model's instances on every GPU)")
+    parser.add_argument("--max-pixel-steps", type=int, default=ServingLimits.max_pixel_steps,
+                        help="the most work one request may ask for: height × width × steps × images")
     args = parser.parse_args(argv)
     from export.tensorrt_build import EngineBuildError
 
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             precompile=bool(args.precompile),
             device=device, precision=args.precision, warmup=warmup,
             batch_delay_us=args.batch_delay_us, onnx_precision=args.onnx_precision, gpus=args.gpus,
+            limits=ServingLimits(max_pixel_steps=args.max_pixel_steps),
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))
     except (ExportError, EngineBuildError, ValueError) as exc:

@@ -34,6 +34,9 @@ class ServingLimits:
     max_batch: int = 16
     max_inference_steps: int = 100
     max_prompt_chars: int = 4096
+    # The work one request may ask for: height × width × steps × images (4 images of 1024² at 50
+    # steps), so that no request holds a GPU for many minutes whatever the single limits allow.
+    max_pixel_steps: int = 1024 * 1024 * 50 * 4
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,15 @@ def validate_request(
         raise InvalidRequest(
             "num_inference_steps", f"must equal the number of `sigmas` ({len(sigmas)}), got {steps}"
         )
+    images = len(prompts) * num_images
+    work = height * width * steps * images
+    if work > limits.max_pixel_steps:
+        raise InvalidRequest(
+            "num_inference_steps",
+            f"the request's work, height × width × num_inference_steps × images ({len(prompts)} "
+            f"prompts × num_images_per_prompt) = {height} × {width} × {steps} × {images} = {work}, "
+            f"is over this server's max_pixel_steps {limits.max_pixel_steps}: lower the size, the "
+            "steps or the number of images")
 
     if inputs.get("seed") is None:
         seed = secrets.randbelow(SEED_RANGE[1] + 1)

@@ -164,6 +164,11 @@ BLS_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("previews", "BOOL", (1,), optional=True),
     TensorSpec("preview_kind", "BYTES", (1,), optional=True),
 )
+# The values a fixed-width number type holds: a client checks before it converts (numpy would wrap
+# an INT32 or round a huge FP32 to infinity silently).
+NUMBER_RANGES = {"INT32": (-2**31, 2**31 - 1), "INT64": (-2**63, 2**63 - 1),
+                 "FP32": (-3.4028234663852886e38, 3.4028234663852886e38)}
+
 # What a step's preview shows: the latents reached ("latent", the default) or the clean image the
 # model predicts from them ("x0"), or both.
 PREVIEW_KINDS = ("latent", "x0", "both")

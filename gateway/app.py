@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
 import json
 import os
@@ -22,16 +23,18 @@ from typing import Literal
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
 from clients.stream_client import build_inputs
+from flux_triton.specs import NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -63,25 +66,47 @@ class GatewaySettings:
                    preview_format=environ.get("GATEWAY_PREVIEW_FORMAT", cls.preview_format))
 
 
-class GenerationRequest(BaseModel):
-    """OpenAI's images request, with this server's extra fields at top level."""
+def _most(bls_field: str) -> int | float:
+    """The largest value the flux_bls input's declared type holds (checked here, before any
+    fixed-width conversion, so nothing wraps)."""
+    return NUMBER_RANGES[bls_input(bls_field).dtype][1]
 
-    model_config = ConfigDict(extra="forbid")
+
+class GenerationRequest(BaseModel):
+    """OpenAI's images request, with this server's extra fields at top level. Strict: a number
+    must be a JSON number and a flag a JSON boolean."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=4096)
     model: str | None = None  # accepted for compatibility; the server has one model
     n: int = Field(1, ge=1, le=16)
-    size: str | None = Field(None, pattern=r"^\d+x\d+$", description="WxH, e.g. 1024x1024")
+    size: str | None = Field(None, max_length=64, description="WxH, e.g. 1024x1024")
     response_format: Literal["b64_json"] = "b64_json"
     stream: bool = False
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    true_cfg_scale: float | None = None
-    max_sequence_length: int | None = None
-    deadline_ms: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=_most("seed"))
+    steps: int | None = Field(None, ge=1, le=_most("num_inference_steps"))
+    guidance_scale: float | None = Field(None, ge=-_most("guidance_scale"),
+                                         le=_most("guidance_scale"))
+    negative_prompt: str | None = Field(None, max_length=4096)
+    true_cfg_scale: float | None = Field(None, ge=-_most("true_cfg_scale"),
+                                         le=_most("true_cfg_scale"))
+    max_sequence_length: int | None = Field(None, ge=1, le=_most("max_sequence_length"))
+    deadline_ms: int | None = Field(None, ge=1, le=_most("deadline_ms"))
     preview: Literal["x0", "latent", "none"] = "x0"
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = re.fullmatch(r"(\d+)x(\d+)", value)
+        if not match:
+            raise ValueError(f"must be WxH in pixels, e.g. 1024x1024, got {value!r}")
+        most = _most("height")
+        if not all(1 <= int(side) <= most for side in match.groups()):
+            raise ValueError(f"each side must be in [1, {most}], got {value!r}")
+        return value
 
     def bls_fields(self) -> dict:
         """The flux_bls inputs of this request (None: the server's default)."""
@@ -109,12 +134,15 @@ class GatewayError(Exception):
 
 def triton_error(message: str) -> GatewayError:
     """A flux_bls error as HTTP: a named invalid field -> 400; anything else -> 503."""
-    field_name = re.search(r"`(\w+)`: ", message)
-    if field_name:
-        name = field_name.group(1)
-        return GatewayError(400, message, PARAMS.get(name, name))
+    param = _param(message)
+    if param is not None:
+        return GatewayError(400, message, param)
     if "deadline" in message.lower():
         return GatewayError(504, message, kind="timeout_error")
+    return unavailable(message)
+
+
+def unavailable(message: str) -> GatewayError:
     return GatewayError(503, message, kind="server_error", code="unavailable")
 
 
@@ -175,7 +203,10 @@ class TritonStreams:
         """("step", step) for every step, then ("image", Generation). Leaving the iteration early
         (a client that went away) cancels the Triton request, which stops the denoising loop;
         `handle.cancel()` does the same from outside, without awaiting anything."""
-        inputs = build_inputs(**fields)
+        try:
+            inputs = build_inputs(**fields)
+        except ValueError as exc:  # a number its declared type cannot hold
+            raise GatewayError(400, str(exc), _param(str(exc))) from None
 
         async def requests():
             yield {"model_name": MODEL, "inputs": inputs}
@@ -217,24 +248,27 @@ class TritonStreams:
         except (InferenceServerException, grpc.RpcError) as exc:  # no server, or it went away
             finished = True
             detail = exc.message() if isinstance(exc, InferenceServerException) else exc.details()
-            raise GatewayError(503, f"Triton at {self.settings.triton_url}: {detail}",
-                               kind="server_error", code="unavailable") from exc
+            raise unavailable(f"the server is unavailable: {detail}") from exc
         finally:
             if not finished:
                 stream.cancel()
         if not finished:
-            raise GatewayError(503, "the stream ended without an image", kind="server_error")
+            raise unavailable("the stream ended without an image")
 
     async def render_preview(self, latent: np.ndarray) -> np.ndarray | None:
         """A preview latent [B, C, h, w] as uint8 [h', w', 3] of the first image."""
-        parameters = await self.parameters()
-        if self.settings.preview_decoder == "vae":
-            latents = vae_inputs(latent[:1], parameters)
-            if latents is not None:
-                tensor = InferInput("latents", list(latents.shape), "FP32")
-                tensor.set_data_from_numpy(latents)
-                result = await self.client.infer("vae_decoder", [tensor])
-                return to_uint8_image(result.as_numpy("image"))[0]
+        try:
+            parameters = await self.parameters()
+            if self.settings.preview_decoder == "vae":
+                latents = vae_inputs(latent[:1], parameters)
+                if latents is not None:
+                    tensor = InferInput("latents", list(latents.shape), "FP32")
+                    tensor.set_data_from_numpy(latents)
+                    result = await self.client.infer("vae_decoder", [tensor])
+                    return to_uint8_image(result.as_numpy("image"))[0]
+        except (InferenceServerException, grpc.RpcError) as exc:
+            detail = exc.message() if isinstance(exc, InferenceServerException) else exc.details()
+            raise unavailable(f"the server is unavailable: {detail}") from exc
         render = linear_renderer(parameters)
         return None if render is None else render(latent[:1])[0]
 
@@ -245,7 +279,8 @@ class TritonStreams:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway's ASGI application."""
     settings = settings or GatewaySettings.from_env()
-    app = FastAPI(title="FLUX on Triton", docs_url="/docs", redoc_url=None)
+    # No /docs page (it loads its scripts from a CDN); /openapi.json is behind the key.
+    app = FastAPI(title="FLUX on Triton", docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.triton = None
 
@@ -261,13 +296,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST"], allow_headers=["Authorization",
                                                                          "Content-Type"])
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > settings.max_body_bytes:
-            error = GatewayError(413, f"request body over {settings.max_body_bytes} bytes")
-            return JSONResponse(error.body(), status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestGuard, settings=settings)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError):
@@ -275,42 +304,147 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        error = GatewayError(400, f"`{param}`: {first.get('msg')}" if param else first.get("msg"),
-                             param)
-        return JSONResponse(error.body(), status_code=400)
+        error = validation_error(exc.errors())
+        return JSONResponse(error.body(), status_code=error.status)
 
-    def authorized(request: Request) -> None:
-        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            raise GatewayError(401, "a valid `Authorization: Bearer <key>` header is required",
-                               code="invalid_api_key")
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        error = GatewayError(exc.status_code, str(exc.detail),
+                             kind="invalid_request_error" if exc.status_code < 500 else "server_error")
+        return JSONResponse(error.body(), status_code=error.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception):
+        error = GatewayError(500, f"the gateway failed: {type(exc).__name__}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
 
     @app.get("/healthz")
     async def healthz():
         ready = await triton().ready()
-        return JSONResponse({"status": "ready" if ready else "unavailable",
-                             "triton": settings.triton_url}, status_code=200 if ready else 503)
+        return JSONResponse({"status": "ready" if ready else "unavailable"},
+                            status_code=200 if ready else 503)
 
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.post("/v1/images/generations", dependencies=[Depends(authorized)])
-    async def generations(body: GenerationRequest):
+    @app.post("/v1/images/generations")
+    async def generations(body: GenerationRequest, request: Request):
         fields = body.bls_fields()
         if body.stream:
             events = sse_events(triton(), fields, settings.preview_format)
             first = await anext(events)  # errors before the first event are HTTP errors
             return StreamingResponse(_chain(first, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        generation = None
-        async for kind, value in triton().generate(fields):
-            if kind == "image":
-                generation = value
-        return JSONResponse(completed_body(generation))
+        handle = StreamHandle()
+
+        async def collect() -> Generation:
+            async for kind, value in triton().generate(fields, handle):
+                if kind == "image":
+                    return value
+            raise unavailable("the stream ended without an image")
+
+        running = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({running, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not running.done():  # the client went away (or this handler was cancelled)
+                handle.cancel()  # stops the denoising loop
+                running.cancel()
+            gone.cancel()
+        if not running.done() or running.cancelled():
+            return Response(status_code=499)  # nobody is listening; nginx's "client closed"
+        return JSONResponse(completed_body(running.result()))
 
     return app
+
+
+async def disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _param(message: str) -> str | None:
+    """The request field a flux_bls error message names first, in this API's words."""
+    named = re.search(r"`(\w+)`: ", message)
+    return PARAMS.get(named.group(1), named.group(1)) if named else None
+
+
+def validation_error(errors: list[dict]) -> GatewayError:
+    """The first of pydantic's errors about a request body, as a 400 naming the field."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return GatewayError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
+    location = [str(p) for p in first.get("loc", [])[1:]]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "value_error":  # our own validators quote the value themselves
+        message = str((first.get("ctx") or {}).get("error", message))
+    elif "input" in first and param is not None and first.get("type") != "missing":
+        sent = json.dumps(first["input"]) if not isinstance(first["input"], str) \
+            else repr(first["input"])
+        message += f", got {sent[:100]}"
+    return GatewayError(400, f"`{param}`: {message}" if param else message, param)
+
+
+class RequestGuard:
+    """ASGI middleware ahead of the app: on /v1/* and /openapi.json the API key is checked before
+    a byte of the body is read, then every body is read up to `max_body_bytes` by the bytes that
+    arrive, whatever the framing (Content-Length or chunked), and answered 413 past it."""
+
+    PROTECTED = ("/v1/", "/openapi.json")
+
+    def __init__(self, app, settings: GatewaySettings):
+        self.app, self.settings = app, settings
+        self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        if self.expected is not None and scope["path"].startswith(self.PROTECTED) and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return await self.reply(send, GatewayError(
+                401, "a valid `Authorization: Bearer <key>` header is required",
+                code="invalid_api_key"))
+        limit = self.settings.max_body_bytes
+        too_large = GatewayError(413, f"request body over {limit} bytes")
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await self.reply(send, too_large if declared.isdigit() else
+                                    GatewayError(400, "Content-Length must be a number of bytes"))
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > limit:
+                return await self.reply(send, too_large)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # after the body: what the connection does next (a disconnect)
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def reply(send, error: GatewayError) -> None:
+        payload = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
 
 
 async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -367,9 +501,13 @@ async def sse_events(triton: TritonStreams, fields: dict, fmt: str) -> AsyncIter
                     created_at=body["created"]))
                 return
     except StopAsyncIteration:
-        return
+        exc = unavailable("the stream ended without an image")
+        yield _event("error", dict(exc.body(), type="error", status=exc.status))
     except GatewayError as exc:
         yield _event("error", dict(exc.body(), type="error", status=exc.status))
+    except Exception as exc:  # every stream ends with `completed` or `error`
+        error = GatewayError(500, f"the gateway failed: {type(exc).__name__}", kind="server_error")
+        yield _event("error", dict(error.body(), type="error", status=error.status))
     finally:
         handle.cancel()  # the client went away mid-stream: stop the denoising loop
 

@@ -20,7 +20,6 @@ from tests.reference import REPO_ROOT, SHAPES_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VARIANTS = ("schnell", "dev")
-SHM = Path("/dev/shm")
 
 
 @pytest.fixture(scope="session")
@@ -63,10 +62,6 @@ class Served:
             if text:
                 events += json.loads(text if text.endswith("]") else text + "]")
         return events
-
-
-def _shm_regions() -> set[str]:
-    return {p.name for p in SHM.glob("triton_python_backend_shm_region_*")}
 
 
 def _start(variant: str, model_dir: Path, root: Path, backend: str = "torch", env=None,
@@ -122,13 +117,11 @@ class LazyServers(Mapping):
 def _serve_variants(model_dirs, tmp_path_factory, backend: str, variants=VARIANTS, **options):
     """A tritonserver per tiny model variant (started when first used), stopped and checked for
     leftover processes and shared memory at the end."""
-    own_regions: set[str] = set()
 
     def start(variant: str) -> Served:
         root = tmp_path_factory.mktemp(f"{variant}-{backend}")
-        before = _shm_regions()  # tests run one at a time: what appears now is this server's
         served = _start(variant, model_dirs[variant], root, backend, **options)
-        own_regions.update(_shm_regions() - before)
+        assert served.server.shm_regions()  # the python backend's, named by this server
         return served
 
     servers = LazyServers(start, variants)
@@ -137,7 +130,8 @@ def _serve_variants(model_dirs, tmp_path_factory, backend: str, variants=VARIANT
     finally:
         stopped = [_stop(srv) for srv in servers.started.values()]
     assert all(stopped)
-    assert not own_regions & _shm_regions(), "python backend shared memory left in /dev/shm"
+    left = [region for srv in servers.started.values() for region in srv.server.removed_regions]
+    assert not left, f"tritonserver left its shared memory in /dev/shm: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,11 @@ interpreter's bin directory first on PATH: the models then import this venv's pa
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,23 @@ from flux_triton.server.supervisor import Supervisor, SupervisorMetrics
 
 # Per GPU: large enough that a 1024² DiT output (48 MiB) moves between models without CUDA IPC.
 CUDA_POOL_BYTES = 256 * 1024 * 1024
+
+
+# Triton's admin APIs, each callable only with the header ADMIN_HEADER: ADMIN_KEY_ENV's value, or a
+# key drawn per server start that only this process (the supervisor) knows. model-repository loads
+# and unloads models (a load can carry a model.py: arbitrary code), logging and trace change what
+# the server writes and where, shared-memory maps regions by name into the server.
+ADMIN_APIS = ("model-repository", "logging", "trace", "shared-memory")
+ADMIN_HEADER = "flux-admin-key"
+ADMIN_KEY_ENV = "FLUX_TRITON_ADMIN_KEY"
+# The python backend's shared-memory regions in /dev/shm start with this, then the server's token.
+SHM_PREFIX = "flux-triton-"
+SHM_FOLDER = Path("/dev/shm")
+PR_SET_PDEATHSIG = 1
+
+
+class StartFailed(RuntimeError):
+    """The server could not start; the message says why and what to change."""
 
 
 # An installed Triton (bin/tritonserver, backends/), e.g. /opt/tritonserver in NVIDIA's container;
@@ -138,6 +159,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on host:port (a TIME_WAIT socket does not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the forked child: SIGTERM (Triton's graceful shutdown) once the launcher dies, however
+    it dies, so no server outlives it."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# The kernel sends the death signal when the *thread* that forked the child ends, so every server
+# is forked from this one thread, which lives as long as the process; the supervisor's thread,
+# which restarts servers, may end before them.
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-triton-spawner")
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process serving `repository` on `host` (loopback unless told otherwise).
@@ -161,10 +209,16 @@ class TritonServer:
     supervise: bool = True  # restart model processes that die or stop (flux_triton.server.supervisor)
     supervisor_port: int | None = None  # the supervisor's Prometheus metrics, if given
     liveness_bound_s: float = 120.0
+    not_ready_bound_s: float = 60.0  # a model not READY this long is recovered like a dead one
     process: subprocess.Popen | None = None
     mps_daemon: MpsDaemon | None = None
     supervisor: Supervisor | None = None
     load_board: Path | None = None
+    # the admin APIs' key (ADMIN_APIS): $FLUX_TRITON_ADMIN_KEY, else drawn here
+    admin_key: str = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or
+                           secrets.token_urlsafe(32), repr=False)
+    token: str = field(default_factory=lambda: secrets.token_hex(6))  # names what this server leaves
+    removed_regions: list[Path] = field(default_factory=list)  # what the last stop had to remove
 
     @property
     def uses_mps(self) -> bool:
@@ -203,12 +257,34 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=20",
+            f"--http-restricted-api={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             # Every rendered model loaded at start (no stray folder), and the supervisor may unload
             # and load one again.
             "--model-control-mode=explicit",
             *(f"--load-model={model}" for model in repository_models(self.repository)),
             *self.extra_args,
         ]
+
+    @property
+    def shm_prefix(self) -> str:
+        return f"{SHM_PREFIX}{self.token}-"
+
+    def shm_regions(self) -> list[Path]:
+        """The python backend's shared-memory regions this server made (Triton removes them on a
+        clean stop; a killed server leaves them)."""
+        return sorted(SHM_FOLDER.glob(f"{self.shm_prefix}*"))
+
+    def check_ports(self) -> None:
+        """Refuse to start when a port is taken (Triton would load every model first, then die)."""
+        for variable, port in (("HTTP_PORT", self.http_port), ("GRPC_PORT", self.grpc_port),
+                               ("METRICS_PORT", self.metrics_port)):
+            if port_in_use(self.host, port):
+                raise StartFailed(
+                    f"port {port} on {self.host} is in use ({variable}): stop what listens there, "
+                    f"or choose another, e.g. `make serve {variable}={port + 100}` "
+                    f"(--{variable.lower().replace('_', '-')} for the launcher)")
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -240,41 +316,55 @@ class TritonServer:
     def start(self, timeout_s: float = 120.0, supervise: bool | None = None) -> float:
         """Start the server and wait until it is ready; return the start-to-ready seconds. With
         `supervise` (default: the `supervise` field) a supervisor then watches its processes."""
+        self.check_ports()
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         began = time.perf_counter()
         self.start_mps()
-        self.process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=out or None, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        command, env = self.command(), self.environment()
+        self.process = _spawner.submit(
+            subprocess.Popen, command, env=env, stdout=out or None, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        ).result()
         # the folder where this server's flux_bls instances share their load (see stop)
         self.load_board = board_folder(self.process.pid)
         while time.perf_counter() - began < timeout_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}"
-                                   + (f"; see {self.log_file}" if self.log_file else ""))
+                code = self.process.returncode
+                self.stop(keep_supervisor=True)  # removes what the failed start left
+                raise StartFailed(f"tritonserver exited with code {code}"
+                                  + (f"; see {self.log_file}" if self.log_file else ""))
             if self.is_ready():
                 ready_s = time.perf_counter() - began
                 if (self.supervise if supervise is None else supervise) and self.supervisor is None:
-                    self.supervisor = Supervisor(self, liveness_bound_s=self.liveness_bound_s)
+                    self.supervisor = Supervisor(self, liveness_bound_s=self.liveness_bound_s,
+                                                 not_ready_bound_s=self.not_ready_bound_s)
                     if self.supervisor_port:
                         SupervisorMetrics(self.supervisor, self.supervisor_port, self.host)
                     self.supervisor.start()
                 return ready_s
             time.sleep(0.1)
-        self.stop()
+        self.stop(keep_supervisor=True)
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s")
 
     def model_control(self, model: str, action: str, timeout_s: float = 600.0) -> None:
         """Load or unload one model through Triton's repository API (explicit model control)."""
-        url = f"http://{self.local_host}:{self.http_port}/v2/repository/models/{model}/{action}"
-        request = urllib.request.Request(url, data=b"{}", method="POST",
-                                         headers={"Content-Type": "application/json"})
+        self.admin_request(f"/v2/repository/models/{model}/{action}", timeout_s)
+
+    def admin_request(self, path: str, timeout_s: float = 30.0) -> bytes:
+        """POST `{}` to one of Triton's restricted HTTP APIs with the admin key; the answer's body."""
+        url = f"http://{self.local_host}:{self.http_port}{path}"
+        request = urllib.request.Request(url, data=b"{}", method="POST", headers={
+            "Content-Type": "application/json", ADMIN_HEADER: self.admin_key})
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                response.read()
+                return response.read()
         except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"{action} {model}: HTTP {exc.code}: {exc.read().decode()[:300]}") from exc
+            raise RuntimeError(f"{path}: HTTP {exc.code}: {exc.read().decode()[:300]}") from exc
+
+    def model_states(self) -> dict[str, str]:
+        """Every model's state in Triton's repository index (READY, LOADING, UNLOADING, ...)."""
+        index = json.loads(self.admin_request("/v2/repository/index", timeout_s=5) or b"[]")
+        return {entry["name"]: entry.get("state", "") for entry in index}
 
     def is_ready(self) -> bool:
         try:
@@ -323,6 +413,9 @@ class TritonServer:
             self.stop_mps()
             if self.load_board is not None:  # instances that were killed never removed their files
                 shutil.rmtree(self.load_board, ignore_errors=True)
+            self.removed_regions = self.shm_regions()  # a killed or failed server leaves them
+            for region in self.removed_regions:
+                region.unlink(missing_ok=True)
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -364,7 +457,10 @@ def main(argv: list[str] | None = None) -> None:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
-    server.start(timeout_s=args.ready_timeout)
+    try:
+        server.start(timeout_s=args.ready_timeout)
+    except (StartFailed, TimeoutError) as exc:
+        raise SystemExit(f"tritonserver did not start: {exc}") from None
     print(f"tritonserver ready: HTTP {server.local_host}:{server.http_port}, gRPC :{server.grpc_port},"
           f" metrics :{server.metrics_port}" + (f", supervisor metrics :{args.supervisor_port}"
                                                 if args.supervisor_port else ""), flush=True)

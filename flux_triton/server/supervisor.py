@@ -12,6 +12,8 @@ killer, a segfault, a poisoned CUDA context) every request to that model fails w
   2.51 never ends them, not even on unload. The supervisor restarts the whole server, which closes
   those streams (the client sees UNAVAILABLE from gRPC) and brings everything back.
 - A stopped process (SIGSTOP, state T) is treated as dead: killed, then handled as above.
+- A model that stays not READY in Triton's repository index past `not_ready_bound_s` (stuck
+  UNLOADING with its process alive, say) is recovered the same way.
 - Recovery that keeps failing past `liveness_bound_s` stops the server, so liveness fails and an
   orchestrator restarts the pod.
 """
@@ -86,11 +88,14 @@ def model_processes(process_group: int, repository: Path) -> list[ModelProcess]:
 class Supervisor:
     """Watches one `TritonServer` (started in explicit model-control mode) from a thread."""
 
-    def __init__(self, server, poll_s: float = 0.5, liveness_bound_s: float = 120.0):
+    def __init__(self, server, poll_s: float = 0.5, liveness_bound_s: float = 120.0,
+                 not_ready_bound_s: float = 60.0):
         self.server = server
         self.poll_s = poll_s
         self.liveness_bound_s = liveness_bound_s
+        self.not_ready_bound_s = not_ready_bound_s
         self.models = python_models(server.repository)
+        self.not_ready_since: dict[str, float] = {}  # model -> when it was first seen not READY
         self.events: list[dict] = []  # the timeline: detected, unloaded, ready, ...
         self.restarts: dict[str, int] = {name: 0 for name in (*self.models, SERVER)}
         self.server_restarts = 0
@@ -136,7 +141,22 @@ class Supervisor:
                 found[name] = f"process {stopped[0].pid} is {what}"
             elif len(alive) < model.instances:
                 found[name] = f"{model.instances - len(alive)} of {model.instances} processes gone"
+        for name, seen in self.stuck_models().items():
+            found.setdefault(name, seen)
         return found
+
+    def stuck_models(self) -> dict[str, str]:
+        """Models not READY in Triton's repository index for longer than `not_ready_bound_s`."""
+        now = time.monotonic()
+        states = self.server.model_states()
+        for name, state in states.items():
+            if state == "READY":
+                self.not_ready_since.pop(name, None)
+            else:
+                self.not_ready_since.setdefault(name, now)
+        return {name: f"{states[name] or 'not ready'} for {now - since:.0f} s"
+                for name, since in self.not_ready_since.items()
+                if name in states and now - since > self.not_ready_bound_s}
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -160,7 +180,7 @@ class Supervisor:
         while not self._stop.is_set():
             attempt += 1
             try:
-                if model == SERVER or self.models[model].decoupled:
+                if model == SERVER or (model in self.models and self.models[model].decoupled):
                     self._restart_server(model)
                 else:
                     self._reload(model)
@@ -176,10 +196,11 @@ class Supervisor:
                     return
                 time.sleep(min(2.0 * attempt, 10.0))
         took = time.monotonic() - began
+        self.not_ready_since.clear()  # a restart or reload changed what the index says
         self.not_ready_s += took
         if self.metrics is not None:
-            self.metrics.observe(model, took, whole_server=model not in self.models
-                                 or self.models[model].decoupled)
+            self.metrics.observe(model, took, whole_server=model == SERVER
+                                 or (model in self.models and self.models[model].decoupled))
         self._record("recovered", model=model, seconds=round(took, 2))
 
     def _kill(self, model: str) -> None:
@@ -199,7 +220,7 @@ class Supervisor:
         self.server.model_control(model, "unload")
         self._record("unloaded", model=model, server_ready=self.server.is_ready())
         self.server.model_control(model, "load")
-        self.restarts[model] += 1
+        self.restarts[model] = self.restarts.get(model, 0) + 1
         self._record("loaded", model=model, server_ready=self.server.is_ready())
 
     def _restart_server(self, model: str) -> None:
