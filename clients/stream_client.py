@@ -259,16 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     show = args.show == "always" or (args.show == "auto" and sys.stdout.isatty())
     try:
-        client = grpcclient.InferenceServerClient(args.url)
-        if not client.is_model_ready(MODEL):
-            print(f"error: model {MODEL} is not ready on {args.url}", file=sys.stderr)
-            return 2
-        render = preview_renderer(client, args.preview_decoder)
-    except InferenceServerException as exc:
-        print(f"error: cannot reach Triton at {args.url}: {exc.message()}", file=sys.stderr)
-        return 2
-
-    try:
         inputs = build_inputs(
             prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
             height=args.height, width=args.width, num_inference_steps=args.steps,
@@ -282,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        client = grpcclient.InferenceServerClient(args.url)
+        if not client.is_model_ready(MODEL):
+            print(f"error: model {MODEL} is not ready on {args.url}", file=sys.stderr)
+            return 2
+        render = preview_renderer(client, args.preview_decoder)
+    except InferenceServerException as exc:
+        print(f"error: cannot reach Triton at {args.url}: {exc.message()}", file=sys.stderr)
+        return 2
+
     previews: dict[int, list[np.ndarray]] = {}
 
     def on_step(step: dict) -> None:

@@ -26,7 +26,7 @@ def _objects() -> dict[str, dict]:
 
 def test_every_object_validates_against_the_kubernetes_schemas():
     objects = _objects()
-    assert len(objects) == 6
+    assert len(objects) == 7
     for document in objects.values():
         kubernetes_validate.validate(document, latest_version(), strict=True)  # raises if invalid
     broken = dict(_objects()["Deployment/flux-triton"])
@@ -71,3 +71,24 @@ def test_dockerfile_runs_the_supervised_launcher():
     dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
     assert "flux_triton.server.launcher" in dockerfile and "--supervisor-port" in dockerfile
     assert "FLUX_TRITONSERVER_ROOT=/opt/tritonserver" in dockerfile
+
+
+def test_only_the_gateway_reaches_tritons_inference_port():
+    """The NetworkPolicy isolates the Triton pods: gRPC from the gateway's pods alone, metrics and
+    the supervisor's from the namespace, HTTP from no pod (the kubelet's probes come from the node,
+    which NetworkPolicy always allows)."""
+    objects = _objects()
+    policy = objects["NetworkPolicy/flux-triton"]["spec"]
+    triton = objects["Deployment/flux-triton"]["spec"]["template"]
+    gateway = objects["Deployment/flux-gateway"]["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"] == triton["metadata"]["labels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    named_ports = {p["name"] for p in triton["spec"]["containers"][0]["ports"]}
+    reachable = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in named_ports
+            reachable[port["port"]] = rule["from"]
+    assert set(reachable) == {"grpc", "metrics", "supervisor"}  # not http
+    assert reachable["grpc"] == [{"podSelector": {"matchLabels": gateway["metadata"]["labels"]}}]
+    assert objects["Service/flux-triton"]["spec"].get("type", "ClusterIP") == "ClusterIP"

@@ -6,16 +6,22 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from flux_triton.server.launcher import free_port
 from gateway.app import GatewaySettings, GenerationRequest
 from tests.gateway_server import RunningGateway, sse_events
-from tests.reference import metric, served_generate
+from tests.reference import REPO_ROOT, metric, served_generate
 
 PROMPT = "a red circle on a blue background"
 
@@ -134,9 +140,40 @@ def test_deadline_returns_the_partial_image_marked(gateway):
     assert body["partial"] is True and body["steps_completed"] < 100 and body["data"]
 
 
+def test_non_streaming_request_stops_when_its_client_leaves(gateway, served_shapes):
+    """Four requests of 100 steps whose clients close after 50 ms: each is cancelled, and the
+    steps stop, as for a stream."""
+    steps_before = metric(served_shapes, "flux_steps_total")
+    cancelled_before = metric(served_shapes, "flux_requests_total", outcome="cancelled")
+    body = json.dumps({"prompt": PROMPT, "n": 4, "steps": 100, "seed": 5}).encode()
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+            client.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(body), body))
+            time.sleep(0.05)
+    deadline = time.time() + 30
+    while metric(served_shapes, "flux_requests_total", outcome="cancelled") < cancelled_before + 4:
+        assert time.time() < deadline, "a request ran on after its client left"
+        time.sleep(0.1)
+    steps_run = metric(served_shapes, "flux_steps_total") - steps_before
+    time.sleep(0.5)
+    assert metric(served_shapes, "flux_steps_total") - steps_before == steps_run
+    print(f"\n4 clients left after 50 ms: {steps_run:.0f} of 400 steps ran")
+    assert steps_run < 100
+
+
+def test_work_over_the_cap_is_400_naming_the_fields(gateway):
+    status, body, _ = gateway.post("/v1/images/generations", {
+        "prompt": PROMPT, "size": "2048x2048", "n": 16, "steps": 100})
+    assert status == 400 and body["error"]["param"] == "steps", body
+    message = body["error"]["message"]
+    assert "max_pixel_steps" in message and "height × width × num_inference_steps" in message
+
+
 def test_health_reflects_triton(gateway):
     status, payload, _ = gateway.get("/healthz")
-    assert status == 200 and json.loads(payload)["status"] == "ready"
+    assert status == 200 and json.loads(payload) == {"status": "ready"}  # and no Triton address
     with RunningGateway(GatewaySettings(triton_url=f"127.0.0.1:{free_port()}")) as orphan:
         status, payload, _ = orphan.get("/healthz")
         assert status == 503
@@ -175,3 +212,161 @@ def test_openai_fields_map_to_flux_bls_inputs():
     assert (fields["width"], fields["height"], fields["num_images_per_prompt"]) == (96, 64, 2)
     assert fields["num_inference_steps"] == 3 and fields["preview_kind"] == "x0"
     assert GenerationRequest(prompt="a cat", preview="none").bls_fields()["previews"] is False
+
+
+def _raw_post(port: int, body: bytes, extra_headers: bytes = b"") -> tuple[int, dict]:
+    """A POST with a body sent verbatim (Content-Length framing); (status, JSON body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        try:
+            client.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: application/json\r\n" + extra_headers +
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        except OSError:  # answered from the headers alone, and closed
+            pass
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                reply.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, payload = reply.split(b"\r\n\r\n", 1)
+    return int(head.split(b" ", 2)[1]), json.loads(payload)
+
+
+@pytest.mark.fast
+def test_fields_are_strict_numbers_bounded_and_errors_in_openai_shape():
+    with RunningGateway(GatewaySettings(triton_url="127.0.0.1:1")) as gw:
+        cases = {  # body -> (param, text the message holds)
+            b'{"prompt": "a", "n": "2"}': ("n", "'2'"),
+            b'{"prompt": "a", "stream": "yes"}': ("stream", "'yes'"),
+            b'{"prompt": "a", "steps": 4294967298}': ("steps", "4294967298"),
+            b'{"prompt": "a", "steps": 1099511627776}': ("steps", "1099511627776"),
+            b'{"prompt": "a", "size": "4294967424x4294967360"}': ("size", "'4294967424x4294967360'"),
+            b'{"prompt": "a", "size": "99999999999999999999x64"}': ("size", "'99999999999999999999x64'"),
+            b'{"prompt": "a", "deadline_ms": 99999999999}': ("deadline_ms", "99999999999"),
+            b'{"prompt": "a", "guidance_scale": 1e39}': ("guidance_scale", "1e+39"),
+            b'{"prompt": "a", "negative_prompt": "' + b"x" * 5000 + b'"}': ("negative_prompt", "4096"),
+            b'{"prompt": "a",': (None, "not valid JSON"),
+            b'[' * 30000 + b']' * 30000: (None, ""),
+            b'"a string"': (None, ""),
+        }
+        for body, (param, text) in cases.items():
+            status, answer = _raw_post(gw.port, body)
+            error = answer["error"]
+            assert status == 400 and error["param"] == param and text in error["message"], \
+                (body[:60], status, answer)
+            assert set(error) == {"message", "type", "param", "code"}
+        assert gw.get("/nowhere")[0] == 404
+        assert json.loads(gw.get("/nowhere")[1])["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.fast
+def test_docs_and_schema_are_not_open():
+    with RunningGateway(GatewaySettings(triton_url="127.0.0.1:1", api_key="s3cret")) as gw:
+        assert gw.get("/docs")[0] == 404  # it would load Swagger from a CDN
+        assert gw.get("/openapi.json")[0] == 401
+        assert gw.get("/openapi.json", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        status, payload, _ = gw.get("/healthz")
+        assert status == 503 and json.loads(payload) == {"status": "unavailable"}
+        assert gw.get("/")[0] == 200  # the page asks for the key itself
+
+
+def _rss_mib(pid: int) -> tuple[int, int]:
+    """(resident, peak resident) MiB of a process."""
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+    return tuple(int(fields[key].split()[0]) // 1024 for key in ("VmRSS", "VmHWM"))
+
+
+def _chunked_post(port: int, total: int, headers: bytes = b"", prefix: bytes = b""
+                  ) -> tuple[bytes, int]:
+    """POST `prefix`, then `total` bytes in 1 MiB chunks (chunked framing, no Content-Length);
+    (the answer's status line, MiB the gateway took before it closed the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                       + headers + b"\r\n")
+        chunk, sent = b"x" * (1 << 20), 0
+        try:
+            client.sendall(b"%x\r\n" % len(prefix) + prefix + b"\r\n" if prefix else b"")
+            while sent < total:
+                client.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                sent += len(chunk)
+            client.sendall(b"0\r\n\r\n")
+        except OSError:  # the gateway answered and closed: the rest was never read
+            pass
+        return client.recv(65536).split(b"\r\n", 1)[0], sent >> 20
+
+
+@pytest.mark.fast
+def test_chunked_body_is_limited_by_the_bytes_read_and_the_key_comes_first():
+    """300 MiB sent chunked (no Content-Length): without the key, 401 before the body is read;
+    with it, 413 once 64 KiB have arrived. The gateway's peak memory stays flat."""
+    from flux_triton.server.launcher import free_port
+
+    port = free_port()
+    env = dict(os.environ, GATEWAY_PORT=str(port), GATEWAY_TRITON_URL="127.0.0.1:1",
+               GATEWAY_API_KEY="s3cret")
+    gateway = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and gateway.poll() is None
+                time.sleep(0.1)
+        before = _rss_mib(gateway.pid)
+        unauthorized, sent_401 = _chunked_post(port, 300 << 20)
+        too_large, sent_413 = _chunked_post(port, 300 << 20, b"Authorization: Bearer s3cret\r\n")
+        big_prompt, _ = _chunked_post(port, 100 << 20, b"Authorization: Bearer s3cret\r\n",
+                                      prefix=b'{"prompt": "a", "negative_prompt": "')
+        after = _rss_mib(gateway.pid)
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+    print(f"\ngateway RSS / peak RSS before: {before} MiB, after 2 x 300 MiB chunked bodies and a "
+          f"100 MiB negative_prompt: {after} MiB; sent before the answer: {sent_401} MiB (401), "
+          f"{sent_413} MiB (413)")
+    assert [line.split(b" ")[1] for line in (unauthorized, too_large, big_prompt)] == \
+        [b"401", b"413", b"413"]
+    assert after[1] - before[1] < 32  # peak RSS
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda children: st.lists(children, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+FIELD_NAMES = ["prompt", "n", "size", "stream", "seed", "steps", "guidance_scale", "negative_prompt",
+               "true_cfg_scale", "max_sequence_length", "deadline_ms", "preview", "model",
+               "response_format", "bogus"]
+BODIES = st.one_of(JSON, st.dictionaries(st.sampled_from(FIELD_NAMES), JSON, max_size=6),
+                   st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=10)},
+                                         optional={name: JSON for name in FIELD_NAMES[1:]}))
+
+
+@pytest.mark.fast
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(BODIES.map(lambda b: json.dumps(b).encode()), st.binary(max_size=200)))
+def test_fuzzed_json_bodies_get_a_clear_answer(fuzz_gateway, body):
+    """Any body: 400 in OpenAI's shape naming a field the body holds (or none), or 503 when it was
+    valid (no Triton behind this gateway); never a 500, never a crash."""
+    status, answer = _raw_post(fuzz_gateway.port, body)
+    assert status in (400, 503), (body[:80], status, answer)
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    try:
+        sent = json.loads(body)
+    except ValueError:
+        sent = None
+    if error["param"] is not None:
+        named = error["param"].split(".")[0]
+        assert isinstance(sent, dict) and (named in sent or (named == "prompt" and "required"
+                                                             in error["message"])), (body[:80], error)
+
+
+@pytest.fixture(scope="module")
+def fuzz_gateway():
+    with RunningGateway(GatewaySettings(triton_url="127.0.0.1:1")) as running:
+        yield running

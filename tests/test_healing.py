@@ -25,6 +25,7 @@ REQUEST = dict(prompt="a lighthouse on a cliff", height=64, width=64, num_infere
 SLOW = dict(REQUEST, num_inference_steps=8)  # with the DiT slowed: a few seconds in flight
 RECOVERY_BOUND_S = 30  # the target on CPU with the tiny model
 STREAM_END_BOUND_S = 30
+NOT_READY_BOUND_S = 5  # a model not READY this long is recovered (the default is 60 s)
 
 
 class Healing:
@@ -104,7 +105,7 @@ def healing(model_dirs, tmp_path_factory):
     ports = [free_port() for _ in range(3)]
     server = TritonServer(repository, *ports, log_file=root / "tritonserver.log",
                           extra_env={"FLUX_TRITON_FAULT_DIR": str(fault_dir)},
-                          supervisor_port=free_port())
+                          supervisor_port=free_port(), not_ready_bound_s=NOT_READY_BOUND_S)
     server.start()
     yield Healing(server, fault_dir)
     server.stop(timeout_s=10)
@@ -200,6 +201,37 @@ def test_stopped_process_is_treated_as_dead(healing, reference):
     _after_recovery_same_image(healing, reference)
 
 
+def test_model_stuck_unloading_is_recovered(healing, reference):
+    """flux_bls unloaded with a stream in flight stays UNLOADING, its process alive, for as long
+    as the stream runs (readiness fails, every generation is refused): the supervisor restarts
+    the server once the bound has passed."""
+    (healing.fault_dir / "dit_transformer.json").write_text(json.dumps({"delay_ms": 120_000}))
+    results = {}
+
+    def stream() -> None:
+        results["stream"] = served_generate(healing, REQUEST, timeout_s=120)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        time.sleep(2)  # the request waits in its first DiT call
+        timeline = ReadinessTimeline(healing, "flux_bls")
+        healing.server.model_control("flux_bls", "unload")  # as an operator with the key could
+        assert healing.server.model_states()["flux_bls"] == "UNLOADING"
+        assert any(p.model == "flux_bls" for p in model_processes(healing.server.process.pid,
+                                                                  healing.server.repository))
+    finally:
+        (healing.fault_dir / "dit_transformer.json").unlink()
+    recovered_s = timeline.wait_ready_again(NOT_READY_BOUND_S + RECOVERY_BOUND_S)
+    thread.join(60)
+    detected = [e for e in healing.server.supervisor.events if e["event"] == "detected"][-1]
+    print(f"\nflux_bls stuck UNLOADING: {detected['seen']}, ready again after {recovered_s:.1f} s; "
+          f"readiness (s, server, model): {timeline.summary()}; stream: {results['stream'].error}")
+    assert detected["model"] == "flux_bls" and detected["seen"].startswith("UNLOADING")
+    assert recovered_s > NOT_READY_BOUND_S and results["stream"].error is not None
+    _after_recovery_same_image(healing, reference)
+
+
 def test_recovery_is_counted_and_timed(healing):
     supervisor = healing.server.supervisor
     assert supervisor.restarts["dit_transformer"] >= 2 and supervisor.restarts["flux_bls"] >= 2
@@ -213,6 +245,31 @@ def test_recovery_is_counted_and_timed(healing):
     assert values["flux_server_restarts_total"] >= 2
     assert values["flux_not_ready_seconds_total"] == pytest.approx(supervisor.not_ready_s)
     assert values["flux_supervisor_failed"] == 0
+
+
+@pytest.mark.fast
+def test_supervisor_finds_models_not_ready_past_the_bound(tmp_path):
+    from flux_triton.server.supervisor import Supervisor
+
+    class Index:
+        repository, process = tmp_path, None
+        states = {"flux_bls": "READY", "vae_decoder": "READY"}
+
+        def model_states(self):
+            return dict(self.states)
+
+    server = Index()
+    supervisor = Supervisor(server, not_ready_bound_s=0.3)
+    assert supervisor.stuck_models() == {}
+    server.states["flux_bls"] = "UNLOADING"
+    assert supervisor.stuck_models() == {}  # not yet past the bound
+    time.sleep(0.4)
+    assert list(supervisor.stuck_models()) == ["flux_bls"]
+    assert supervisor.stuck_models()["flux_bls"].startswith("UNLOADING for")
+    server.states["flux_bls"] = "READY"
+    assert supervisor.stuck_models() == {}
+    server.states["flux_bls"] = "UNAVAILABLE"  # the clock starts again
+    assert supervisor.stuck_models() == {}
 
 
 @pytest.mark.fast

@@ -68,3 +68,23 @@ def test_unsupported_scheduler_is_refused(model_dirs, tmp_path):
     config_path.write_text(json.dumps(dict(config, use_karras_sigmas=True)))
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         load_model_info(folder)
+
+
+def test_work_per_request_is_bounded(model_dirs):
+    """height × width × steps × images over max_pixel_steps is refused, naming every factor."""
+    info = load_model_info(model_dirs["schnell"])
+    limits = ServingLimits(max_pixel_steps=64 * 64 * 10 * 4)
+    validate_request(raw_inputs(prompt="a", height=64, width=64, num_inference_steps=10,
+                                num_images_per_prompt=4), info, limits)  # exactly at the cap
+    with pytest.raises(InvalidRequest) as error:
+        validate_request(raw_inputs(prompt=["a", "b"], height=64, width=64, num_inference_steps=10,
+                                    num_images_per_prompt=3), info, limits)
+    message = str(error.value)
+    assert error.value.field == "num_inference_steps"
+    for named in ("height", "width", "num_inference_steps", "num_images_per_prompt",
+                  "64 × 64 × 10 × 6 = 245760", f"max_pixel_steps {64 * 64 * 10 * 4}"):
+        assert named in message, message
+    # the default cap refuses what the single limits alone allowed: 16 images of 2048² at 100 steps
+    with pytest.raises(InvalidRequest, match="max_pixel_steps"):
+        validate_request(raw_inputs(prompt="a", height=2048, width=2048, num_inference_steps=100,
+                                    num_images_per_prompt=16), info)

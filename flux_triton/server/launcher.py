@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="CUDA MPS for the server's processes (auto: on for a GPU repository)")
     parser.add_argument("--supervisor-port", type=int, default=None,
                         help="serve the supervisor's Prometheus metrics on this port")
+    parser.add_argument("--not-ready-bound", type=float, default=TritonServer.not_ready_bound_s,
+                        help="seconds a model may stay not READY before it is recovered")
     parser.add_argument("--ready-timeout", type=float, default=1800.0,
                         help="seconds to wait for readiness (a first GPU start compiles)")
     parser.add_argument("extra", nargs="*", help="more tritonserver flags (after --)")
@@ -454,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
                           model_dir=Path(args.model_dir) if args.model_dir else None,
                           mps={"auto": None, "on": True, "off": False}[args.mps])
     server.supervisor_port = args.supervisor_port
+    server.not_ready_bound_s = args.not_ready_bound
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))

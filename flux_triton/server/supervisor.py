@@ -141,7 +141,12 @@ class Supervisor:
                 found[name] = f"process {stopped[0].pid} is {what}"
             elif len(alive) < model.instances:
                 found[name] = f"{model.instances - len(alive)} of {model.instances} processes gone"
-        for name, seen in self.stuck_models().items():
+        try:
+            stuck = self.stuck_models()
+        except Exception as exc:  # an index that does not answer must not hide dead processes
+            log.warning("supervisor: repository index unreadable: %s", exc)
+            stuck = {}
+        for name, seen in stuck.items():
             found.setdefault(name, seen)
         return found
 
