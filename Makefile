@@ -53,8 +53,8 @@ setup-browser: setup
 	@if [ -z "$(CHROMIUM)" ]; then apt-get update -q && apt-get install -y -q chromium; fi
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null
 
-models/.built: $(VENV)/.installed flux_dev/tiny_models.py flux_dev/tokenizers.py
-	$(PY) -m flux_dev.tiny_models --out models --variant all
+models/.built: $(VENV)/.installed devtools/tiny_models.py devtools/tokenizers.py
+	$(PY) -m devtools.tiny_models --out models --variant all
 	touch $@
 
 model: models/.built
@@ -63,25 +63,25 @@ model: models/.built
 # CPU only as a smoke run: make train-default TRAIN_OUT=out/shapes-smoke \
 #   TRAIN_ARGS="--size 32 --vae-steps 3 --dit-steps 3 --images-per-caption 1"
 train-default: setup
-	$(PY) -m flux_dev.train_shapes --out $(TRAIN_OUT) --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
+	$(PY) -m devtools.train_shapes --out $(TRAIN_OUT) --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
 
 # Renders every caption of the shapes world and classifies the pixels (classifier checked first).
 # On a GPU: make accuracy DEVICE=gpu PRECISIONS=FP32,BF16,FP8 (PSNR of each against the first, too).
 PRECISIONS ?= $(PRECISION)
 accuracy: setup
-	$(PY) -m flux_dev.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --device $(DEVICE) \
+	$(PY) -m devtools.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --device $(DEVICE) \
 		--precisions $(PRECISIONS) --out out/shapes_accuracy.json
 
 # Never deletes another backend's ONNX graphs or TensorRT plans: it lists the ones it leaves unused.
 # DEVICE=gpu PRECISION=BF16|FP8 compiles at load by default (COMPILE=0 turns it off).
 export: setup
-	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend $(BACKEND) --device $(DEVICE) \
+	$(PY) -m flux_triton.export.repository --model-dir $(MODEL_DIR) --backend $(BACKEND) --device $(DEVICE) \
 		--precision $(PRECISION) $(EXPORT_OPTIONS)
 
 # TensorRT plans (needs the tensorrt package and a GPU; says what is missing otherwise), from FP32,
 # BF16 or FP8 graphs (ONNX_PRECISION=FP32|BF16|FP8; BF16 and FP8 are built strongly typed).
 engines: setup
-	$(PY) -m export.repository --model-dir $(MODEL_DIR) --backend tensorrt $(EXPORT_OPTIONS)
+	$(PY) -m flux_triton.export.repository --model-dir $(MODEL_DIR) --backend tensorrt $(EXPORT_OPTIONS)
 
 # HOST=0.0.0.0 listens on every interface; DEVICE=gpu (or a GPU repository) turns GPU metrics on;
 # MODEL_DIR=... serves that folder with the rendered repository (e.g. a moved or mounted one).
@@ -91,7 +91,7 @@ serve: setup
 
 demo: setup
 	$(MAKE) export
-	$(PY) -m flux_dev.demo --repository model_repository --grpc-port $(GRPC_PORT) \
+	$(PY) -m devtools.demo --repository model_repository --grpc-port $(GRPC_PORT) \
 		--http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --prompt "$(PROMPT)" --out out
 
 test: model setup-browser
@@ -104,7 +104,7 @@ GATEWAY_PORT ?= 8080
 GATEWAY_TRITON_URL ?= 127.0.0.1:$(GRPC_PORT)
 gateway: setup
 	GATEWAY_HOST=$(GATEWAY_HOST) GATEWAY_PORT=$(GATEWAY_PORT) GATEWAY_TRITON_URL=$(GATEWAY_TRITON_URL) \
-		$(PY) -m gateway
+		$(PY) -m flux_triton.gateway
 
 # Unit tests plus one served smoke test: minutes, for a change to one module.
 test-fast: model
@@ -112,7 +112,7 @@ test-fast: model
 
 # In-process vs served through Triton, tiny model on the CPU; prints a table, writes out/bench.json.
 bench: model
-	$(PY) -m flux_dev.bench_cpu --model-dir models/tiny-flux-schnell --out out/bench.json
+	$(PY) -m devtools.bench_cpu --model-dir models/tiny-flux-schnell --out out/bench.json
 
 # The GPU table (make bench-gpu on a GPU machine with torch; README "Performance" says how): (a)
 # diffusers eager, (b) in-process, (c) served, merged into BENCH_OUT. BENCH_ARGS picks cases, e.g.
@@ -120,14 +120,14 @@ bench: model
 GPU_PYTHON ?= python3
 BENCH_OUT ?= benchmarks/results/bench-gpu.json
 bench-gpu:
-	$(GPU_PYTHON) -m flux_dev.bench_gpu --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(GPU_PYTHON) -m devtools.bench_gpu --out $(BENCH_OUT) $(BENCH_ARGS)
 
 # Scale-out table on a multi-GPU machine: one GPU vs several (GPUS), DiT batching off vs on, at
 # 1024² and 512², concurrency 1-8, merged into SCALE_OUT. SCALE_ARGS picks cases, e.g.
 # SCALE_ARGS="--gpus 0 0,1 --batch-delays-us 0 --sizes 512".
 SCALE_OUT ?= benchmarks/results/scale-gpu.json
 bench-scale:
-	$(GPU_PYTHON) -m flux_dev.bench_scale --out $(SCALE_OUT) $(SCALE_ARGS)
+	$(GPU_PYTHON) -m devtools.bench_scale --out $(SCALE_OUT) $(SCALE_ARGS)
 
 # FLUX.1 exported to ONNX at full size (random bf16 weights) on a GPU machine and measured: time,
 # peak host/GPU memory, sizes, checker, parity at 256² (README "Full-size ONNX export"). Entries
@@ -136,7 +136,7 @@ bench-scale:
 FULL_SIZE_REPORT ?= benchmarks/results/export-full-size.json
 FULL_SIZE_DIR ?= out/export-full-size
 export-full-size:
-	$(GPU_PYTHON) -m flux_dev.export_full_size --out-dir $(FULL_SIZE_DIR) --report $(FULL_SIZE_REPORT) \
+	$(GPU_PYTHON) -m devtools.export_full_size --out-dir $(FULL_SIZE_DIR) --report $(FULL_SIZE_REPORT) \
 		$(FULL_SIZE_ARGS)
 
 # .whl/gpu_bundle.tar.xz + .whl/install.sh: what a GPU machine with only torch needs, from PyPI.

@@ -1,5 +1,5 @@
 """Cheap previews: a linear map from model-space latents to RGB, fitted to the model's own VAE at
-export (`export.previews`). numpy only, so that clients need no torch."""
+export (`flux_triton.export.previews`). numpy only, so that clients need no torch."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def default_serving_shape(info: FluxModelInfo) -> ServingShape:
 
 
 # The public request of `flux_bls`, declared once: the rendered config, the validator
-# (`request.validate_request`) and the clients (`clients.stream_client.build_inputs`) all read it.
+# (`request.validate_request`) and the clients (`flux_triton.clients.stream_client.build_inputs`) all read it.
 # Every input but `prompt` is optional; N is the number of prompts, N_steps of sigmas.
 BLS_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("prompt", "BYTES", ("N",)),

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from export.repository import write_repository
-from flux_dev.tiny_models import build_tiny_flux
+from devtools.tiny_models import build_tiny_flux
+from flux_triton.export.repository import write_repository
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.server.launcher import TritonServer, free_port
 from tests.reference import REPO_ROOT, SHAPES_DIR

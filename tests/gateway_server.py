@@ -9,8 +9,8 @@ import time
 
 import uvicorn
 
+from flux_triton.gateway.app import GatewaySettings, create_app
 from flux_triton.server.launcher import free_port
-from gateway.app import GatewaySettings, create_app
 
 
 class RunningGateway:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clients.stream_client import StreamResult, build_inputs, stream_generate
 from flux_triton import sampling
+from flux_triton.clients.stream_client import StreamResult, build_inputs, stream_generate
 from flux_triton.request import GenerationRequest, validate_request
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -46,9 +46,9 @@ def test_compile_cache_counters_see_a_miss_then_a_hit(tmp_path, monkeypatch):
 
 
 def test_precompile_warms_each_network_on_each_gpu_one_at_a_time(model_dirs, tmp_path, monkeypatch):
-    """export.precompile loads, compiles and frees one network at a time, for every GPU listed
+    """flux_triton.export.precompile loads, compiles and frees one network at a time, for every GPU listed
     (the cache keys name the device), and does nothing when there is nothing to compile."""
-    import export.precompile as precompile_module
+    import flux_triton.export.precompile as precompile_module
     from flux_triton.specs import NETWORKS, ServingShape
 
     loaded, live = [], weakref.WeakSet()

@@ -2,7 +2,7 @@
 
 import json
 
-from flux_dev import bench_cpu as bench
+from devtools import bench_cpu as bench
 
 
 def test_bench_smoke(model_dirs, tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from flux_dev.bench_gpu import kernel_kind, table
+from devtools.bench_gpu import kernel_kind, table
 
 pytestmark = pytest.mark.fast
 

@@ -1,9 +1,9 @@
-"""flux_dev.bench_scale on the CPU: the scale-out table's runner, served end to end on the tiny model
+"""devtools.bench_scale on the CPU: the scale-out table's runner, served end to end on the tiny model
 (one CPU server per configuration), and the DiT batch sizes it reads from the metrics."""
 
 import json
 
-from flux_dev.bench_scale import batches_between, dit_batch_counts, main
+from devtools.bench_scale import batches_between, dit_batch_counts, main
 
 METRICS = """# HELP flux_dit_batch_size Rows per DiT call
 flux_dit_batch_size_count{gpu="0"} 10

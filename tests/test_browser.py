@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.app import GatewaySettings
+from flux_triton.gateway.app import GatewaySettings
 from tests.gateway_server import RunningGateway
 from tests.reference import metric
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import stream_client
+from flux_triton.clients import stream_client
 from flux_triton.server.launcher import free_port
 
 

@@ -1,4 +1,4 @@
-"""The full-size export measurement (`flux_dev.export_full_size`), run on the tiny dev model on the
+"""The full-size export measurement (`devtools.export_full_size`), run on the tiny dev model on the
 CPU, and the two things that let it fit at full size: weights saved one tensor at a time, and a
 float32 twin that reads the graph's own bf16 weights file."""
 
@@ -10,15 +10,15 @@ import numpy as np
 import onnx
 import torch
 
-from export.onnx_export import (
+from devtools.export_full_size import SPREAD_FACTOR, PeakMemory, copied_initializer_bytes, main, within_bound
+from flux_triton.export.onnx_export import (
     EXTERNAL_DATA_BYTES,
     REDUCED_RELATIVE_TOLERANCE,
     ParityRow,
     parity_session,
     save_program,
 )
-from export.quantization import write_float32_twin
-from flux_dev.export_full_size import SPREAD_FACTOR, PeakMemory, copied_initializer_bytes, main, within_bound
+from flux_triton.export.quantization import write_float32_twin
 
 ENTRY_FIELDS = {
     "component", "precision", "graph_dtype", "device", "parameters", "weight_bytes",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export.onnx_export import (
+from flux_triton.export.onnx_export import (
     CHECK_SIZES,
     GRAPH_DTYPES,
     ExportError,
@@ -23,10 +23,10 @@ from export.onnx_export import (
     onnx_paths,
     sample_inputs,
 )
-from export.profiles import load_engine_config
-from export.quantization import float32_twin
-from export.repository import render_configs
-from export.tensorrt_build import EngineBuildError, build_plan
+from flux_triton.export.profiles import load_engine_config
+from flux_triton.export.quantization import float32_twin
+from flux_triton.export.repository import render_configs
+from flux_triton.export.tensorrt_build import EngineBuildError, build_plan
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.acceleration import is_token_linear
 from flux_triton.runtime.torch_components import load_component
@@ -283,7 +283,7 @@ def test_export_refuses_an_unknown_precision(model_dirs, tmp_path):
 
 def test_bf16_reference_uses_the_bf16_weights(model_dirs):
     """The parity reference is the bf16 model computing in float32: its weights are bf16 values."""
-    from export.onnx_export import reference_module
+    from flux_triton.export.onnx_export import reference_module
 
     info = load_model_info(model_dirs["dev"])
     module = reference_module("t5_encoder", info, "BF16", dtype="float32")
@@ -306,9 +306,9 @@ class _FusedRmsNorm(torch.nn.Module):
 @pytest.mark.fast
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_translation_matches_torch(dtype, tmp_path):
-    """The exporter writes aten._fused_rms_norm through `export.translations` (torch 2.11 has no
+    """The exporter writes aten._fused_rms_norm through `flux_triton.export.translations` (torch 2.11 has no
     translation of its own), and onnxruntime computes what torch computes."""
-    from export.translations import TRANSLATIONS
+    from flux_triton.export.translations import TRANSLATIONS
 
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
     module = _FusedRmsNorm(64).eval()
@@ -339,8 +339,8 @@ def test_exported_weights_are_the_modules_own(model_dirs):
     the graph's size); the graph still has no SplitToSequence, which the checker rejects in bf16."""
     from onnxscript.rewriter.rules.common import slice_split_rule
 
-    from export.graph_optimizer import rewrite_rules
-    from export.onnx_export import export_program, reference_module
+    from flux_triton.export.graph_optimizer import rewrite_rules
+    from flux_triton.export.onnx_export import export_program, reference_module
 
     assert slice_split_rule not in rewrite_rules() and len(rewrite_rules()) > 30
     info = load_model_info(model_dirs["dev"])

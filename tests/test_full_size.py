@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flux_dev.full_size import write_full_size_folder
+from devtools.full_size import write_full_size_folder
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import component_specs

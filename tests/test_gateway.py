@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from flux_triton.gateway.app import GatewaySettings, GenerationRequest
 from flux_triton.server.launcher import free_port
-from gateway.app import GatewaySettings, GenerationRequest
 from tests.gateway_server import RunningGateway, sse_events
 from tests.reference import REPO_ROOT, metric, served_generate
 
@@ -307,7 +307,7 @@ def test_chunked_body_is_limited_by_the_bytes_read_and_the_key_comes_first():
     port = free_port()
     env = dict(os.environ, GATEWAY_PORT=str(port), GATEWAY_TRITON_URL="127.0.0.1:1",
                GATEWAY_API_KEY="s3cret")
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO_ROOT, env=env,
+    gateway = subprocess.Popen([sys.executable, "-m", "flux_triton.gateway"], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import export.repository as export_repository
-from export.repository import count_gpus, render_configs, share_artifacts, write_repository
+import flux_triton.export.repository as export_repository
+from flux_triton.export.repository import count_gpus, render_configs, share_artifacts, write_repository
 from flux_triton.placement import parse_gpus
 from flux_triton.server.launcher import CUDA_POOL_BYTES, TritonServer
 from flux_triton.server.supervisor import Supervisor, python_models
@@ -284,15 +284,15 @@ def test_repository_without_gpus_calls_plain_names_from_any_gpu(model_dirs, tmp_
 
 def test_a_compiled_gpu_export_fills_the_cache_the_server_reads(model_dirs, tmp_path, monkeypatch):
     """`make export DEVICE=gpu` compiles every network on each listed GPU into the cache the
-    rendered configs point the served networks at (export.precompile); without those GPUs it
+    rendered configs point the served networks at (flux_triton.export.precompile); without those GPUs it
     leaves the compile to the server."""
     import torch
 
-    import export.precompile
+    import flux_triton.export.precompile
     from flux_triton.adapters.components import acceleration_options
 
     calls = []
-    monkeypatch.setattr(export.precompile, "precompile",
+    monkeypatch.setattr(flux_triton.export.precompile, "precompile",
                         lambda info, options, warmup, gpus: calls.append((options, warmup, gpus)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)

@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from export.repository import write_repository
+from flux_triton.export.repository import write_repository
 from flux_triton.server.launcher import TritonServer, free_port
 from flux_triton.server.supervisor import model_processes
 from tests.reference import served_generate
@@ -157,7 +157,7 @@ def test_killed_mid_stream_ends_streams_and_comes_back(healing, reference, model
         def on_step(step):
             started.set()
         client = healing.client()
-        from clients.stream_client import build_inputs, stream_generate
+        from flux_triton.clients.stream_client import build_inputs, stream_generate
 
         result = stream_generate(client, build_inputs(**dict(SLOW, seed=i)), on_step=on_step,
                                  timeout_s=STREAM_END_BOUND_S + 30)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.previews import fit_preview_projection
+from flux_triton.export.previews import fit_preview_projection
 from flux_triton.model_info import load_model_info
 from flux_triton.preview import preview_rgb
 from flux_triton.request import validate_request

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.stream_client import NUMPY_DTYPES, build_inputs
-from export.repository import render_configs
 from flux_triton import request as request_module
+from flux_triton.clients.stream_client import NUMPY_DTYPES, build_inputs
+from flux_triton.export.repository import render_configs
 from flux_triton.model_info import load_model_info
 from flux_triton.request import validate_request
 from flux_triton.specs import BLS_INPUTS, bls_spec

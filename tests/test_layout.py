@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.fast
 ROOT = Path(__file__).resolve().parent.parent
-SERVING = ["flux_triton", "export", "clients", "gateway", "model_repository"]
+SERVING = ["flux_triton", "model_repository"]
 CORE = ["model_info", "specs", "request", "sampling", "pipeline", "recovery", "preview", "batching",
         "placement"]
 
@@ -40,7 +40,7 @@ def _offenders(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
 def test_serving_code_never_imports_dev_tooling_or_tests():
     files = _files(*SERVING)
     assert len(files) > 20
-    assert _offenders(files, ("flux_dev", "tests", "benchmarks")) == []
+    assert _offenders(files, ("devtools", "tests", "benchmarks")) == []
 
 
 def test_core_imports_only_torch_numpy_and_itself():
@@ -63,15 +63,16 @@ def test_core_imports_only_torch_numpy_and_itself():
 def test_runtimes_do_not_know_triton():
     files = _files("flux_triton/runtime") + [ROOT / "flux_triton" / f"{n}.py" for n in CORE]
     assert _offenders(files, ("triton_python_backend_utils", "tritonclient", "flux_triton.adapters",
-                              "export", "clients")) == []
+                              "flux_triton.export", "flux_triton.clients", "flux_triton.gateway",
+                              "flux_triton.server")) == []
 
 
 def test_clients_talk_over_the_wire_only():
     """The gRPC client and the HTTP gateway need neither torch nor diffusers (`.[client]`)."""
-    assert _offenders(_files("clients", "gateway"), (
+    assert _offenders(_files("flux_triton/clients", "flux_triton/gateway"), (
         "torch", "flux_triton.runtime", "flux_triton.adapters", "flux_triton.pipeline",
         "flux_triton.sampling", "flux_triton.recovery", "flux_triton.server", "diffusers",
-        "transformers", "export")) == []
+        "transformers", "flux_triton.export")) == []
 
 
 def test_model_repository_adapters_are_thin():
@@ -84,3 +85,27 @@ def _stdlib() -> frozenset[str]:
     import sys
 
     return frozenset(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_the_distribution_installs_one_namespace(tmp_path):
+    """`pip install .` puts flux_triton alone into site-packages (no top-level `export`, `clients`,
+    `gateway` or dev tooling), with its data files and the console scripts."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: [
+        n for n in names if n in (".venv", ".git", "models", "out", "build", "__pycache__")])
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(source)], check=True, cwd=tmp_path)
+    wheel = zipfile.ZipFile(next(tmp_path.glob("*.whl")))
+    names = wheel.namelist()
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"flux_triton"}
+    assert {"flux_triton/gateway/static/index.html", "flux_triton/export/engine_config.json"} <= set(names)
+    entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for script in ("flux-client = flux_triton.clients.stream_client:main",
+                   "flux-gateway = flux_triton.gateway.app:main",
+                   "flux-load = flux_triton.clients.load:main"):
+        assert script in entry_points

@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.stream_client import build_inputs, stream_generate
+from flux_triton.clients.stream_client import build_inputs, stream_generate
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
 from tests.reference import inject, metric, raw_inputs, served_generate

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from clients import load
+from flux_triton.clients import load
 
 
 @pytest.mark.fast

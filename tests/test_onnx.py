@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.onnx_export import (
+from flux_triton.export.onnx_export import (
     CHECK_SIZES,
     NETWORKS,
     TOLERANCE,
@@ -14,7 +14,7 @@ from export.onnx_export import (
     export_all,
     onnx_paths,
 )
-from export.repository import main as export_main
+from flux_triton.export.repository import main as export_main
 from flux_triton.request import validate_request
 from flux_triton.specs import component_specs
 from tests.reference import PARITY_CASES, diffusers_image, parity_fields, raw_inputs, served_generate

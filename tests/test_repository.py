@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.repository import write_repository
+from flux_triton.export.repository import write_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import validate_request

@@ -109,7 +109,7 @@ def test_predicted_clean_is_where_the_euler_step_lands_at_the_end():
 
 
 def test_client_side_numpy_conversions_equal_the_servers():
-    from clients.previews import to_uint8_image, to_vae_latents
+    from flux_triton.clients.previews import to_uint8_image, to_vae_latents
 
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 16, 8, 8, generator=generator)

@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from export.repository import write_repository
+from flux_triton.export.repository import write_repository
 from flux_triton.server.launcher import ADMIN_HEADER, SHM_FOLDER, TritonServer, free_port
 from flux_triton.server.supervisor import model_processes
 from tests.gateway_server import RunningGateway, sse_events
@@ -235,7 +235,7 @@ def test_stream_that_loses_the_server_ends_with_an_error_event(make_serve):
 
 
 def _gateway_settings(deployment: Deployment):
-    from gateway.app import GatewaySettings
+    from flux_triton.gateway.app import GatewaySettings
 
     return GatewaySettings(triton_url=f"127.0.0.1:{deployment.grpc}")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.stream_client import build_inputs
+from flux_triton.clients.stream_client import build_inputs
 from tests.reference import PARITY_CASES, assert_served_matches_diffusers, parity_fields, served_generate
 
 

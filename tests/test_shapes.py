@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flux_dev.shapes import all_scenes, classifier_check, classify
+from devtools.shapes import all_scenes, classifier_check, classify
 
 pytestmark = pytest.mark.fast  # unit tests: no server
 

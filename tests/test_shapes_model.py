@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from clients import stream_client
-from flux_dev.shapes import PALETTE, Scene, all_scenes, classify
+from devtools.shapes import PALETTE, Scene, all_scenes, classify
+from flux_triton.clients import stream_client
 from flux_triton.model_info import load_model_info
 from tests.reference import SHAPES_DIR, assert_served_matches_diffusers, served_generate
 
@@ -94,7 +94,7 @@ def test_training_smoke_run_writes_a_loadable_model(tmp_path):
     """`make train-default` on a CPU, cut to a few steps at 32 px: a complete diffusers folder."""
     from diffusers import FluxPipeline
 
-    from flux_dev.train_shapes import main
+    from devtools.train_shapes import main
 
     out = tmp_path / "shapes-smoke"
     main(["--out", str(out), "--device", "cpu", "--size", "32", "--vae-steps", "3",

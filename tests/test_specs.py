@@ -2,7 +2,7 @@
 
 import pytest
 
-from export.repository import SOURCE_REPOSITORY, render_configs
+from flux_triton.export.repository import SOURCE_REPOSITORY, render_configs
 from flux_triton.model_info import load_model_info
 from flux_triton.specs import COMPONENTS, bls_spec, component_specs
 
@@ -58,7 +58,7 @@ def test_gpu_configs_keep_tensors_on_device(model_dirs):
 
 @pytest.mark.fast
 def test_tensorrt_configs_and_profiles(model_dirs):
-    from export.profiles import load_engine_config
+    from flux_triton.export.profiles import load_engine_config
 
     configs = render_configs(model_dirs["dev"], backend="tensorrt", device="gpu")
     for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder"):

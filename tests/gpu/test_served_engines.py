@@ -11,7 +11,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from clients.stream_client import build_inputs, stream_generate
+from flux_triton.clients.stream_client import build_inputs, stream_generate
 from flux_triton.model_info import load_model_info
 
 SERVER = os.environ.get("FLUX_SERVER_GRPC")
@@ -32,7 +32,7 @@ def _model_dir() -> str:
 
 
 def test_stream_and_image_match_diffusers_bf16():
-    from flux_dev.full_size import diffusers_pipeline
+    from devtools.full_size import diffusers_pipeline
 
     info = load_model_info(_model_dir())
     fields = dict(prompt="a red circle on a blue background", height=info.default_height,

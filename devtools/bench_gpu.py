@@ -1,14 +1,14 @@
 """`make bench-gpu`: FLUX.1 at 1024² on one GPU, (a) diffusers eager, (b) our pipeline in-process,
 (c) served by tritonserver and streamed to the gRPC client, for BF16 and FP8.
 
-FLUX.1's real architecture with random bf16 weights built on the device (`flux_dev.full_size`:
+FLUX.1's real architecture with random bf16 weights built on the device (`devtools.full_size`:
 compute and memory are the real ones). (b) and (c) load the networks the same way
 (`flux_triton.runtime.acceleration`: float8 for FP8, compiled DiT/VAE/T5, the DiT as CUDA graphs),
 so (c)/(b) is the cost of serving. Cases run in the order given and are merged into one JSON file
 (one row per variant/precision/batch, each with the card, driver and versions it ran on), so the
 table can be filled a few cases per call:
 
-    python -m flux_dev.bench_gpu --variants schnell --precisions BF16,FP8 --batches 1,4 \
+    python -m devtools.bench_gpu --variants schnell --precisions BF16,FP8 --batches 1,4 \
         --out benchmarks/results/gpu-h100.json
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flux_dev.full_size import SERVING, diffusers_pipeline, write_full_size_folder
+from devtools.full_size import SERVING, diffusers_pipeline, write_full_size_folder
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage, dit_inputs, generate
 from flux_triton.request import ServingLimits, validate_request
@@ -261,8 +261,8 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
     is exported as `make export` does (`precompile`: the compile cache filled first)."""
     import tritonclient.grpc as grpcclient
 
-    from clients.stream_client import build_inputs, stream_generate
-    from export.repository import write_repository
+    from flux_triton.clients.stream_client import build_inputs, stream_generate
+    from flux_triton.export.repository import write_repository
     from flux_triton.server.launcher import TritonServer, free_port
 
     shapes = tuple(serving_shape(variant, b) for b in batches)

@@ -1,6 +1,6 @@
 """Export CLIP, T5, DiT and VAE decoder to ONNX, then check each against PyTorch with onnxruntime.
 
-    python -m export.onnx_export --model-dir models/tiny-flux-schnell --out onnx/tiny-flux-schnell
+    python -m flux_triton.export.onnx_export --model-dir models/tiny-flux-schnell --out onnx/tiny-flux-schnell
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def reference_module(name: str, info: FluxModelInfo, onnx_precision: str = "FP32
     if graph_dtype != "float32":
         with_float32_activations(module)
     if carries_qdq(name, onnx_precision):
-        from export.quantization import quantize_fp8
+        from flux_triton.export.quantization import quantize_fp8
 
         def calibrate():
             for seed, sizes in enumerate(CHECK_SIZES):
@@ -201,7 +201,7 @@ def export_program(name: str, info: FluxModelInfo, module: torch.nn.Module,
                    onnx_precision: str = "FP32"):
     """`module` traced to an ONNXProgram on the device it lives on, optimized by
     `graph_optimizer`; its weights are the module's own tensors, not copies."""
-    from export import graph_optimizer, quantization, translations
+    from flux_triton.export import graph_optimizer, quantization, translations
 
     graph_dtype = GRAPH_DTYPES[onnx_precision][name]
     spec = component_specs(info, IO_TYPES[graph_dtype])[name]
@@ -337,7 +337,7 @@ def onnx_outputs(name: str, info: FluxModelInfo, onnx_path: Path, onnx_precision
                  cases: list[dict]) -> list[dict[str, np.ndarray]]:
     """The graph run by onnxruntime's CPU provider on each case: a reduced graph as its float32
     twin, written beside it without its weights (it reads the graph's own bf16 weights file)."""
-    from export.quantization import write_float32_twin
+    from flux_triton.export.quantization import write_float32_twin
 
     spec = component_specs(info)[name]
     reduced = is_reduced(name, onnx_precision)

@@ -1,6 +1,6 @@
 """Load a Triton FLUX server: M generations, N streams at a time, over gRPC.
 
-    python -m clients.load --url 127.0.0.1:8001 --concurrency 8 --requests 32 --steps 4 \
+    python -m flux_triton.clients.load --url 127.0.0.1:8001 --concurrency 8 --requests 32 --steps 4 \
         --height 512 --width 512 --out load.json
 
 Prints images/s, latency percentiles, time to first preview and errors by kind (JSON with --out).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from clients.stream_client import build_inputs, stream_generate
+from flux_triton.clients.stream_client import build_inputs, stream_generate
 
 
 def percentile(values: list[float], q: float) -> float | None:

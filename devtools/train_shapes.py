@@ -26,9 +26,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from flux_dev.model_folders import staged_model_dir, write_serving_defaults
-from flux_dev.shapes import accuracy, all_scenes, render_batch, scene_index
-from flux_dev.tokenizers import (
+from devtools.model_folders import staged_model_dir, write_serving_defaults
+from devtools.shapes import accuracy, all_scenes, render_batch, scene_index
+from devtools.tokenizers import (
     CHARACTER_LINES,
     build_clip_tokenizer,
     build_t5_tokenizer,

@@ -14,8 +14,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from flux_dev.model_folders import staged_model_dir, write_serving_defaults
-from flux_dev.tokenizers import build_clip_tokenizer, build_t5_tokenizer, train_t5_spm
+from devtools.model_folders import staged_model_dir, write_serving_defaults
+from devtools.tokenizers import build_clip_tokenizer, build_t5_tokenizer, train_t5_spm
 
 VARIANTS = ("schnell", "dev")
 
@@ -85,7 +85,7 @@ def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: python -m flux_dev.tiny_models --out models --variant schnell|dev|all."""
+    """Command line: python -m devtools.tiny_models --out models --variant schnell|dev|all."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("models"), help="parent folder")
     parser.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")

@@ -1,4 +1,4 @@
-"""ONNX -> TensorRT plans, with the optimization profiles and precisions of export/engine_config.json.
+"""ONNX -> TensorRT plans, with the optimization profiles and precisions of engine_config.json.
 
 Runs only where the `tensorrt` Python package and a CUDA GPU exist; elsewhere it stops at once and
 says what is missing. Nothing here pretends to have built a plan.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from export.profiles import EngineConfig
+from flux_triton.export.profiles import EngineConfig
 from flux_triton.specs import ComponentSpec
 
 

@@ -2,7 +2,7 @@
 trained shapes model: every caption's previews are decoded by the model's own VAE at every step and
 read back by the shapes classifier.
 
-    python -m flux_dev.preview_study --seeds 1 --out out/preview_study.json
+    python -m devtools.preview_study --seeds 1 --out out/preview_study.json
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flux_dev.shapes import accuracy, all_scenes
+from devtools.shapes import accuracy, all_scenes
 from flux_triton import sampling
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import StepUpdate

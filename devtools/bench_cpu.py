@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 
-from clients.stream_client import build_inputs, stream_generate
-from export.repository import write_repository
+from flux_triton.clients.stream_client import build_inputs, stream_generate
+from flux_triton.export.repository import write_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import validate_request

@@ -1,4 +1,5 @@
-"""Axis ranges for every symbolic dim of the specs, from one config file (export/engine_config.json)."""
+"""Axis ranges for every symbolic dim of the specs, from one config file (engine_config.json beside
+this module)."""
 
 from __future__ import annotations
 

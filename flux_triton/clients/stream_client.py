@@ -1,6 +1,6 @@
 """gRPC streaming client for `flux_bls`: live per-step previews, progress with step times, final PNG.
 
-    python -m clients.stream_client --prompt "a red circle on a blue background" --out out/
+    python -m flux_triton.clients.stream_client --prompt "a red circle on a blue background" --out out/
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
+from flux_triton.clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
 from flux_triton.specs import NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"

@@ -1,8 +1,8 @@
-"""Export FLUX.1 at full size (the real architecture, random bf16 weights: `flux_dev.full_size`) to
+"""Export FLUX.1 at full size (the real architecture, random bf16 weights: `devtools.full_size`) to
 ONNX on the GPU and measure each graph: export time, peak host and GPU memory, sizes on disk, the
 ONNX checker, and parity with PyTorch at one small shape in onnxruntime on the CPU.
 
-    python -m flux_dev.export_full_size --variant dev --components dit_transformer --precisions BF16 \\
+    python -m devtools.export_full_size --variant dev --components dit_transformer --precisions BF16 \\
         --out-dir out/export-full-size --report benchmarks/results/export-full-size.json
 
 Each component x precision is one report entry, merged into --report as soon as it is measured; its
@@ -11,8 +11,8 @@ only in the DiT, so FP8 runs of the other networks are skipped. On the tiny mode
 it runs on the CPU in seconds.
 
 Memory plan (DiT, 11.9 B parameters): the bf16 network is built on the GPU (23.8 GB) and traced
-there; the graph's initializers are written one at a time (see `export.onnx_export.save_program`).
-They are the network's own tensors: `export.graph_optimizer` does not fold `Transpose(W)` into
+there; the graph's initializers are written one at a time (see `flux_triton.export.onnx_export.save_program`).
+They are the network's own tensors: `flux_triton.export.graph_optimizer` does not fold `Transpose(W)` into
 copies (`copied_initializer_bytes` counts any initializer that is not). For parity the trace is
 dropped, the same network is widened to float32 on the GPU (47.6 GB) and run once, then moved to
 the host (47.6 GB) and run again by PyTorch's CPU kernels (the spread of two correct float32
@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_export import (
+from devtools.full_size import add_folder_arguments, write_full_size_folder
+from flux_triton.export.onnx_export import (
     GRAPH_DTYPES,
     ONNX_PRECISIONS,
     carries_qdq,
@@ -54,7 +55,6 @@ from export.onnx_export import (
     validate_graph,
     weight_bytes,
 )
-from flux_dev.full_size import add_folder_arguments, write_full_size_folder
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.specs import NETWORKS, component_specs
 

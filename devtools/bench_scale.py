@@ -2,11 +2,11 @@
 batching across streams off vs on (BATCH_DELAY_US), at several resolutions and concurrencies.
 
 Each server configuration is exported (`export.repository`, torch backend, real FLUX.1 architecture
-with random bf16 weights from `flux_dev.full_size`), started, loaded by `clients.load` at every
+with random bf16 weights from `devtools.full_size`), started, loaded by `flux_triton.clients.load` at every
 concurrency for every size, and stopped; rows are merged into one JSON file with the card, driver
 and versions, so a cut-off run keeps what it measured:
 
-    python -m flux_dev.bench_scale --gpus 0 0,1 --batch-delays-us 0 2000 --sizes 1024,512 \
+    python -m devtools.bench_scale --gpus 0 0,1 --batch-delays-us 0 2000 --sizes 1024,512 \
         --concurrency 1,2,4,8 --out benchmarks/results/scale.json
 
 Compilation is off by default: with batching on, merged calls come in every batch size, and a
@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from clients.load import run_load
-from export.repository import count_gpus, write_repository
-from flux_dev.bench_gpu import environment
-from flux_dev.full_size import SERVING, write_full_size_folder
+from devtools.bench_gpu import environment
+from devtools.full_size import SERVING, write_full_size_folder
+from flux_triton.clients.load import run_load
+from flux_triton.export.repository import count_gpus, write_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.placement import parse_gpus
 from flux_triton.request import ServingLimits

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flux_dev.shapes import Scene, accuracy, all_scenes, classifier_check
+from devtools.shapes import Scene, accuracy, all_scenes, classifier_check
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import ServingLimits, validate_request

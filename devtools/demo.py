@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from clients import stream_client
+from flux_triton.clients import stream_client
 from flux_triton.server.launcher import TritonServer
 
 

@@ -15,9 +15,9 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from export.onnx_export import ONNX_PRECISIONS, ExportError, export_all, io_type, onnx_paths
-from export.pbtxt import ensemble_config, python_model_config, tensorrt_model_config
-from export.previews import fit_preview_projection
+from flux_triton.export.onnx_export import ONNX_PRECISIONS, ExportError, export_all, io_type, onnx_paths
+from flux_triton.export.pbtxt import ensemble_config, python_model_config, tensorrt_model_config
+from flux_triton.export.previews import fit_preview_projection
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.placement import (
     NETWORKS_BY_GPU_PARAMETER,
@@ -42,7 +42,7 @@ from flux_triton.specs import (
     default_serving_shape,
 )
 
-SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+SOURCE_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 BACKENDS = ("torch", "onnx", "tensorrt")
 ARTIFACTS = {"onnx": "model.onnx", "tensorrt": "model.plan"}
 # Compiled kernels (inductor, Triton) live beside the repository, not in it: tritonserver would take a
@@ -132,7 +132,7 @@ def render_configs(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "tensorrt" and (device != "gpu" or precision != "FP32"):
         raise ValueError("TensorRT plans run on the GPU; their types come from the graphs "
-                         "(ONNX_PRECISION) and export/engine_config.json, not from PRECISION")
+                         "(ONNX_PRECISION) and flux_triton/export/engine_config.json, not from PRECISION")
     if onnx_precision != "FP32" and backend != "tensorrt":
         raise ValueError(f"ONNX_PRECISION={onnx_precision} graphs are for TensorRT (BACKEND=tensorrt): "
                          "onnxruntime's CPU provider has no bf16 or float8 kernels to serve them")
@@ -206,8 +206,8 @@ def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir:
     export_all(model_dir, targets, (onnx_dir if backend == "tensorrt" else dest) / "export_report.json",
                onnx_precision)
     if backend == "tensorrt":
-        from export.profiles import load_engine_config
-        from export.tensorrt_build import build_plan
+        from flux_triton.export.profiles import load_engine_config
+        from flux_triton.export.tensorrt_build import build_plan
 
         info = load_model_info(model_dir)
         config = load_engine_config(info)
@@ -261,7 +261,7 @@ def write_repository(
     and produce the backend's artifacts (ONNX graphs or TensorRT plans) beside them. A compiled
     GPU repository also gets its compile cache filled here (`precompile`, see export.precompile)."""
     if backend == "tensorrt":
-        from export.tensorrt_build import require_tensorrt
+        from flux_triton.export.tensorrt_build import require_tensorrt
 
         require_tensorrt()  # fail fast, before the long ONNX export
     dest = Path(dest).resolve()
@@ -298,7 +298,7 @@ def fill_compile_cache(model_dir: str | Path, dest: Path, options: dict) -> dict
     cache the server reads (nothing to do when compile is off)."""
     import torch
 
-    from export.precompile import precompile
+    from flux_triton.export.precompile import precompile
 
     info = load_model_info(model_dir)
     compile, cuda_graphs, warmup = gpu_acceleration(
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixel-steps", type=int, default=ServingLimits.max_pixel_steps,
                         help="the most work one request may ask for: height × width × steps × images")
     args = parser.parse_args(argv)
-    from export.tensorrt_build import EngineBuildError
+    from flux_triton.export.tensorrt_build import EngineBuildError
 
     device = "gpu" if args.backend == "tensorrt" else args.device
     try:

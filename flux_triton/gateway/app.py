@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
-from clients.stream_client import build_inputs
+from flux_triton.clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
+from flux_triton.clients.stream_client import build_inputs
 from flux_triton.specs import NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"

@@ -1,0 +1,3 @@
+from flux_triton.gateway.app import main
+
+main()
