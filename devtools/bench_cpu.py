@@ -21,13 +21,14 @@ import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 
+from devtools.processes import free_port
 from flux_triton.clients.stream_client import build_inputs, stream_generate
 from flux_triton.export.repository import write_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
-from flux_triton.server.launcher import TritonServer, free_port
+from flux_triton.server.launcher import TritonServer
 
 
 def machine() -> dict:

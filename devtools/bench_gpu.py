@@ -34,10 +34,11 @@ import torch
 from devtools.full_size import SERVING, diffusers_pipeline, write_full_size_folder
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage, dit_inputs, generate
-from flux_triton.request import ServingLimits, validate_request
-from flux_triton.runtime.acceleration import COMPILE_CACHE_ENV, Acceleration
+from flux_triton.request import validate_request
+from flux_triton.runtime.acceleration import Acceleration
 from flux_triton.runtime.in_process import TorchFluxModels
 from flux_triton.runtime.torch_components import load_component
+from flux_triton.serving_config import COMPILE_CACHE_ENV, ServingLimits
 from flux_triton.specs import COMPONENTS, ServingShape
 
 PROMPT = "a red circle on a blue background"
@@ -261,9 +262,10 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
     is exported as `make export` does (`precompile`: the compile cache filled first)."""
     import tritonclient.grpc as grpcclient
 
+    from devtools.processes import free_port
     from flux_triton.clients.stream_client import build_inputs, stream_generate
     from flux_triton.export.repository import write_repository
-    from flux_triton.server.launcher import TritonServer, free_port
+    from flux_triton.server.launcher import TritonServer
 
     shapes = tuple(serving_shape(variant, b) for b in batches)
     began = time.perf_counter()

@@ -26,12 +26,13 @@ from pathlib import Path
 
 from devtools.bench_gpu import environment
 from devtools.full_size import SERVING, write_full_size_folder
+from devtools.processes import free_port
 from flux_triton.clients.load import run_load
 from flux_triton.export.repository import count_gpus, write_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.placement import parse_gpus
-from flux_triton.request import ServingLimits
-from flux_triton.server.launcher import TritonServer, free_port
+from flux_triton.server.launcher import TritonServer
+from flux_triton.serving_config import ServingLimits
 from flux_triton.specs import ServingShape
 
 PROMPT = "a red circle on a blue background"

@@ -19,8 +19,9 @@ from devtools.shapes import accuracy, all_scenes
 from flux_triton import sampling
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import StepUpdate
-from flux_triton.request import ServingLimits, validate_request
+from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from flux_triton.serving_config import ServingLimits
 
 
 def step_accuracies(model_dir: str | Path, seed: int) -> dict[str, list[dict[str, float]]]:

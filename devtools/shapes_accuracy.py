@@ -18,9 +18,10 @@ import numpy as np
 from devtools.shapes import Scene, accuracy, all_scenes, classifier_check
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage
-from flux_triton.request import ServingLimits, validate_request
+from flux_triton.request import validate_request
 from flux_triton.runtime.acceleration import Acceleration
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from flux_triton.serving_config import ServingLimits
 
 ACCELERATION_DTYPES = {"FP32": "float32", "BF16": "bfloat16"}
 

@@ -8,14 +8,11 @@ names: the `encode_prompt` ensemble and clients that decode previews with `vae_d
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 
 from flux_triton.specs import NETWORKS
 
-# The `flux_bls` config parameter: {"<gpu>": {network: served model name}} (JSON).
-NETWORKS_BY_GPU_PARAMETER = "component_models_by_gpu"
 _COPY_NAME = re.compile(rf"^({'|'.join(NETWORKS)})_gpu(\d+)$")
 
 
@@ -58,13 +55,12 @@ def networks_by_gpu(gpus: Sequence[int]) -> dict[str, dict[str, str]]:
     return {str(gpu): {n: network_copy_name(n, gpu, gpus) for n in NETWORKS} for gpu in gpus}
 
 
-def served_networks(parameter: str | None, gpu: int | None) -> dict[str, str]:
+def served_networks(mapping: dict[str, dict[str, str]] | None, gpu: int | None) -> dict[str, str]:
     """The model each network's calls go to from a `flux_bls` instance on `gpu`, given its
-    `component_models_by_gpu` parameter; the plain names when the repository has no such map."""
-    if not parameter:
+    `networks_by_gpu` option; the plain names when the repository has no such map."""
+    if not mapping:
         return {n: n for n in NETWORKS}
-    mapping = json.loads(parameter)
     if str(gpu) not in mapping:
-        raise ValueError(f"flux_bls instance on GPU {gpu} but {NETWORKS_BY_GPU_PARAMETER} maps only "
+        raise ValueError(f"flux_bls instance on GPU {gpu} but networks_by_gpu maps only "
                          f"GPUs {sorted(mapping)}: export again with the GPUS this server runs on")
     return dict(mapping[str(gpu)])

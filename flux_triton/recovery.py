@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
 
-# Triton has no status code for out-of-memory: a component reports it as INTERNAL with this text.
-OUT_OF_MEMORY_MARKER = "out of memory"
-OOM_MARKERS = (OUT_OF_MEMORY_MARKER, "outofmemory", "out_of_memory", "can't allocate memory")
+from flux_triton.errors import mentions_out_of_memory, reported_status
+from flux_triton.serving_config import RetryPolicy
 
 
 class ComponentError(RuntimeError):
@@ -31,40 +29,11 @@ class OutOfMemory(ComponentError):
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for torch's out-of-memory errors, on any device."""
-    return isinstance(exc, torch.OutOfMemoryError) or any(
-        m in str(exc).lower() for m in OOM_MARKERS)
-
-
-# Triton 2.51 hands a BLS caller every error response with the code INTERNAL, whatever the called
-# model set (triton-inference-server/server#7804). Our components therefore also tag the message
-# with their code, and Triton's own errors about a model that cannot serve right now are known by
-# their text.
-STATUS_TAG = re.compile(r"\[(UNAVAILABLE|INTERNAL|INVALID_ARG|NOT_FOUND|UNSUPPORTED|CANCELLED)\] ")
-TRITON_UNAVAILABLE_MARKERS = ("is not ready", "is not healthy", "unavailable")
-
-
-def tag_status(status: str, message: str) -> str:
-    """`message` with its status code spelled in it, so it survives a BLS hop."""
-    return f"[{status}] {message}"
-
-
-def reported_status(code: str | None, message: str) -> str | None:
-    """The status a failed call reports: its code where it says more than INTERNAL, else the tag
-    in its message, else (INTERNAL and untagged) UNAVAILABLE for Triton's own not-ready errors.
-    None when neither a code nor a tag is there."""
-    if code not in (None, "UNKNOWN", "INTERNAL"):
-        return code
-    tag = STATUS_TAG.search(message)
-    if tag:
-        return tag.group(1)
-    if code == "INTERNAL":
-        lowered = message.lower()
-        return "UNAVAILABLE" if any(m in lowered for m in TRITON_UNAVAILABLE_MARKERS) else "INTERNAL"
-    return None
+    return isinstance(exc, torch.OutOfMemoryError) or mentions_out_of_memory(str(exc))
 
 
 def classify_failure(model: str, message: str, code: str | None) -> ComponentError:
-    """What a failed component call means, decided by its status code (see `reported_status`).
+    """What a failed component call means, decided by its status code (`errors.reported_status`).
 
     UNAVAILABLE: transient (the model is loading, unloading or its process is restarting), retried.
     INTERNAL: deterministic, not retried; except an out-of-memory, whose batch is halved.
@@ -72,24 +41,12 @@ def classify_failure(model: str, message: str, code: str | None) -> ComponentErr
     decide: out-of-memory as above, anything else retried.
     """
     status = reported_status(code, message)
-    out_of_memory = any(m in message.lower() for m in OOM_MARKERS)
+    out_of_memory = mentions_out_of_memory(message)
     if status == "UNAVAILABLE":
         return ComponentError(model, message, retryable=True)
     if status in (None, "INTERNAL") and out_of_memory:
         return OutOfMemory(model, message)
     return ComponentError(model, message, retryable=status is None)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often a failed call is tried again, and how long to wait before each retry."""
-
-    attempts: int = 3
-    backoff_s: float = 0.05
-    max_backoff_s: float = 2.0
-
-    def delay(self, retry: int) -> float:
-        return min(self.backoff_s * 2 ** (retry - 1), self.max_backoff_s)
 
 
 @dataclass

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flux_triton.errors import field_message
 from flux_triton.model_info import FluxModelInfo
+from flux_triton.serving_config import ServingLimits
 from flux_triton.specs import BLS_INPUTS, PREVIEW_KINDS
 
 
@@ -21,22 +23,8 @@ class InvalidRequest(ValueError):
     """A client input is invalid; `field` names it."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"`{field}`: {message}")
+        super().__init__(field_message(field, message))
         self.field = field
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """Upper bounds a deployment accepts (set per deployment in the BLS config)."""
-
-    max_height: int = 2048
-    max_width: int = 2048
-    max_batch: int = 16
-    max_inference_steps: int = 100
-    max_prompt_chars: int = 4096
-    # The work one request may ask for: height × width × steps × images (4 images of 1024² at 50
-    # steps), so that no request holds a GPU for many minutes whatever the single limits allow.
-    max_pixel_steps: int = 1024 * 1024 * 50 * 4
 
 
 @dataclass(frozen=True)
@@ -144,9 +132,10 @@ def _match_batch(field: str, values: tuple[str, ...] | None, batch: int) -> tupl
 def validate_request(
     inputs: Mapping[str, np.ndarray | None],
     info: FluxModelInfo,
-    limits: ServingLimits = ServingLimits(),
+    limits: ServingLimits | None = None,
 ) -> GenerationRequest:
     """Check raw client inputs (numpy arrays by input name) and fill in defaults."""
+    limits = limits or ServingLimits()
     unknown = sorted(set(inputs) - KNOWN_FIELDS)
     if unknown:
         raise InvalidRequest(unknown[0], f"unknown input; accepted inputs are {sorted(KNOWN_FIELDS)}")

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
+from devtools.processes import free_port
 from devtools.tiny_models import build_tiny_flux
 from flux_triton.export.repository import write_repository
 from flux_triton.model_info import FluxModelInfo, load_model_info
-from flux_triton.server.launcher import TritonServer, free_port
+from flux_triton.server.launcher import TritonServer
 from tests.reference import REPO_ROOT, SHAPES_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,7 +167,7 @@ def served_shapes(tmp_path_factory) -> Served:
 def served_faulty(model_dirs, tmp_path_factory):
     """The schnell model served with test-only fault injection enabled (FLUX_TRITON_FAULT_DIR)."""
     from flux_triton.adapters.faults import FAULTS_ENV
-    from flux_triton.recovery import RetryPolicy
+    from flux_triton.serving_config import RetryPolicy
 
     fault_dir = tmp_path_factory.mktemp("faults")
     for servers in _serve_variants(model_dirs, tmp_path_factory, "torch", ("schnell",),

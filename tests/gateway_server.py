@@ -9,8 +9,8 @@ import time
 
 import uvicorn
 
+from devtools.processes import free_port
 from flux_triton.gateway.app import GatewaySettings, create_app
-from flux_triton.server.launcher import free_port
 
 
 class RunningGateway:

@@ -198,11 +198,15 @@ class MetricFamily:
         return self.metrics[-1]
 
 
-def model_args(repository: Path, name: str, parameters: dict[str, str], decoupled: bool = False,
+def model_args(repository: Path, name: str, options, decoupled: bool = False,
                gpu: int | None = None) -> dict:
-    """The `args` Triton passes to `initialize` for an instance of `name` in `repository`, on the
-    CPU or (by its args only: nothing here touches CUDA) on GPU `gpu`."""
-    config = {"name": name, "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    """The `args` Triton passes to `initialize` for an instance of `name` in `repository` with
+    these options (`flux_triton.serving_config`), on the CPU or (by its args only: nothing here
+    touches CUDA) on GPU `gpu`."""
+    from flux_triton.serving_config import options_parameter
+
+    config = {"name": name, "parameters": {k: {"string_value": v}
+                                           for k, v in options_parameter(options).items()}}
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
     return {"model_config": json.dumps(config), "model_instance_kind": "CPU" if gpu is None else "GPU",
@@ -210,28 +214,31 @@ def model_args(repository: Path, name: str, parameters: dict[str, str], decouple
             "model_version": "1", "model_name": name}
 
 
-def wire_repository(model_dir: Path, folder: Path, bls_gpu: int | None = None, **parameters: str):
+def wire_repository(model_dir: Path, folder: Path, bls_gpu: int | None = None,
+                    precision: str = "FP32", **bls_options):
     """tokenizer, the four networks and flux_bls of `model_dir` as adapters over this stand-in,
     registered in `models` as Triton would route BLS calls; returns the flux_bls adapter (its
-    args say GPU `bls_gpu` when given; the networks run on the CPU)."""
+    args say GPU `bls_gpu` when given; the networks run on the CPU). `bls_options` are fields of
+    flux_bls's `BlsOptions`."""
     import sys
 
     from flux_triton.adapters.bls import FluxBlsModel
     from flux_triton.adapters.components import ComponentModel, TokenizerModel
+    from flux_triton.serving_config import BlsOptions, NetworkOptions
     from flux_triton.specs import NETWORKS
 
     stub = sys.modules[__name__]
     reset()
-    params = {"model_dir": str(model_dir), **parameters}
     for name in ("tokenizer", *NETWORKS):
         if name == "tokenizer":
             model = type("TokenizerModel", (TokenizerModel,), {"pb": stub})()
         else:
             model = type("ComponentModel", (ComponentModel,), {"pb": stub, "name": name})()
-        model.initialize(model_args(folder, name, params))
+        model.initialize(model_args(folder, name, NetworkOptions(name, str(model_dir), precision)))
         models[name] = model
     bls = type("FluxBlsModel", (FluxBlsModel,), {"pb": stub})()
-    bls.initialize(model_args(folder, "flux_bls", params, decoupled=True, gpu=bls_gpu))
+    options = BlsOptions(str(model_dir), precision, **bls_options)
+    bls.initialize(model_args(folder, "flux_bls", options, decoupled=True, gpu=bls_gpu))
     _Registry.bls_instances.append(bls)
     return bls
 

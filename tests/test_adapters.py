@@ -4,7 +4,6 @@ drives the component adapters exactly as tritonserver would route its requests."
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import numpy as np
@@ -13,11 +12,13 @@ import torch
 
 from flux_triton.adapters.backend import to_torch
 from flux_triton.adapters.faults import InjectedUnavailable
+from flux_triton.errors import reported_status
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
-from flux_triton.recovery import OutOfMemory, classify_failure, reported_status
+from flux_triton.recovery import OutOfMemory, classify_failure
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from flux_triton.serving_config import RetryPolicy
 from flux_triton.specs import NETWORKS
 from tests import python_backend_stub as pb
 from tests.reference import raw_inputs
@@ -30,7 +31,7 @@ SMALL = dict(prompt="a red circle on a blue background", height=64, width=64, nu
 @pytest.fixture
 def repository(model_dirs, tmp_path):
     """tokenizer, the four networks and flux_bls of the tiny schnell model, wired through `pb`."""
-    yield pb.wire_repository(model_dirs["schnell"], tmp_path, retry_attempts="3", retry_backoff_ms="1")
+    yield pb.wire_repository(model_dirs["schnell"], tmp_path, retry=RetryPolicy(3, 0.001))
     pb.reset()
 
 
@@ -110,7 +111,7 @@ def test_component_codes_survive_a_bls_hop_that_loses_them(repository, monkeypat
 
     plan[:] = [RuntimeError("bad weights")] * 3
     error = _final_error(_serve(repository, _request(**SMALL)))
-    assert "dit_transformer: [INTERNAL] RuntimeError: bad weights" in error.message()
+    assert "[INTERNAL] dit_transformer: RuntimeError: bad weights" in error.message()
     assert repository.metrics.retries["dit_transformer"].value == 2 and len(plan) == 2
 
 
@@ -121,6 +122,7 @@ def test_component_codes_survive_a_bls_hop_that_loses_them(repository, monkeypat
     ("INTERNAL", "vae_decoder: [INTERNAL] out of memory: ...", "INTERNAL"),
     ("INTERNAL", "Model 'dit_transformer' is not ready.", "UNAVAILABLE"),
     ("INTERNAL", "Stub process 'dit_transformer_0_0' is not healthy.", "UNAVAILABLE"),
+    ("INTERNAL", "Request for unknown model: 'vae_decoder' has no available versions", "UNAVAILABLE"),
     ("INTERNAL", "RuntimeError: mat1 and mat2 shapes cannot be multiplied", "INTERNAL"),
     (None, "no code at all", None),
 ])
@@ -201,7 +203,7 @@ def test_component_reports_out_of_memory_as_internal_with_marker(repository, mon
     response, = vae.execute([request])
     assert response.error().code() == pb.TritonError.INTERNAL
     assert response.error().message().startswith(
-        "vae_decoder: [INTERNAL] out of memory: OutOfMemoryError")
+        "[INTERNAL] vae_decoder: out of memory: OutOfMemoryError")
 
 
 def test_component_failure_is_one_requests_alone(repository):
@@ -228,7 +230,7 @@ def test_tokenizer_rejects_sequence_length_as_invalid_arg(repository):
 def test_each_network_input_gets_the_type_its_spec_declares(model_dirs, tmp_path):
     """A bf16 dev DiT takes its latents and embeddings in bf16 but guidance in float32 (the spec
     says so, and tritonserver rejects any other type): the BLS casts input by input."""
-    types = json.dumps(dict.fromkeys(NETWORKS, "BF16"))
+    types = dict.fromkeys(NETWORKS, "BF16")
     bls = pb.wire_repository(model_dirs["dev"], tmp_path, precision="BF16", component_dtypes=types)
     try:
         sent = _serve(bls, _request(**dict(SMALL, num_inference_steps=2, guidance_scale=3.5)))
@@ -242,3 +244,26 @@ def test_each_network_input_gets_the_type_its_spec_declares(model_dirs, tmp_path
             assert sent_types["hidden_states"] == sent_types["timestep"] == torch.bfloat16
     finally:
         pb.reset()
+
+
+@pytest.mark.parametrize("pair", [("clip_encoder", "t5_encoder"), ("tokenizer", "tokenizer")])
+def test_bls_runs_clip_and_t5_at_once(repository, monkeypatch, pair):
+    """CLIP and T5 (and the positive and negative prompt's tokenizer calls) are in flight together:
+    each call of the pair waits until the other one has started. Called one after the other, the
+    first would wait in vain and the request fail."""
+    waiting: list[str] = []
+    both = asyncio.Event()
+    served = pb.InferenceRequest.async_exec
+
+    async def rendezvous(request):
+        if request.model_name in pair and not both.is_set():
+            waiting.append(request.model_name)
+            if len(waiting) == 2:
+                both.set()
+            await asyncio.wait_for(both.wait(), timeout=5)
+        return await served(request)
+
+    monkeypatch.setattr(pb.InferenceRequest, "async_exec", rendezvous)
+    sent = _serve(repository, _request(**dict(SMALL, negative_prompt="blurry", true_cfg_scale=2.0)))
+    errors = [r.error().message() for r, _ in sent if r is not None and r.has_error()]
+    assert errors == [] and sorted(waiting) == sorted(pair)

@@ -146,7 +146,7 @@ def test_a_failed_merged_call_fails_each_caller():
 @pytest.fixture
 def batched_bls(model_dirs, tmp_path):
     """The tiny schnell repository in-process with batching on (20 ms)."""
-    yield pb.wire_repository(model_dirs["schnell"], tmp_path, batch_delay_us="20000")
+    yield pb.wire_repository(model_dirs["schnell"], tmp_path, batch_delay_us=20000)
     pb.reset()
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.processes import free_port
 from flux_triton.clients import stream_client
-from flux_triton.server.launcher import free_port
 
 
 def test_client_saves_previews_and_image(served, tmp_path, capsys):

@@ -25,7 +25,7 @@ from flux_triton.export.onnx_export import (
 )
 from flux_triton.export.profiles import load_engine_config
 from flux_triton.export.quantization import float32_twin
-from flux_triton.export.repository import render_configs
+from flux_triton.export.repository import render_repository
 from flux_triton.export.tensorrt_build import EngineBuildError, build_plan
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.acceleration import is_token_linear
@@ -125,15 +125,15 @@ def test_a_wrong_weight_fails_the_check(exported, model_dirs, tmp_path):
 
 
 def test_reduced_graphs_are_for_tensorrt_configs(model_dirs):
-    configs = render_configs(model_dirs["dev"], backend="tensorrt", device="gpu",
-                             onnx_precision="BF16")
+    rendered = render_repository(model_dirs["dev"], backend="tensorrt", device="gpu",
+                                 onnx_precision="BF16")
+    configs = rendered.texts
     assert "TYPE_BF16" in configs["dit_transformer"] and "TYPE_BF16" in configs["t5_encoder"]
     assert "TYPE_FP32" in configs["vae_decoder"] and "TYPE_BF16" not in configs["vae_decoder"]
-    line = next(text for text in configs["flux_bls"].splitlines()
-                if "BF16" in text and "string_value" in text)
-    assert '\\"vae_decoder\\": \\"FP32\\"' in line and '\\"dit_transformer\\": \\"BF16\\"' in line
+    types = rendered.options["flux_bls"].component_dtypes
+    assert types["vae_decoder"] == "FP32" and types["dit_transformer"] == "BF16"
     with pytest.raises(ValueError, match="TensorRT"):
-        render_configs(model_dirs["dev"], backend="onnx", onnx_precision="FP8")
+        render_repository(model_dirs["dev"], backend="onnx", onnx_precision="FP8")
 
 
 class _Flags(IntEnum):

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from devtools.processes import free_port
 from flux_triton.gateway.app import GatewaySettings, GenerationRequest
-from flux_triton.server.launcher import free_port
 from tests.gateway_server import RunningGateway, sse_events
 from tests.reference import REPO_ROOT, metric, served_generate
 
@@ -302,7 +302,7 @@ def _chunked_post(port: int, total: int, headers: bytes = b"", prefix: bytes = b
 def test_chunked_body_is_limited_by_the_bytes_read_and_the_key_comes_first():
     """300 MiB sent chunked (no Content-Length): without the key, 401 before the body is read;
     with it, 413 once 64 KiB have arrived. The gateway's peak memory stays flat."""
-    from flux_triton.server.launcher import free_port
+    from devtools.processes import free_port
 
     port = free_port()
     env = dict(os.environ, GATEWAY_PORT=str(port), GATEWAY_TRITON_URL="127.0.0.1:1",

@@ -7,7 +7,6 @@ All on the CPU: configs are text, and a flux_bls instance's GPU is only what its
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import shutil
 import subprocess
@@ -16,10 +15,17 @@ from pathlib import Path
 import pytest
 
 import flux_triton.export.repository as export_repository
-from flux_triton.export.repository import count_gpus, render_configs, share_artifacts, write_repository
+from flux_triton.export.repository import (
+    RenderedRepository,
+    count_gpus,
+    render_repository,
+    share_artifacts,
+    write_repository,
+)
 from flux_triton.placement import parse_gpus
 from flux_triton.server.launcher import CUDA_POOL_BYTES, TritonServer
-from flux_triton.server.supervisor import Supervisor, python_models
+from flux_triton.server.supervisor import Supervisor
+from flux_triton.serving_config import NetworkOptions, RepositoryConfig, read_options
 from flux_triton.specs import NETWORKS
 from tests import python_backend_stub as pb
 
@@ -33,58 +39,60 @@ def render(model_dirs):
     """render(gpus) -> configs of the tiny schnell model on GPUs (cached per GPUS)."""
     rendered = {}
 
-    def render(gpus: str | None = None) -> dict[str, str]:
+    def render(gpus: str | None = None) -> RenderedRepository:
         if gpus not in rendered:
-            rendered[gpus] = render_configs(model_dirs["schnell"], gpus=gpus, **GPU_OPTIONS)
+            rendered[gpus] = render_repository(model_dirs["schnell"], gpus=gpus, **GPU_OPTIONS)
         return rendered[gpus]
 
     return render
 
 
-def parameter(config: str, key: str) -> str:
-    """A string parameter of a rendered config, unquoted."""
-    quoted = re.search(rf'key: "{key}"\n  value: {{ string_value: "((?:[^"\\]|\\.)*)" }}', config)
-    assert quoted, f"no parameter {key}"
-    return re.sub(r"\\(.)", r"\1", quoted.group(1))
-
-
 def instance_groups(config: str) -> list[tuple[int, str, list[int] | None]]:
-    """(count, kind, gpus or None) of each instance group of a rendered config."""
+    """(count, kind, gpus or None) of each instance group of a rendered config.pbtxt."""
     groups = re.findall(r"\{\n    count: (\d+)\n    kind: (\w+)\n(?:    gpus: \[ ([\d, ]+) \]\n)?  \}",
                         config)
     return [(int(count), kind, [int(g) for g in gpus.split(",")] if gpus else None)
             for count, kind, gpus in groups]
 
 
-def without_pins(config: str) -> str:
-    """A config less its GPU pins and its per-GPU model map."""
-    config = re.sub(r"    gpus: \[ [\d, ]+ \]\n", "", config)
-    return re.sub(r'parameters \{\n  key: "component_models_by_gpu"\n.*\n\}\n', "", config)
-
-
 @pytest.mark.parametrize("gpus,ids", [("0,1", [0, 1]), ("0,1,2,3", [0, 1, 2, 3]), ("2,5", [2, 5])])
 def test_each_listed_gpu_gets_its_copies_and_a_bls_instance(render, gpus, ids):
-    configs = render(gpus)
+    rendered = render(gpus)
+    configs = rendered.texts
     copies = {f"{n}_gpu{k}" for n in NETWORKS for k in ids[1:]}
-    assert set(configs) == PLAIN | copies
+    assert set(configs) == set(rendered.deployment.names) == PLAIN | copies
     for network in NETWORKS:
         for gpu in ids:
             name = network if gpu == ids[0] else f"{network}_gpu{gpu}"
             assert configs[name].startswith(f'name: "{name}"\n')
             assert instance_groups(configs[name]) == [(1, "KIND_GPU", [gpu])]
+            assert rendered.deployment.model(name).gpus == (gpu,)
             # Every copy is the same model, options included (precision, compile, warmup, cache).
-            assert without_pins(configs[name]).replace(name, network) == without_pins(configs[network])
+            assert rendered.options[name] == rendered.options[network]
+            assert rendered.options[name].network == network
     assert instance_groups(configs["tokenizer"]) == [(1, "KIND_CPU", None)]
     assert instance_groups(configs["flux_bls"]) == [(1, "KIND_GPU", [gpu]) for gpu in ids]
-    mapping = json.loads(parameter(configs["flux_bls"], "component_models_by_gpu"))
+    assert rendered.deployment.model("flux_bls").processes == len(ids)
+    mapping = rendered.options["flux_bls"].networks_by_gpu
     assert mapping == {str(gpu): {n: n if gpu == ids[0] else f"{n}_gpu{gpu}" for n in NETWORKS}
                        for gpu in ids}
+    assert read_options(type(rendered.options["flux_bls"]), {
+        "name": "flux_bls", "parameters": _parameters(configs["flux_bls"])}) == rendered.options["flux_bls"]
     steps = re.findall(r'model_name: "(\w+)"', configs["encode_prompt"])
     assert steps == ["tokenizer", "clip_encoder", "t5_encoder"]  # the first GPU's, by plain name
 
 
+def _parameters(config: str) -> dict:
+    """The string parameters of a config.pbtxt, as Triton hands them to a model (JSON form)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    parsed = text_format.Parse(config, model_config_pb2.ModelConfig())
+    return json_format.MessageToDict(parsed, preserving_proto_field_name=True)["parameters"]
+
+
 def test_tensorrt_plans_are_placed_alike(model_dirs):
-    configs = render_configs(model_dirs["dev"], backend="tensorrt", device="gpu", gpus="0,1")
+    configs = render_repository(model_dirs["dev"], backend="tensorrt", device="gpu", gpus="0,1").texts
     for network in NETWORKS:
         assert instance_groups(configs[network]) == [(1, "KIND_GPU", [0])]
         assert instance_groups(configs[f"{network}_gpu1"]) == [(1, "KIND_GPU", [1])]
@@ -94,7 +102,7 @@ def test_tensorrt_plans_are_placed_alike(model_dirs):
 
 def test_gpus_all_is_every_gpu_the_machine_has(model_dirs, monkeypatch):
     monkeypatch.setattr(export_repository, "count_gpus", lambda: 3)
-    configs = render_configs(model_dirs["schnell"], gpus="all", **GPU_OPTIONS)
+    configs = render_repository(model_dirs["schnell"], gpus="all", **GPU_OPTIONS).texts
     assert set(configs) == PLAIN | {f"{n}_gpu{k}" for n in NETWORKS for k in (1, 2)}
     assert instance_groups(configs["flux_bls"]) == [(1, "KIND_GPU", [k]) for k in (0, 1, 2)]
 
@@ -119,12 +127,18 @@ def test_gpu_count_from_torch_else_nvidia_smi(monkeypatch):
 
 def test_without_gpus_the_configs_are_as_before(render):
     default = render()
-    assert set(default) == PLAIN
-    assert not any("gpus:" in c or "component_models_by_gpu" in c for c in default.values())
+    assert set(default.texts) == PLAIN
+    assert not any("gpus:" in c for c in default.texts.values())
+    assert default.deployment.gpus == set() and default.options["flux_bls"].networks_by_gpu is None
     # One GPU listed: the same models, only pinned to it.
-    assert {name: without_pins(c) for name, c in render("0").items()} == default
+    one = render("0")
+    assert one.options["flux_bls"].networks_by_gpu == {"0": {n: n for n in NETWORKS}}
+    assert {n: o for n, o in one.options.items() if n != "flux_bls"} == \
+        {n: o for n, o in default.options.items() if n != "flux_bls"}
     pinned = render("0,1")  # and the first of several: the same models but flux_bls, pinned
-    assert all(without_pins(pinned[name]) == default[name] for name in PLAIN - {"flux_bls"})
+    for name in PLAIN - {"flux_bls", "encode_prompt"}:
+        assert pinned.options[name] == default.options[name]
+        assert pinned.deployment.model(name).kind == default.deployment.model(name).kind
 
 
 @pytest.mark.parametrize("gpus,problem", [
@@ -140,9 +154,9 @@ def test_invalid_gpus_fail_naming_gpus(gpus, problem):
 
 def test_invalid_gpus_stop_the_export(model_dirs, tmp_path, capsys):
     with pytest.raises(ValueError, match="GPUS lists GPU 1 twice"):
-        render_configs(model_dirs["schnell"], device="gpu", gpus="1,1")
+        render_repository(model_dirs["schnell"], device="gpu", gpus="1,1")
     with pytest.raises(ValueError, match="GPUS places the models on GPUs: export with DEVICE=gpu"):
-        render_configs(model_dirs["schnell"], gpus="0,1")
+        render_repository(model_dirs["schnell"], gpus="0,1")
     code = export_repository.main(["--model-dir", str(model_dirs["schnell"]), "--repository",
                                    str(tmp_path / "repository"), "--device", "gpu", "--gpus", "x"])
     assert code == 1 and "GPUS lists GPU ids" in capsys.readouterr().err
@@ -194,9 +208,9 @@ def test_server_loads_what_was_rendered_with_a_pool_on_each_gpu(model_dirs, tmp_
     assert pools == {f"--cuda-memory-pool-byte-size={gpu}:{CUDA_POOL_BYTES}" for gpu in (2, 5)}
     assert "--allow-gpu-metrics=true" in command
 
-    models = python_models(repository)
-    assert models["dit_transformer_gpu5"].instances == 1 and not models["dit_transformer_gpu5"].decoupled
-    assert models["flux_bls"].instances == 2 and models["flux_bls"].decoupled
+    models = RepositoryConfig.read(repository).python_models()
+    assert models["dit_transformer_gpu5"].processes == 1 and not models["dit_transformer_gpu5"].decoupled
+    assert models["flux_bls"].processes == 2 and models["flux_bls"].decoupled
 
 
 def test_supervisor_reloads_a_copy_by_its_own_name(model_dirs, tmp_path):
@@ -223,11 +237,11 @@ def test_supervisor_reloads_a_copy_by_its_own_name(model_dirs, tmp_path):
 def bls_on_gpu(model_dirs, render, tmp_path, monkeypatch):
     """wire(gpu, **params): flux_bls on that GPU with the GPUS=0,1 map; the networks registered
     under the names of GPU 1's copies (on the CPU)."""
-    mapping = parameter(render("0,1")["flux_bls"], "component_models_by_gpu")
+    mapping = render("0,1").options["flux_bls"].networks_by_gpu
 
-    def wire(gpu: int, **params: str):
+    def wire(gpu: int, **options):
         bls = pb.wire_repository(model_dirs["schnell"], tmp_path, bls_gpu=gpu,
-                                 component_models_by_gpu=mapping, **params)
+                                 networks_by_gpu=mapping, **options)
         for network in NETWORKS:
             pb.models[f"{network}_gpu1"] = pb.models[network]
         monkeypatch.setattr(bls.metrics, "sample_gpu_memory", lambda: None)  # no CUDA here
@@ -247,13 +261,13 @@ def _generate(bls, **fields) -> list:
     return pb.requested
 
 
-@pytest.mark.parametrize("batch_delay_us", ["0", "20000"])
+@pytest.mark.parametrize("batch_delay_us", [0, 20000])
 def test_bls_on_gpu_1_calls_the_copies_on_gpu_1(bls_on_gpu, batch_delay_us):
     bls = bls_on_gpu(1, batch_delay_us=batch_delay_us)
     requested = _generate(bls)
     assert {r.model_name for r in requested} == {"tokenizer", *(f"{n}_gpu1" for n in NETWORKS)}
     assert {r.preferred_memory.device_id for r in requested} == {1}  # outputs on its own GPU
-    if batch_delay_us != "0":
+    if batch_delay_us:
         assert bls.metrics.dit_merged.value > 0  # the two requests' DiT calls went as one
     # Its metrics count apart from other GPUs' instances; the component label stays the network.
     labels = [m.labels for family in bls.metrics.families for m in family.metrics]
@@ -268,7 +282,7 @@ def test_bls_on_the_first_gpu_calls_the_plain_names(bls_on_gpu):
 
 
 def test_bls_on_an_unlisted_gpu_refuses_to_load(bls_on_gpu):
-    with pytest.raises(ValueError, match=r"GPU 3 but component_models_by_gpu maps only GPUs \['0', '1'\]"):
+    with pytest.raises(ValueError, match=r"GPU 3 but networks_by_gpu maps only GPUs \['0', '1'\]"):
         bls_on_gpu(3)
 
 
@@ -302,12 +316,12 @@ def test_a_compiled_gpu_export_fills_the_cache_the_server_reads(model_dirs, tmp_
     [(options, warmup, gpus)] = calls
     assert gpus == (0, 2) and options.compile and options.precision == "FP8" and warmup
     config = (dest / "dit_transformer_gpu2" / "config.pbtxt").read_text()
-    params = {k: parameter(config, k) for k in ("precision", "compile", "cuda_graphs",
-                                                  "compile_cache_dir", "warmup")}
-    served = acceleration_options({"model_repository": str(dest / "dit_transformer_gpu2")}, params)
+    written = read_options(NetworkOptions, {"name": "dit_transformer_gpu2",
+                                            "parameters": _parameters(config)})
+    served = acceleration_options({"model_repository": str(dest / "dit_transformer_gpu2")}, written)
     assert Path(options.cache_dir).resolve() == Path(served.cache_dir).resolve()
     assert (options.compile, options.cuda_graphs) == (served.compile, served.cuda_graphs)
-    assert ",".join(map(str, warmup)) == params["warmup"]
+    assert tuple(map(str, warmup)) == written.warmup
 
     calls.clear()
     write_repository(model_dirs["schnell"], dest, device="gpu", gpus="0,3")  # no GPU 3 here
@@ -319,7 +333,7 @@ def test_a_compiled_gpu_export_fills_the_cache_the_server_reads(model_dirs, tmp_
 
 
 def _board(folder: Path, name: str, gpu: int | None, active: int = 0):
-    from flux_triton.adapters.dispatch import LoadBoard
+    from flux_triton.dispatch import LoadBoard
 
     board = LoadBoard(folder, name, gpu)
     board.add(active)

@@ -15,9 +15,11 @@ import urllib.request
 import numpy as np
 import pytest
 
+from devtools.processes import free_port
 from flux_triton.export.repository import write_repository
-from flux_triton.server.launcher import TritonServer, free_port
-from flux_triton.server.supervisor import model_processes
+from flux_triton.server.launcher import TritonServer
+from flux_triton.server.supervisor import Supervisor, model_processes
+from flux_triton.serving_config import ModelDeployment, RepositoryConfig
 from tests.reference import served_generate
 
 MODELS = ("tokenizer", "clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "flux_bls")
@@ -29,10 +31,11 @@ NOT_READY_BOUND_S = 5  # a model not READY this long is recovered (the default i
 
 
 class Healing:
-    def __init__(self, server: TritonServer, fault_dir):
-        self.server = server
+    def __init__(self, supervisor: Supervisor, fault_dir):
+        self.supervisor = supervisor
+        self.server = supervisor.server
         self.fault_dir = fault_dir
-        self.url = f"127.0.0.1:{server.grpc_port}"
+        self.url = f"127.0.0.1:{self.server.grpc_port}"
 
     def client(self):
         import tritonclient.grpc as grpcclient
@@ -104,11 +107,11 @@ def healing(model_dirs, tmp_path_factory):
     repository = write_repository(model_dirs["schnell"], root / "repository")
     ports = [free_port() for _ in range(3)]
     server = TritonServer(repository, *ports, log_file=root / "tritonserver.log",
-                          extra_env={"FLUX_TRITON_FAULT_DIR": str(fault_dir)},
-                          supervisor_port=free_port(), not_ready_bound_s=NOT_READY_BOUND_S)
-    server.start()
-    yield Healing(server, fault_dir)
-    server.stop(timeout_s=10)
+                          extra_env={"FLUX_TRITON_FAULT_DIR": str(fault_dir)})
+    supervisor = Supervisor(server, not_ready_bound_s=NOT_READY_BOUND_S, metrics_port=free_port())
+    supervisor.start()
+    yield Healing(supervisor, fault_dir)
+    supervisor.stop(timeout_s=10)
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +143,11 @@ def _after_recovery_same_image(healing: Healing, reference: np.ndarray) -> None:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_killed_while_idle_comes_back(healing, reference, model):
-    restarts = healing.server.supervisor.restarts[model]
+    restarts = healing.supervisor.restarts[model]
     recovered_s, timeline = _kill_and_recover(healing, model)
     print(f"\n{model} killed while idle: ready again after {recovered_s:.1f} s; "
           f"readiness (s, server, model): {timeline}")
-    _wait_for(lambda: healing.server.supervisor.restarts[model] == restarts + 1, 10)
+    _wait_for(lambda: healing.supervisor.restarts[model] == restarts + 1, 10)
     _after_recovery_same_image(healing, reference)
 
 
@@ -224,7 +227,7 @@ def test_model_stuck_unloading_is_recovered(healing, reference):
         (healing.fault_dir / "dit_transformer.json").unlink()
     recovered_s = timeline.wait_ready_again(NOT_READY_BOUND_S + RECOVERY_BOUND_S)
     thread.join(60)
-    detected = [e for e in healing.server.supervisor.events if e["event"] == "detected"][-1]
+    detected = [e for e in healing.supervisor.events if e["event"] == "detected"][-1]
     print(f"\nflux_bls stuck UNLOADING: {detected['seen']}, ready again after {recovered_s:.1f} s; "
           f"readiness (s, server, model): {timeline.summary()}; stream: {results['stream'].error}")
     assert detected["model"] == "flux_bls" and detected["seen"].startswith("UNLOADING")
@@ -233,10 +236,10 @@ def test_model_stuck_unloading_is_recovered(healing, reference):
 
 
 def test_recovery_is_counted_and_timed(healing):
-    supervisor = healing.server.supervisor
+    supervisor = healing.supervisor
     assert supervisor.restarts["dit_transformer"] >= 2 and supervisor.restarts["flux_bls"] >= 2
     assert supervisor.server_restarts >= 2 and supervisor.not_ready_s > 0 and not supervisor.failed
-    url = f"http://127.0.0.1:{healing.server.supervisor_port}/metrics"
+    url = f"http://127.0.0.1:{healing.supervisor.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
@@ -249,7 +252,7 @@ def test_recovery_is_counted_and_timed(healing):
 
 @pytest.mark.fast
 def test_supervisor_finds_models_not_ready_past_the_bound(tmp_path):
-    from flux_triton.server.supervisor import Supervisor
+    RepositoryConfig((ModelDeployment("flux_bls", "python", decoupled=True),)).write(tmp_path)
 
     class Index:
         repository, process = tmp_path, None
@@ -275,10 +278,7 @@ def test_supervisor_finds_models_not_ready_past_the_bound(tmp_path):
 @pytest.mark.fast
 def test_supervisor_gives_up_past_the_liveness_bound(tmp_path):
     """Recovery that keeps failing stops the server (so liveness fails), and says so."""
-    from flux_triton.server.supervisor import Supervisor
-
-    (tmp_path / "dit_transformer").mkdir()
-    (tmp_path / "dit_transformer" / "config.pbtxt").write_text('backend: "python"\ncount: 1\n')
+    RepositoryConfig((ModelDeployment("dit_transformer", "python"),)).write(tmp_path)
 
     class BrokenServer:
         repository, process, stopped = tmp_path, None, False

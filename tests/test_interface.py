@@ -3,18 +3,15 @@ config, the client and the README all agree with that declaration."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flux_triton import request as request_module
 from flux_triton.clients.stream_client import NUMPY_DTYPES, build_inputs
-from flux_triton.export.repository import render_configs
 from flux_triton.model_info import load_model_info
-from flux_triton.request import validate_request
-from flux_triton.specs import BLS_INPUTS, bls_spec
+from flux_triton.request import InvalidRequest, validate_request
+from flux_triton.specs import BLS_INPUTS, bls_input
 
 pytestmark = pytest.mark.fast
 
@@ -32,10 +29,22 @@ def test_every_declared_input_has_a_sample():
     assert set(SAMPLES) == {t.name for t in BLS_INPUTS}
 
 
-def test_validator_accepts_exactly_the_declared_inputs():
-    assert request_module.KNOWN_FIELDS == {t.name for t in BLS_INPUTS}
-    assert set(request_module.STRING_FIELDS) == {t.name for t in BLS_INPUTS
-                                                  if t.dtype == "BYTES" and t.dims == ("N",)}
+def test_validator_accepts_each_declared_input_and_refuses_any_other(model_dirs):
+    """Every declared input, alone beside a prompt, validates (the validator knows it); a name
+    the interface does not declare is refused, naming it."""
+    info = load_model_info(model_dirs["dev"])
+    for spec in BLS_INPUTS:
+        if spec.name == "prompt":
+            continue
+        fields = {"prompt": SAMPLES["prompt"], spec.name: SAMPLES[spec.name]}
+        if spec.name == "negative_prompt_2":
+            fields["negative_prompt"] = SAMPLES["negative_prompt"]
+        if spec.name == "sigmas":
+            fields["num_inference_steps"] = len(SAMPLES["sigmas"])
+        validate_request(_raw(fields), info)  # raises InvalidRequest if the input were unknown
+    with pytest.raises(InvalidRequest) as refused:
+        validate_request(_raw({"prompt": "a cat", "num_steps": 4}), info)
+    assert refused.value.field == "num_steps"
 
 
 def test_client_builds_each_input_as_declared():
@@ -48,29 +57,23 @@ def test_client_builds_each_input_as_declared():
             assert isinstance(dim, str) or dim == size, spec.name
 
 
+def _raw(fields: dict) -> dict[str, np.ndarray]:
+    """Fields as the server receives them: numpy arrays of each input's declared type."""
+    raw = {}
+    for name, value in fields.items():
+        dtype = bls_input(name).dtype if name in {t.name for t in BLS_INPUTS} else "INT32"
+        strings = [value] if isinstance(value, str) else value
+        raw[name] = (np.array([s.encode() for s in strings], dtype=object) if dtype == "BYTES"
+                     else np.asarray(value, dtype=NUMPY_DTYPES[dtype]).reshape(-1))
+    return raw
+
+
 def test_what_the_client_sends_validates(model_dirs):
     info = load_model_info(model_dirs["dev"])
-    raw = {}
-    for spec in BLS_INPUTS:
-        value = SAMPLES[spec.name]
-        strings = [value] if isinstance(value, str) else value
-        raw[spec.name] = (np.array([s.encode() for s in strings], dtype=object)
-                          if spec.dtype == "BYTES"
-                          else np.asarray(value, dtype=NUMPY_DTYPES[spec.dtype]).reshape(-1))
-    request = validate_request(raw, info)
+    request = validate_request(_raw(SAMPLES), info)
     assert request.batch_size == 4 and request.do_true_cfg and request.previews is False
     assert request.preview_kind == "both"
     assert (request.height, request.width, request.seed) == (64, 96, 12345)
-
-
-def test_rendered_config_declares_the_same_inputs(model_dirs):
-    config = render_configs(model_dirs["schnell"])["flux_bls"]
-    rendered = re.findall(r'name: "(\w+)"\n    data_type: TYPE_(\w+)\n    dims: \[ ([^\]]*) \]'
-                          r'(\n    optional: true)?', config.split("output [")[0])
-    expected = [(t.name, "STRING" if t.dtype == "BYTES" else t.dtype,
-                 ", ".join(str(d) if isinstance(d, int) else "-1" for d in t.dims), t.optional)
-                for t in bls_spec(load_model_info(model_dirs["schnell"])).inputs]
-    assert [(n, d, dims, bool(o)) for n, d, dims, o in rendered] == expected
 
 
 def test_readme_documents_every_input():

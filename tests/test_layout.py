@@ -12,7 +12,7 @@ pytestmark = pytest.mark.fast
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = ["flux_triton", "model_repository"]
 CORE = ["model_info", "specs", "request", "sampling", "pipeline", "recovery", "preview", "batching",
-        "placement"]
+        "placement", "serving_config", "dispatch", "errors"]
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -73,6 +73,21 @@ def test_clients_talk_over_the_wire_only():
         "torch", "flux_triton.runtime", "flux_triton.adapters", "flux_triton.pipeline",
         "flux_triton.sampling", "flux_triton.recovery", "flux_triton.server", "diffusers",
         "transformers", "flux_triton.export")) == []
+
+
+def test_server_lifecycle_needs_no_torch():
+    """The launcher and the supervisor import neither torch nor the adapters: the process that
+    keeps a server alive stays small and starts fast."""
+    import subprocess
+    import sys
+
+    assert _offenders(_files("flux_triton/server"), ("torch", "flux_triton.adapters",
+                                                     "flux_triton.runtime")) == []
+    loaded = subprocess.run([sys.executable, "-c", (
+        "import sys, flux_triton.server.launcher, flux_triton.server.supervisor;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))")],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert loaded.strip() == "[]", loaded
 
 
 def test_model_repository_adapters_are_thin():

@@ -14,6 +14,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools.processes import process_group_rss
 from flux_triton.clients.stream_client import build_inputs, stream_generate
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
@@ -70,7 +71,7 @@ def test_memory_is_bounded_over_many_requests(served):
     fields = dict(prompt="a cat", height=64, width=64, num_inference_steps=2)
     for i in range(20):  # warm up allocators and caches
         assert stream_generate(srv.client(), build_inputs(seed=i, **fields), timeout_s=60).error is None
-    rss_before = srv.server.process_group_rss()
+    rss_before = process_group_rss(srv.server.process.pid)
 
     def one(i: int) -> str | None:
         client = srv.client()
@@ -81,7 +82,7 @@ def test_memory_is_bounded_over_many_requests(served):
 
     with ThreadPoolExecutor(8) as pool:
         errors = [e for e in pool.map(one, range(MEMORY_REQUESTS)) if e]
-    rss_after = srv.server.process_group_rss()
+    rss_after = process_group_rss(srv.server.process.pid)
     growth = rss_after - rss_before
     print(f"\nmemory over {MEMORY_REQUESTS} requests: {rss_before / 2**20:.0f} MiB -> "
           f"{rss_after / 2**20:.0f} MiB ({growth / 2**20:+.1f} MiB)")

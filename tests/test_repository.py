@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devtools.processes import free_port
 from flux_triton.export.repository import write_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
-from flux_triton.server.launcher import CUDA_POOL_BYTES, TritonServer, free_port
+from flux_triton.server.launcher import CUDA_POOL_BYTES, TritonServer
 from tests.reference import raw_inputs, served_generate
 
 FIELDS = dict(prompt="a lighthouse on a cliff", height=64, width=64, num_inference_steps=2, seed=11)
@@ -52,7 +53,7 @@ def test_repository_moves_with_its_model_or_is_pointed_at_one(model_dirs, tmp_pa
     shutil.copytree(model_dirs["schnell"], site / "model")
     write_repository(site / "model", site / "repository")
     config = (site / "repository" / "flux_bls" / "config.pbtxt").read_text()
-    assert 'string_value: "../model"' in config and str(tmp_path) not in config
+    assert '\\"model_dir\\": \\"../model\\"' in config and str(tmp_path) not in config
 
     moved = tmp_path / "elsewhere" / "site"
     moved.parent.mkdir()

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from flux_triton.model_info import PIPELINE_DEFAULTS, load_model_info
-from flux_triton.request import InvalidRequest, ServingLimits, validate_request
+from flux_triton.request import InvalidRequest, validate_request
+from flux_triton.serving_config import ServingLimits
 from tests.reference import raw_inputs
 
 pytestmark = pytest.mark.fast  # unit tests: no server

@@ -22,9 +22,11 @@ import tritonclient.grpc as grpcclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from devtools.processes import free_port
 from flux_triton.export.repository import write_repository
-from flux_triton.server.launcher import ADMIN_HEADER, SHM_FOLDER, TritonServer, free_port
+from flux_triton.server.launcher import ADMIN_HEADER, SHM_FOLDER, TritonServer
 from flux_triton.server.supervisor import model_processes
+from flux_triton.serving_config import RepositoryConfig
 from tests.gateway_server import RunningGateway, sse_events
 from tests.reference import REPO_ROOT
 
@@ -303,6 +305,7 @@ def test_failed_start_leaves_nothing_behind(model_dirs, tmp_path, monkeypatch):
     repository = tmp_path / "repository"
     repository.mkdir()
     os.symlink(full / "tokenizer", repository / "tokenizer")  # one quick model is enough
+    RepositoryConfig((RepositoryConfig.read(full).model("tokenizer"),)).write(repository)
     monkeypatch.setattr(launcher, "port_in_use", lambda host, port: False)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flux_triton.clients.stream_client import build_inputs
+from flux_triton.specs import bls_spec, component_specs
 from tests.reference import PARITY_CASES, assert_served_matches_diffusers, parity_fields, served_generate
 
 
@@ -42,15 +43,26 @@ def _overlap(a: list[float], b: list[float]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-def test_bls_calls_clip_and_t5_concurrently(served):
-    result = served_generate(served["schnell"], dict(
-        prompt="a cat", negative_prompt="a dog", true_cfg_scale=2.0, height=64, width=64, seed=1))
-    spans = result.timings
-    assert _overlap(spans["clip_encoder"], spans["t5_encoder"])
-    assert _overlap(spans["tokenize"], spans["tokenize_negative"])  # both prompts encoded at once
-    assert _overlap(spans["clip_encoder_negative"], spans["t5_encoder_negative"])
-    for name in ("tokenize", "encode", "step_1", "step_4", "vae_decoder", "total"):
-        assert spans[name][1] >= spans[name][0] >= 0
+@pytest.mark.parametrize("model", ["flux_bls", "dit_transformer", "encode_prompt"])
+def test_served_config_is_the_declared_interface(served, model):
+    """What tritonserver itself parsed from the rendered config.pbtxt (over the wire) declares
+    each spec's tensors: names, types, dims and optional flags, in order."""
+    srv = served["dev"]
+    client = srv.client()
+    config = client.get_model_config(model, as_json=True)["config"]
+    client.close()
+    spec = bls_spec(srv.info) if model == "flux_bls" else component_specs(srv.info)[model]
+
+    def declared(tensors):
+        return [(t.name, "TYPE_STRING" if t.dtype == "BYTES" else f"TYPE_{t.dtype}",
+                 [str(d) if isinstance(d, int) else "-1" for d in t.dims], t.optional)
+                for t in tensors]
+
+    def served_as(tensors):
+        return [(t["name"], t["data_type"], t["dims"], t.get("optional", False)) for t in tensors]
+
+    assert served_as(config["input"]) == declared(spec.inputs)
+    assert served_as(config["output"]) == declared(spec.outputs)
 
 
 def test_ensemble_runs_clip_and_t5_in_parallel(served):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from flux_triton.export.repository import SOURCE_REPOSITORY, render_configs
+from flux_triton.export.repository import SOURCE_REPOSITORY, render_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.specs import COMPONENTS, bls_spec, component_specs
 
@@ -40,7 +40,7 @@ def test_loaded_configs_match_specs(served, variant):
 
 @pytest.mark.fast
 def test_every_model_has_its_code(model_dirs):
-    configs = render_configs(model_dirs["schnell"])
+    configs = render_repository(model_dirs["schnell"]).texts
     assert set(configs) == {*COMPONENTS, "encode_prompt", "flux_bls"}
     for name in configs:
         if name != "encode_prompt":
@@ -49,7 +49,7 @@ def test_every_model_has_its_code(model_dirs):
 
 @pytest.mark.fast
 def test_gpu_configs_keep_tensors_on_device(model_dirs):
-    configs = render_configs(model_dirs["dev"], device="gpu", precision="BF16")
+    configs = render_repository(model_dirs["dev"], device="gpu", precision="BF16").texts
     for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "flux_bls"):
         assert "kind: KIND_GPU" in configs[name], name
         assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in configs[name], name
@@ -60,7 +60,7 @@ def test_gpu_configs_keep_tensors_on_device(model_dirs):
 def test_tensorrt_configs_and_profiles(model_dirs):
     from flux_triton.export.profiles import load_engine_config
 
-    configs = render_configs(model_dirs["dev"], backend="tensorrt", device="gpu")
+    configs = render_repository(model_dirs["dev"], backend="tensorrt", device="gpu").texts
     for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder"):
         assert 'platform: "tensorrt_plan"' in configs[name] and "kind: KIND_GPU" in configs[name]
     assert 'backend: "python"' in configs["flux_bls"] and 'platform: "ensemble"' in configs["encode_prompt"]

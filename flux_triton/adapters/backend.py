@@ -10,31 +10,25 @@ from typing import Any
 import torch
 import torch.utils.dlpack
 
-# Set at serve time (e.g. `make serve MODEL_DIR=...`, or a container's mount point), this overrides
-# the `model_dir` of every config, so one rendered repository serves a folder mounted anywhere.
-MODEL_DIR_ENV = "FLUX_TRITON_MODEL_DIR"
-
-# Triton status codes by name, as `TritonError` spells them.
-STATUS_CODES = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED",
-                "ALREADY_EXISTS", "CANCELLED")
+from flux_triton.errors import STATUS_CODES, tag_status
+from flux_triton.serving_config import MODEL_DIR_ENV, Options, read_options
 
 
-def model_parameters(args: dict) -> dict[str, str]:
-    """The `parameters` string values of the model's config.pbtxt."""
-    config = json.loads(args["model_config"])
-    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+def model_options(args: dict, cls: type[Options]) -> Options:
+    """The model's options (`flux_triton.serving_config`), from the config Triton passes."""
+    return read_options(cls, json.loads(args["model_config"]))
 
 
-def resolve_model_dir(args: dict, params: dict[str, str]) -> Path:
+def resolve_model_dir(args: dict, model_dir: str) -> Path:
     """The diffusers model folder to serve.
 
-    `$FLUX_TRITON_MODEL_DIR` when set; else the config's `model_dir`, which export writes relative
+    `$FLUX_TRITON_MODEL_DIR` when set; else the options' `model_dir`, which export writes relative
     to the model repository's root, so a repository moved together with its model keeps working.
     """
     override = os.environ.get(MODEL_DIR_ENV)
     if override:
         return Path(override).resolve()
-    path = Path(params["model_dir"])
+    path = Path(model_dir)
     if not path.is_absolute():
         # args["model_repository"] is this model's own folder, <repository>/<model name>
         path = Path(args["model_repository"]).parent / path
@@ -80,8 +74,10 @@ def from_torch(pb: Any, name: str, value: torch.Tensor) -> Any:
 
 
 def error_response(pb: Any, message: str, code_name: str = "INTERNAL") -> Any:
-    """An InferenceResponse carrying a TritonError with the given status code."""
-    return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code_name)))
+    """An InferenceResponse carrying a TritonError with the given status code, also tagged into
+    its text (`flux_triton.errors`): the only part of it a BLS caller sees on Triton 2.51."""
+    return pb.InferenceResponse(error=pb.TritonError(tag_status(code_name, message),
+                                                     getattr(pb.TritonError, code_name)))
 
 
 def status_code_name(pb: Any, error: Any) -> str | None:

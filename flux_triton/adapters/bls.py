@@ -25,17 +25,17 @@ from flux_triton.adapters.backend import (
     from_torch,
     instance_device,
     log,
-    model_parameters,
+    model_options,
     resolve_model_dir,
     status_code_name,
     to_torch,
 )
-from flux_triton.adapters.dispatch import LoadBoard, board_folder
 from flux_triton.adapters.metrics import BlsMetrics
 from flux_triton.batching import CallBatcher
+from flux_triton.dispatch import LoadBoard, board_folder
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage, StageFailed, StepUpdate, generate
-from flux_triton.placement import NETWORKS_BY_GPU_PARAMETER, served_networks
+from flux_triton.placement import served_networks
 from flux_triton.recovery import (
     OutOfMemory,
     RecoveryStats,
@@ -43,7 +43,8 @@ from flux_triton.recovery import (
     call_with_recovery,
     classify_failure,
 )
-from flux_triton.request import InvalidRequest, ServingLimits, validate_request
+from flux_triton.request import InvalidRequest, validate_request
+from flux_triton.serving_config import BlsOptions
 from flux_triton.specs import NETWORKS, TORCH_DTYPES, bls_spec, component_specs
 
 
@@ -199,31 +200,25 @@ class FluxBlsModel:
             raise pb.TritonModelException(
                 "flux_bls streams responses: set model_transaction_policy { decoupled: true }"
             )
-        params = model_parameters(args)
-        self.info = load_model_info(resolve_model_dir(args, params))
-        self.limits = ServingLimits(**{
-            name: int(params[name]) for name in ServingLimits.__dataclass_fields__ if name in params
-        })
-        self.policy = RetryPolicy(
-            attempts=int(params.get("retry_attempts", RetryPolicy.attempts)),
-            backoff_s=float(params.get("retry_backoff_ms", RetryPolicy.backoff_s * 1000)) / 1000,
-        )
+        options = model_options(args, BlsOptions)
+        self.info = load_model_info(resolve_model_dir(args, options.model_dir))
+        self.limits = options.limits
+        self.policy = options.retry
         self.input_names = [spec.name for spec in bls_spec(self.info).inputs]
         specs = component_specs(self.info)
         self.batched = {m: specs[m].batched_inputs() for m in NETWORKS}
         device = instance_device(args)
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
-        self.served_names = served_networks(params.get(NETWORKS_BY_GPU_PARAMETER), self.gpu)
+        self.served_names = served_networks(options.networks_by_gpu, self.gpu)
         self.metrics = BlsMetrics(pb, self.gpu)
         # tritonserver starts every instance's process: its pid names the board they share
         self.board = LoadBoard(board_folder(os.getppid()),
                                f"{args.get('model_instance_name', 'flux_bls')}-{os.getpid()}", self.gpu)
         self.active_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.input_types = network_input_types(
-            self.info, json.loads(params.get("component_dtypes", "{}")))
+        self.input_types = network_input_types(self.info, options.component_dtypes)
         self.dit_batcher = None
-        delay_us = int(params.get("batch_delay_us", "0"))
+        delay_us = options.batch_delay_us
         if delay_us > 0:  # off by default: batched kernels round differently from single ones
             self.dit_batcher = CallBatcher(self._merged_dit_call, self.batched["dit_transformer"],
                                            delay_us / 1e6, self.limits.max_batch,
@@ -237,7 +232,7 @@ class FluxBlsModel:
 
     def execute(self, requests: list) -> None:
         """Start `requests` on this instance's event loop, then return once this instance's GPU
-        is among the server's least loaded (`flux_triton.adapters.dispatch`): until then Triton
+        is among the server's least loaded (`flux_triton.dispatch`): until then Triton
         gives new requests to the other instances. Responses stream from the loop."""
         if self.loop is None:
             self.loop = asyncio.new_event_loop()

@@ -14,13 +14,14 @@ from flux_triton.adapters.backend import (
     from_torch,
     instance_device,
     log,
-    model_parameters,
+    model_options,
     resolve_model_dir,
     to_torch,
 )
 from flux_triton.adapters.faults import FaultInjector, InjectedUnavailable
+from flux_triton.errors import OUT_OF_MEMORY_MARKER
 from flux_triton.model_info import load_model_info
-from flux_triton.recovery import OUT_OF_MEMORY_MARKER, is_out_of_memory, tag_status
+from flux_triton.recovery import is_out_of_memory
 from flux_triton.runtime.acceleration import (
     Acceleration,
     compile_cache_location,
@@ -28,6 +29,7 @@ from flux_triton.runtime.acceleration import (
     load_accelerated,
 )
 from flux_triton.runtime.torch_components import load_component
+from flux_triton.serving_config import NetworkOptions
 from flux_triton.specs import ServingShape, component_specs
 
 
@@ -35,26 +37,23 @@ def failure_response(pb: Any, model: str, exc: Exception) -> Any:
     """The error a component returns, with the status code the BLS decides retries by.
 
     UNAVAILABLE for transient failures; INTERNAL otherwise, with `out of memory` in the text when
-    the device ran out of memory (Triton has no status code for it; the BLS halves the batch). The
-    code is also tagged into the text, which is all of it a BLS caller sees on Triton 2.51.
+    the device ran out of memory (Triton has no status code for it; the BLS halves the batch).
     """
     status = "UNAVAILABLE" if isinstance(exc, InjectedUnavailable) else "INTERNAL"
     detail = f"{type(exc).__name__}: {exc}"
     if is_out_of_memory(exc):
         detail = f"{OUT_OF_MEMORY_MARKER}: {detail}"
-    return error_response(pb, f"{model}: {tag_status(status, detail)}", status)
+    return error_response(pb, f"{model}: {detail}", status)
 
 
-def acceleration_options(args: dict, params: dict[str, str]) -> Acceleration:
-    """The config's precision, compile, cuda_graphs and compile_cache_dir (relative to the model
+def acceleration_options(args: dict, options: NetworkOptions) -> Acceleration:
+    """The options' precision, compile, cuda_graphs and compile_cache_dir (relative to the model
     repository, like model_dir; $FLUX_TRITON_COMPILE_CACHE overrides it, e.g. for a read-only
     repository volume)."""
     cache_dir = compile_cache_location(Path(args["model_repository"]).parent,
-                                       params.get("compile_cache_dir"))
-    return Acceleration(precision=params.get("precision", "FP32"),
-                        compile=params.get("compile", "0") == "1",
-                        cuda_graphs=params.get("cuda_graphs", "0") == "1",
-                        cache_dir=cache_dir)
+                                       options.compile_cache_dir)
+    return Acceleration(precision=options.precision, compile=options.compile,
+                        cuda_graphs=options.cuda_graphs, cache_dir=cache_dir)
 
 
 class ComponentModel:
@@ -67,25 +66,24 @@ class ComponentModel:
     pb: Any
 
     def initialize(self, args: dict) -> None:
-        params = model_parameters(args)
-        info = load_model_info(resolve_model_dir(args, params))
-        precision = params.get("precision", "FP32")
+        options = model_options(args, NetworkOptions)
+        info = load_model_info(resolve_model_dir(args, options.model_dir))
         self.device = instance_device(args)
-        self.spec = component_specs(info, precision)[self.name]
+        self.spec = component_specs(info, options.precision)[self.name]
         self.faults = FaultInjector(self.spec)
-        if params.get("backend", "torch") == "onnx":
+        if options.backend == "onnx":
             from flux_triton.runtime.onnx_components import OnnxComponent
 
             onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
             self.component = OnnxComponent(onnx_path, self.spec, self.device)
             return
-        options = acceleration_options(args, params)
-        warmup = tuple(ServingShape.parse(s) for s in params.get("warmup", "").split(",") if s)
+        acceleration = acceleration_options(args, options)
+        warmup = tuple(ServingShape.parse(s) for s in options.warmup)
         phases: dict = {}
-        self.component = load_accelerated(self.name, info, self.device, options, warmup, phases)
-        if options.active:  # what a slow start spent its time on
+        self.component = load_accelerated(self.name, info, self.device, acceleration, warmup, phases)
+        if acceleration.active:  # what a slow start spent its time on
             log(self.pb, f"{self.name} ready on {self.device}: {phases}")
-        if options.compile and warmup:
+        if acceleration.compile and warmup:
             eager_for_new_shapes()
 
     def execute(self, requests: list) -> list:
@@ -115,7 +113,8 @@ class TokenizerModel:
     pb: Any
 
     def initialize(self, args: dict) -> None:
-        info = load_model_info(resolve_model_dir(args, model_parameters(args)))
+        options = model_options(args, NetworkOptions)
+        info = load_model_info(resolve_model_dir(args, options.model_dir))
         self.tokenizer = load_component("tokenizer", info)
         self.max_length = info.t5_max_length
 
@@ -143,8 +142,7 @@ class TokenizerModel:
                     [from_torch(pb, name, value) for name, value in ids.items()]
                 ))
             except ValueError as exc:
-                responses.append(error_response(pb, f"tokenizer: {tag_status('INVALID_ARG', str(exc))}",
-                                                "INVALID_ARG"))
+                responses.append(error_response(pb, f"tokenizer: {exc}", "INVALID_ARG"))
             except Exception as exc:
                 responses.append(failure_response(pb, "tokenizer", exc))
         return responses

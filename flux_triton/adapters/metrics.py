@@ -59,7 +59,7 @@ class BlsMetrics:
         self.dit_merged = family("flux_dit_merged_calls_total",
                                  "DiT calls that served several requests at once", counter
                                  ).Metric(labels={})
-        # what least-loaded dispatch compares (flux_triton.adapters.dispatch), per instance
+        # what least-loaded dispatch compares (flux_triton.dispatch), per instance
         self.active_requests = family("flux_active_requests", "Requests this instance is serving",
                                       pb.MetricFamily.GAUGE).Metric(labels={})
         self.gpu = gpu

@@ -20,6 +20,7 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 
 from flux_triton.clients.stream_client import build_inputs, stream_generate
+from flux_triton.errors import client_error_kind
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -31,16 +32,6 @@ def percentile(values: list[float], q: float) -> float | None:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def error_kind(message: str) -> str:
-    """A short class for an error message: which model failed, invalid input, or transport."""
-    for marker, kind in (("`", "invalid_argument"), ("is unavailable", "unavailable"),
-                         ("failed during", "component_failed"), ("Socket closed", "connection"),
-                         ("Deadline", "timeout")):
-        if marker in message:
-            return kind
-    return "other"
 
 
 def run_load(url: str, fields: dict, concurrency: int, requests: int,
@@ -91,7 +82,7 @@ def run_load(url: str, fields: dict, concurrency: int, requests: int,
                       "p99": percentile(latencies, 99),
                       "mean": statistics.mean(latencies) if latencies else None},
         "first_preview_s": {"p50": percentile(firsts, 50), "p95": percentile(firsts, 95)},
-        "errors": dict(Counter(error_kind(r["error"]) for r in results if r["error"])),
+        "errors": dict(Counter(client_error_kind(r["error"]) for r in results if r["error"])),
         "error_samples": sorted({r["error"][:200] for r in results if r["error"]})[:5],
     }
 

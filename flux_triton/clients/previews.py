@@ -7,11 +7,10 @@ full size and in true colours (one more inference per step).
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from flux_triton.preview import PreviewProjection, preview_rgb
+from flux_triton.serving_config import BlsOptions, read_options
 
 
 def to_vae_latents(latents: np.ndarray, scaling_factor: float, shift_factor: float) -> np.ndarray:
@@ -26,25 +25,27 @@ def to_uint8_image(decoded: np.ndarray) -> np.ndarray:
     return np.round(image.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
 
 
-def bls_parameters(config: dict) -> dict[str, str]:
-    """The string parameters of flux_bls's model config (as `get_model_config(as_json=True)`)."""
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+def bls_options(config: dict) -> BlsOptions:
+    """flux_bls's options, from its model config (as `get_model_config(as_json=True)["config"]`)."""
+    return read_options(BlsOptions, config)
 
 
-def linear_renderer(parameters: dict[str, str]):
+def linear_renderer(options: BlsOptions):
     """preview latent [B, C, h, w] -> uint8 [B, h, w, 3], or None without a fitted projection."""
-    raw = parameters.get("preview_projection")
-    if not raw:
+    if not options.preview_projection:
         return None
-    projection = PreviewProjection.from_json(json.loads(raw))
+    projection = PreviewProjection.from_json(options.preview_projection)
     return lambda latent: preview_rgb(np.asarray(latent), projection)
 
 
-def vae_inputs(latent: np.ndarray, parameters: dict[str, str]) -> np.ndarray | None:
-    """What to send to `vae_decoder` to decode a preview latent, or None when the config does not
-    say how the model's VAE is normalised."""
-    if "vae_scaling_factor" not in parameters:
-        return None
-    return to_vae_latents(np.asarray(latent, dtype=np.float32),
-                          float(parameters["vae_scaling_factor"]),
-                          float(parameters["vae_shift_factor"]))
+def vae_inputs(latent: np.ndarray, options: BlsOptions) -> tuple[np.ndarray, str]:
+    """What to send to `vae_decoder` to decode a preview latent: (latents, Triton type), in the
+    type the repository serves the VAE in (a BF16 GPU repository's VAE takes BF16)."""
+    latents = to_vae_latents(np.asarray(latent, dtype=np.float32), options.vae_scaling_factor,
+                             options.vae_shift_factor)
+    dtype = options.component_dtypes.get("vae_decoder", "FP32")
+    if dtype == "BF16":
+        import ml_dtypes  # tritonclient's BF16 arrays
+
+        return latents.astype(ml_dtypes.bfloat16), dtype
+    return latents.astype({"FP16": np.float16}.get(dtype, np.float32)), dtype

@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from flux_triton.clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
+from flux_triton.clients.previews import bls_options, linear_renderer, to_uint8_image, vae_inputs
 from flux_triton.specs import NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"
@@ -163,8 +163,6 @@ def stream_generate(
     return out
 
 
-def _bls_parameters(client: grpcclient.InferenceServerClient, model: str = MODEL) -> dict[str, str]:
-    return bls_parameters(client.get_model_config(model, as_json=True)["config"])
 
 
 def preview_renderer(client: grpcclient.InferenceServerClient, decoder: str):
@@ -172,18 +170,15 @@ def preview_renderer(client: grpcclient.InferenceServerClient, decoder: str):
 
     `linear`: the cheap map fitted at export (one pixel per latent pixel, no server call).
     `vae`: the server's own `vae_decoder` model decodes each preview, at full size and in true
-    colours (one more inference per step; needs an FP32 decoder input).
+    colours (one more inference per step, in the type the repository serves the VAE in).
     """
-    params = _bls_parameters(client)
+    options = bls_options(client.get_model_config(MODEL, as_json=True)["config"])
     if decoder == "linear":
-        return linear_renderer(params)
-    inputs = client.get_model_metadata("vae_decoder", as_json=True)["inputs"]
-    if inputs[0]["datatype"] != "FP32" or vae_inputs(np.zeros((1, 1, 1, 1)), params) is None:
-        return None
+        return linear_renderer(options)
 
     def decode(latent: np.ndarray) -> np.ndarray:
-        latents = vae_inputs(latent, params)
-        tensor = grpcclient.InferInput("latents", list(latents.shape), "FP32")
+        latents, dtype = vae_inputs(latent, options)
+        tensor = grpcclient.InferInput("latents", list(latents.shape), dtype)
         tensor.set_data_from_numpy(latents)
         return to_uint8_image(client.infer("vae_decoder", [tensor]).as_numpy("image"))
 

@@ -1,9 +1,9 @@
-"""config.pbtxt rendered from the tensor specs (`flux_triton.specs`)."""
+"""config.pbtxt rendered from the tensor specs (`flux_triton.specs`) and each model's deployment
+(`flux_triton.serving_config`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+from flux_triton.serving_config import ModelDeployment
 from flux_triton.specs import ComponentSpec, TensorSpec
 
 
@@ -35,30 +35,25 @@ def _parameters(params: dict[str, str]) -> str:
     )
 
 
-def _instance_groups(kind: str, count: int, gpus: Sequence[int] | None) -> str:
-    """`count` instances of `kind`; with `gpus`, `count` on each listed GPU (one group per GPU)
-    rather than on every GPU the server sees."""
-    if gpus is None:
+def _instance_groups(deployment: ModelDeployment) -> str:
+    """The deployment's instances: on every GPU the server sees, or (`gpus`) a group on each
+    listed GPU."""
+    kind, count = deployment.kind, deployment.instances
+    if deployment.gpus is None:
         groups = [f"  {{\n    count: {count}\n    kind: {kind}\n  }}"]
     else:
-        groups = [f"  {{\n    count: {count}\n    kind: {kind}\n    gpus: [ {gpu} ]\n  }}" for gpu in gpus]
+        groups = [f"  {{\n    count: {count}\n    kind: {kind}\n    gpus: [ {gpu} ]\n  }}"
+                  for gpu in deployment.gpus]
     return "instance_group [\n" + ",\n".join(groups) + "\n]\n"
 
 
-def python_model_config(
-    spec: ComponentSpec,
-    params: dict[str, str],
-    kind: str = "KIND_CPU",
-    count: int = 1,
-    decoupled: bool = False,
-    gpus: Sequence[int] | None = None,
-) -> str:
-    """A Python-backend model config (max_batch_size 0: the batch is an explicit dim); `gpus`
-    pins its GPU instances to those GPUs."""
-    policy = "model_transaction_policy {\n  decoupled: true\n}\n" if decoupled else ""
+def python_model_config(spec: ComponentSpec, deployment: ModelDeployment,
+                        params: dict[str, str]) -> str:
+    """A Python-backend model config (max_batch_size 0: the batch is an explicit dim)."""
+    policy = "model_transaction_policy {\n  decoupled: true\n}\n" if deployment.decoupled else ""
     return (
         f"name: \"{spec.name}\"\nbackend: \"python\"\nmax_batch_size: 0\n{policy}{_io(spec)}"
-        f"{_instance_groups(kind, count, gpus)}{_parameters(params)}"
+        f"{_instance_groups(deployment)}{_parameters(params)}"
     )
 
 
@@ -75,9 +70,9 @@ def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict[str, str], 
             f"ensemble_scheduling {{\n  step [\n{steps_text}\n  ]\n}}\n")
 
 
-def tensorrt_model_config(spec: ComponentSpec, count: int = 1, gpus: Sequence[int] | None = None) -> str:
+def tensorrt_model_config(spec: ComponentSpec, deployment: ModelDeployment) -> str:
     """A TensorRT plan model config; the plan's bindings carry the spec's names."""
     return (
         f"name: \"{spec.name}\"\nplatform: \"tensorrt_plan\"\nmax_batch_size: 0\n{_io(spec)}"
-        f"{_instance_groups('KIND_GPU', count, gpus)}"
+        f"{_instance_groups(deployment)}"
     )

@@ -8,11 +8,10 @@ the exported graphs with onnxruntime) or `tensorrt` (`tensorrt_plan` models). Th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
-from dataclasses import fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flux_triton.export.onnx_export import ONNX_PRECISIONS, ExportError, export_all, io_type, onnx_paths
@@ -20,18 +19,24 @@ from flux_triton.export.pbtxt import ensemble_config, python_model_config, tenso
 from flux_triton.export.previews import fit_preview_projection
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.placement import (
-    NETWORKS_BY_GPU_PARAMETER,
     copied_network,
     network_copy_name,
     networks_by_gpu,
     parse_gpus,
 )
 from flux_triton.preview import PreviewProjection
-from flux_triton.recovery import RetryPolicy
-from flux_triton.request import ServingLimits
 from flux_triton.runtime.acceleration import Acceleration, compile_cache_location
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.server.launcher import gpu_ids
+from flux_triton.serving_config import (
+    BlsOptions,
+    ModelDeployment,
+    NetworkOptions,
+    RepositoryConfig,
+    RetryPolicy,
+    ServingLimits,
+    options_parameter,
+)
 from flux_triton.specs import (
     IO_DTYPES,
     NETWORKS,
@@ -101,7 +106,17 @@ def compile_cache_parameter(repository: str | Path) -> str:
     return f"../{Path(repository).resolve().name}{COMPILE_CACHE_SUFFIX}"
 
 
-def render_configs(
+@dataclass(frozen=True)
+class RenderedRepository:
+    """What `make export` writes for a model folder: how Triton runs each model, the options of
+    each Python model, and the config.pbtxt texts rendered from both."""
+
+    deployment: RepositoryConfig
+    options: dict[str, NetworkOptions | BlsOptions]
+    texts: dict[str, str]
+
+
+def render_repository(
     model_dir: str | Path,
     backend: str = "torch",
     device: str = "cpu",
@@ -115,8 +130,8 @@ def render_configs(
     onnx_precision: str = "FP32",
     gpus: str | None = None,
     repository: str | Path = SOURCE_REPOSITORY,
-) -> dict[str, str]:
-    """config.pbtxt text of every served model, by model name.
+) -> RenderedRepository:
+    """Every served model of `model_dir`, by name.
 
     `model_dir` is written relative to `repository`, so the repository and its model folder can
     move together; `$FLUX_TRITON_MODEL_DIR` at serve time points a moved repository elsewhere.
@@ -132,7 +147,7 @@ def render_configs(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "tensorrt" and (device != "gpu" or precision != "FP32"):
         raise ValueError("TensorRT plans run on the GPU; their types come from the graphs "
-                         "(ONNX_PRECISION) and flux_triton/export/engine_config.json, not from PRECISION")
+                         "(ONNX_PRECISION) and export/engine_config.json, not from PRECISION")
     if onnx_precision != "FP32" and backend != "tensorrt":
         raise ValueError(f"ONNX_PRECISION={onnx_precision} graphs are for TensorRT (BACKEND=tensorrt): "
                          "onnxruntime's CPU provider has no bf16 or float8 kernels to serve them")
@@ -147,22 +162,30 @@ def render_configs(
         if device != "gpu":
             raise ValueError("GPUS places the models on GPUs: export with DEVICE=gpu (or BACKEND=tensorrt)")
         placement = parse_gpus(gpus, count_gpus)
-    limits = limits or ServingLimits()
-    retry = retry or RetryPolicy()
     info = load_model_info(model_dir)
     compile, cuda_graphs, warmup = gpu_acceleration(info, accelerated, compile, cuda_graphs, warmup)
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
-    model_dir_param = os.path.relpath(info.model_dir, Path(repository).resolve())
-    params = {"model_dir": model_dir_param, "precision": precision, "backend": backend}
-    if device == "gpu":
-        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
-    configs = {"tokenizer": python_model_config(specs["tokenizer"], params, "KIND_CPU")}
-    network_params = dict(params)
-    if accelerated:
-        network_params.update(compile=str(int(compile)), cuda_graphs=str(int(cuda_graphs)),
-                              warmup=",".join(map(str, warmup)),
-                              compile_cache_dir=compile_cache_parameter(repository))
+    model_dir_option = os.path.relpath(info.model_dir, Path(repository).resolve())
+    # Triton's own parameter: GPU tensors reach a GPU model as they are (no copy to the host)
+    on_device = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if device == "gpu" else {}
+    deployments: list[ModelDeployment] = []
+    options: dict[str, NetworkOptions | BlsOptions] = {}
+    texts: dict[str, str] = {}
+
+    def python_model(spec, deployment: ModelDeployment, model_options) -> None:
+        deployments.append(deployment)
+        options[spec.name] = model_options
+        texts[spec.name] = python_model_config(
+            spec, deployment, {**on_device, **options_parameter(model_options)})
+
+    python_model(specs["tokenizer"], ModelDeployment("tokenizer", "python"),
+                 NetworkOptions("tokenizer", model_dir_option, precision, backend))
+    network_options = {name: NetworkOptions(
+        name, model_dir_option, precision, backend, compile=compile, cuda_graphs=cuda_graphs,
+        warmup=tuple(map(str, warmup)) if accelerated else (),
+        compile_cache_dir=compile_cache_parameter(repository) if accelerated else None)
+        for name in NETWORKS}
     component_types = {}
     for name in NETWORKS:
         if backend == "tensorrt":  # each plan takes and gives the types of its graph
@@ -175,24 +198,27 @@ def render_configs(
         for gpu in placement or (None,):
             copy = spec if gpu is None else replace(spec, name=network_copy_name(name, gpu, placement))
             pinned = None if gpu is None else (gpu,)
-            configs[copy.name] = (tensorrt_model_config(copy, gpus=pinned) if backend == "tensorrt"
-                                  else python_model_config(copy, network_params, kind, gpus=pinned))
-    configs["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
-    bls_params = dict(params, **{f.name: str(getattr(limits, f.name)) for f in fields(limits)})
-    bls_params["batch_delay_us"] = str(int(batch_delay_us))  # 0: every request its own DiT calls
-    # The floating-point type each network takes: flux_bls casts to it (graphs may differ).
-    bls_params["component_dtypes"] = json.dumps(component_types, sort_keys=True)
-    bls_params["retry_attempts"] = str(retry.attempts)
-    bls_params["retry_backoff_ms"] = str(retry.backoff_s * 1000)
-    bls_params["preview_projection"] = json.dumps(preview_projection(info).to_json())
-    # What a client needs to decode a preview latent with the vae_decoder model itself.
-    bls_params["vae_scaling_factor"] = repr(info.vae_scaling_factor)
-    bls_params["vae_shift_factor"] = repr(info.vae_shift_factor)
-    if placement is not None:  # each instance calls the networks on its own GPU
-        bls_params[NETWORKS_BY_GPU_PARAMETER] = json.dumps(networks_by_gpu(placement), sort_keys=True)
-    configs["flux_bls"] = python_model_config(bls_spec(info), bls_params, kind, decoupled=True,
-                                              gpus=placement)
-    return configs
+            if backend == "tensorrt":
+                deployment = ModelDeployment(copy.name, "tensorrt_plan", "KIND_GPU", pinned)
+                deployments.append(deployment)
+                texts[copy.name] = tensorrt_model_config(copy, deployment)
+            else:
+                python_model(copy, ModelDeployment(copy.name, "python", kind, pinned),
+                             network_options[name])
+    deployments.append(ModelDeployment("encode_prompt", "ensemble"))
+    texts["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
+    bls_options = BlsOptions(
+        model_dir=model_dir_option, precision=precision, backend=backend,
+        limits=limits or ServingLimits(), retry=retry or RetryPolicy(),
+        batch_delay_us=int(batch_delay_us), component_dtypes=component_types,
+        # each instance calls the networks on its own GPU
+        networks_by_gpu=None if placement is None else networks_by_gpu(placement),
+        preview_projection=preview_projection(info).to_json(),
+        # what a client needs to decode a preview latent with the vae_decoder model itself
+        vae_scaling_factor=info.vae_scaling_factor, vae_shift_factor=info.vae_shift_factor)
+    python_model(bls_spec(info), ModelDeployment("flux_bls", "python", kind, placement, decoupled=True),
+                 bls_options)
+    return RenderedRepository(RepositoryConfig(tuple(deployments)), options, texts)
 
 
 def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir: Path,
@@ -265,7 +291,8 @@ def write_repository(
 
         require_tensorrt()  # fail fast, before the long ONNX export
     dest = Path(dest).resolve()
-    configs = render_configs(model_dir, backend=backend, repository=dest, **options)
+    rendered = render_repository(model_dir, backend=backend, repository=dest, **options)
+    configs = rendered.texts
     for name in configs:
         version_dir = dest / name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
@@ -288,6 +315,7 @@ def write_repository(
             shutil.rmtree(stale)
     for name, text in configs.items():
         (dest / name / "config.pbtxt").write_text(text)
+    rendered.deployment.write(dest)
     if precompile and backend == "torch" and options.get("device") == "gpu":
         fill_compile_cache(model_dir, dest, options)
     return dest

@@ -32,8 +32,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from flux_triton.clients.previews import bls_parameters, linear_renderer, to_uint8_image, vae_inputs
+from flux_triton.clients.previews import bls_options, linear_renderer, to_uint8_image, vae_inputs
 from flux_triton.clients.stream_client import build_inputs
+from flux_triton.serving_config import BlsOptions
 from flux_triton.specs import NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"
@@ -184,13 +185,13 @@ class TritonStreams:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.client = grpcclient.InferenceServerClient(settings.triton_url)
-        self._parameters: dict[str, str] | None = None
+        self._options: BlsOptions | None = None
 
-    async def parameters(self) -> dict[str, str]:
-        if self._parameters is None:
+    async def options(self) -> BlsOptions:
+        if self._options is None:
             config = await self.client.get_model_config(MODEL, as_json=True)
-            self._parameters = bls_parameters(config["config"])
-        return self._parameters
+            self._options = bls_options(config["config"])
+        return self._options
 
     async def ready(self) -> bool:
         try:
@@ -258,18 +259,17 @@ class TritonStreams:
     async def render_preview(self, latent: np.ndarray) -> np.ndarray | None:
         """A preview latent [B, C, h, w] as uint8 [h', w', 3] of the first image."""
         try:
-            parameters = await self.parameters()
+            options = await self.options()
             if self.settings.preview_decoder == "vae":
-                latents = vae_inputs(latent[:1], parameters)
-                if latents is not None:
-                    tensor = InferInput("latents", list(latents.shape), "FP32")
-                    tensor.set_data_from_numpy(latents)
-                    result = await self.client.infer("vae_decoder", [tensor])
-                    return to_uint8_image(result.as_numpy("image"))[0]
+                latents, dtype = vae_inputs(latent[:1], options)
+                tensor = InferInput("latents", list(latents.shape), dtype)
+                tensor.set_data_from_numpy(latents)
+                result = await self.client.infer("vae_decoder", [tensor])
+                return to_uint8_image(result.as_numpy("image"))[0]
         except (InferenceServerException, grpc.RpcError) as exc:
             detail = exc.message() if isinstance(exc, InferenceServerException) else exc.details()
             raise unavailable(f"the server is unavailable: {detail}") from exc
-        render = linear_renderer(parameters)
+        render = linear_renderer(options)
         return None if render is None else render(latent[:1])[0]
 
     async def close(self) -> None:

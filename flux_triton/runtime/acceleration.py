@@ -20,6 +20,7 @@ import torch
 
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.runtime.torch_components import load_component
+from flux_triton.serving_config import COMPILE_CACHE_ENV
 from flux_triton.specs import IO_DTYPES, PRECISIONS, TORCH_DTYPES, ServingShape, component_specs
 
 COMPILED = ("dit_transformer", "vae_decoder", "t5_encoder")
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 
 # Overrides every served network's compile_cache_dir parameter (e.g. for a read-only repository volume).
-COMPILE_CACHE_ENV = "FLUX_TRITON_COMPILE_CACHE"
 
 
 def compile_cache_location(repository: str | Path, configured: str | None) -> str | None:

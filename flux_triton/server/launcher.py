@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -25,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flux_triton.adapters.backend import MODEL_DIR_ENV
-from flux_triton.adapters.dispatch import board_folder
-from flux_triton.server.supervisor import Supervisor, SupervisorMetrics
+from flux_triton.dispatch import board_folder
+from flux_triton.server.supervisor import Supervisor
+from flux_triton.serving_config import MODEL_DIR_ENV, ConfigError, RepositoryConfig
 
 # Per GPU: large enough that a 1024² DiT output (48 MiB) moves between models without CUDA IPC.
 CUDA_POOL_BYTES = 256 * 1024 * 1024
@@ -89,24 +88,6 @@ def prepare_backends() -> Path:
     return root / "backends"
 
 
-def repository_uses_gpu(repository: Path) -> bool:
-    """True when any model of the rendered repository runs on a GPU."""
-    return any("KIND_GPU" in config.read_text() or "tensorrt_plan" in config.read_text()
-               for config in Path(repository).glob("*/config.pbtxt"))
-
-
-def repository_models(repository: Path) -> list[str]:
-    """The models the rendered repository holds: its folders with a config.pbtxt."""
-    return sorted(config.parent.name for config in Path(repository).glob("*/config.pbtxt"))
-
-
-def repository_gpus(repository: Path) -> set[int]:
-    """The GPUs the repository's instance groups are pinned to (`gpus: [ ... ]`, from GPUS)."""
-    return {int(gpu) for config in Path(repository).glob("*/config.pbtxt")
-            for listed in re.findall(r"gpus:\s*\[([^\]]*)\]", config.read_text())
-            for gpu in listed.split(",") if gpu.strip()}
-
-
 def gpu_ids() -> list[int]:
     """Indices of the GPUs this process sees (from nvidia-smi; none when it is missing)."""
     try:
@@ -151,12 +132,6 @@ class MpsDaemon:
             subprocess.run([self.control()], input=b"quit\n", env={**os.environ, **self.env},
                            check=False, timeout=60)
             self.running = False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -206,13 +181,8 @@ class TritonServer:
     device: str = "auto"
     model_dir: Path | None = None
     mps: bool | None = None  # None: on for a GPU server where the MPS control program exists
-    supervise: bool = True  # restart model processes that die or stop (flux_triton.server.supervisor)
-    supervisor_port: int | None = None  # the supervisor's Prometheus metrics, if given
-    liveness_bound_s: float = 120.0
-    not_ready_bound_s: float = 60.0  # a model not READY this long is recovered like a dead one
     process: subprocess.Popen | None = None
     mps_daemon: MpsDaemon | None = None
-    supervisor: Supervisor | None = None
     load_board: Path | None = None
     # the admin APIs' key (ADMIN_APIS): $FLUX_TRITON_ADMIN_KEY, else drawn here
     admin_key: str = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or
@@ -227,9 +197,14 @@ class TritonServer:
         return self.mps
 
     @property
+    def deployment(self) -> RepositoryConfig:
+        """How the repository's models run (`make export` wrote it beside them)."""
+        return RepositoryConfig.read(self.repository)
+
+    @property
     def on_gpu(self) -> bool:
         if self.device == "auto":
-            return repository_uses_gpu(self.repository)
+            return self.deployment.uses_gpu
         return self.device == "gpu"
 
     @property
@@ -239,7 +214,7 @@ class TritonServer:
 
     def command(self) -> list[str]:
         if self.on_gpu:  # a pool on every GPU, listed in the repository or not
-            gpus = sorted(set(gpu_ids()) | repository_gpus(self.repository))
+            gpus = sorted(set(gpu_ids()) | self.deployment.gpus)
             pools = [f"--cuda-memory-pool-byte-size={gpu}:{CUDA_POOL_BYTES}" for gpu in gpus]
             device_args = ["--allow-gpu-metrics=true", *pools]
         else:
@@ -263,7 +238,7 @@ class TritonServer:
             # Every rendered model loaded at start (no stray folder), and the supervisor may unload
             # and load one again.
             "--model-control-mode=explicit",
-            *(f"--load-model={model}" for model in repository_models(self.repository)),
+            *(f"--load-model={model}" for model in self.deployment.names),
             *self.extra_args,
         ]
 
@@ -313,12 +288,17 @@ class TritonServer:
             self.mps_daemon.stop()
             self.mps_daemon = None
 
-    def start(self, timeout_s: float = 120.0, supervise: bool | None = None) -> float:
-        """Start the server and wait until it is ready; return the start-to-ready seconds. With
-        `supervise` (default: the `supervise` field) a supervisor then watches its processes."""
+    def start(self, timeout_s: float = 120.0) -> float:
+        """Start the server and wait until it is ready; return the start-to-ready seconds."""
+        began = time.perf_counter()
+        self.launch()
+        self.wait_ready(timeout_s - (time.perf_counter() - began))
+        return time.perf_counter() - began
+
+    def launch(self) -> None:
+        """Start the tritonserver process (after checking its ports), without waiting for it."""
         self.check_ports()
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
-        began = time.perf_counter()
         self.start_mps()
         command, env = self.command(), self.environment()
         self.process = _spawner.submit(
@@ -327,23 +307,21 @@ class TritonServer:
         ).result()
         # the folder where this server's flux_bls instances share their load (see stop)
         self.load_board = board_folder(self.process.pid)
-        while time.perf_counter() - began < timeout_s:
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until the launched server is ready; a server that exits or stays unready past
+        `timeout_s` is stopped, and what it created removed."""
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
             if self.process.poll() is not None:
                 code = self.process.returncode
-                self.stop(keep_supervisor=True)  # removes what the failed start left
+                self.stop()  # removes what the failed start left
                 raise StartFailed(f"tritonserver exited with code {code}"
                                   + (f"; see {self.log_file}" if self.log_file else ""))
             if self.is_ready():
-                ready_s = time.perf_counter() - began
-                if (self.supervise if supervise is None else supervise) and self.supervisor is None:
-                    self.supervisor = Supervisor(self, liveness_bound_s=self.liveness_bound_s,
-                                                 not_ready_bound_s=self.not_ready_bound_s)
-                    if self.supervisor_port:
-                        SupervisorMetrics(self.supervisor, self.supervisor_port, self.host)
-                    self.supervisor.start()
-                return ready_s
+                return
             time.sleep(0.1)
-        self.stop(keep_supervisor=True)
+        self.stop()
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s")
 
     def model_control(self, model: str, action: str, timeout_s: float = 600.0) -> None:
@@ -374,32 +352,15 @@ class TritonServer:
         except OSError:
             return False
 
-    def process_group_rss(self) -> int:
-        """Resident memory in bytes of the server and its model stubs (its process group)."""
-        total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == self.process.pid:  # field 5: process group id
-                    total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss pages
-            except (OSError, IndexError, ValueError):
-                continue
-        return total
-
     def metrics(self) -> str:
         """The Prometheus text of Triton's /metrics endpoint."""
         url = f"http://{self.local_host}:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.read().decode()
 
-    def stop(self, timeout_s: float = 30.0, keep_supervisor: bool = False) -> int | None:
+    def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGINT (Triton's graceful shutdown), then SIGKILL of the whole group if it hangs; then
-        the MPS daemon, if any. The supervisor stops first, unless it is the one restarting."""
-        if self.supervisor is not None and not keep_supervisor:
-            self.supervisor.stop()
-            if self.supervisor.metrics is not None:
-                self.supervisor.metrics.close()
-            self.supervisor = None
+        the MPS daemon, if any."""
         try:
             if self.process is None or self.process.poll() is not None:
                 return None if self.process is None else self.process.returncode
@@ -426,7 +387,7 @@ class TritonServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`make serve`: run tritonserver in the foreground."""
+    """`make serve`: run tritonserver in the foreground, supervised."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -443,39 +404,38 @@ def main(argv: list[str] | None = None) -> None:
                         help="CUDA MPS for the server's processes (auto: on for a GPU repository)")
     parser.add_argument("--supervisor-port", type=int, default=None,
                         help="serve the supervisor's Prometheus metrics on this port")
-    parser.add_argument("--not-ready-bound", type=float, default=TritonServer.not_ready_bound_s,
+    parser.add_argument("--not-ready-bound", type=float, default=Supervisor.not_ready_bound_s,
                         help="seconds a model may stay not READY before it is recovered")
     parser.add_argument("--ready-timeout", type=float, default=1800.0,
                         help="seconds to wait for readiness (a first GPU start compiles)")
     parser.add_argument("extra", nargs="*", help="more tritonserver flags (after --)")
     args = parser.parse_args(argv)
-    if not any(Path(args.repository).glob("*/config.pbtxt")):
-        raise SystemExit(f"{args.repository} has no config.pbtxt: run `make export` first")
+    try:
+        RepositoryConfig.read(args.repository)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     server = TritonServer(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
                           extra_args=args.extra, host=args.host, device=args.device,
                           model_dir=Path(args.model_dir) if args.model_dir else None,
                           mps={"auto": None, "on": True, "off": False}[args.mps])
-    server.supervisor_port = args.supervisor_port
-    server.not_ready_bound_s = args.not_ready_bound
+    supervisor = Supervisor(server, not_ready_bound_s=args.not_ready_bound,
+                            metrics_port=args.supervisor_port)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
     try:
-        server.start(timeout_s=args.ready_timeout)
+        supervisor.start(timeout_s=args.ready_timeout)
     except (StartFailed, TimeoutError) as exc:
         raise SystemExit(f"tritonserver did not start: {exc}") from None
     print(f"tritonserver ready: HTTP {server.local_host}:{server.http_port}, gRPC :{server.grpc_port},"
           f" metrics :{server.metrics_port}" + (f", supervisor metrics :{args.supervisor_port}"
                                                 if args.supervisor_port else ""), flush=True)
     try:  # in the foreground until Ctrl-C or SIGTERM, or until the supervisor gives up
-        while not stopping and not (server.supervisor and server.supervisor.failed):
-            if server.process.poll() is not None and not server.supervisor:
-                break
+        while not stopping and not supervisor.failed:
             time.sleep(0.5)
     finally:
-        failed = bool(server.supervisor and server.supervisor.failed)
-        code = server.stop()
-    sys.exit(1 if failed else (code or 0))
+        code = supervisor.stop()
+    sys.exit(1 if supervisor.failed else (code or 0))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from flux_triton.serving_config import RepositoryConfig
 
 log = logging.getLogger(__name__)
 STUB = "triton_python_backend_stub"
@@ -40,28 +41,6 @@ class ModelProcess:
     pid: int
     model: str
     state: str  # /proc/<pid>/stat state: R, S, D, T, Z, ...
-
-
-@dataclass(frozen=True)
-class PythonModel:
-    """A Python-backend model of the repository: how many processes it should have."""
-
-    name: str
-    instances: int
-    decoupled: bool
-
-
-def python_models(repository: Path) -> dict[str, PythonModel]:
-    """The repository's Python-backend models, from their config.pbtxt."""
-    models = {}
-    for config in sorted(Path(repository).glob("*/config.pbtxt")):
-        text = config.read_text()
-        if 'backend: "python"' not in text:
-            continue
-        counts = [int(n) for n in re.findall(r"count:\s*(\d+)", text)] or [1]
-        models[config.parent.name] = PythonModel(config.parent.name, sum(counts),
-                                                 "decoupled: true" in text)
-    return models
 
 
 def model_processes(process_group: int, repository: Path) -> list[ModelProcess]:
@@ -86,15 +65,27 @@ def model_processes(process_group: int, repository: Path) -> list[ModelProcess]:
 
 
 class Supervisor:
-    """Watches one `TritonServer` (started in explicit model-control mode) from a thread."""
+    """Owns one `TritonServer` (explicit model-control mode): starts it, watches it from a thread,
+    brings back what dies, and stops it.
+
+    `server` needs `repository`, `process`, `launch()`, `wait_ready(timeout_s)`, `stop(timeout_s)`,
+    `is_ready()`, `model_control(model, action)` and `model_states()`. With `metrics_port`, the
+    supervisor's Prometheus metrics are served there (on `metrics_host`).
+    """
+
+    not_ready_bound_s = 60.0  # a model not READY in the repository index this long is recovered
 
     def __init__(self, server, poll_s: float = 0.5, liveness_bound_s: float = 120.0,
-                 not_ready_bound_s: float = 60.0):
+                 not_ready_bound_s: float | None = None, metrics_port: int | None = None,
+                 metrics_host: str | None = None):
         self.server = server
         self.poll_s = poll_s
         self.liveness_bound_s = liveness_bound_s
-        self.not_ready_bound_s = not_ready_bound_s
-        self.models = python_models(server.repository)
+        if not_ready_bound_s is not None:
+            self.not_ready_bound_s = not_ready_bound_s
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host or getattr(server, "host", "127.0.0.1")
+        self.models = RepositoryConfig.read(server.repository).python_models()
         self.not_ready_since: dict[str, float] = {}  # model -> when it was first seen not READY
         self.events: list[dict] = []  # the timeline: detected, unloaded, ready, ...
         self.restarts: dict[str, int] = {name: 0 for name in (*self.models, SERVER)}
@@ -103,17 +94,31 @@ class Supervisor:
         self.failed = False  # recovery failed past the bound: the server was stopped
         self.metrics = None
         self._stop = threading.Event()
+        self._launching = threading.Lock()  # a stop never races a restart's launch
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, timeout_s: float = 120.0) -> float:
+        """Start the server, then watch it; the start-to-ready seconds."""
+        began = time.monotonic()
+        self.server.start(timeout_s=timeout_s)
+        if self.metrics_port:
+            SupervisorMetrics(self, self.metrics_port, self.metrics_host)
         self._thread = threading.Thread(target=self._run, name="flux-supervisor", daemon=True)
         self._thread.start()
+        return time.monotonic() - began
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """Stop watching (no restart starts after this), then stop the server; its exit code."""
         self._stop.set()
+        with self._launching:
+            pass  # a restart past this point has launched; one before it will not
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout_s)
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        return self.server.stop(timeout_s=timeout_s)
 
     def _record(self, event: str, **details) -> None:
         entry = {"t": round(time.time(), 3), "event": event, **details}
@@ -139,8 +144,8 @@ class Supervisor:
             if stopped:
                 what = "stopped" if stopped[0].state in "Tt" else "dead"
                 found[name] = f"process {stopped[0].pid} is {what}"
-            elif len(alive) < model.instances:
-                found[name] = f"{model.instances - len(alive)} of {model.instances} processes gone"
+            elif len(alive) < model.processes:
+                found[name] = f"{model.processes - len(alive)} of {model.processes} processes gone"
         try:
             stuck = self.stuck_models()
         except Exception as exc:  # an index that does not answer must not hide dead processes
@@ -196,8 +201,8 @@ class Supervisor:
                 if waited > self.liveness_bound_s:
                     self._record("giving_up", model=model, after_s=round(waited, 1))
                     self.failed = True
-                    self.server.stop(timeout_s=5)
                     self._stop.set()
+                    self.server.stop(timeout_s=5)
                     return
                 time.sleep(min(2.0 * attempt, 10.0))
         took = time.monotonic() - began
@@ -231,9 +236,13 @@ class Supervisor:
     def _restart_server(self, model: str) -> None:
         """Stop the whole server at once (its streams end for the clients) and start it again."""
         self._kill(model)
-        self.server.stop(timeout_s=2, keep_supervisor=True)
+        self.server.stop(timeout_s=2)
         self._record("server_stopped", model=model)
-        self.server.start(timeout_s=600, supervise=False)
+        with self._launching:
+            if self._stop.is_set():
+                return
+            self.server.launch()
+        self.server.wait_ready(timeout_s=600)
         self.restarts[model] += 1
         self.server_restarts += 1
         self._record("server_restarted", model=model, server_ready=self.server.is_ready())

@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 
 from flux_triton.clients.stream_client import build_inputs, stream_generate
 from flux_triton.model_info import load_model_info
+from flux_triton.serving_config import BlsOptions, read_options
 
 SERVER = os.environ.get("FLUX_SERVER_GRPC")
 pytestmark = pytest.mark.skipif(
@@ -28,7 +29,7 @@ def _model_dir() -> str:
         return os.environ["FLUX_MODEL_DIR"]
     client = grpcclient.InferenceServerClient(SERVER)
     config = client.get_model_config("flux_bls", as_json=True)["config"]
-    return config["parameters"]["model_dir"]["string_value"]
+    return read_options(BlsOptions, config).model_dir
 
 
 def test_stream_and_image_match_diffusers_bf16():
