@@ -28,14 +28,16 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 # BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off);
 # ONNX_PRECISION=FP32|BF16|FP8: the graphs BACKEND=tensorrt builds from;
 # GPUS=all|0,1,...: a copy of each network and a flux_bls instance on each listed GPU (DEVICE=gpu);
-# MAX_PIXEL_STEPS=N: the most work one request may ask for, height × width × steps × images
+# MAX_PIXEL_STEPS=N: the most work one request may ask for, height × width × steps × images;
+# RANDOM_WEIGHTS=1: serve a folder of configs without weights (random_weights.json), for benchmarks
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
 	$(if $(call given,PRECOMPILE),--precompile $(PRECOMPILE)) \
 	$(if $(call given,BATCH_DELAY_US),--batch-delay-us $(BATCH_DELAY_US)) \
 	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION)) \
 	$(if $(call given,GPUS),--gpus $(GPUS)) \
-	$(if $(call given,MAX_PIXEL_STEPS),--max-pixel-steps $(MAX_PIXEL_STEPS))
+	$(if $(call given,MAX_PIXEL_STEPS),--max-pixel-steps $(MAX_PIXEL_STEPS)) \
+	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS))
 
 .PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu bench-scale export-full-size gpu-bundle lint clean
 

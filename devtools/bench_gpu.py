@@ -37,7 +37,7 @@ from flux_triton.pipeline import FinalImage, dit_inputs, generate
 from flux_triton.request import validate_request
 from flux_triton.runtime.acceleration import Acceleration
 from flux_triton.runtime.in_process import TorchFluxModels
-from flux_triton.runtime.torch_components import load_component
+from flux_triton.runtime.torch_components import has_random_weights, load_component
 from flux_triton.serving_config import COMPILE_CACHE_ENV, ServingLimits
 from flux_triton.specs import COMPONENTS, ServingShape
 
@@ -271,7 +271,8 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
     began = time.perf_counter()
     write_repository(folder, repository, device="gpu", precision=precision, warmup=shapes,
                      precompile=precompile,
-                     cuda_graphs=cuda_graphs, limits=ServingLimits(max_batch=max(batches)))
+                     cuda_graphs=cuda_graphs, limits=ServingLimits(max_batch=max(batches)),
+                     random_weights=has_random_weights(folder))  # the full-size folders have none
     ports = [free_port() for _ in range(3)]
     log = repository / f"tritonserver-{precision}-mps{int(mps)}.log"
     server = TritonServer(repository, *ports, log_file=log, mps=mps)

@@ -31,6 +31,7 @@ from flux_triton.clients.load import run_load
 from flux_triton.export.repository import count_gpus, write_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.placement import parse_gpus
+from flux_triton.runtime.torch_components import has_random_weights
 from flux_triton.server.launcher import TritonServer
 from flux_triton.serving_config import ServingLimits
 from flux_triton.specs import ServingShape
@@ -79,12 +80,14 @@ def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: i
     began = time.perf_counter()
     if gpus is None:
         write_repository(folder, repository, batch_delay_us=delay_us,
-                         limits=ServingLimits(max_batch=max_batch))
+                         limits=ServingLimits(max_batch=max_batch),
+                         random_weights=has_random_weights(folder))
     else:
         write_repository(folder, repository, device="gpu", precision=precision, gpus=gpus,
                          batch_delay_us=delay_us, compile=compile, cuda_graphs=compile,
                          warmup=tuple(ServingShape(1, size, size, text) for size in sizes),
-                         limits=ServingLimits(max_batch=max_batch))
+                         limits=ServingLimits(max_batch=max_batch),
+                         random_weights=has_random_weights(folder))  # the full-size folders have none
     ports = [free_port() for _ in range(3)]
     server = TritonServer(repository, *ports, log_file=repository / "tritonserver.log")
     result = {"gpus": gpus, "batch_delay_us": delay_us, "compile": compile, "rows": []}

@@ -61,7 +61,6 @@ class CallBatcher:
         self.groups: dict[tuple, _Group] = {}  # open: still taking calls
         self.closed: deque[_Group] = deque()  # full or displaced, waiting for a free call
         self.active_streams = 0
-        self.sizes: list[int] = []
 
     @contextmanager
     def stream(self) -> Iterator[None]:
@@ -171,9 +170,8 @@ class CallBatcher:
         else:
             merged = {name: (torch.cat([c[0][name] for c in calls]) if name in self.batched else value)
                       for name, value in calls[0][0].items()}
-        self.sizes.append(self._rows(merged))
         if self.on_batch is not None:
-            self.on_batch(self.sizes[-1], len(calls))
+            self.on_batch(self._rows(merged), len(calls))
         try:
             outputs = await self.call(merged)
         except Exception as exc:  # every caller of the merged call sees its failure

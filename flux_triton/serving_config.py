@@ -76,6 +76,9 @@ class NetworkOptions:
     cuda_graphs: bool = False  # replay as CUDA graphs per warmed-up shape (GPU)
     warmup: tuple[str, ...] = ()  # ServingShape texts, BxHxWxS, prepared at load
     compile_cache_dir: str | None = None  # relative to the repository
+    # The folder holds configs and no weights (random_weights.json): build random ones. Only ever
+    # set by an explicit RANDOM_WEIGHTS=1 at export (benchmarks of the full-size architecture).
+    random_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class BlsOptions:
     preview_projection: dict[str, Any] | None = None  # preview.PreviewProjection.to_json()
     vae_scaling_factor: float = 1.0
     vae_shift_factor: float = 0.0
+    random_weights: bool = False  # the networks serve random weights (what clients can tell)
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ class RepositoryConfig:
     """Every model of a rendered repository."""
 
     models: tuple[ModelDeployment, ...]
+    random_weights: bool = False  # said at start: the networks serve random weights
 
     def model(self, name: str) -> ModelDeployment:
         for model in self.models:

@@ -31,9 +31,6 @@ class ComponentSpec:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
-    def output(self, name: str) -> TensorSpec:
-        return next(t for t in self.outputs if t.name == name)
-
     def batched_inputs(self) -> set[str]:
         """Inputs whose first dim is the batch (split together when a batch is halved)."""
         return {t.name for t in self.inputs if t.dims[:1] in (("B",), ("N",))}

@@ -16,9 +16,9 @@ from flux_triton.gateway.app import GatewaySettings, create_app
 class RunningGateway:
     """uvicorn serving `create_app(settings)` on 127.0.0.1 from a daemon thread."""
 
-    def __init__(self, settings: GatewaySettings):
+    def __init__(self, settings: GatewaySettings, app=None):
         self.port = free_port()
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(app or create_app(settings), host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -243,6 +243,19 @@ def wire_repository(model_dir: Path, folder: Path, bls_gpu: int | None = None,
     return bls
 
 
+def serve(bls, requests: list, timeout_s: float = 120.0) -> None:
+    """`requests` handed to flux_bls's `execute` at once, as Triton does, then waited for until
+    every stream has sent its final flag and the instance serves nothing (its metrics are set)."""
+    import time
+
+    bls.execute(requests)
+    deadline = time.monotonic() + timeout_s
+    while not (all(request.sender.finished for request in requests)
+               and bls.metrics.active_requests.value == 0):
+        assert time.monotonic() < deadline, "a stream did not end"
+        time.sleep(0.002)
+
+
 def flux_bls_request(**fields) -> InferenceRequest:
     """A flux_bls request of these fields, typed as its declared inputs."""
     from flux_triton.specs import bls_input

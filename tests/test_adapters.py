@@ -39,7 +39,7 @@ _request = pb.flux_bls_request
 
 
 def _serve(bls, request) -> list[tuple]:
-    asyncio.run(bls.serve([request]))
+    pb.serve(bls, [request])
     assert request.sender.finished
     return request.sender.sent
 

@@ -26,6 +26,12 @@ def _double(calls: list):
     return call
 
 
+def _recorded(batcher_class, call, batched, **options):
+    """A batcher that records the rows of every call it runs, and that list."""
+    sizes: list[int] = []
+    return batcher_class(call, batched, on_batch=lambda rows, _calls: sizes.append(rows), **options), sizes
+
+
 def _inputs(rows: int, fill: float, width: int = 3, shared: float = 1.0) -> dict:
     return {"x": torch.full((rows, width), fill), "t": torch.full((rows,), fill),
             "shared": torch.full((2,), shared)}
@@ -34,14 +40,14 @@ def _inputs(rows: int, fill: float, width: int = 3, shared: float = 1.0) -> dict
 @pytest.mark.fast
 def test_concurrent_calls_become_one_and_each_gets_its_rows():
     calls = []
-    batcher = CallBatcher(_double(calls), BATCHED, delay_s=0.05, max_rows=16)
+    batcher, sizes = _recorded(CallBatcher, _double(calls), BATCHED, delay_s=0.05, max_rows=16)
 
     async def run():
         return await asyncio.gather(*(batcher.submit(_inputs(r, float(i)))
                                       for i, r in enumerate([1, 2, 1])))
 
     outputs = asyncio.run(run())
-    assert len(calls) == 1 and batcher.sizes == [4]
+    assert len(calls) == 1 and sizes == [4]
     for (i, rows), out in zip(enumerate([1, 2, 1]), outputs):
         expected = torch.full((rows, 3), 2.0 * i) + i + 2.0
         assert torch.equal(out["y"], expected)
@@ -50,7 +56,7 @@ def test_concurrent_calls_become_one_and_each_gets_its_rows():
 @pytest.mark.fast
 def test_what_cannot_share_a_call_does_not():
     calls = []
-    batcher = CallBatcher(_double(calls), BATCHED, delay_s=0.05, max_rows=3)
+    batcher, sizes = _recorded(CallBatcher, _double(calls), BATCHED, delay_s=0.05, max_rows=3)
     submitted = [_inputs(1, 0.0), _inputs(1, 1.0, width=4),  # another shape
                  _inputs(1, 2.0, shared=5.0),  # another shared input: the waiting group runs first
                  _inputs(2, 3.0), _inputs(1, 4.0)]  # these two fill max_rows together
@@ -59,7 +65,7 @@ def test_what_cannot_share_a_call_does_not():
         return await asyncio.gather(*(batcher.submit(inputs) for inputs in submitted))
 
     outputs = asyncio.run(run())
-    assert sorted(batcher.sizes) == [1, 1, 1, 3] and len(calls) == 4
+    assert sorted(sizes) == [1, 1, 1, 3] and len(calls) == 4
     for inputs, out in zip(submitted, outputs):
         expected = inputs["x"] * 2 + inputs["t"][:, None] + inputs["shared"].sum()
         assert torch.equal(out["y"], expected)
@@ -72,7 +78,8 @@ def _streams_out_of_phase(max_in_flight: int) -> list[int]:
         await asyncio.sleep(0.06)
         return {"y": inputs["x"] * 2}
 
-    batcher = CallBatcher(slow, BATCHED, delay_s=0.01, max_rows=8, max_in_flight=max_in_flight)
+    batcher, sizes = _recorded(CallBatcher, slow, BATCHED, delay_s=0.01, max_rows=8,
+                               max_in_flight=max_in_flight)
 
     async def stream(fill: float, start_s: float):
         await asyncio.sleep(start_s)
@@ -85,7 +92,7 @@ def _streams_out_of_phase(max_in_flight: int) -> list[int]:
         await asyncio.gather(stream(1.0, 0.0), stream(2.0, 0.02))
 
     asyncio.run(run())
-    return batcher.sizes
+    return sizes
 
 
 @pytest.mark.fast
@@ -103,7 +110,7 @@ def test_no_window_when_every_active_stream_is_waiting():
     """With a 1 s window: a lone stream's calls run at once (a true-CFG pair still as one call),
     and two streams' calls run together as soon as the second one arrives."""
     calls = []
-    batcher = CallBatcher(_double(calls), BATCHED, delay_s=1.0, max_rows=8)
+    batcher, sizes = _recorded(CallBatcher, _double(calls), BATCHED, delay_s=1.0, max_rows=8)
 
     async def lone_stream():
         with batcher.stream():
@@ -122,10 +129,10 @@ def test_no_window_when_every_active_stream_is_waiting():
 
     began = time.perf_counter()
     asyncio.run(lone_stream())
-    assert time.perf_counter() - began < 0.5 and batcher.sizes == [2, 2, 2]
+    assert time.perf_counter() - began < 0.5 and sizes == [2, 2, 2]
     began = time.perf_counter()
     asyncio.run(two_streams())
-    assert time.perf_counter() - began < 0.5 and batcher.sizes[3:] == [2]
+    assert time.perf_counter() - began < 0.5 and sizes[3:] == [2]
     assert batcher.active_streams == 0
 
 
@@ -134,7 +141,7 @@ def test_a_failed_merged_call_fails_each_caller():
     async def broken(inputs):
         raise RuntimeError("dit_transformer: [UNAVAILABLE] gone")
 
-    batcher = CallBatcher(broken, BATCHED, delay_s=0.01, max_rows=8)
+    batcher, sizes = _recorded(CallBatcher, broken, BATCHED, delay_s=0.01, max_rows=8)
 
     async def run():
         return await asyncio.gather(batcher.submit(_inputs(1, 0.0)), batcher.submit(_inputs(1, 1.0)),
@@ -167,15 +174,15 @@ def test_bls_shares_dit_calls_between_streams_at_different_steps(batched_bls):
     fields = [dict(prompt=p, height=64, width=64, num_inference_steps=s, seed=i)
               for i, (p, s) in enumerate([("a cat", 4), ("a red circle", 3), ("a dog", 4), ("x", 2)])]
     together = [_request(**f) for f in fields]
-    asyncio.run(batched_bls.serve(together))
+    pb.serve(batched_bls, together)
     merged = pb.calls["dit_transformer"]
     alone = []
     for f in fields:
         request = _request(**f)
-        asyncio.run(batched_bls.serve([request]))
+        pb.serve(batched_bls, [request])
         alone.append(request)
     assert merged < sum(f["num_inference_steps"] for f in fields)  # calls were shared
-    assert max(batched_bls.dit_batcher.sizes) == 4
+    assert max(batched_bls.metrics.dit_batch.observations) == 4
     for a, b in zip(together, alone):
         diff = np.abs(_image(a).astype(int) - _image(b).astype(int)).max()
         assert diff <= 1, diff  # batched kernels round differently: at most one level

@@ -6,7 +6,6 @@ All on the CPU: configs are text, and a flux_bls instance's GPU is only what its
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
@@ -254,7 +253,7 @@ def bls_on_gpu(model_dirs, render, tmp_path, monkeypatch):
 def _generate(bls, **fields) -> list:
     requests = [pb.flux_bls_request(prompt="a red circle", height=64, width=64,
                                     num_inference_steps=2, seed=seed, **fields) for seed in (1, 2)]
-    asyncio.run(bls.serve(requests))
+    pb.serve(bls, requests)
     for request in requests:
         response, _ = request.sender.sent[-2]
         assert not response.has_error(), response.error().message()

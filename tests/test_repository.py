@@ -3,7 +3,9 @@ artifacts; the launcher's address and device options."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +107,56 @@ def test_launcher_listens_where_told_and_knows_gpu_repositories(model_dirs, tmp_
     assert "--allow-gpu-metrics=true" in TritonServer(cpu_repo, device="gpu").command()
     env = TritonServer(cpu_repo, model_dir=model_dirs["dev"]).environment()
     assert env["FLUX_TRITON_MODEL_DIR"] == str(model_dirs["dev"])
+
+
+@pytest.mark.fast
+def test_random_weights_are_an_explicit_choice_and_said(model_dirs, tmp_path, capsys):
+    """A folder of configs without weights (random_weights.json) is refused unless the export
+    says RANDOM_WEIGHTS=1; then every model's options, the repository and the adapters' log say
+    so, and a component refuses a folder that does not match what it was exported for."""
+    from flux_triton.adapters.components import ComponentModel
+    from flux_triton.export.repository import main as export_main
+    from flux_triton.export.repository import render_repository
+    from flux_triton.runtime.torch_components import RANDOM_WEIGHTS_MARKER
+    from tests import python_backend_stub as pb
+
+    folder = shutil.copytree(model_dirs["schnell"], tmp_path / "configs-only")
+    (folder / RANDOM_WEIGHTS_MARKER).write_text(json.dumps({"dtype": "float32"}))
+    with pytest.raises(ValueError, match="RANDOM_WEIGHTS=1 to serve random weights"):
+        render_repository(folder)
+    assert export_main(["--model-dir", str(folder), "--repository", str(tmp_path / "refused")]) == 1
+    assert "RANDOM_WEIGHTS=1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has weights: leave RANDOM_WEIGHTS unset"):
+        render_repository(model_dirs["schnell"], random_weights=True)
+
+    rendered = render_repository(folder, random_weights=True)
+    assert rendered.deployment.random_weights and rendered.options["flux_bls"].random_weights
+    assert all(o.random_weights for n, o in rendered.options.items() if n != "tokenizer")
+    dit = type("Dit", (ComponentModel,), {"pb": pb, "name": "dit_transformer"})()
+    pb.Logger.lines.clear()
+    dit.initialize(pb.model_args(tmp_path, "dit_transformer", replace(
+        rendered.options["dit_transformer"], model_dir=str(folder))))
+    assert any("serving RANDOM weights" in message for _level, message in pb.Logger.lines)
+    with pytest.raises(ValueError, match="export it again"):  # exported for weights, given none
+        dit.initialize(pb.model_args(tmp_path, "dit_transformer", replace(
+            rendered.options["dit_transformer"], model_dir=str(folder), random_weights=False)))
+
+
+@pytest.mark.fast
+def test_gateway_health_says_random_weights():
+    from flux_triton.gateway.app import GatewaySettings, create_app
+    from flux_triton.serving_config import BlsOptions
+    from tests.gateway_server import RunningGateway
+
+    class Ready:
+        async def ready(self):
+            return True
+
+        async def options(self):
+            return BlsOptions("m", random_weights=True)
+
+    app = create_app(GatewaySettings(triton_url="127.0.0.1:1"))
+    app.state.triton = Ready()
+    with RunningGateway(None, app) as gateway:
+        status, payload, _ = gateway.get("/healthz")
+    assert status == 200 and json.loads(payload) == {"status": "ready", "weights": "random"}

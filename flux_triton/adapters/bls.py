@@ -266,10 +266,6 @@ class FluxBlsModel:
         if not running.cancelled() and running.exception() is not None:
             log(self.pb, f"flux_bls: a request's stream broke: {running.exception()!r}", error=True)
 
-    async def serve(self, requests: list) -> None:
-        """Serve `requests` on the running loop until every stream has ended (tests)."""
-        await asyncio.gather(*(self._serve(request) for request in requests))
-
     def finalize(self) -> None:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)

@@ -28,7 +28,7 @@ from flux_triton.runtime.acceleration import (
     eager_for_new_shapes,
     load_accelerated,
 )
-from flux_triton.runtime.torch_components import load_component
+from flux_triton.runtime.torch_components import has_random_weights, load_component
 from flux_triton.serving_config import NetworkOptions
 from flux_triton.specs import ServingShape, component_specs
 
@@ -68,6 +68,11 @@ class ComponentModel:
     def initialize(self, args: dict) -> None:
         options = model_options(args, NetworkOptions)
         info = load_model_info(resolve_model_dir(args, options.model_dir))
+        if has_random_weights(info.model_dir) != options.random_weights:
+            raise ValueError(f"{info.model_dir}: weights are not what the repository was exported for "
+                             f"(random_weights {options.random_weights}): export it again")
+        if options.random_weights:
+            log(self.pb, f"{self.name}: serving RANDOM weights (RANDOM_WEIGHTS=1)", error=True)
         self.device = instance_device(args)
         self.spec = component_specs(info, options.precision)[self.name]
         self.faults = FaultInjector(self.spec)

@@ -26,7 +26,7 @@ from flux_triton.placement import (
 )
 from flux_triton.preview import PreviewProjection
 from flux_triton.runtime.acceleration import Acceleration, compile_cache_location
-from flux_triton.runtime.torch_components import load_component
+from flux_triton.runtime.torch_components import RANDOM_WEIGHTS_MARKER, has_random_weights, load_component
 from flux_triton.server.launcher import gpu_ids
 from flux_triton.serving_config import (
     BlsOptions,
@@ -129,6 +129,7 @@ def render_repository(
     batch_delay_us: int = 0,
     onnx_precision: str = "FP32",
     gpus: str | None = None,
+    random_weights: bool = False,
     repository: str | Path = SOURCE_REPOSITORY,
 ) -> RenderedRepository:
     """Every served model of `model_dir`, by name.
@@ -141,7 +142,8 @@ def render_repository(
     compiled kernels are cached in `<repository>.compile_cache` beside it across restarts.
     `gpus` (GPUS: `all` or ids such as `0,1`) gives each listed GPU its own copy of the networks
     and a `flux_bls` instance that calls them (`flux_triton.placement`); unset, every GPU model's
-    instances go on every GPU the server sees.
+    instances go on every GPU the server sees. A folder without weights (random_weights.json) is
+    served only with `random_weights`, and then says so everywhere.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -163,6 +165,12 @@ def render_repository(
             raise ValueError("GPUS places the models on GPUs: export with DEVICE=gpu (or BACKEND=tensorrt)")
         placement = parse_gpus(gpus, count_gpus)
     info = load_model_info(model_dir)
+    if has_random_weights(info.model_dir) != random_weights:
+        raise ValueError(
+            f"{info.model_dir} holds no weights, only configs ({RANDOM_WEIGHTS_MARKER}): export with "
+            "RANDOM_WEIGHTS=1 to serve random weights (benchmarks), or point MODEL_DIR at a folder "
+            "with weights" if not random_weights else
+            f"RANDOM_WEIGHTS=1, but {info.model_dir} has weights: leave RANDOM_WEIGHTS unset")
     compile, cuda_graphs, warmup = gpu_acceleration(info, accelerated, compile, cuda_graphs, warmup)
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
@@ -184,7 +192,8 @@ def render_repository(
     network_options = {name: NetworkOptions(
         name, model_dir_option, precision, backend, compile=compile, cuda_graphs=cuda_graphs,
         warmup=tuple(map(str, warmup)) if accelerated else (),
-        compile_cache_dir=compile_cache_parameter(repository) if accelerated else None)
+        compile_cache_dir=compile_cache_parameter(repository) if accelerated else None,
+        random_weights=random_weights)
         for name in NETWORKS}
     component_types = {}
     for name in NETWORKS:
@@ -215,10 +224,11 @@ def render_repository(
         networks_by_gpu=None if placement is None else networks_by_gpu(placement),
         preview_projection=preview_projection(info).to_json(),
         # what a client needs to decode a preview latent with the vae_decoder model itself
-        vae_scaling_factor=info.vae_scaling_factor, vae_shift_factor=info.vae_shift_factor)
+        vae_scaling_factor=info.vae_scaling_factor, vae_shift_factor=info.vae_shift_factor,
+        random_weights=random_weights)
     python_model(bls_spec(info), ModelDeployment("flux_bls", "python", kind, placement, decoupled=True),
                  bls_options)
-    return RenderedRepository(RepositoryConfig(tuple(deployments)), options, texts)
+    return RenderedRepository(RepositoryConfig(tuple(deployments), random_weights), options, texts)
 
 
 def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir: Path,
@@ -375,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default=None,
                         help="GPUS: `all` or ids such as 0,1: a copy of each network and a flux_bls "
                              "instance on each listed GPU (default: every model's instances on every GPU)")
+    parser.add_argument("--random-weights", type=int, choices=[0, 1], default=0,
+                        help="1: serve a folder that has configs and no weights (random_weights.json) "
+                             "with random weights, for benchmarks")
     parser.add_argument("--max-pixel-steps", type=int, default=ServingLimits.max_pixel_steps,
                         help="the most work one request may ask for: height × width × steps × images")
     args = parser.parse_args(argv)
@@ -390,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             device=device, precision=args.precision, warmup=warmup,
             batch_delay_us=args.batch_delay_us, onnx_precision=args.onnx_precision, gpus=args.gpus,
             limits=ServingLimits(max_pixel_steps=args.max_pixel_steps),
+            random_weights=bool(args.random_weights),
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))
     except (ExportError, EngineBuildError, ValueError) as exc:

@@ -321,8 +321,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         ready = await triton().ready()
-        return JSONResponse({"status": "ready" if ready else "unavailable"},
-                            status_code=200 if ready else 503)
+        body = {"status": "ready" if ready else "unavailable"}
+        if ready and (await triton().options()).random_weights:
+            body["weights"] = "random"  # a benchmark deployment: its images mean nothing
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/")
     async def page():

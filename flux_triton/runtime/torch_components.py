@@ -14,7 +14,8 @@ import torch
 from flux_triton.model_info import FluxModelInfo
 
 # A folder holding this file has configs but no weights (FLUX.1 at full size for benchmarks):
-# its networks are built from their configs with random weights, directly on the device.
+# its networks are built from their configs with random weights, directly on the device. A server
+# serves such a folder only when told to (RANDOM_WEIGHTS=1 at export).
 RANDOM_WEIGHTS_MARKER = "random_weights.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tritonserver ready: HTTP {server.local_host}:{server.http_port}, gRPC :{server.grpc_port},"
           f" metrics :{server.metrics_port}" + (f", supervisor metrics :{args.supervisor_port}"
                                                 if args.supervisor_port else ""), flush=True)
+    if server.deployment.random_weights:
+        print("WARNING: this repository serves RANDOM weights (exported with RANDOM_WEIGHTS=1): its "
+              "images mean nothing", flush=True)
     try:  # in the foreground until Ctrl-C or SIGTERM, or until the supervisor gives up
         while not stopping and not supervisor.failed:
             time.sleep(0.5)
