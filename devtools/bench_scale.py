@@ -98,7 +98,7 @@ def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: i
         instances = 1 if gpus is None else len(parse_gpus(gpus, count_gpus))  # flux_bls: one per GPU
         for size in sizes:
             fields = dict(prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
-                          max_sequence_length=text, previews=False)
+                          max_sequence_length=text, preview_kind="none")
             # First calls at this size (allocator, cuDNN plans, graphs) off the clock, on every
             # GPU: one stream at a time could leave the second GPU's first call to the table.
             run_load(url, fields, instances, 2 * instances)

@@ -7,6 +7,7 @@ both run this same code, so they stream the same steps and the same image.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,8 +31,14 @@ class StageFailed(RuntimeError):
         self.cause = cause
 
 
-# What stops a request early: "cancelled" (nothing more is sent) or "deadline" (best image so far).
-StopCheck = Callable[[], str | None]
+class Stop(enum.Enum):
+    """What stops a request early."""
+
+    CANCELLED = "cancelled"  # the client went away: nothing more is sent
+    DEADLINE = "deadline"  # its deadline passed: the image of the last step reached
+
+
+StopCheck = Callable[[], Stop | None]
 
 
 class FluxModels(Protocol):
@@ -167,7 +174,7 @@ async def generate(
 ) -> AsyncIterator[StepUpdate | FinalImage]:
     """Run FluxPipeline.__call__ for a validated request; yield each step, then the image.
 
-    `stop_check` runs before every step: "cancelled" ends the stream at once, "deadline" decodes
+    `stop_check` runs before every step: Stop.CANCELLED ends the stream at once, Stop.DEADLINE decodes
     the latents reached so far into an image marked partial.
     """
     timer = StageTimer()
@@ -202,9 +209,9 @@ async def generate(
     steps_completed = 0
     for i, t in enumerate(timesteps):
         stop = stop_check()
-        if stop == "cancelled":
+        if stop is Stop.CANCELLED:
             return
-        if stop == "deadline":
+        if stop is Stop.DEADLINE:
             break
         step_start = timer.now()
         timestep = sampling.dit_timestep(t, batch, latents.dtype)
@@ -217,18 +224,18 @@ async def generate(
         if neg:
             noise_pred = sampling.true_cfg(noise_pred, neg[0], request.true_cfg_scale)
         x0 = None
-        if request.previews and request.preview_kind in ("x0", "both"):
+        if request.preview_kind in ("x0", "both"):
             x0 = sampling.unpack_latents(
                 sampling.predicted_clean(noise_pred, latents, sigma_schedule, i), lat_h, lat_w)
         latents = sampling.euler_step(noise_pred, latents, sigma_schedule, i)
         preview = (sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
-                   if request.previews and request.preview_kind in ("latent", "both") else None)
+                   if request.preview_kind in ("latent", "both") else None)
         steps_completed = i + 1
         yield StepUpdate(step=i + 1, total_steps=len(timesteps), timestep=float(t),
                          preview_latent=preview, seconds=timer.now() - step_start, preview_x0=x0)
 
     # 5. Decode (also what a deadline returns: the latents of the last completed step).
-    if stop_check() == "cancelled":
+    if stop_check() is Stop.CANCELLED:
         return
     vae_latents = sampling.to_vae_latents(
         sampling.unpack_latents(latents, lat_h, lat_w), info.vae_scaling_factor, info.vae_shift_factor

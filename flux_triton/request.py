@@ -45,8 +45,7 @@ class GenerationRequest:
     seed: int
     sigmas: tuple[float, ...] | None
     deadline_ms: int | None = None
-    previews: bool = True  # stream a preview with each step
-    preview_kind: str = "latent"  # what the preview shows (specs.PREVIEW_KINDS)
+    preview_kind: str = "latent"  # what each step's response carries (specs.PREVIEW_KINDS)
 
     @property
     def batch_size(self) -> int:
@@ -212,12 +211,9 @@ def validate_request(
     if inputs.get("deadline_ms") is not None:
         deadline = _int_in("deadline_ms", inputs["deadline_ms"], 0, *DEADLINE_RANGE_MS)
 
-    previews = True
-    if inputs.get("previews") is not None:
-        flag = np.asarray(inputs["previews"])
-        if flag.size != 1 or flag.dtype != np.bool_:
-            raise InvalidRequest("previews", f"must be one BOOL value, got {flag.dtype} {list(flag.shape)}")
-        previews = bool(flag.reshape(-1)[0])
+    for spec in BLS_INPUTS:
+        if spec.replaced_by and inputs.get(spec.name) is not None:
+            raise InvalidRequest(spec.name, f"is no longer accepted: send {spec.replaced_by}")
 
     preview_kind = "latent"
     if inputs.get("preview_kind") is not None:
@@ -241,6 +237,5 @@ def validate_request(
         seed=seed,
         sigmas=sigmas,
         deadline_ms=deadline,
-        previews=previews,
         preview_kind=preview_kind,
     )

@@ -20,6 +20,7 @@ class TensorSpec:
     dtype: str  # Triton type without the TYPE_ prefix: FP32, BF16, INT64, BYTES, ...
     dims: tuple[Dim, ...]
     optional: bool = False
+    replaced_by: str | None = None  # a retired input: what to send instead (refused, naming it)
 
 
 @dataclass(frozen=True)
@@ -158,17 +159,18 @@ BLS_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("true_cfg_scale", "FP32", (1,), optional=True),
     TensorSpec("seed", "INT64", (1,), optional=True),
     TensorSpec("sigmas", "FP32", ("N_steps",), optional=True),
-    TensorSpec("previews", "BOOL", (1,), optional=True),
     TensorSpec("preview_kind", "BYTES", (1,), optional=True),
+    TensorSpec("previews", "BOOL", (1,), optional=True,
+               replaced_by="`preview_kind`: `none` for no previews, else latent, x0 or both"),
 )
 # The values a fixed-width number type holds: a client checks before it converts (numpy would wrap
 # an INT32 or round a huge FP32 to infinity silently).
 NUMBER_RANGES = {"INT32": (-2**31, 2**31 - 1), "INT64": (-2**63, 2**63 - 1),
                  "FP32": (-3.4028234663852886e38, 3.4028234663852886e38)}
 
-# What a step's preview shows: the latents reached ("latent", the default) or the clean image the
-# model predicts from them ("x0"), or both.
-PREVIEW_KINDS = ("latent", "x0", "both")
+# What each step's response carries: no preview ("none"), the latents reached ("latent", the
+# server's default), the clean image the model predicts from them ("x0"), or both.
+PREVIEW_KINDS = ("none", "latent", "x0", "both")
 
 
 def bls_input(name: str) -> TensorSpec:

@@ -250,7 +250,7 @@ def test_tensorrt_build_settings(model_dirs, tmp_path, onnx_precision):
         set_flags = {c[1] for c in calls if c[0] == "set"}
         if onnx_precision == "FP32":  # precision from builder flags, as engine_config.json says
             assert flags == 0
-            expected = {"fp16": {"FP16"}, "bf16": {"BF16"}}.get(config.precision[name], set())
+            expected = {"FP16": {"FP16"}, "BF16": {"BF16"}}.get(config.precision[name], set())
             assert set_flags == expected, name
         else:  # types from the graph
             assert flags == strongly and not set_flags & {"FP16", "BF16"}, name
@@ -265,7 +265,7 @@ def test_fp8_needs_an_fp8_graph_and_weight_options_are_flags(model_dirs, tmp_pat
     info = load_model_info(model_dirs["dev"])
     config = load_engine_config(info)
     spec = component_specs(info)["dit_transformer"]
-    fp8 = dataclasses.replace(config, precision=dict(config.precision, dit_transformer="fp8"))
+    fp8 = dataclasses.replace(config, precision=dict(config.precision, dit_transformer="FP8"))
     with pytest.raises(EngineBuildError, match="ONNX_PRECISION=FP8"):
         build_plan(tmp_path / "dit.onnx", tmp_path / "dit.plan", spec, fp8, tmp_path / "cache",
                    "FP32", trt=RecordingTensorRT())

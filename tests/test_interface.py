@@ -21,12 +21,18 @@ SAMPLES = {
     "negative_prompt_2": "blurry", "height": 64, "width": 96, "num_inference_steps": 3,
     "num_images_per_prompt": 2, "max_sequence_length": 32, "deadline_ms": 5000,
     "guidance_scale": 3.5, "true_cfg_scale": 2.0, "seed": 12345, "sigmas": [1.0, 0.6, 0.3],
-    "previews": False, "preview_kind": "both",
+    "preview_kind": "both",
 }
 
 
 def test_every_declared_input_has_a_sample():
-    assert set(SAMPLES) == {t.name for t in BLS_INPUTS}
+    assert set(SAMPLES) == {t.name for t in BLS_INPUTS if not t.replaced_by}
+
+
+def test_a_retired_input_is_refused_naming_what_to_send(model_dirs):
+    with pytest.raises(InvalidRequest, match="send `preview_kind`: `none`") as refused:
+        validate_request(_raw({"prompt": "a cat", "previews": False}), load_model_info(model_dirs["dev"]))
+    assert refused.value.field == "previews"
 
 
 def test_validator_accepts_each_declared_input_and_refuses_any_other(model_dirs):
@@ -34,7 +40,7 @@ def test_validator_accepts_each_declared_input_and_refuses_any_other(model_dirs)
     the interface does not declare is refused, naming it."""
     info = load_model_info(model_dirs["dev"])
     for spec in BLS_INPUTS:
-        if spec.name == "prompt":
+        if spec.name == "prompt" or spec.replaced_by:
             continue
         fields = {"prompt": SAMPLES["prompt"], spec.name: SAMPLES[spec.name]}
         if spec.name == "negative_prompt_2":
@@ -49,7 +55,7 @@ def test_validator_accepts_each_declared_input_and_refuses_any_other(model_dirs)
 
 def test_client_builds_each_input_as_declared():
     built = {t.name(): t for t in build_inputs(**SAMPLES)}
-    for spec in BLS_INPUTS:
+    for spec in (s for s in BLS_INPUTS if not s.replaced_by):
         tensor = built[spec.name]
         assert tensor.datatype() == spec.dtype, spec.name
         assert len(tensor.shape()) == len(spec.dims), spec.name
@@ -71,7 +77,7 @@ def _raw(fields: dict) -> dict[str, np.ndarray]:
 def test_what_the_client_sends_validates(model_dirs):
     info = load_model_info(model_dirs["dev"])
     request = validate_request(_raw(SAMPLES), info)
-    assert request.batch_size == 4 and request.do_true_cfg and request.previews is False
+    assert request.batch_size == 4 and request.do_true_cfg
     assert request.preview_kind == "both"
     assert (request.height, request.width, request.seed) == (64, 96, 12345)
 

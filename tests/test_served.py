@@ -114,7 +114,7 @@ def test_previews_can_be_left_out(served):
     with_previews = served_generate(served["schnell"], dict(prompt="a cat", height=64, width=64,
                                                             num_inference_steps=2, seed=3))
     without = served_generate(served["schnell"], dict(prompt="a cat", height=64, width=64,
-                                                      num_inference_steps=2, seed=3, previews=False))
+                                                      num_inference_steps=2, seed=3, preview_kind="none"))
     assert without.kinds == ["step", "step", "image", "final"]
     assert all(s["preview_latent"] is None for s in without.steps)
     assert np.array_equal(without.image, with_previews.image)

@@ -34,7 +34,7 @@ from flux_triton.adapters.metrics import BlsMetrics
 from flux_triton.batching import CallBatcher
 from flux_triton.dispatch import LoadBoard, board_folder
 from flux_triton.model_info import load_model_info
-from flux_triton.pipeline import FinalImage, StageFailed, StepUpdate, generate
+from flux_triton.pipeline import FinalImage, StageFailed, StepUpdate, Stop, generate
 from flux_triton.placement import served_networks
 from flux_triton.recovery import (
     OutOfMemory,
@@ -300,9 +300,9 @@ class FluxBlsModel:
 
         def stop_check():
             if request.is_cancelled():
-                return "cancelled"
+                return Stop.CANCELLED
             if deadline is not None and time.monotonic() >= deadline:
-                return "deadline"
+                return Stop.DEADLINE
             return None
 
         models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu,

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     fields = {k: v for k, v in dict(
         prompt=args.prompt, num_inference_steps=args.steps, height=args.height, width=args.width,
         num_images_per_prompt=args.images_per_prompt, guidance_scale=args.guidance, seed=args.seed,
-        previews=args.previews == "on").items() if v is not None}
+        preview_kind="latent" if args.previews == "on" else "none").items() if v is not None}
     result = run_load(args.url, fields, args.concurrency, args.requests)
     latency, first = result["latency_s"], result["first_preview_s"]
 

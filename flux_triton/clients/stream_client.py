@@ -21,7 +21,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.clients.previews import bls_options, linear_renderer, to_uint8_image, vae_inputs
-from flux_triton.specs import NUMBER_RANGES, bls_input
+from flux_triton.specs import NUMBER_RANGES, PREVIEW_KINDS, bls_input
 
 MODEL = "flux_bls"
 
@@ -240,12 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-ms", type=int, help="return the best image reached by then")
     parser.add_argument("--out", default="out", help="folder for previews and the final image")
     parser.add_argument("--no-previews", action="store_true",
-                        help="do not ask for previews (no preview tensors are sent or saved)")
+                        help="do not ask for previews (--preview-kind none: no preview tensors are "
+                             "sent or saved)")
     parser.add_argument("--preview-decoder", choices=["linear", "vae"], default="linear",
                         help="linear: the cheap latent->RGB map; vae: decode each preview with the "
                              "server's vae_decoder (full size, true colours, one call per step)")
-    parser.add_argument("--preview-kind", choices=["latent", "x0"], default="latent",
-                        help="latent: the latents reached; x0: the image the model predicts from them")
+    parser.add_argument("--preview-kind", choices=PREVIEW_KINDS, default="x0",
+                        help="x0 (default): the image the model predicts from each step's latents, "
+                             "recognisable from the first steps; latent: the latents reached")
     parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
                         help="draw previews in the terminal (auto: when stdout is a terminal)")
     args = parser.parse_args(argv)
@@ -260,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             num_images_per_prompt=args.images_per_prompt,
             max_sequence_length=args.max_sequence_length, guidance_scale=args.guidance,
             true_cfg_scale=args.true_cfg, seed=args.seed, deadline_ms=args.deadline_ms,
-            previews=False if args.no_previews else None,
-            preview_kind=None if args.no_previews or args.preview_kind == "latent"
-            else args.preview_kind,
+            preview_kind="none" if args.no_previews else args.preview_kind,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from flux_triton.model_info import FluxModelInfo
 from flux_triton.specs import ComponentSpec
 
 ENGINE_CONFIG = Path(__file__).resolve().parent / "engine_config.json"
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "fp8")
+PRECISIONS = ("FP32", "TF32", "FP16", "BF16", "FP8")  # the serving precisions' spelling, and TF32
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,9 @@ def build_plan(
     trt = trt or require_tensorrt()
     precision = config.precision[spec.name]
     strongly_typed = onnx_precision in STRONGLY_TYPED_GRAPHS
-    if precision == "fp8" and not strongly_typed:
+    if precision == "FP8" and not strongly_typed:
         raise EngineBuildError(
-            f"{spec.name}: fp8 needs an ONNX graph with float8 Q/DQ nodes: export with "
+            f"{spec.name}: FP8 needs an ONNX graph with float8 Q/DQ nodes: export with "
             "ONNX_PRECISION=FP8 (make engines ONNX_PRECISION=FP8)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -74,15 +74,15 @@ def build_plan(
     build.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_gib << 30)
     build.builder_optimization_level = config.builder_optimization_level
     if strongly_typed:
-        if precision != "tf32":
+        if precision != "TF32":
             build.clear_flag(trt.BuilderFlag.TF32)
         if config.weight_streaming:  # weights stay in host memory and stream in (strongly typed only)
             build.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    elif precision == "fp16":
+    elif precision == "FP16":
         build.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
+    elif precision == "BF16":
         build.set_flag(trt.BuilderFlag.BF16)
-    elif precision == "fp32":
+    elif precision == "FP32":
         build.clear_flag(trt.BuilderFlag.TF32)
     if config.refit:  # the same plan can take new weights (e.g. a fine-tune) without a rebuild
         build.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)

@@ -116,8 +116,7 @@ class GenerationRequest(BaseModel):
                     seed=self.seed, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                     negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg_scale,
                     max_sequence_length=self.max_sequence_length, deadline_ms=self.deadline_ms,
-                    previews=self.preview != "none",
-                    preview_kind=None if self.preview == "none" else self.preview)
+                    preview_kind=self.preview)
 
 
 class GatewayError(Exception):
