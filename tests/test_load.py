@@ -131,3 +131,50 @@ def test_server_still_ready_after_load(served):
 
 
 
+
+
+def _gauge_sum(srv, name: str, model: str | None = None) -> float:
+    """The sum of a gauge's series on Triton's /metrics (all instances; one model's if given)."""
+    total = 0.0
+    for line in srv.server.metrics().splitlines():
+        if line.startswith(name) and (model is None or f'model="{model}"' in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_the_autoscaler_metric_rises_with_load(served):
+    """What deploy/kubernetes/triton-hpa.yaml scales on (flux_active_requests, summed per pod)
+    follows the load the load client puts on a CPU server; Triton's pending count for flux_bls,
+    what the HPA used to read, stays near 0 (a decoupled execute returns at once)."""
+    srv = served["schnell"]
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((_gauge_sum(srv, "flux_active_requests"),
+                            _gauge_sum(srv, "nv_inference_pending_request_count", "flux_bls")))
+            time.sleep(0.05)
+
+    from flux_triton.clients.load import run_load
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        idle = _gauge_sum(srv, "flux_active_requests")
+        result = run_load(srv.url, dict(prompt="a cat", height=64, width=64, num_inference_steps=30,
+                                        preview_kind="none"), concurrency=4, requests=8)
+    finally:
+        done.set()
+        sampler.join()
+    after = _gauge_sum(srv, "flux_active_requests")
+    active = [a for a, _ in samples]
+    pending = [p for _, p in samples]
+    busy = sorted(active)[len(active) // 2:]  # the busier half of the samples
+    print(f"\nload client, concurrency 4, 8 requests ({result['images_per_s']:.1f} images/s): "
+          f"flux_active_requests idle {idle:.0f}, max {max(active):.0f}, median of the busier half "
+          f"{busy[len(busy) // 2]:.0f}, after {after:.0f}; nv_inference_pending_request_count for "
+          f"flux_bls max {max(pending):.0f} over {len(samples)} samples")
+    assert result["completed"] == 8 and idle == 0 and after == 0
+    assert max(active) == 4 and busy[len(busy) // 2] >= 3
+    assert max(pending) <= 1
