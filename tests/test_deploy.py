@@ -62,7 +62,6 @@ def test_services_autoscaler_and_gateway_point_at_the_right_things():
     # the metric flux_bls exports, which rises with load (tests/test_load.py shows it does)
     [metric] = hpa["metrics"]
     assert metric["pods"]["metric"]["name"] == "flux_active_requests"
-    import inspect
     triton_labels = objects["Deployment/flux-triton"]["spec"]["template"]["metadata"]["labels"]
     assert objects["Service/flux-triton"]["spec"]["selector"] == triton_labels
     gateway = objects["Deployment/flux-gateway"]["spec"]["template"]["spec"]["containers"][0]
