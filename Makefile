@@ -116,7 +116,7 @@ test-fast: model
 bench: model
 	$(PY) -m devtools.bench_cpu --model-dir models/tiny-flux-schnell --out out/bench.json
 
-# The GPU table (make bench-gpu on a GPU machine with torch; README "Performance" says how): (a)
+# The GPU table (make bench-gpu on a GPU machine with torch; docs/performance.md says how): (a)
 # diffusers eager, (b) in-process, (c) served, merged into BENCH_OUT. BENCH_ARGS picks cases, e.g.
 # BENCH_ARGS="--variants schnell --precisions FP8 --batches 1".
 GPU_PYTHON ?= python3
@@ -132,7 +132,7 @@ bench-scale:
 	$(GPU_PYTHON) -m devtools.bench_scale --out $(SCALE_OUT) $(SCALE_ARGS)
 
 # FLUX.1 exported to ONNX at full size (random bf16 weights) on a GPU machine and measured: time,
-# peak host/GPU memory, sizes, checker, parity at 256² (README "Full-size ONNX export"). Entries
+# peak host/GPU memory, sizes, checker, parity at 256² (docs/export.md, "Full-size ONNX export"). Entries
 # merge into FULL_SIZE_REPORT; FULL_SIZE_ARGS picks a group per run, e.g.
 # FULL_SIZE_ARGS="--variant dev --components dit_transformer --precisions FP8".
 FULL_SIZE_REPORT ?= benchmarks/results/export-full-size.json

@@ -7,7 +7,7 @@ calls that arrive meanwhile, runs them as one, and hands each caller its rows.
 
 A time window alone rarely merges on a GPU: a DiT call takes far longer than any window, streams
 drift out of phase, and a call that arrives while another runs waits in Triton's queue instead of
-here (measured on an H200 at 1024², 2 ms window: 1.00-1.03 rows per call). So at most
+here (docs/scaling.md has the measurements). So at most
 `max_in_flight` merged calls run at once (one per DiT instance: more would only queue in Triton);
 a group whose window ends while they run stays open, and once one returns it gets a fresh window,
 which lets the streams just answered join it with their next step. Streams then move in step.

@@ -1,9 +1,9 @@
 """Least-loaded dispatch of `flux_bls` requests over the GPUs of one server.
 
-Triton hands a request to any `flux_bls` instance that is not inside `execute`. A decoupled async
-`execute` returns at once, so every instance always looks free and requests go round-robin
-whatever each GPU already runs: at 8 streams over 2 GPUs one GPU can hold 5 while the other holds
-3. So `flux_bls` runs its requests on its own event loop and returns from `execute` only once its
+Triton hands a request to any `flux_bls` instance that is not inside `execute`. An `execute` that
+returned at once (as a decoupled async one does) would make every instance look free, and requests
+would go round-robin whatever each GPU already runs. So `flux_bls` runs its requests on its own
+event loop and returns from `execute` only once its
 GPU is among the least loaded: until then Triton sees the instance busy and gives the next request
 to one on a less loaded GPU.
 

@@ -3,13 +3,12 @@ optimize=True)` runs), with two changes that make it usable on FLUX's 12 B-param
 
 - Without the `SlicesSplit` rewrite. It is the only default rule whose pattern has several output
   nodes, and onnxscript matches such patterns by trying every node of the graph for each candidate:
-  quadratic in the graph's size. Measured on a DiT of FLUX's depth with tiny widths (CPU): the
-  optimizer took 25.8 s at 2 + 4 blocks, 140.7 s at 5 + 10 (135.7 s in that rewrite) and had not
-  finished after 1,000 s at the real 19 + 38. It only merges Slices of one tensor into a Split, which
-  TensorRT and onnxruntime do not need.
+  quadratic in the graph's size, so at FLUX's real depth it does not finish (docs/export.md has the
+  timings). It only merges Slices of one tensor into a Split, which TensorRT and onnxruntime do not
+  need.
 - Weights stay as they are: a `Transpose` of an initializer is not folded into a transposed copy.
-  Folding it makes a host copy of every Linear weight of a graph traced on a GPU (24 GB for the DiT
-  in bf16), and those copies then save slowly; TensorRT folds the transposes at build time.
+  Folding it makes a host copy of every Linear weight of a graph traced on a GPU (the whole DiT),
+  and those copies then save slowly; TensorRT folds the transposes at build time.
 """
 
 from __future__ import annotations

@@ -2,13 +2,10 @@
 server's first start reads compiled kernels instead of compiling them itself.
 
 Why not leave it to the server: every served network is its own process, and Triton loads them at
-once. The full-size dev DiT compiled there ran its step 16 % slower than the same graphs compiled
-in one quiet process (H200: 146.7 against 126.5 ms served; the server's cache read back by an
-in-process run gave 144.5, so the difference is in what was compiled;
-`benchmarks/results/h200-compile-in-server.json`). The server's graphs called flash attention where
-the quiet process's called cuDNN attention (0.81 against 0.44 ms at FLUX's shape, times 57
-blocks), and a quarter of inductor's tuned kernels picked other block sizes, timed beside three
-sibling processes compiling. Here each network's warm-up has the GPU to itself; the cache keys
+once. Graphs compiled there, beside sibling processes compiling, called flash attention where a
+quiet process's called the faster cuDNN attention, and inductor's autotuning picked other block
+sizes: the served DiT step was slower (docs/performance.md, "Served dev"). Here each network's
+warm-up has the GPU to itself; the cache keys
 (graph, shapes, device, torch version) are the ones the server's processes look up, so they load
 what this process chose.
 """

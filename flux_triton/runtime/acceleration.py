@@ -98,8 +98,8 @@ def quantize_float8(transformer: torch.nn.Module) -> int:
     chosen = set(names)
     # set_inductor_config=False: by default torchao turns on inductor's exhaustive coordinate-descent
     # tuning for the whole process, which benchmarks Triton variants of every kernel at the first
-    # call (measured on an H100: the float8 DiT took 8-9 minutes to get ready, with or without a
-    # filled compile cache, and every other network compiled in that process paid it too).
+    # call: minutes before the float8 DiT is ready, with or without a filled compile cache, and every
+    # other network compiled in that process pays it too (docs/performance.md, "Start-up").
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     quantize_(transformer, config, filter_fn=lambda module, fqn: fqn in chosen)
     return len(names)

@@ -105,8 +105,8 @@ class MpsDaemon:
     """The CUDA MPS control daemon, private to one server (its own pipe and log folders).
 
     Every Triton Python model instance is a process with its own CUDA context; without MPS the GPU
-    time-slices between them, and a model's small kernels stall the DiT's (measured: +6.8 % per
-    DiT step, 0.3 % with MPS). With it, all the server's processes share the GPU as one client.
+    time-slices between them, and a model's small kernels stall the DiT's (docs/performance.md).
+    With it, all the server's processes share the GPU as one client.
     """
 
     def __init__(self, folder: Path):
