@@ -211,7 +211,7 @@ def test_openai_fields_map_to_flux_bls_inputs():
     fields = request.bls_fields()
     assert (fields["width"], fields["height"], fields["num_images_per_prompt"]) == (96, 64, 2)
     assert fields["num_inference_steps"] == 3 and fields["preview_kind"] == "x0"
-    assert GenerationRequest(prompt="a cat", preview="none").bls_fields()["previews"] is False
+    assert GenerationRequest(prompt="a cat", preview="none").bls_fields()["preview_kind"] == "none"
 
 
 def _raw_post(port: int, body: bytes, extra_headers: bytes = b"") -> tuple[int, dict]:

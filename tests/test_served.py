@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from flux_triton.clients.stream_client import build_inputs
-from flux_triton.specs import bls_spec, component_specs
 from tests.reference import PARITY_CASES, assert_served_matches_diffusers, parity_fields, served_generate
 
 
@@ -41,28 +40,6 @@ def test_seed_is_reported_and_reproducible(served):
 
 def _overlap(a: list[float], b: list[float]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
-
-
-@pytest.mark.parametrize("model", ["flux_bls", "dit_transformer", "encode_prompt"])
-def test_served_config_is_the_declared_interface(served, model):
-    """What tritonserver itself parsed from the rendered config.pbtxt (over the wire) declares
-    each spec's tensors: names, types, dims and optional flags, in order."""
-    srv = served["dev"]
-    client = srv.client()
-    config = client.get_model_config(model, as_json=True)["config"]
-    client.close()
-    spec = bls_spec(srv.info) if model == "flux_bls" else component_specs(srv.info)[model]
-
-    def declared(tensors):
-        return [(t.name, "TYPE_STRING" if t.dtype == "BYTES" else f"TYPE_{t.dtype}",
-                 [str(d) if isinstance(d, int) else "-1" for d in t.dims], t.optional)
-                for t in tensors]
-
-    def served_as(tensors):
-        return [(t["name"], t["data_type"], t["dims"], t.get("optional", False)) for t in tensors]
-
-    assert served_as(config["input"]) == declared(spec.inputs)
-    assert served_as(config["output"]) == declared(spec.outputs)
 
 
 def test_ensemble_runs_clip_and_t5_in_parallel(served):

@@ -4,6 +4,7 @@ import pytest
 
 from flux_triton.export.repository import SOURCE_REPOSITORY, render_repository
 from flux_triton.model_info import load_model_info
+from flux_triton.serving_config import BlsOptions, read_options
 from flux_triton.specs import COMPONENTS, bls_spec, component_specs
 
 TRITON_TYPES = {"BYTES": "TYPE_STRING"}
@@ -31,7 +32,7 @@ def test_loaded_configs_match_specs(served, variant):
         assert optional == {t.name for t in spec.inputs if t.optional}, name
     bls = client.get_model_config("flux_bls", as_json=True)["config"]
     assert bls["model_transaction_policy"]["decoupled"] is True
-    assert "preview_projection" in bls["parameters"]
+    assert read_options(BlsOptions, bls).preview_projection is not None
     dit_config = client.get_model_config("dit_transformer", as_json=True)["config"]
     dit_inputs = {t["name"] for t in dit_config["input"]}
     assert ("guidance" in dit_inputs) == (variant == "dev")
