@@ -151,8 +151,8 @@ class Supervisor:
         except Exception as exc:  # an index that does not answer must not hide dead processes
             log.warning("supervisor: repository index unreadable: %s", exc)
             stuck = {}
-        for name, seen in stuck.items():
-            found.setdefault(name, seen)
+        for name, what in stuck.items():
+            found.setdefault(name, what)
         return found
 
     def stuck_models(self) -> dict[str, str]:
