@@ -1,7 +1,7 @@
 """`make bench-scale`: images/s of full-size FLUX.1 served on one GPU vs several (GPUS), with DiT
 batching across streams off vs on (BATCH_DELAY_US), at several resolutions and concurrencies.
 
-Each server configuration is exported (`export.repository`, torch backend, real FLUX.1 architecture
+Each server configuration is exported (`flux_triton.export`, torch backend, real FLUX.1 architecture
 with random bf16 weights from `devtools.full_size`), started, loaded by `flux_triton.clients.load` at every
 concurrency for every size, and stopped; rows are merged into one JSON file with the card, driver
 and versions, so a cut-off run keeps what it measured:

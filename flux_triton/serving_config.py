@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flux_triton.specs import PRECISIONS
+
 # Set at serve time (e.g. `make serve MODEL_DIR=...`, or a container's mount point), this overrides
 # the `model_dir` of every model, so one rendered repository serves a folder mounted anywhere.
 MODEL_DIR_ENV = "FLUX_TRITON_MODEL_DIR"
@@ -31,10 +33,17 @@ REPOSITORY_FILE = "flux_repository.json"
 
 PLATFORMS = ("python", "tensorrt_plan", "ensemble")
 KINDS = ("KIND_CPU", "KIND_GPU")
+BACKENDS = ("torch", "onnx", "tensorrt")  # what runs the four networks
+PYTHON_BACKENDS = ("torch", "onnx")  # of those, what a Python model runs
 
 
 class ConfigError(ValueError):
     """A configuration that does not match the schema; the message names the field."""
+
+
+def _check_choice(model: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{model}.{name}: must be one of {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,10 @@ class NetworkOptions:
     # set by an explicit RANDOM_WEIGHTS=1 at export (benchmarks of the full-size architecture).
     random_weights: bool = False
 
+    def __post_init__(self) -> None:
+        _check_choice(self.network, "backend", self.backend, PYTHON_BACKENDS)
+        _check_choice(self.network, "precision", self.precision, PRECISIONS)
+
 
 @dataclass(frozen=True)
 class BlsOptions:
@@ -99,6 +112,10 @@ class BlsOptions:
     vae_scaling_factor: float = 1.0
     vae_shift_factor: float = 0.0
     random_weights: bool = False  # the networks serve random weights (what clients can tell)
+
+    def __post_init__(self) -> None:
+        _check_choice("flux_bls", "backend", self.backend, BACKENDS)
+        _check_choice("flux_bls", "precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -135,12 +152,6 @@ class RepositoryConfig:
 
     models: tuple[ModelDeployment, ...]
     random_weights: bool = False  # said at start: the networks serve random weights
-
-    def model(self, name: str) -> ModelDeployment:
-        for model in self.models:
-            if model.name == name:
-                return model
-        raise KeyError(f"the repository has no model {name!r}; it has {self.names}")
 
     @property
     def names(self) -> list[str]:
@@ -220,12 +231,16 @@ def _decode(hint: Any, value: Any, where: str) -> Any:
         unknown = sorted(set(value) - known)
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown field; {hint.__name__} has {sorted(known)}")
+        required = sorted(f.name for f in dataclasses.fields(hint) if f.name not in value
+                          and f.default is dataclasses.MISSING
+                          and f.default_factory is dataclasses.MISSING)
+        if required:
+            raise ConfigError(f"{where}.{required[0]}: missing; {hint.__name__} needs it")
         return hint(**{name: _decode(hints[name], item, f"{where}.{name}") for name, item in value.items()})
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # Optional[X]: None, or an X
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
-            return _decode(option, value, where)
+        return _decode(next(a for a in args if a is not type(None)), value, where)
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: must be a list, got {value!r}")

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from devtools.processes import free_port
-from flux_triton.gateway.app import GatewaySettings, GenerationRequest
+from flux_triton.gateway.app import GatewaySettings, GenerationRequest, create_app
 from tests.gateway_server import RunningGateway, sse_events
-from tests.reference import REPO_ROOT, metric, served_generate
+from tests.reference import REPO_ROOT, inject, metric, served_generate
 
 PROMPT = "a red circle on a blue background"
 
@@ -207,11 +207,15 @@ def test_bearer_token_body_limit_and_cors(served_shapes):
 
 @pytest.mark.fast
 def test_openai_fields_map_to_flux_bls_inputs():
-    request = GenerationRequest(prompt="a cat", n=2, size="96x64", steps=3, seed=1, preview="x0")
+    request = GenerationRequest(prompt="a cat", n=2, size="96x64", steps=3, seed=1, preview="x0",
+                                stream=True)
     fields = request.bls_fields()
     assert (fields["width"], fields["height"], fields["num_images_per_prompt"]) == (96, 64, 2)
     assert fields["num_inference_steps"] == 3 and fields["preview_kind"] == "x0"
-    assert GenerationRequest(prompt="a cat", preview="none").bls_fields()["preview_kind"] == "none"
+    assert GenerationRequest(prompt="a cat", preview="none", stream=True
+                             ).bls_fields()["preview_kind"] == "none"
+    # not streamed: nobody would see a preview, so none is asked for
+    assert GenerationRequest(prompt="a cat", preview="x0").bls_fields()["preview_kind"] == "none"
 
 
 def _raw_post(port: int, body: bytes, extra_headers: bytes = b"") -> tuple[int, dict]:
@@ -264,7 +268,9 @@ def test_fields_are_strict_numbers_bounded_and_errors_in_openai_shape():
 @pytest.mark.fast
 def test_docs_and_schema_are_not_open():
     with RunningGateway(GatewaySettings(triton_url="127.0.0.1:1", api_key="s3cret")) as gw:
-        assert gw.get("/docs")[0] == 404  # it would load Swagger from a CDN
+        key = {"Authorization": "Bearer s3cret"}
+        assert gw.get("/docs")[0] == 401  # every path but the page and /healthz needs the key
+        assert gw.get("/docs", headers=key)[0] == 404  # and there is no Swagger page (a CDN's)
         assert gw.get("/openapi.json")[0] == 401
         assert gw.get("/openapi.json", headers={"Authorization": "Bearer s3cret"})[0] == 200
         status, payload, _ = gw.get("/healthz")
@@ -370,3 +376,53 @@ def test_fuzzed_json_bodies_get_a_clear_answer(fuzz_gateway, body):
 def fuzz_gateway():
     with RunningGateway(GatewaySettings(triton_url="127.0.0.1:1")) as running:
         yield running
+
+
+@pytest.mark.fast
+def test_key_and_cors_hold_behind_a_proxy_prefix_and_for_preflights():
+    """With a key and CORS: a browser's preflight is answered by CORS (no key needed for it),
+    the guard's 401 carries the CORS headers, and a proxy's path prefix (root_path) is no way
+    around the key."""
+    app = create_app(GatewaySettings(triton_url="127.0.0.1:1", api_key="s3cret",
+                                     cors_origins=("https://example.com",)))
+    with RunningGateway(None, app) as gw:
+        connection = gw.connection()
+        connection.request("OPTIONS", "/v1/images/generations", headers={
+            "Origin": "https://example.com", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        preflight = connection.getresponse()
+        preflight.read()
+        assert preflight.status == 200
+        assert preflight.getheader("access-control-allow-origin") == "https://example.com"
+        status, _, headers = gw.post("/v1/images/generations", {"prompt": "a"},
+                                     headers={"Origin": "https://example.com"})
+        assert status == 401
+        assert {k.lower(): v for k, v in headers.items()}["access-control-allow-origin"] == \
+            "https://example.com"
+    with RunningGateway(None, create_app(GatewaySettings(triton_url="127.0.0.1:1",
+                                                         api_key="s3cret"))) as gw:
+        gw.server.config.root_path = "/gw"
+        for path in ("/gw/openapi.json", "/gw/v1/images/generations"):
+            assert gw.get(path)[0] == 401, path
+
+
+def test_stream_stops_when_its_client_leaves_before_the_first_step(faults):
+    """The first SSE event waits for the first step; a client gone before it still stops the
+    request (here the DiT takes 2 s a call, and the client leaves after 0.3 s)."""
+    cancelled_before = metric(faults, "flux_requests_total", outcome="cancelled")
+    steps_before = metric(faults, "flux_steps_total")
+    inject(faults, "dit_transformer", delay_ms=2000)
+    with RunningGateway(GatewaySettings(triton_url=faults.url)) as gw:
+        body = json.dumps({"prompt": "a cat", "size": "64x64", "steps": 20, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", gw.port)) as client:
+            client.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(body), body))
+            time.sleep(0.3)
+        deadline = time.time() + 20
+        while metric(faults, "flux_requests_total", outcome="cancelled") == cancelled_before:
+            assert time.time() < deadline, "the request ran on after its client left"
+            time.sleep(0.1)
+    steps_run = metric(faults, "flux_steps_total") - steps_before
+    print(f"\nclient gone before the first step: {steps_run:.0f} of 20 steps ran")
+    assert steps_run <= 1

@@ -46,6 +46,10 @@ def render(model_dirs):
     return render
 
 
+def _deployed(rendered: RenderedRepository) -> dict:
+    return {model.name: model for model in rendered.deployment.models}
+
+
 def instance_groups(config: str) -> list[tuple[int, str, list[int] | None]]:
     """(count, kind, gpus or None) of each instance group of a rendered config.pbtxt."""
     groups = re.findall(r"\{\n    count: (\d+)\n    kind: (\w+)\n(?:    gpus: \[ ([\d, ]+) \]\n)?  \}",
@@ -65,13 +69,13 @@ def test_each_listed_gpu_gets_its_copies_and_a_bls_instance(render, gpus, ids):
             name = network if gpu == ids[0] else f"{network}_gpu{gpu}"
             assert configs[name].startswith(f'name: "{name}"\n')
             assert instance_groups(configs[name]) == [(1, "KIND_GPU", [gpu])]
-            assert rendered.deployment.model(name).gpus == (gpu,)
+            assert _deployed(rendered)[name].gpus == (gpu,)
             # Every copy is the same model, options included (precision, compile, warmup, cache).
             assert rendered.options[name] == rendered.options[network]
             assert rendered.options[name].network == network
     assert instance_groups(configs["tokenizer"]) == [(1, "KIND_CPU", None)]
     assert instance_groups(configs["flux_bls"]) == [(1, "KIND_GPU", [gpu]) for gpu in ids]
-    assert rendered.deployment.model("flux_bls").processes == len(ids)
+    assert _deployed(rendered)["flux_bls"].processes == len(ids)
     mapping = rendered.options["flux_bls"].networks_by_gpu
     assert mapping == {str(gpu): {n: n if gpu == ids[0] else f"{n}_gpu{gpu}" for n in NETWORKS}
                        for gpu in ids}
@@ -137,7 +141,7 @@ def test_without_gpus_the_configs_are_as_before(render):
     pinned = render("0,1")  # and the first of several: the same models but flux_bls, pinned
     for name in PLAIN - {"flux_bls", "encode_prompt"}:
         assert pinned.options[name] == default.options[name]
-        assert pinned.deployment.model(name).kind == default.deployment.model(name).kind
+        assert _deployed(pinned)[name].kind == _deployed(default)[name].kind
 
 
 @pytest.mark.parametrize("gpus,problem", [

@@ -256,7 +256,8 @@ def test_supervisor_finds_models_not_ready_past_the_bound(tmp_path):
 
     class Index:
         repository, process = tmp_path, None
-        states = {"flux_bls": "READY", "vae_decoder": "READY"}
+        # "stray": a folder in the repository the server never loaded (no state): not ours
+        states = {"flux_bls": "READY", "vae_decoder": "READY", "stray": ""}
 
         def model_states(self):
             return dict(self.states)
@@ -267,7 +268,7 @@ def test_supervisor_finds_models_not_ready_past_the_bound(tmp_path):
     server.states["flux_bls"] = "UNLOADING"
     assert supervisor.stuck_models() == {}  # not yet past the bound
     time.sleep(0.4)
-    assert list(supervisor.stuck_models()) == ["flux_bls"]
+    assert list(supervisor.stuck_models()) == ["flux_bls"]  # never the stray folder
     assert supervisor.stuck_models()["flux_bls"].startswith("UNLOADING for")
     server.states["flux_bls"] = "READY"
     assert supervisor.stuck_models() == {}
@@ -296,3 +297,45 @@ def test_supervisor_gives_up_past_the_liveness_bound(tmp_path):
     assert supervisor.failed and server.stopped
     assert time.monotonic() - began < 10
     assert [e["event"] for e in supervisor.events][-1] == "giving_up"
+
+
+@pytest.mark.fast
+def test_stop_during_a_restart_neither_fails_nor_restarts(tmp_path):
+    """`stop()` while the supervisor restarts the server: the restart gives up waiting, nothing
+    is launched after the stop, no failure or recovery is recorded, and the server is stopped."""
+    import threading as threading_module
+
+    RepositoryConfig((ModelDeployment("flux_bls", "python", decoupled=True),)).write(tmp_path)
+    launched = threading_module.Event()
+
+    class SlowServer:
+        repository, process = tmp_path, None
+        launches, stops = 0, 0
+
+        def launch(self):
+            self.launches += 1
+            launched.set()
+
+        def wait_ready(self, timeout_s, cancelled=None):
+            while not cancelled.is_set():  # a start that takes long
+                time.sleep(0.01)
+
+        def stop(self, timeout_s=30.0):
+            self.stops += 1
+
+        def is_ready(self):
+            return False
+
+    server = SlowServer()
+    supervisor = Supervisor(server)
+    supervisor._stop.clear()
+    worker = threading_module.Thread(target=supervisor.recover, args=("flux_bls", "process gone"))
+    worker.start()
+    assert launched.wait(5)
+    began = time.monotonic()
+    supervisor.stop(timeout_s=5)
+    worker.join(5)
+    assert not worker.is_alive() and time.monotonic() - began < 2
+    assert server.launches == 1 and not supervisor.failed
+    assert [e["event"] for e in supervisor.events] == ["detected", "server_stopped"]
+    assert server.stops == 2  # the restart's stop of the old server, then the supervisor's own

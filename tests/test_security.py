@@ -305,7 +305,8 @@ def test_failed_start_leaves_nothing_behind(model_dirs, tmp_path, monkeypatch):
     repository = tmp_path / "repository"
     repository.mkdir()
     os.symlink(full / "tokenizer", repository / "tokenizer")  # one quick model is enough
-    RepositoryConfig((RepositoryConfig.read(full).model("tokenizer"),)).write(repository)
+    RepositoryConfig(tuple(m for m in RepositoryConfig.read(full).models
+                           if m.name == "tokenizer")).write(repository)
     monkeypatch.setattr(launcher, "port_in_use", lambda host, port: False)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -330,11 +331,12 @@ def test_spawned_servers_die_with_their_launcher(tmp_path):
                       "open(sys.argv[1] + '.up', 'w').close()\ntime.sleep(60)\n")
     marker = tmp_path / "got"
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, threading, time\n"
+        "import functools, os, subprocess, sys, threading, time\n"
         "import flux_triton.server.launcher as l\n"
         "def spawn():\n"
         f"    l._spawner.submit(subprocess.Popen, [sys.executable, {str(script)!r}, {str(marker)!r}],"
-        " start_new_session=True, preexec_fn=l._die_with_parent).result()\n"
+        " start_new_session=True,"
+        " preexec_fn=functools.partial(l._die_with_parent, os.getpid())).result()\n"
         "t = threading.Thread(target=spawn); t.start(); t.join()\n"  # the caller's thread ends
         "time.sleep(60)\n")], cwd=REPO_ROOT)
     deadline = time.monotonic() + 30

@@ -149,7 +149,7 @@ def render_repository(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "tensorrt" and (device != "gpu" or precision != "FP32"):
         raise ValueError("TensorRT plans run on the GPU; their types come from the graphs "
-                         "(ONNX_PRECISION) and export/engine_config.json, not from PRECISION")
+                         "(ONNX_PRECISION) and flux_triton/export/engine_config.json, not from PRECISION")
     if onnx_precision != "FP32" and backend != "tensorrt":
         raise ValueError(f"ONNX_PRECISION={onnx_precision} graphs are for TensorRT (BACKEND=tensorrt): "
                          "onnxruntime's CPU provider has no bf16 or float8 kernels to serve them")
@@ -188,8 +188,8 @@ def render_repository(
             spec, deployment, {**on_device, **options_parameter(model_options)})
 
     python_model(specs["tokenizer"], ModelDeployment("tokenizer", "python"),
-                 NetworkOptions("tokenizer", model_dir_option, precision, backend))
-    network_options = {name: NetworkOptions(
+                 NetworkOptions("tokenizer", model_dir_option, precision))  # Python whatever the backend
+    network_options = {} if backend == "tensorrt" else {name: NetworkOptions(
         name, model_dir_option, precision, backend, compile=compile, cuda_graphs=cuda_graphs,
         warmup=tuple(map(str, warmup)) if accelerated else (),
         compile_cache_dir=compile_cache_parameter(repository) if accelerated else None,

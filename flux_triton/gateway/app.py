@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +34,7 @@ from tritonclient.utils import InferenceServerException
 
 from flux_triton.clients.previews import bls_options, linear_renderer, to_uint8_image, vae_inputs
 from flux_triton.clients.stream_client import build_inputs
+from flux_triton.errors import client_error_kind, named_field
 from flux_triton.serving_config import BlsOptions
 from flux_triton.specs import NUMBER_RANGES, bls_input
 
@@ -110,13 +111,14 @@ class GenerationRequest(BaseModel):
         return value
 
     def bls_fields(self) -> dict:
-        """The flux_bls inputs of this request (None: the server's default)."""
+        """The flux_bls inputs of this request (None: the server's default). Only a streamed
+        request asks for previews: nobody would see the others'."""
         width, height = (int(v) for v in self.size.split("x")) if self.size else (None, None)
         return dict(prompt=self.prompt, num_images_per_prompt=self.n, width=width, height=height,
                     seed=self.seed, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                     negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg_scale,
                     max_sequence_length=self.max_sequence_length, deadline_ms=self.deadline_ms,
-                    preview_kind=self.preview)
+                    preview_kind=self.preview if self.stream else "none")
 
 
 class GatewayError(Exception):
@@ -133,13 +135,16 @@ class GatewayError(Exception):
 
 
 def triton_error(message: str) -> GatewayError:
-    """A flux_bls error as HTTP: a named invalid field -> 400; anything else -> 503."""
-    param = _param(message)
-    if param is not None:
-        return GatewayError(400, message, param)
-    if "deadline" in message.lower():
+    """A flux_bls error as HTTP, by what it means (`flux_triton.errors`): invalid input 400 (naming
+    the field in this API's words), try again later 503, a transport deadline 504, a failure 500."""
+    kind = client_error_kind(message)
+    if kind == "invalid_argument":
+        return GatewayError(400, message, _param(message))
+    if kind == "unavailable":
+        return unavailable(message)
+    if kind == "timeout":
         return GatewayError(504, message, kind="timeout_error")
-    return unavailable(message)
+    return GatewayError(500, message, kind="server_error")
 
 
 def unavailable(message: str) -> GatewayError:
@@ -148,9 +153,9 @@ def unavailable(message: str) -> GatewayError:
 
 @dataclass
 class Generation:
-    """What one request streamed back."""
+    """What one request streamed back (its steps went to the caller as they came)."""
 
-    steps: list[dict] = field(default_factory=list)
+    steps: int = 0
     images: np.ndarray | None = None
     seed: int | None = None
     timings: dict | None = None
@@ -234,7 +239,7 @@ class TritonStreams:
                             "total_steps": int(result.as_numpy("total_steps")[0]),
                             "timestep": float(result.as_numpy("timestep")[0]),
                             "ms": round((now - last) * 1000, 1), "preview": preview}
-                    generation.steps.append(step)
+                    generation.steps += 1
                     yield "step", step
                 if "image" in names:
                     finished = handle.finished = True
@@ -264,7 +269,7 @@ class TritonStreams:
                 tensor = InferInput("latents", list(latents.shape), dtype)
                 tensor.set_data_from_numpy(latents)
                 result = await self.client.infer("vae_decoder", [tensor])
-                return to_uint8_image(result.as_numpy("image"))[0]
+                return (await asyncio.to_thread(to_uint8_image, result.as_numpy("image")))[0]
         except (InferenceServerException, grpc.RpcError) as exc:
             detail = exc.message() if isinstance(exc, InferenceServerException) else exc.details()
             raise unavailable(f"the server is unavailable: {detail}") from exc
@@ -288,14 +293,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             app.state.triton = TritonStreams(settings)
         return app.state.triton
 
-    if settings.cors_origins:
+    app.add_middleware(RequestGuard, settings=settings)
+    if settings.cors_origins:  # added last, so outermost: preflights and the guard's 401/413 too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization",
                                                                          "Content-Type"])
-
-    app.add_middleware(RequestGuard, settings=settings)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError):
@@ -332,31 +336,26 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.post("/v1/images/generations")
     async def generations(body: GenerationRequest, request: Request):
         fields = body.bls_fields()
+        handle = StreamHandle()
         if body.stream:
-            events = sse_events(triton(), fields, settings.preview_format)
-            first = await anext(events)  # errors before the first event are HTTP errors
+            events = sse_events(triton(), fields, settings.preview_format, handle)
+            # errors before the first event are HTTP errors; a client gone by then stops it
+            first = await unless_client_leaves(request, anext(events), handle)
+            if first is None:
+                return Response(status_code=499)
             return StreamingResponse(_chain(first, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        handle = StreamHandle()
 
-        async def collect() -> Generation:
+        async def collect() -> dict:
             async for kind, value in triton().generate(fields, handle):
                 if kind == "image":
-                    return value
+                    return await asyncio.to_thread(completed_body, value)  # PNGs off the loop
             raise unavailable("the stream ended without an image")
 
-        running = asyncio.ensure_future(collect())
-        gone = asyncio.ensure_future(disconnected(request))
-        try:
-            await asyncio.wait({running, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not running.done():  # the client went away (or this handler was cancelled)
-                handle.cancel()  # stops the denoising loop
-                running.cancel()
-            gone.cancel()
-        if not running.done() or running.cancelled():
+        completed = await unless_client_leaves(request, collect(), handle)
+        if completed is None:
             return Response(status_code=499)  # nobody is listening; nginx's "client closed"
-        return JSONResponse(completed_body(running.result()))
+        return JSONResponse(completed)
 
     return app
 
@@ -367,10 +366,27 @@ async def disconnected(request: Request) -> None:
         pass
 
 
+async def unless_client_leaves(request: Request, work, handle: StreamHandle):
+    """`work`'s result, or None once the client has gone first: then the Triton stream is
+    cancelled (the denoising loop stops) and `work` with it. `work`'s errors propagate."""
+    running = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({running, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not running.done():  # the client went away (or this handler was cancelled)
+            handle.cancel()
+            running.cancel()
+        gone.cancel()
+    if not running.done() or running.cancelled():
+        return None
+    return running.result()
+
+
 def _param(message: str) -> str | None:
-    """The request field a flux_bls error message names first, in this API's words."""
-    named = re.search(r"`(\w+)`: ", message)
-    return PARAMS.get(named.group(1), named.group(1)) if named else None
+    """The request field an error message names first, in this API's words."""
+    named = named_field(message)
+    return PARAMS.get(named, named) if named else None
 
 
 def validation_error(errors: list[dict]) -> GatewayError:
@@ -392,11 +408,12 @@ def validation_error(errors: list[dict]) -> GatewayError:
 
 
 class RequestGuard:
-    """ASGI middleware ahead of the app: on /v1/* and /openapi.json the API key is checked before
-    a byte of the body is read, then every body is read up to `max_body_bytes` by the bytes that
-    arrive, whatever the framing (Content-Length or chunked), and answered 413 past it."""
+    """ASGI middleware ahead of the app: on every path but the page and /healthz the API key is
+    checked before a byte of the body is read, then every body is read up to `max_body_bytes` by
+    the bytes that arrive, whatever the framing (Content-Length or chunked), and answered 413 past
+    it."""
 
-    PROTECTED = ("/v1/", "/openapi.json")
+    PUBLIC = ("/", "/healthz")  # everything else needs the key when one is set
 
     def __init__(self, app, settings: GatewaySettings):
         self.app, self.settings = app, settings
@@ -406,7 +423,7 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers", []))
-        if self.expected is not None and scope["path"].startswith(self.PROTECTED) and \
+        if self.expected is not None and self.route_path(scope) not in self.PUBLIC and \
                 not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
             return await self.reply(send, GatewayError(
                 401, "a valid `Authorization: Bearer <key>` header is required",
@@ -439,6 +456,12 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
     @staticmethod
+    def route_path(scope) -> str:
+        """The path the routes see: behind a proxy's prefix (`root_path`), without it."""
+        path, root = scope["path"], scope.get("root_path", "")
+        return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+    @staticmethod
     async def reply(send, error: GatewayError) -> None:
         payload = json.dumps(error.body()).encode()
         await send({"type": "http.response.start", "status": error.status,
@@ -467,11 +490,12 @@ def _event(name: str, payload: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(payload)}\n\n"
 
 
-async def sse_events(triton: TritonStreams, fields: dict, fmt: str) -> AsyncIterator[str]:
+async def sse_events(triton: TritonStreams, fields: dict, fmt: str,
+                     handle: StreamHandle) -> AsyncIterator[str]:
     """`image_generation.partial_image` per step (the preview as an image), then
     `image_generation.completed` (or `error`). Yields one comment first, so that request errors
-    surface before the response starts."""
-    handle = StreamHandle()
+    surface before the response starts. A preview that cannot be decoded is sent without its
+    image; the generation goes on."""
     generate = triton.generate(fields, handle)
     try:
         first = await anext(generate)
@@ -489,14 +513,17 @@ async def sse_events(triton: TritonStreams, fields: dict, fmt: str) -> AsyncIter
                            "timestep": value["timestep"], "step_ms": value["ms"],
                            "created_at": int(time.time())}
                 if value["preview"] is not None:
-                    rgb = await triton.render_preview(value["preview"])
+                    try:
+                        rgb = await triton.render_preview(value["preview"])
+                    except GatewayError:  # e.g. the VAE being reloaded: this preview goes bare
+                        rgb = None
                     if rgb is not None:
                         payload["b64_json"] = await asyncio.to_thread(encode_image, rgb, fmt)
                         payload["output_format"] = fmt
                 index += 1
                 yield _event("image_generation.partial_image", payload)
             else:
-                body = completed_body(value)
+                body = await asyncio.to_thread(completed_body, value)  # PNGs off the loop
                 yield _event("image_generation.completed", dict(
                     body, type="image_generation.completed", b64_json=body["data"][0]["b64_json"],
                     created_at=body["created"]))

@@ -28,8 +28,6 @@ GRAPHED = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
 log = logging.getLogger(__name__)
 
 
-# Overrides every served network's compile_cache_dir parameter (e.g. for a read-only repository volume).
-
 
 def compile_cache_location(repository: str | Path, configured: str | None) -> str | None:
     """The compile cache a served network of `repository` uses: $FLUX_TRITON_COMPILE_CACHE, else

@@ -17,11 +17,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from flux_triton.dispatch import board_folder
@@ -149,10 +151,12 @@ def port_in_use(host: str, port: int) -> bool:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(launcher: int) -> None:
     """In the forked child: SIGTERM (Triton's graceful shutdown) once the launcher dies, however
-    it dies, so no server outlives it."""
+    it dies, so no server outlives it; and no start at all if it died before the signal was armed."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:
+        os._exit(1)
 
 
 # The kernel sends the death signal when the *thread* that forked the child ends, so every server
@@ -262,7 +266,7 @@ class TritonServer:
                     f"(--{variable.lower().replace('_', '-')} for the launcher)")
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV}  # the server gets it as a flag
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
@@ -298,21 +302,28 @@ class TritonServer:
     def launch(self) -> None:
         """Start the tritonserver process (after checking its ports), without waiting for it."""
         self.check_ports()
-        out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         self.start_mps()
         command, env = self.command(), self.environment()
-        self.process = _spawner.submit(
-            subprocess.Popen, command, env=env, stdout=out or None, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        ).result()
+        out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
+        try:  # the child has its own copy of the log's descriptor
+            self.process = _spawner.submit(
+                subprocess.Popen, command, env=env, stdout=out or None, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=partial(_die_with_parent, os.getpid()),
+            ).result()
+        finally:
+            if out is not None:
+                out.close()
         # the folder where this server's flux_bls instances share their load (see stop)
         self.load_board = board_folder(self.process.pid)
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, cancelled: threading.Event | None = None) -> None:
         """Wait until the launched server is ready; a server that exits or stays unready past
-        `timeout_s` is stopped, and what it created removed."""
+        `timeout_s` is stopped, and what it created removed. Returns early, the server not
+        ready, once `cancelled` is set (its owner stops it)."""
         deadline = time.perf_counter() + timeout_s
         while time.perf_counter() < deadline:
+            if cancelled is not None and cancelled.is_set():
+                return
             if self.process.poll() is not None:
                 code = self.process.returncode
                 self.stop()  # removes what the failed start left

@@ -85,7 +85,10 @@ class Supervisor:
             self.not_ready_bound_s = not_ready_bound_s
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host or getattr(server, "host", "127.0.0.1")
-        self.models = RepositoryConfig.read(server.repository).python_models()
+        deployment = RepositoryConfig.read(server.repository)
+        self.models = deployment.python_models()
+        # what the server loaded at start: a stray folder, or one an operator unloads, is not ours
+        self.served = set(deployment.names)
         self.not_ready_since: dict[str, float] = {}  # model -> when it was first seen not READY
         self.events: list[dict] = []  # the timeline: detected, unloaded, ready, ...
         self.restarts: dict[str, int] = {name: 0 for name in (*self.models, SERVER)}
@@ -99,17 +102,25 @@ class Supervisor:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout_s: float = 120.0) -> float:
-        """Start the server, then watch it; the start-to-ready seconds."""
+        """Start the server, then watch it; the start-to-ready seconds. The metrics port is bound
+        first, so a busy one fails before the server spends its start."""
         began = time.monotonic()
-        self.server.start(timeout_s=timeout_s)
         if self.metrics_port:
             SupervisorMetrics(self, self.metrics_port, self.metrics_host)
+        try:
+            self.server.start(timeout_s=timeout_s)
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+            raise
         self._thread = threading.Thread(target=self._run, name="flux-supervisor", daemon=True)
         self._thread.start()
         return time.monotonic() - began
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """Stop watching (no restart starts after this), then stop the server; its exit code."""
+        """Stop watching (no restart starts after this, one under way gives up waiting), then
+        stop the server; its exit code."""
         self._stop.set()
         with self._launching:
             pass  # a restart past this point has launched; one before it will not
@@ -158,7 +169,7 @@ class Supervisor:
     def stuck_models(self) -> dict[str, str]:
         """Models not READY in Triton's repository index for longer than `not_ready_bound_s`."""
         now = time.monotonic()
-        states = self.server.model_states()
+        states = {n: s for n, s in self.server.model_states().items() if n in self.served}
         for name, state in states.items():
             if state == "READY":
                 self.not_ready_since.pop(name, None)
@@ -196,6 +207,8 @@ class Supervisor:
                     self._reload(model)
                 break
             except Exception as exc:
+                if self._stop.is_set():  # stopped meanwhile: what failed is the stop's doing
+                    return
                 waited = time.monotonic() - began
                 self._record("recovery_failed", model=model, attempt=attempt, error=str(exc)[:300])
                 if waited > self.liveness_bound_s:
@@ -204,12 +217,15 @@ class Supervisor:
                     self._stop.set()
                     self.server.stop(timeout_s=5)
                     return
-                time.sleep(min(2.0 * attempt, 10.0))
+                self._stop.wait(min(2.0 * attempt, 10.0))
+        if self._stop.is_set():
+            return
         took = time.monotonic() - began
         self.not_ready_since.clear()  # a restart or reload changed what the index says
         self.not_ready_s += took
-        if self.metrics is not None:
-            self.metrics.observe(model, took, whole_server=model == SERVER
+        metrics = self.metrics  # stop() may clear it meanwhile
+        if metrics is not None:
+            metrics.observe(model, took, whole_server=model == SERVER
                                  or (model in self.models and self.models[model].decoupled))
         self._record("recovered", model=model, seconds=round(took, 2))
 
@@ -242,7 +258,9 @@ class Supervisor:
             if self._stop.is_set():
                 return
             self.server.launch()
-        self.server.wait_ready(timeout_s=600)
+        self.server.wait_ready(timeout_s=600, cancelled=self._stop)
+        if self._stop.is_set():  # stopped while it started: the stop owns the server now
+            return
         self.restarts[model] += 1
         self.server_restarts += 1
         self._record("server_restarted", model=model, server_ready=self.server.is_ready())
@@ -279,3 +297,4 @@ class SupervisorMetrics:
 
     def close(self) -> None:
         self.http.shutdown()
+        self.http.server_close()
