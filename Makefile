@@ -22,14 +22,16 @@ export TRANSFORMERS_OFFLINE := 1
 given = $(filter command line environment,$(origin $(1)))
 SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(call given,MPS),--mps $(MPS)) \
-	$(if $(call given,SUPERVISOR_PORT),--supervisor-port $(SUPERVISOR_PORT))
+	$(if $(call given,SUPERVISOR_PORT),--supervisor-port $(SUPERVISOR_PORT)) \
+	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR))
 # GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...],
 # PRECOMPILE=0|1 (default 1: the export compiles every network into the server's compile cache);
 # BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off);
 # ONNX_PRECISION=FP32|BF16|FP8: the graphs BACKEND=tensorrt builds from;
 # GPUS=all|0,1,...: a copy of each network and a flux_bls instance on each listed GPU (DEVICE=gpu);
 # MAX_PIXEL_STEPS=N: the most work one request may ask for, height × width × steps × images;
-# RANDOM_WEIGHTS=1: serve a folder of configs without weights (random_weights.json), for benchmarks
+# RANDOM_WEIGHTS=1: serve a folder of configs without weights (random_weights.json), for benchmarks;
+# LORA_DIR=...: the LoRA adapters requests may name (default <model folder>/loras); MAX_LORAS=N
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
 	$(if $(call given,PRECOMPILE),--precompile $(PRECOMPILE)) \
@@ -37,7 +39,8 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION)) \
 	$(if $(call given,GPUS),--gpus $(GPUS)) \
 	$(if $(call given,MAX_PIXEL_STEPS),--max-pixel-steps $(MAX_PIXEL_STEPS)) \
-	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS))
+	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS)) \
+	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS))
 
 .PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu bench-scale export-full-size gpu-bundle lint clean
 

@@ -72,8 +72,21 @@ def serving_defaults(variant: str) -> dict[str, float | int]:
     }
 
 
+# Random LoRA adapters of the tiny models (`<folder>/loras/<name>/`, as FluxPipeline.save_lora_weights
+# writes them): the transformer's attention and MLP layers; "texture" also adapts CLIP.
+TINY_LORAS = {
+    "style": dict(rank=4, alpha=8, transformer=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
+                                                "proj_out", "ff.net.0.proj", "ff.net.2"),
+                  text_encoder=()),
+    "texture": dict(rank=2, alpha=2, transformer=("to_q", "to_v", "proj_mlp"),
+                    text_encoder=("q_proj", "v_proj", "fc1")),
+}
+
+
 def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
-    """Write a tiny FLUX pipeline ("schnell" or "dev") to `out_dir` and return its path."""
+    """Write a tiny FLUX pipeline ("schnell" or "dev") and its LoRA adapters to `out_dir` and
+    return its path."""
     t5_spm_model = train_t5_spm()
     with torch.random.fork_rng(devices=[]):
         pipeline = build_tiny_pipeline(variant, seed, t5_spm_model)
@@ -81,7 +94,31 @@ def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / "tokenizer_2" / "spiece.model").write_bytes(t5_spm_model)
         write_serving_defaults(staging, serving_defaults(variant))
+        with torch.random.fork_rng(devices=[]):
+            for index, (name, spec) in enumerate(TINY_LORAS.items()):
+                torch.manual_seed(seed + 100 + index)
+                write_random_lora(pipeline, staging / "loras" / name, **spec)
     return Path(out_dir).resolve()
+
+
+def write_random_lora(pipeline: FluxPipeline, folder: Path, rank: int, alpha: int,
+                      transformer: tuple[str, ...], text_encoder: tuple[str, ...]) -> Path:
+    """A LoRA adapter of random weights (both matrices: it changes the output) for `pipeline`'s
+    transformer (and CLIP), saved as diffusers saves trained ones; the pipeline is left as it was."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {}
+    for part, targets in (("transformer", transformer), ("text_encoder", text_encoder)):
+        if not targets:
+            continue
+        module = getattr(pipeline, part)
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                      init_lora_weights=False), adapter_name="new")
+        layers[f"{part}_lora_layers"] = get_peft_model_state_dict(module, adapter_name="new")
+        module.delete_adapters("new") if part == "transformer" else module.delete_adapter("new")
+    FluxPipeline.save_lora_weights(folder, **layers)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

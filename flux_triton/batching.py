@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ _current_stream: ContextVar[object | None] = ContextVar("flux_batcher_stream", d
 
 @dataclass
 class _Group:
+    context: Hashable = None  # what every call of the group runs with (CallBatcher.submit)
     calls: list[tuple[Tensors, asyncio.Future]] = field(default_factory=list)
     streams: set = field(default_factory=set)  # the streams (see CallBatcher.stream) with a call here
     rows: int = 0
@@ -42,13 +43,12 @@ class _Group:
 
 
 class CallBatcher:
-    """Merges concurrent `call(inputs)`s whose inputs agree on everything but their first (batch)
-    dim: the `batched` inputs are concatenated, the others must be equal (they are shared).
-
-    `sizes` counts the batch sizes run, for metrics and tests.
+    """Merges concurrent `call(inputs, context)`s whose inputs agree on everything but their first
+    (batch) dim and whose `context` is the same (e.g. the LoRA adapters they run with): the
+    `batched` inputs are concatenated, the others must be equal (they are shared).
     """
 
-    def __init__(self, call: Callable[[Tensors], Awaitable[Tensors]], batched: set[str],
+    def __init__(self, call: Callable[[Tensors, Hashable], Awaitable[Tensors]], batched: set[str],
                  delay_s: float, max_rows: int, on_batch: Callable[[int, int], None] | None = None,
                  max_in_flight: int = 1):
         self.call = call
@@ -85,26 +85,27 @@ class CallBatcher:
             for key in list(self.groups):
                 self._flush(key)
 
-    def _key(self, inputs: Tensors) -> tuple:
-        return tuple(sorted(
+    def _key(self, inputs: Tensors, context: Hashable) -> tuple:
+        return (context, tuple(sorted(
             (name, tuple(v.shape[1:]) if name in self.batched else tuple(v.shape), v.dtype, v.device)
-            for name, v in inputs.items()))
+            for name, v in inputs.items())))
 
     def _rows(self, inputs: Tensors) -> int:
         return max((v.shape[0] for n, v in inputs.items() if n in self.batched), default=1)
 
-    async def submit(self, inputs: Tensors) -> Tensors:
-        """The outputs of `call(inputs)`, computed alone or with other concurrent calls."""
+    async def submit(self, inputs: Tensors, context: Hashable = None) -> Tensors:
+        """The outputs of `call(inputs, context)`, computed alone or with other concurrent calls
+        of the same context."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         rows = self._rows(inputs)
-        key = self._key(inputs)
+        key = self._key(inputs, context)
         group = self.groups.get(key)
         if group is not None and (group.rows + rows > self.max_rows or not self._shares(group, inputs)):
             self._flush(key)  # no room (or other shared inputs): run what is waiting, start afresh
             group = None
         if group is None:
-            group = self.groups[key] = _Group()
+            group = self.groups[key] = _Group(context)
             self._open_window(key, group)
         group.calls.append((inputs, future))
         group.rows += rows
@@ -173,7 +174,7 @@ class CallBatcher:
         if self.on_batch is not None:
             self.on_batch(self._rows(merged), len(calls))
         try:
-            outputs = await self.call(merged)
+            outputs = await self.call(merged, group.context)
         except Exception as exc:  # every caller of the merged call sees its failure
             for _, future in calls:
                 if not future.done():

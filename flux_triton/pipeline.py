@@ -39,6 +39,7 @@ class Stop(enum.Enum):
 
 
 StopCheck = Callable[[], Stop | None]
+Adapters = tuple[tuple[str, float], ...]  # LoRA adapters by name, with their scales, in order
 
 
 class FluxModels(Protocol):
@@ -50,16 +51,18 @@ class FluxModels(Protocol):
         """CLIP ids of `prompts` [N, 77] and T5 ids of `prompts_2` [N, S] (int64)."""
         ...
 
-    async def clip_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """CLIP pooled output [N, D_clip]."""
+    async def clip_encoder(self, input_ids: torch.Tensor, adapters: Adapters = ()) -> torch.Tensor:
+        """CLIP pooled output [N, D_clip], with the LoRA `adapters` (name, scale) active."""
         ...
 
     async def t5_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
         """T5 last hidden states [N, S, D_t5]."""
         ...
 
-    async def dit_transformer(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Velocity prediction [B, S_img, C*4] for the DiT inputs (`dit_inputs`)."""
+    async def dit_transformer(self, inputs: dict[str, torch.Tensor],
+                              adapters: Adapters = ()) -> torch.Tensor:
+        """Velocity prediction [B, S_img, C*4] for the DiT inputs (`dit_inputs`), with the LoRA
+        `adapters` (name, scale) active."""
         ...
 
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
@@ -134,7 +137,7 @@ async def encode_prompts(
         f"tokenize{tag}", models.tokenize(prompts, prompts_2, request.max_sequence_length)
     )
     pooled, sequence = await asyncio.gather(
-        timer.timed(f"clip_encoder{tag}", models.clip_encoder(clip_ids)),
+        timer.timed(f"clip_encoder{tag}", models.clip_encoder(clip_ids, request.loras)),
         timer.timed(f"t5_encoder{tag}", models.t5_encoder(t5_ids)),
     )
     n = request.num_images_per_prompt
@@ -215,10 +218,11 @@ async def generate(
             break
         step_start = timer.now()
         timestep = sampling.dit_timestep(t, batch, latents.dtype)
-        calls = [models.dit_transformer(dit_inputs(latents, timestep, guidance, embeds, image_ids))]
+        calls = [models.dit_transformer(dit_inputs(latents, timestep, guidance, embeds, image_ids),
+                                        request.loras)]
         if negative_embeds is not None:
             calls.append(models.dit_transformer(
-                dit_inputs(latents, timestep, guidance, negative_embeds, image_ids)
+                dit_inputs(latents, timestep, guidance, negative_embeds, image_ids), request.loras
             ))
         noise_pred, *neg = await timer.timed(f"step_{i + 1}", asyncio.gather(*calls))
         if neg:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +46,7 @@ class GenerationRequest:
     sigmas: tuple[float, ...] | None
     deadline_ms: int | None = None
     preview_kind: str = "latent"  # what each step's response carries (specs.PREVIEW_KINDS)
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters and their scales, in order
 
     @property
     def batch_size(self) -> int:
@@ -63,6 +64,7 @@ class GenerationRequest:
 STRING_FIELDS = tuple(t.name for t in BLS_INPUTS if t.dtype == "BYTES" and t.dims == ("N",))
 KNOWN_FIELDS = frozenset(t.name for t in BLS_INPUTS)
 SEED_RANGE = (0, 2**63 - 1)
+LORA_SCALE_LIMIT = 100.0
 DEADLINE_RANGE_MS = (1, 86_400_000)
 
 
@@ -132,8 +134,10 @@ def validate_request(
     inputs: Mapping[str, np.ndarray | None],
     info: FluxModelInfo,
     limits: ServingLimits | None = None,
+    loras: Collection[str] = (),
 ) -> GenerationRequest:
-    """Check raw client inputs (numpy arrays by input name) and fill in defaults."""
+    """Check raw client inputs (numpy arrays by input name) and fill in defaults. `loras` are
+    the adapters this server has (a request may name only those)."""
     limits = limits or ServingLimits()
     unknown = sorted(set(inputs) - KNOWN_FIELDS)
     if unknown:
@@ -222,6 +226,8 @@ def validate_request(
             raise InvalidRequest("preview_kind", f"must be one of {list(PREVIEW_KINDS)}, got {list(kinds)}")
         preview_kind = kinds[0]
 
+    adapters = _loras(inputs, limits, loras)
+
     return GenerationRequest(
         prompts=prompts,
         prompts_2=prompts_2,
@@ -238,4 +244,52 @@ def validate_request(
         sigmas=sigmas,
         deadline_ms=deadline,
         preview_kind=preview_kind,
+        loras=adapters,
     )
+
+
+def listing_requested(inputs: Mapping[str, np.ndarray | None]) -> bool:
+    """Whether a request asks for the LoRA adapters (`list_loras` true), and nothing else."""
+    if inputs.get("list_loras") is None:
+        return False
+    flag = np.asarray(inputs["list_loras"])
+    if flag.size != 1 or flag.dtype != np.bool_:
+        raise InvalidRequest("list_loras", f"must be one BOOL value, got {flag.dtype} {list(flag.shape)}")
+    if not bool(flag.reshape(-1)[0]):
+        return False
+    others = sorted(name for name, value in inputs.items() if value is not None and name != "list_loras")
+    if others:
+        raise InvalidRequest("list_loras", f"comes alone (it generates nothing), got {others} too")
+    return True
+
+
+def _loras(inputs: Mapping[str, np.ndarray | None], limits: ServingLimits,
+           available: Collection[str]) -> tuple[tuple[str, float], ...]:
+    """The LoRA adapters a request names, each with its scale."""
+    if inputs.get("lora") is None:
+        if inputs.get("lora_scale") is not None:
+            raise InvalidRequest("lora_scale", "needs `lora`: one scale for each adapter named there")
+        return ()
+    names = _strings("lora", inputs["lora"], limits)
+    if len(names) > limits.max_loras:
+        raise InvalidRequest("lora", f"at most {limits.max_loras} adapters, got {len(names)}")
+    if len(set(names)) != len(names):
+        raise InvalidRequest("lora", f"names each adapter once, got {list(names)}")
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise InvalidRequest("lora", f"unknown adapter {unknown[0]!r}; this server has "
+                             f"{sorted(available) or 'none'}")
+    scales = (1.0,) * len(names)
+    if inputs.get("lora_scale") is not None:
+        raw = np.asarray(inputs["lora_scale"])
+        if raw.dtype == object or raw.dtype.kind not in "fiu":
+            raise InvalidRequest("lora_scale", "must be FP32 numbers")
+        flat = raw.reshape(-1).astype(np.float64)
+        if flat.size != len(names):
+            raise InvalidRequest("lora_scale", f"must hold one scale per adapter in `lora` "
+                                 f"({len(names)}), got {flat.size}")
+        if not np.all(np.isfinite(flat)) or np.any(np.abs(flat) > LORA_SCALE_LIMIT):
+            raise InvalidRequest("lora_scale", f"every scale must be a finite number in "
+                                 f"[-{LORA_SCALE_LIMIT}, {LORA_SCALE_LIMIT}], got {flat.tolist()}")
+        scales = tuple(float(s) for s in raw.reshape(-1))
+    return tuple(zip(names, scales))

@@ -28,6 +28,8 @@ from flux_triton.specs import PRECISIONS
 MODEL_DIR_ENV = "FLUX_TRITON_MODEL_DIR"
 # Overrides `compile_cache_dir`, e.g. for a read-only repository volume.
 COMPILE_CACHE_ENV = "FLUX_TRITON_COMPILE_CACHE"
+# Overrides `lora_dir`: where the LoRA adapters are (`make serve LORA_DIR=...`).
+LORA_DIR_ENV = "FLUX_TRITON_LORA_DIR"
 OPTIONS_PARAMETER = "flux_options"
 REPOSITORY_FILE = "flux_repository.json"
 
@@ -58,6 +60,7 @@ class ServingLimits:
     # The work one request may ask for: height × width × steps × images (4 images of 1024² at 50
     # steps), so that no request holds a GPU for many minutes whatever the single limits allow.
     max_pixel_steps: int = 1024 * 1024 * 50 * 4
+    max_loras: int = 4  # LoRA adapters one request may combine
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class NetworkOptions:
     cuda_graphs: bool = False  # replay as CUDA graphs per warmed-up shape (GPU)
     warmup: tuple[str, ...] = ()  # ServingShape texts, BxHxWxS, prepared at load
     compile_cache_dir: str | None = None  # relative to the repository
+    # LoRA adapters (clip_encoder, dit_transformer): relative to the repository; None is
+    # `<model folder>/loras` ($FLUX_TRITON_LORA_DIR wins)
+    lora_dir: str | None = None
     # The folder holds configs and no weights (random_weights.json): build random ones. Only ever
     # set by an explicit RANDOM_WEIGHTS=1 at export (benchmarks of the full-size architecture).
     random_weights: bool = False
@@ -101,6 +107,7 @@ class BlsOptions:
     model_dir: str
     precision: str = "FP32"
     backend: str = "torch"
+    lora_dir: str | None = None  # as NetworkOptions.lora_dir: the adapters a request may name
     limits: ServingLimits = ServingLimits()
     retry: RetryPolicy = RetryPolicy()
     batch_delay_us: int = 0  # 0: every request its own DiT calls (batched kernels round otherwise)

@@ -44,6 +44,20 @@ PRECISIONS = ("FP32", "FP16", "BF16", "FP8")
 IO_DTYPES = {"FP32": "FP32", "FP16": "FP16", "BF16": "BF16", "FP8": "BF16"}
 NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")  # the four FLUX networks
 COMPONENTS = ("tokenizer", *NETWORKS)
+# The networks a LoRA adapter may change (diffusers' FLUX loader: the transformer and CLIP), and
+# what each of their calls says about it when served by Python models: the adapters and their
+# scales, in order (none: the folder's own weights).
+ADAPTED_NETWORKS = ("clip_encoder", "dit_transformer")
+ADAPTER_INPUTS = (TensorSpec("lora", "BYTES", ("K",), optional=True),
+                  TensorSpec("lora_scale", "FP32", ("K",), optional=True))
+
+
+def python_model_spec(spec: ComponentSpec, network: str) -> ComponentSpec:
+    """`network`'s interface as a Python model serves it (`spec` may name a per-GPU copy): the
+    networks a LoRA adapter changes also take the adapter inputs."""
+    if network not in ADAPTED_NETWORKS:
+        return spec
+    return ComponentSpec(spec.name, spec.inputs + ADAPTER_INPUTS, spec.outputs)
 
 
 def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, ComponentSpec]:
@@ -160,6 +174,9 @@ BLS_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("seed", "INT64", (1,), optional=True),
     TensorSpec("sigmas", "FP32", ("N_steps",), optional=True),
     TensorSpec("preview_kind", "BYTES", (1,), optional=True),
+    TensorSpec("lora", "BYTES", ("K",), optional=True),  # LoRA adapters by name, K <= max_loras
+    TensorSpec("lora_scale", "FP32", ("K",), optional=True),  # their scales (default 1.0 each)
+    TensorSpec("list_loras", "BOOL", (1,), optional=True),  # alone: answer the adapters, generate nothing
     TensorSpec("previews", "BOOL", (1,), optional=True,
                replaced_by="`preview_kind`: `none` for no previews, else latent, x0 or both"),
 )
@@ -194,5 +211,6 @@ def bls_spec(info: FluxModelInfo) -> ComponentSpec:
         TensorSpec("timings", "BYTES", (1,)),
         TensorSpec("steps_completed", "INT32", (1,)),
         TensorSpec("partial", "BOOL", (1,)),
+        TensorSpec("loras", "BYTES", (1,)),  # the answer to `list_loras`: the adapters, as JSON
     )
     return ComponentSpec("flux_bls", BLS_INPUTS, outputs)

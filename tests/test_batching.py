@@ -19,7 +19,7 @@ BATCHED = {"x", "t"}
 
 
 def _double(calls: list):
-    async def call(inputs):
+    async def call(inputs, _context=None):
         calls.append({k: v.clone() for k, v in inputs.items()})
         await asyncio.sleep(0.001)
         return {"y": inputs["x"] * 2 + inputs["t"][:, None] + inputs["shared"].sum()}
@@ -74,7 +74,7 @@ def test_what_cannot_share_a_call_does_not():
 def _streams_out_of_phase(max_in_flight: int) -> list[int]:
     """Two streams of 5 sequential calls (60 ms each), the second starting 20 ms after the first,
     through a 10 ms window: the batch sizes run."""
-    async def slow(inputs):
+    async def slow(inputs, _context=None):
         await asyncio.sleep(0.06)
         return {"y": inputs["x"] * 2}
 
@@ -138,7 +138,7 @@ def test_no_window_when_every_active_stream_is_waiting():
 
 @pytest.mark.fast
 def test_a_failed_merged_call_fails_each_caller():
-    async def broken(inputs):
+    async def broken(inputs, _context=None):
         raise RuntimeError("dit_transformer: [UNAVAILABLE] gone")
 
     batcher, sizes = _recorded(CallBatcher, broken, BATCHED, delay_s=0.01, max_rows=8)

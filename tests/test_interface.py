@@ -21,8 +21,10 @@ SAMPLES = {
     "negative_prompt_2": "blurry", "height": 64, "width": 96, "num_inference_steps": 3,
     "num_images_per_prompt": 2, "max_sequence_length": 32, "deadline_ms": 5000,
     "guidance_scale": 3.5, "true_cfg_scale": 2.0, "seed": 12345, "sigmas": [1.0, 0.6, 0.3],
-    "preview_kind": "both",
+    "preview_kind": "both", "lora": ["style", "outline"], "lora_scale": [0.75, 1.5],
+    "list_loras": False,
 }
+ADAPTERS = {"style", "outline"}  # what the samples' server is taken to have
 
 
 def test_every_declared_input_has_a_sample():
@@ -47,7 +49,9 @@ def test_validator_accepts_each_declared_input_and_refuses_any_other(model_dirs)
             fields["negative_prompt"] = SAMPLES["negative_prompt"]
         if spec.name == "sigmas":
             fields["num_inference_steps"] = len(SAMPLES["sigmas"])
-        validate_request(_raw(fields), info)  # raises InvalidRequest if the input were unknown
+        if spec.name == "lora_scale":
+            fields["lora"] = SAMPLES["lora"]
+        validate_request(_raw(fields), info, loras=ADAPTERS)  # raises if the input were unknown
     with pytest.raises(InvalidRequest) as refused:
         validate_request(_raw({"prompt": "a cat", "num_steps": 4}), info)
     assert refused.value.field == "num_steps"
@@ -76,8 +80,9 @@ def _raw(fields: dict) -> dict[str, np.ndarray]:
 
 def test_what_the_client_sends_validates(model_dirs):
     info = load_model_info(model_dirs["dev"])
-    request = validate_request(_raw(SAMPLES), info)
+    request = validate_request(_raw(SAMPLES), info, loras=ADAPTERS)
     assert request.batch_size == 4 and request.do_true_cfg
+    assert request.loras == (("style", 0.75), ("outline", 1.5))
     assert request.preview_kind == "both"
     assert (request.height, request.width, request.seed) == (64, 96, 12345)
 

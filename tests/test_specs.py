@@ -5,7 +5,7 @@ import pytest
 from flux_triton.export.repository import SOURCE_REPOSITORY, render_repository
 from flux_triton.model_info import load_model_info
 from flux_triton.serving_config import BlsOptions, read_options
-from flux_triton.specs import COMPONENTS, bls_spec, component_specs
+from flux_triton.specs import COMPONENTS, bls_spec, component_specs, python_model_spec
 
 TRITON_TYPES = {"BYTES": "TYPE_STRING"}
 
@@ -23,7 +23,8 @@ def _from_config(tensors):
 def test_loaded_configs_match_specs(served, variant):
     srv = served[variant]
     client = srv.client()
-    specs = dict(component_specs(srv.info), flux_bls=bls_spec(srv.info))
+    specs = {name: python_model_spec(spec, name) for name, spec in component_specs(srv.info).items()}
+    specs["flux_bls"] = bls_spec(srv.info)
     for name, spec in specs.items():
         config = client.get_model_config(name, as_json=True)["config"]
         assert _from_config(config["input"]) == _as_served(spec.inputs), name

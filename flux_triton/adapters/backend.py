@@ -11,7 +11,8 @@ import torch
 import torch.utils.dlpack
 
 from flux_triton.errors import STATUS_CODES, tag_status
-from flux_triton.serving_config import MODEL_DIR_ENV, Options, read_options
+from flux_triton.loras import LoraCatalog, read_catalog
+from flux_triton.serving_config import LORA_DIR_ENV, MODEL_DIR_ENV, Options, read_options
 
 
 def model_options(args: dict, cls: type[Options]) -> Options:
@@ -33,6 +34,19 @@ def resolve_model_dir(args: dict, model_dir: str) -> Path:
         # args["model_repository"] is this model's own folder, <repository>/<model name>
         path = Path(args["model_repository"]).parent / path
     return path.resolve()
+
+
+def lora_catalog(args: dict, lora_dir: str | None) -> LoraCatalog:
+    """The LoRA adapters this model serves: none without a `lora_dir` option (the export decided
+    the backend cannot apply them); else those of $FLUX_TRITON_LORA_DIR, or of `lora_dir`
+    (relative to the repository, like model_dir)."""
+    if lora_dir is None:
+        return LoraCatalog(None)
+    override = os.environ.get(LORA_DIR_ENV)
+    path = Path(override) if override else Path(lora_dir)
+    if not path.is_absolute():
+        path = Path(args["model_repository"]).parent / path
+    return read_catalog(path.resolve())
 
 
 def log(pb: Any, message: str, error: bool = False) -> None:

@@ -25,6 +25,7 @@ from flux_triton.adapters.backend import (
     from_torch,
     instance_device,
     log,
+    lora_catalog,
     model_options,
     resolve_model_dir,
     status_code_name,
@@ -34,7 +35,7 @@ from flux_triton.adapters.metrics import BlsMetrics
 from flux_triton.batching import CallBatcher
 from flux_triton.dispatch import LoadBoard, board_folder
 from flux_triton.model_info import load_model_info
-from flux_triton.pipeline import FinalImage, StageFailed, StepUpdate, Stop, generate
+from flux_triton.pipeline import Adapters, FinalImage, StageFailed, StepUpdate, Stop, generate
 from flux_triton.placement import served_networks
 from flux_triton.recovery import (
     OutOfMemory,
@@ -43,7 +44,7 @@ from flux_triton.recovery import (
     call_with_recovery,
     classify_failure,
 )
-from flux_triton.request import InvalidRequest, validate_request
+from flux_triton.request import InvalidRequest, listing_requested, validate_request
 from flux_triton.serving_config import BlsOptions
 from flux_triton.specs import NETWORKS, TORCH_DTYPES, bls_spec, component_specs
 
@@ -85,15 +86,17 @@ class BlsFluxModels:
             raise classify_failure(model, error.message(), status_code_name(pb, error))
         return {name: to_torch(pb.get_output_tensor_by_name(response, name)) for name in outputs}
 
-    async def _network(self, model: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+    async def _network(self, model: str, inputs: dict[str, torch.Tensor], output: str,
+                       adapters: Adapters = ()) -> torch.Tensor:
         wanted = self.input_types.get(model, {})
         # e.g. bf16 latents into a float32 VAE plan, or a bf16 DiT's float32 guidance input
         inputs = {n: v.to(wanted[n]) if n in wanted and v.dtype != wanted[n] else v
                   for n, v in inputs.items()}
+        extra = adapter_tensors(self.pb, adapters)
 
         async def call(tensors):
             return await self._exec(
-                model, [from_torch(self.pb, n, v) for n, v in tensors.items()], [output]
+                model, [*(from_torch(self.pb, n, v) for n, v in tensors.items()), *extra], [output]
             )
 
         stats = self.stats[model]
@@ -115,19 +118,28 @@ class BlsFluxModels:
         ids = await self._exec("tokenizer", inputs, ["clip_input_ids", "t5_input_ids"])
         return ids["clip_input_ids"], ids["t5_input_ids"]
 
-    async def clip_encoder(self, input_ids):
-        return await self._network("clip_encoder", {"input_ids": input_ids}, "pooled_prompt_embeds")
+    async def clip_encoder(self, input_ids, adapters=()):
+        return await self._network("clip_encoder", {"input_ids": input_ids}, "pooled_prompt_embeds",
+                                   adapters)
 
     async def t5_encoder(self, input_ids):
         return await self._network("t5_encoder", {"input_ids": input_ids}, "prompt_embeds")
 
-    async def dit_transformer(self, inputs):
-        if self.dit_batcher is not None:
-            return (await self.dit_batcher.submit(inputs))["noise_pred"]
-        return await self._network("dit_transformer", inputs, "noise_pred")
+    async def dit_transformer(self, inputs, adapters=()):
+        if self.dit_batcher is not None:  # calls merge only with calls of the same adapters
+            return (await self.dit_batcher.submit(inputs, adapters))["noise_pred"]
+        return await self._network("dit_transformer", inputs, "noise_pred", adapters)
 
     async def vae_decoder(self, latents):
         return await self._network("vae_decoder", {"latents": latents}, "image")
+
+
+def adapter_tensors(pb: Any, adapters: Adapters) -> list:
+    """The `lora` and `lora_scale` inputs of a call to an adapted network (none: no adapters)."""
+    if not adapters:
+        return []
+    return [pb.Tensor("lora", np.array([name.encode() for name, _ in adapters], dtype=object)),
+            pb.Tensor("lora_scale", np.array([scale for _, scale in adapters], dtype=np.float32))]
 
 
 def network_input_types(info, io_types: dict[str, str]) -> dict[str, dict[str, torch.dtype]]:
@@ -202,6 +214,9 @@ class FluxBlsModel:
             )
         options = model_options(args, BlsOptions)
         self.info = load_model_info(resolve_model_dir(args, options.model_dir))
+        self.loras = lora_catalog(args, options.lora_dir)  # what requests may name
+        for line in self.loras.lines():
+            log(self.pb, f"flux_bls: {line}")
         self.limits = options.limits
         self.policy = options.retry
         self.input_names = [spec.name for spec in bls_spec(self.info).inputs]
@@ -224,11 +239,14 @@ class FluxBlsModel:
                                            delay_us / 1e6, self.limits.max_batch,
                                            on_batch=self.metrics.observe_dit_batch)
 
-    async def _merged_dit_call(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One DiT call for several requests' rows (retried and split like any other call)."""
+    async def _merged_dit_call(self, inputs: dict[str, torch.Tensor],
+                               adapters: Adapters) -> dict[str, torch.Tensor]:
+        """One DiT call for several requests' rows, all with the same adapters (retried and split
+        like any other call)."""
         models = BlsFluxModels(self.pb, self.batched, self.policy, self.metrics, self.gpu,
                                input_types=self.input_types, served_names=self.served_names)
-        return {"noise_pred": await models._network("dit_transformer", inputs, "noise_pred")}
+        return {"noise_pred": await models._network("dit_transformer", inputs, "noise_pred",
+                                                    adapters)}
 
     def execute(self, requests: list) -> None:
         """Start `requests` on this instance's event loop, then return once this instance's GPU
@@ -291,7 +309,12 @@ class FluxBlsModel:
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         began = time.monotonic()
         try:
-            gen_request = validate_request(self._read_inputs(request), self.info, self.limits)
+            raw = self._read_inputs(request)
+            if listing_requested(raw):  # a question, not a generation
+                sender.send(pb.InferenceResponse([pb.Tensor("loras", np.array(
+                    [json.dumps(self.loras.describe()).encode()], dtype=object))]), flags=final)
+                return
+            gen_request = validate_request(raw, self.info, self.limits, self.loras.adapters)
         except InvalidRequest as exc:
             sender.send(error_response(pb, f"flux_bls: {exc}", "INVALID_ARG"), flags=final)
             self.metrics.outcomes["invalid"].increment(1)

@@ -14,6 +14,7 @@ from flux_triton.adapters.backend import (
     from_torch,
     instance_device,
     log,
+    lora_catalog,
     model_options,
     resolve_model_dir,
     to_torch,
@@ -28,6 +29,7 @@ from flux_triton.runtime.acceleration import (
     eager_for_new_shapes,
     load_accelerated,
 )
+from flux_triton.runtime.loras import AdapterSwitch
 from flux_triton.runtime.torch_components import has_random_weights, load_component
 from flux_triton.serving_config import NetworkOptions
 from flux_triton.specs import ServingShape, component_specs
@@ -76,6 +78,7 @@ class ComponentModel:
         self.device = instance_device(args)
         self.spec = component_specs(info, options.precision)[self.name]
         self.faults = FaultInjector(self.spec)
+        self.adapters = None  # LoRA adapters, where this network serves them
         if options.backend == "onnx":
             from flux_triton.runtime.onnx_components import OnnxComponent
 
@@ -90,6 +93,24 @@ class ComponentModel:
             log(self.pb, f"{self.name} ready on {self.device}: {phases}")
         if acceleration.compile and warmup:
             eager_for_new_shapes()
+        catalog = lora_catalog(args, options.lora_dir)
+        for line in catalog.lines():
+            log(self.pb, f"{self.name}: {line}")
+        if catalog.adapters:  # the export serves them only where compile and CUDA graphs are off
+            part = "transformer" if self.name == "dit_transformer" else "text_encoder"
+            self.adapters = AdapterSwitch(self.component.model, part, catalog)
+
+    def _adapters(self, request) -> tuple[tuple[str, float], ...]:
+        """The adapters a call names (flux_bls validated them), with their scales."""
+        names = self.pb.get_input_tensor_by_name(request, "lora")
+        if names is None:
+            return ()
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.as_numpy().reshape(-1)]
+        scales = self.pb.get_input_tensor_by_name(request, "lora_scale")
+        scales = [1.0] * len(names) if scales is None else scales.as_numpy().reshape(-1).tolist()
+        if names and self.adapters is None:
+            raise ValueError(f"{self.name} serves no LoRA adapters, asked for {names}")
+        return tuple(zip(names, scales))
 
     def execute(self, requests: list) -> list:
         pb = self.pb
@@ -102,6 +123,9 @@ class ComponentModel:
                     if tensor is not None:
                         inputs[spec.name] = aligned(to_torch(tensor).to(self.device))
                 self.faults.check(inputs)
+                adapters = self._adapters(request)
+                if self.adapters is not None:
+                    self.adapters.apply(adapters)
                 with torch.inference_mode():
                     outputs = self.component(**inputs)
                 responses.append(pb.InferenceResponse(

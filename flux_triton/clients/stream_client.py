@@ -39,6 +39,7 @@ class StreamResult:
     error: str | None = None
     error_status: str | None = None
     kinds: list[str] = field(default_factory=list)  # "step" / "image" / "final" in arrival order
+    loras: dict | None = None  # the answer to `list_loras`
     responses: int = 0
     first_response_s: float | None = None
     total_s: float = 0.0
@@ -90,6 +91,15 @@ def build_inputs(**values) -> list[grpcclient.InferInput]:
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """`NAME[:SCALE]` -> (name, scale); ValueError naming the form otherwise."""
+    name, _, scale = text.partition(":")
+    try:
+        return name, float(scale) if scale else 1.0
+    except ValueError:
+        raise ValueError(f"`lora`: {text!r} is not NAME[:SCALE] (e.g. style:0.8)") from None
 
 
 def queue_response(responses: queue.Queue, result, error) -> None:
@@ -145,6 +155,8 @@ def stream_generate(
                 if stop_after_steps is not None and len(out.steps) >= stop_after_steps:
                     out.kinds.append("cancelled")
                     break
+            if "loras" in names:
+                out.loras = json.loads(result.as_numpy("loras")[0])
             if "image" in names:
                 out.image = result.as_numpy("image")
                 out.seed = int(result.as_numpy("seed")[0])
@@ -226,7 +238,7 @@ def _progress(step: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stream a FLUX generation from Triton's flux_bls.")
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--prompt", action="append", help="repeat for a batch (required)")
     parser.add_argument("--prompt-2", action="append")
     parser.add_argument("--negative-prompt", action="append")
     parser.add_argument("--height", type=int)
@@ -248,21 +260,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview-kind", choices=PREVIEW_KINDS, default="x0",
                         help="x0 (default): the image the model predicts from each step's latents, "
                              "recognisable from the first steps; latent: the latents reached")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                        help="a LoRA adapter of the server's LORA_DIR, with its scale (default 1.0); "
+                             "repeat to combine adapters")
+    parser.add_argument("--list-loras", action="store_true",
+                        help="print the server's LoRA adapters and exit")
     parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
                         help="draw previews in the terminal (auto: when stdout is a terminal)")
     args = parser.parse_args(argv)
+    if not args.prompt and not args.list_loras:
+        parser.error("--prompt is required (or --list-loras)")
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     show = args.show == "always" or (args.show == "auto" and sys.stdout.isatty())
     try:
-        inputs = build_inputs(
+        loras = [parse_lora(text) for text in args.lora]
+        inputs = build_inputs(list_loras=True) if args.list_loras else build_inputs(
             prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
             height=args.height, width=args.width, num_inference_steps=args.steps,
             num_images_per_prompt=args.images_per_prompt,
             max_sequence_length=args.max_sequence_length, guidance_scale=args.guidance,
             true_cfg_scale=args.true_cfg, seed=args.seed, deadline_ms=args.deadline_ms,
             preview_kind="none" if args.no_previews else args.preview_kind,
+            lora=[name for name, _ in loras] or None, lora_scale=[scale for _, scale in loras] or None,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -277,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot reach Triton at {args.url}: {exc.message()}", file=sys.stderr)
         return 2
 
+    if args.list_loras:
+        result = stream_generate(client, inputs)
+        if result.error:
+            print(f"error: {result.error}", file=sys.stderr)
+            return 1
+        print(json.dumps(result.loras, indent=1))
+        return 0
     previews: dict[int, list[np.ndarray]] = {}
 
     def on_step(step: dict) -> None:

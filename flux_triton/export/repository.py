@@ -17,6 +17,7 @@ from pathlib import Path
 from flux_triton.export.onnx_export import ONNX_PRECISIONS, ExportError, export_all, io_type, onnx_paths
 from flux_triton.export.pbtxt import ensemble_config, python_model_config, tensorrt_model_config
 from flux_triton.export.previews import fit_preview_projection
+from flux_triton.loras import read_catalog
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.placement import (
     copied_network,
@@ -38,6 +39,7 @@ from flux_triton.serving_config import (
     options_parameter,
 )
 from flux_triton.specs import (
+    ADAPTED_NETWORKS,
     IO_DTYPES,
     NETWORKS,
     PRECISIONS,
@@ -45,6 +47,7 @@ from flux_triton.specs import (
     bls_spec,
     component_specs,
     default_serving_shape,
+    python_model_spec,
 )
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -106,6 +109,22 @@ def compile_cache_parameter(repository: str | Path) -> str:
     return f"../{Path(repository).resolve().name}{COMPILE_CACHE_SUFFIX}"
 
 
+def lora_folder(info: FluxModelInfo, lora_dir: str | Path | None, backend: str, accelerated: bool,
+                repository: str | Path) -> str | None:
+    """The `lora_dir` option: the folder of LoRA adapters, relative to the repository (like
+    model_dir), or None where adapters are not served. The torch backend serves them, for now
+    without compile, CUDA graphs and FP8; the ONNX and TensorRT backends serve the folder's own
+    weights alone (a request naming an adapter is refused)."""
+    folder = Path(lora_dir) if lora_dir is not None else Path(info.model_dir) / "loras"
+    if backend != "torch" or accelerated:
+        adapters = read_catalog(folder).names
+        if adapters:
+            why = f"the {backend} backend" if backend != "torch" else "COMPILE / CUDA_GRAPHS / FP8"
+            print(f"LoRA adapters in {folder} are not served with {why}: {adapters}")
+        return None
+    return os.path.relpath(folder.resolve(), Path(repository).resolve())
+
+
 @dataclass(frozen=True)
 class RenderedRepository:
     """What `make export` writes for a model folder: how Triton runs each model, the options of
@@ -130,6 +149,7 @@ def render_repository(
     onnx_precision: str = "FP32",
     gpus: str | None = None,
     random_weights: bool = False,
+    lora_dir: str | Path | None = None,
     repository: str | Path = SOURCE_REPOSITORY,
 ) -> RenderedRepository:
     """Every served model of `model_dir`, by name.
@@ -143,7 +163,9 @@ def render_repository(
     `gpus` (GPUS: `all` or ids such as `0,1`) gives each listed GPU its own copy of the networks
     and a `flux_bls` instance that calls them (`flux_triton.placement`); unset, every GPU model's
     instances go on every GPU the server sees. A folder without weights (random_weights.json) is
-    served only with `random_weights`, and then says so everywhere.
+    served only with `random_weights`, and then says so everywhere. `lora_dir` (LORA_DIR; default
+    `<model folder>/loras`) holds the LoRA adapters requests may name, served by the torch backend
+    without compile and CUDA graphs (`lora_folder`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -175,6 +197,8 @@ def render_repository(
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     model_dir_option = os.path.relpath(info.model_dir, Path(repository).resolve())
+    lora_option = lora_folder(info, lora_dir, backend, compile or cuda_graphs or precision == "FP8",
+                              repository)
     # Triton's own parameter: GPU tensors reach a GPU model as they are (no copy to the host)
     on_device = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if device == "gpu" else {}
     deployments: list[ModelDeployment] = []
@@ -193,7 +217,7 @@ def render_repository(
         name, model_dir_option, precision, backend, compile=compile, cuda_graphs=cuda_graphs,
         warmup=tuple(map(str, warmup)) if accelerated else (),
         compile_cache_dir=compile_cache_parameter(repository) if accelerated else None,
-        random_weights=random_weights)
+        lora_dir=lora_option if name in ADAPTED_NETWORKS else None, random_weights=random_weights)
         for name in NETWORKS}
     component_types = {}
     for name in NETWORKS:
@@ -212,12 +236,12 @@ def render_repository(
                 deployments.append(deployment)
                 texts[copy.name] = tensorrt_model_config(copy, deployment)
             else:
-                python_model(copy, ModelDeployment(copy.name, "python", kind, pinned),
-                             network_options[name])
+                python_model(python_model_spec(copy, name),
+                             ModelDeployment(copy.name, "python", kind, pinned), network_options[name])
     deployments.append(ModelDeployment("encode_prompt", "ensemble"))
     texts["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
     bls_options = BlsOptions(
-        model_dir=model_dir_option, precision=precision, backend=backend,
+        model_dir=model_dir_option, precision=precision, backend=backend, lora_dir=lora_option,
         limits=limits or ServingLimits(), retry=retry or RetryPolicy(),
         batch_delay_us=int(batch_delay_us), component_dtypes=component_types,
         # each instance calls the networks on its own GPU
@@ -388,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-weights", type=int, choices=[0, 1], default=0,
                         help="1: serve a folder that has configs and no weights (random_weights.json) "
                              "with random weights, for benchmarks")
+    parser.add_argument("--lora-dir", default=None,
+                        help="LORA_DIR: the LoRA adapters requests may name (default <model folder>/loras)")
+    parser.add_argument("--max-loras", type=int, default=ServingLimits.max_loras,
+                        help="MAX_LORAS: the most adapters one request may combine")
     parser.add_argument("--max-pixel-steps", type=int, default=ServingLimits.max_pixel_steps,
                         help="the most work one request may ask for: height × width × steps × images")
     args = parser.parse_args(argv)
@@ -402,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             precompile=bool(args.precompile),
             device=device, precision=args.precision, warmup=warmup,
             batch_delay_us=args.batch_delay_us, onnx_precision=args.onnx_precision, gpus=args.gpus,
-            limits=ServingLimits(max_pixel_steps=args.max_pixel_steps),
+            limits=ServingLimits(max_pixel_steps=args.max_pixel_steps, max_loras=args.max_loras),
+            lora_dir=args.lora_dir,
             random_weights=bool(args.random_weights),
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))

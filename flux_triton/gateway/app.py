@@ -35,6 +35,7 @@ from tritonclient.utils import InferenceServerException
 from flux_triton.clients.previews import bls_options, linear_renderer, to_uint8_image, vae_inputs
 from flux_triton.clients.stream_client import build_inputs
 from flux_triton.errors import client_error_kind, named_field
+from flux_triton.request import LORA_SCALE_LIMIT
 from flux_triton.serving_config import BlsOptions
 from flux_triton.specs import NUMBER_RANGES, bls_input
 
@@ -42,7 +43,8 @@ MODEL = "flux_bls"
 STATIC = Path(__file__).resolve().parent / "static"
 # flux_bls input -> the request field a client of this API wrote
 PARAMS = {"num_images_per_prompt": "n", "height": "size", "width": "size",
-          "num_inference_steps": "steps", "prompt_2": "prompt"}
+          "num_inference_steps": "steps", "prompt_2": "prompt", "lora": "loras",
+          "lora_scale": "loras"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,15 @@ def _most(bls_field: str) -> int | float:
     return NUMBER_RANGES[bls_input(bls_field).dtype][1]
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter of a request, by name, with its scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    scale: float = Field(1.0, ge=-LORA_SCALE_LIMIT, le=LORA_SCALE_LIMIT)
+
+
 class GenerationRequest(BaseModel):
     """OpenAI's images request, with this server's extra fields at top level. Strict: a number
     must be a JSON number and a flag a JSON boolean."""
@@ -96,6 +107,7 @@ class GenerationRequest(BaseModel):
     max_sequence_length: int | None = Field(None, ge=1, le=_most("max_sequence_length"))
     deadline_ms: int | None = Field(None, ge=1, le=_most("deadline_ms"))
     preview: Literal["x0", "latent", "none"] = "x0"
+    loras: list[LoraChoice] = Field(default_factory=list, max_length=16)
 
     @field_validator("size")
     @classmethod
@@ -118,7 +130,9 @@ class GenerationRequest(BaseModel):
                     seed=self.seed, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                     negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg_scale,
                     max_sequence_length=self.max_sequence_length, deadline_ms=self.deadline_ms,
-                    preview_kind=self.preview if self.stream else "none")
+                    preview_kind=self.preview if self.stream else "none",
+                    lora=[c.name for c in self.loras] or None,
+                    lora_scale=[c.scale for c in self.loras] or None)
 
 
 class GatewayError(Exception):
@@ -196,6 +210,24 @@ class TritonStreams:
             config = await self.client.get_model_config(MODEL, as_json=True)
             self._options = bls_options(config["config"])
         return self._options
+
+    async def list_loras(self) -> dict:
+        """The LoRA adapters flux_bls serves (its answer to `list_loras`)."""
+        async def request():
+            yield {"model_name": MODEL, "inputs": build_inputs(list_loras=True)}
+
+        answer = None
+        try:  # read to the stream's end: a stream left open after its final response is cancelled
+            async for result, error in self.client.stream_infer(request()):
+                if error is not None:
+                    raise triton_error(error.message() if hasattr(error, "message") else str(error))
+                answer = json.loads(result.as_numpy("loras")[0])
+        except (InferenceServerException, grpc.RpcError) as exc:
+            detail = exc.message() if isinstance(exc, InferenceServerException) else exc.details()
+            raise unavailable(f"the server is unavailable: {detail}") from exc
+        if answer is None:
+            raise unavailable("flux_bls did not answer list_loras")
+        return answer
 
     async def ready(self) -> bool:
         try:
@@ -328,6 +360,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if ready and (await triton().options()).random_weights:
             body["weights"] = "random"  # a benchmark deployment: its images mean nothing
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/v1/loras")
+    async def loras():
+        """The LoRA adapters a request may name in `loras`, and those that cannot be served."""
+        return JSONResponse(await triton().list_loras())
 
     @app.get("/")
     async def page():

@@ -7,19 +7,23 @@ from collections.abc import Iterator
 
 import torch
 
+from flux_triton.loras import LoraCatalog
 from flux_triton.model_info import FluxModelInfo
-from flux_triton.pipeline import FinalImage, StepUpdate, generate
+from flux_triton.pipeline import Adapters, FinalImage, StepUpdate, generate
 from flux_triton.request import GenerationRequest
 from flux_triton.runtime.acceleration import Acceleration, load_accelerated
+from flux_triton.runtime.loras import AdapterSwitch
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import COMPONENTS, ServingShape
 
 
 class TorchFluxModels:
-    """`FluxModels` implemented by direct calls of the loaded components."""
+    """`FluxModels` implemented by direct calls of the loaded components; with `loras`, those
+    LoRA adapters applied as the served networks apply them (without compile and CUDA graphs)."""
 
     def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32",
-                 acceleration: Acceleration | None = None, warmup: tuple[ServingShape, ...] = ()):
+                 acceleration: Acceleration | None = None, warmup: tuple[ServingShape, ...] = (),
+                 loras: LoraCatalog | None = None):
         self.load_phases: dict[str, dict] = {n: {} for n in COMPONENTS}  # seconds, cache counters
         if acceleration is None:
             self.parts = {n: load_component(n, info, device, dtype) for n in COMPONENTS}
@@ -27,6 +31,19 @@ class TorchFluxModels:
             self.parts = {n: load_accelerated(n, info, device, acceleration, warmup,
                                               self.load_phases[n]) for n in COMPONENTS}
         self.device = device
+        self.adapters = {}
+        if loras is not None and loras.adapters:
+            if acceleration is not None and acceleration.active:
+                raise ValueError("LoRA adapters are applied without compile and CUDA graphs")
+            self.adapters = {name: AdapterSwitch(self.parts[name].model, part, loras)
+                             for name, part in (("dit_transformer", "transformer"),
+                                                ("clip_encoder", "text_encoder"))}
+
+    def _adapt(self, name: str, adapters: Adapters) -> None:
+        if name in self.adapters:
+            self.adapters[name].apply(adapters)
+        elif adapters:
+            raise ValueError(f"no LoRA adapters were loaded, asked for {[n for n, _ in adapters]}")
 
     async def tokenize(self, prompts, prompts_2, max_sequence_length):
         ids = self.parts["tokenizer"](list(prompts), list(prompts_2), max_sequence_length)
@@ -36,13 +53,16 @@ class TorchFluxModels:
         with torch.inference_mode():
             return self.parts[name](**inputs)[output]
 
-    async def clip_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
+    async def clip_encoder(self, input_ids: torch.Tensor, adapters: Adapters = ()) -> torch.Tensor:
+        self._adapt("clip_encoder", adapters)
         return self._run("clip_encoder", "pooled_prompt_embeds", input_ids=input_ids)
 
     async def t5_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._run("t5_encoder", "prompt_embeds", input_ids=input_ids)
 
-    async def dit_transformer(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    async def dit_transformer(self, inputs: dict[str, torch.Tensor],
+                              adapters: Adapters = ()) -> torch.Tensor:
+        self._adapt("dit_transformer", adapters)
         return self._run("dit_transformer", "noise_pred", **inputs)
 
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:

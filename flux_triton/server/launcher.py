@@ -28,7 +28,7 @@ from pathlib import Path
 
 from flux_triton.dispatch import board_folder
 from flux_triton.server.supervisor import Supervisor
-from flux_triton.serving_config import MODEL_DIR_ENV, ConfigError, RepositoryConfig
+from flux_triton.serving_config import LORA_DIR_ENV, MODEL_DIR_ENV, ConfigError, RepositoryConfig
 
 # Per GPU: large enough that a 1024² DiT output (48 MiB) moves between models without CUDA IPC.
 CUDA_POOL_BYTES = 256 * 1024 * 1024
@@ -184,6 +184,7 @@ class TritonServer:
     host: str = "127.0.0.1"
     device: str = "auto"
     model_dir: Path | None = None
+    lora_dir: Path | None = None  # overrides the repository's LoRA folder (FLUX_TRITON_LORA_DIR)
     mps: bool | None = None  # None: on for a GPU server where the MPS control program exists
     process: subprocess.Popen | None = None
     mps_daemon: MpsDaemon | None = None
@@ -276,6 +277,8 @@ class TritonServer:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if self.model_dir is not None:
             env[MODEL_DIR_ENV] = str(Path(self.model_dir).resolve())
+        if self.lora_dir is not None:
+            env[LORA_DIR_ENV] = str(Path(self.lora_dir).resolve())
         if self.mps_daemon is not None:
             env.update(self.mps_daemon.env)
         env.update(self.extra_env)
@@ -411,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="gpu: GPU metrics and CUDA memory pools; auto: as the repository says")
     parser.add_argument("--model-dir", help="serve this model folder instead of the configs' model_dir")
+    parser.add_argument("--lora-dir", help="serve the LoRA adapters of this folder instead")
     parser.add_argument("--mps", choices=["auto", "on", "off"], default="auto",
                         help="CUDA MPS for the server's processes (auto: on for a GPU repository)")
     parser.add_argument("--supervisor-port", type=int, default=None,
@@ -428,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     server = TritonServer(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
                           extra_args=args.extra, host=args.host, device=args.device,
                           model_dir=Path(args.model_dir) if args.model_dir else None,
+                          lora_dir=Path(args.lora_dir) if args.lora_dir else None,
                           mps={"auto": None, "on": True, "off": False}[args.mps])
     supervisor = Supervisor(server, not_ready_bound_s=args.not_ready_bound,
                             metrics_port=args.supervisor_port)
