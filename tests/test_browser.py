@@ -32,17 +32,22 @@ new MutationObserver((records) => {
 
 
 @pytest.fixture(scope="module")
-def page(served_shapes):
+def browser():
     from playwright.sync_api import sync_playwright
 
-    with RunningGateway(GatewaySettings(triton_url=served_shapes.url)) as gateway, \
-            sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                              args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, served_shapes):
+    with RunningGateway(GatewaySettings(triton_url=served_shapes.url)) as gateway:
         page = browser.new_page(viewport={"width": 900, "height": 760})
         page.goto(gateway.url + "/")
         yield page
-        browser.close()
 
 
 def _data_url_image(src: str) -> np.ndarray:
@@ -93,3 +98,31 @@ def test_cancel_stops_the_stream(page, served_shapes):
     assert page.get_attribute("#final-image", "src") is None
     print(f"\ncancelled from the page after {seen} previews")
     page.fill("#steps", "")
+
+
+def test_page_offers_the_adapters_and_applies_the_chosen_ones(browser, served):
+    """On a server with LoRA adapters (the tiny schnell model's), the page lists them; the image
+    made with one chosen equals the gRPC request with that adapter."""
+    from tests.reference import served_generate
+
+    srv = served["schnell"]
+    with RunningGateway(GatewaySettings(triton_url=srv.url)) as gateway:
+        page = browser.new_page()
+        page.goto(gateway.url + "/")
+        page.wait_for_selector("#loras input[value=style]", timeout=30_000)
+        offered = page.eval_on_selector_all("#loras input[type=checkbox]", "boxes => boxes.map(b => b.value)")
+        assert offered == ["style", "texture"]
+        page.fill("#prompt", "a red circle")
+        page.select_option("#size", "128x128")
+        page.fill("#steps", "3")
+        page.fill("#seed", "7")
+        page.check("#loras input[value=style]")
+        page.fill("#scale-style", "0.75")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('final-image').src.startsWith('data:')",
+                               timeout=60_000)
+        image = _data_url_image(page.get_attribute("#final-image", "src"))
+        page.close()
+    expected = served_generate(srv, dict(prompt="a red circle", height=128, width=128, seed=7,
+                                         num_inference_steps=3, lora=["style"], lora_scale=[0.75]))
+    assert np.array_equal(image, expected.image[0])
