@@ -291,3 +291,49 @@ def test_adapters_leave_the_base_weights_bit_exact(model_dirs):
         list(run_in_process(_request(info, *CASES["style+texture"]), info, adapted))
         again = list(run_in_process(request, info, adapted))[-1].image
     assert torch.equal(first, again)
+
+
+# -- merged into the weights (the GPU path under compile, CUDA graphs and FP8) -----------------
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name,part", [("dit_transformer", "transformer"), ("clip_encoder", "text_encoder")])
+def test_merged_adapters_equal_peft_layers_and_restore_the_base(model_dirs, name, part):
+    """Merging W_base + scale * B @ A into the weights computes what diffusers' peft layers compute
+    (float32: to rounding), in place (no tensor moves, so compiled code and captured graphs stay
+    valid), and without adapters the weights are the folder's again, bit for bit."""
+    from peft.tuners.lora import LoraLayer
+
+    from flux_triton.runtime.acceleration import sample_inputs
+    from flux_triton.runtime.loras import AdapterSwitch, MergedAdapters
+    from flux_triton.runtime.torch_components import load_component
+    from flux_triton.specs import ServingShape
+
+    info = load_model_info(model_dirs["schnell"])
+    catalog = read_catalog(model_dirs["schnell"] / "loras")
+    plain = load_component(name, info)
+    with_peft = load_component(name, info)
+    switch = AdapterSwitch(with_peft.model, part, catalog)
+    merged_network = load_component(name, info)
+    merged = MergedAdapters(merged_network.model, part, catalog)
+    assert not any(isinstance(m, LoraLayer) for m in merged_network.model.modules())
+    expected_layers = 16 if part == "transformer" else 4  # texture adapts CLIP's q_proj, v_proj
+    assert len(merged.low_rank) >= expected_layers
+    weights = dict(merged_network.model.named_parameters())
+    addresses = {k: v.data_ptr() for k, v in weights.items()}
+    inputs = sample_inputs(name, info, ServingShape(1, 64, 64, 16), "cpu", "FP32")
+    if name == "clip_encoder":
+        inputs["input_ids"] = torch.randint(0, 30, inputs["input_ids"].shape, generator=torch.Generator().manual_seed(0))
+    output = next(iter(plain(**inputs)))
+    with torch.inference_mode():
+        base = plain(**inputs)[output]
+        for adapters in [(("style", 0.75),), (("style", 0.5), ("texture", 1.5)), (("texture", -1.0),), ()]:
+            switch.apply(adapters)
+            merged.apply(adapters)
+            reference, ours = with_peft(**inputs)[output], merged_network(**inputs)[output]
+            torch.testing.assert_close(ours, reference, rtol=2e-5, atol=2e-5)
+            if merged.active:
+                assert not torch.equal(ours, base), adapters
+        assert torch.equal(merged_network(**inputs)[output], base)
+    assert {k: v.data_ptr() for k, v in weights.items()} == addresses
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(merged_network.model.state_dict()[key], value), key

@@ -27,9 +27,8 @@ from flux_triton.runtime.acceleration import (
     Acceleration,
     compile_cache_location,
     eager_for_new_shapes,
-    load_accelerated,
+    load_network,
 )
-from flux_triton.runtime.loras import AdapterSwitch
 from flux_triton.runtime.torch_components import has_random_weights, load_component
 from flux_triton.serving_config import NetworkOptions
 from flux_triton.specs import ServingShape, component_specs
@@ -87,18 +86,16 @@ class ComponentModel:
             return
         acceleration = acceleration_options(args, options)
         warmup = tuple(ServingShape.parse(s) for s in options.warmup)
+        catalog = lora_catalog(args, options.lora_dir)
+        for line in catalog.lines():
+            log(self.pb, f"{self.name}: {line}")
         phases: dict = {}
-        self.component = load_accelerated(self.name, info, self.device, acceleration, warmup, phases)
+        network = load_network(self.name, info, self.device, acceleration, warmup, phases, catalog)
+        self.component, self.adapters = network.run, network.adapters
         if acceleration.active:  # what a slow start spent its time on
             log(self.pb, f"{self.name} ready on {self.device}: {phases}")
         if acceleration.compile and warmup:
             eager_for_new_shapes()
-        catalog = lora_catalog(args, options.lora_dir)
-        for line in catalog.lines():
-            log(self.pb, f"{self.name}: {line}")
-        if catalog.adapters:  # the export serves them only where compile and CUDA graphs are off
-            part = "transformer" if self.name == "dit_transformer" else "text_encoder"
-            self.adapters = AdapterSwitch(self.component.model, part, catalog)
 
     def _adapters(self, request) -> tuple[tuple[str, float], ...]:
         """The adapters a call names (flux_bls validated them), with their scales."""

@@ -109,18 +109,17 @@ def compile_cache_parameter(repository: str | Path) -> str:
     return f"../{Path(repository).resolve().name}{COMPILE_CACHE_SUFFIX}"
 
 
-def lora_folder(info: FluxModelInfo, lora_dir: str | Path | None, backend: str, accelerated: bool,
+def lora_folder(info: FluxModelInfo, lora_dir: str | Path | None, backend: str,
                 repository: str | Path) -> str | None:
     """The `lora_dir` option: the folder of LoRA adapters, relative to the repository (like
-    model_dir), or None where adapters are not served. The torch backend serves them, for now
-    without compile, CUDA graphs and FP8; the ONNX and TensorRT backends serve the folder's own
-    weights alone (a request naming an adapter is refused)."""
+    model_dir), or None where adapters are not served. The torch backend serves them (merged into
+    the weights under compile, CUDA graphs and FP8); the ONNX and TensorRT backends serve the
+    folder's own weights alone (a request naming an adapter is refused)."""
     folder = Path(lora_dir) if lora_dir is not None else Path(info.model_dir) / "loras"
-    if backend != "torch" or accelerated:
+    if backend != "torch":
         adapters = read_catalog(folder).names
         if adapters:
-            why = f"the {backend} backend" if backend != "torch" else "COMPILE / CUDA_GRAPHS / FP8"
-            print(f"LoRA adapters in {folder} are not served with {why}: {adapters}")
+            print(f"LoRA adapters in {folder} are not served with the {backend} backend: {adapters}")
         return None
     return os.path.relpath(folder.resolve(), Path(repository).resolve())
 
@@ -165,7 +164,7 @@ def render_repository(
     instances go on every GPU the server sees. A folder without weights (random_weights.json) is
     served only with `random_weights`, and then says so everywhere. `lora_dir` (LORA_DIR; default
     `<model folder>/loras`) holds the LoRA adapters requests may name, served by the torch backend
-    without compile and CUDA graphs (`lora_folder`).
+    (`lora_folder`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -197,8 +196,7 @@ def render_repository(
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     model_dir_option = os.path.relpath(info.model_dir, Path(repository).resolve())
-    lora_option = lora_folder(info, lora_dir, backend, compile or cuda_graphs or precision == "FP8",
-                              repository)
+    lora_option = lora_folder(info, lora_dir, backend, repository)
     # Triton's own parameter: GPU tensors reach a GPU model as they are (no copy to the host)
     on_device = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if device == "gpu" else {}
     deployments: list[ModelDeployment] = []

@@ -18,15 +18,17 @@ from pathlib import Path
 
 import torch
 
+from flux_triton.loras import LoraCatalog
 from flux_triton.model_info import FluxModelInfo
+from flux_triton.runtime.loras import AdapterSwitch, MergedAdapters
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.serving_config import COMPILE_CACHE_ENV
 from flux_triton.specs import IO_DTYPES, PRECISIONS, TORCH_DTYPES, ServingShape, component_specs
 
 COMPILED = ("dit_transformer", "vae_decoder", "t5_encoder")
 GRAPHED = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
+ADAPTED_PARTS = {"dit_transformer": "transformer", "clip_encoder": "text_encoder"}  # diffusers' names
 log = logging.getLogger(__name__)
-
 
 
 def compile_cache_location(repository: str | Path, configured: str | None) -> str | None:
@@ -117,6 +119,7 @@ class CudaGraphRunner:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self.pool = None
+        self.captures = 0  # graphs captured so far (a shape seen again is replayed, not captured)
 
     @staticmethod
     def key(inputs: dict[str, torch.Tensor]) -> tuple:
@@ -166,6 +169,7 @@ class CudaGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        self.captures += 1
         # On the side stream, on this GPU: torch.cuda.graph's default capture stream is made once
         # per process, on whatever GPU captured first (a capture there of work here is invalid).
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
@@ -232,20 +236,37 @@ def compile_cache_counters() -> dict[str, int]:
     return {name: int(counters[group][name]) for group, names in wanted.items() for name in names}
 
 
-def load_accelerated(name: str, info: FluxModelInfo, device: str, options: Acceleration,
-                     warmup: tuple[ServingShape, ...] = (), phases: dict | None = None) -> Callable:
+@dataclass
+class LoadedNetwork:
+    """A served network: `run` maps its spec's inputs to its outputs; `adapters`, where it serves
+    LoRA adapters, switches those of the calls that follow (`apply`)."""
+
+    run: Callable[..., dict[str, torch.Tensor]]
+    adapters: AdapterSwitch | MergedAdapters | None = None
+
+
+def load_network(name: str, info: FluxModelInfo, device: str, options: Acceleration,
+                 warmup: tuple[ServingShape, ...] = (), phases: dict | None = None,
+                 loras: LoraCatalog | None = None) -> LoadedNetwork:
     """Load component `name` for `device` with `options` applied, and run it once at every warm-up
     shape (compiling and capturing there, not on a request's time).
 
+    With `loras` (for the DiT and CLIP), those adapters: as peft layers where nothing is
+    accelerated (diffusers' images bit for bit), else merged into the weights, which keeps the
+    compiled code and the captured graphs (`MergedAdapters`, made before quantizing and compiling).
     `phases`, if given, receives the seconds of each phase (load, quantize and compile set-up,
-    each warm-up shape) and the compile-cache counters of the warm-up; they are logged too.
+    each warm-up shape, an adapter switch) and the compile-cache counters of the warm-up; they are
+    logged too.
     """
     phases = {} if phases is None else phases
     began = time.perf_counter()
     component = load_component(name, info, device, options.dtype)
     phases["load_s"] = time.perf_counter() - began
-    if not options.active or name == "tokenizer" or not device.startswith("cuda"):
-        return component
+    part = ADAPTED_PARTS.get(name) if loras is not None and loras.adapters else None
+    accelerated = options.active and name != "tokenizer" and device.startswith("cuda")
+    if not accelerated:
+        return LoadedNetwork(component, AdapterSwitch(component.model, part, loras) if part else None)
+    merged = MergedAdapters(component.model, part, loras) if part else None
     began = time.perf_counter()
     runner = accelerate(name, component, options)
     phases["prepare_s"] = time.perf_counter() - began
@@ -258,5 +279,17 @@ def load_accelerated(name: str, info: FluxModelInfo, device: str, options: Accel
             phases[f"warmup_{shape}_s"] = time.perf_counter() - began
     after = compile_cache_counters()
     phases["compile_cache"] = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    if merged is not None and merged.loaded:  # the first switch pays cuBLAS's set-up, not a request
+        began = time.perf_counter()
+        merged.apply(((sorted(merged.loaded)[0], 1.0),))
+        merged.apply(())
+        torch.cuda.synchronize(device)
+        phases["adapter_switch_s"] = (time.perf_counter() - began) / 2
     log.info("%s ready on %s: %s", name, device, phases)
-    return runner
+    return LoadedNetwork(runner, merged)
+
+
+def load_accelerated(name: str, info: FluxModelInfo, device: str, options: Acceleration,
+                     warmup: tuple[ServingShape, ...] = (), phases: dict | None = None) -> Callable:
+    """`load_network` without adapters: what to call."""
+    return load_network(name, info, device, options, warmup, phases).run

@@ -11,7 +11,7 @@ from flux_triton.loras import LoraCatalog
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.pipeline import Adapters, FinalImage, StepUpdate, generate
 from flux_triton.request import GenerationRequest
-from flux_triton.runtime.acceleration import Acceleration, load_accelerated
+from flux_triton.runtime.acceleration import ADAPTED_PARTS, Acceleration, load_network
 from flux_triton.runtime.loras import AdapterSwitch
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import COMPONENTS, ServingShape
@@ -19,25 +19,25 @@ from flux_triton.specs import COMPONENTS, ServingShape
 
 class TorchFluxModels:
     """`FluxModels` implemented by direct calls of the loaded components; with `loras`, those
-    LoRA adapters applied as the served networks apply them (without compile and CUDA graphs)."""
+    LoRA adapters applied as the served networks apply them."""
 
     def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32",
                  acceleration: Acceleration | None = None, warmup: tuple[ServingShape, ...] = (),
                  loras: LoraCatalog | None = None):
         self.load_phases: dict[str, dict] = {n: {} for n in COMPONENTS}  # seconds, cache counters
+        self.adapters = {}
         if acceleration is None:
             self.parts = {n: load_component(n, info, device, dtype) for n in COMPONENTS}
+            if loras is not None and loras.adapters:
+                self.adapters = {name: AdapterSwitch(self.parts[name].model, part, loras)
+                                 for name, part in ADAPTED_PARTS.items()}
         else:  # exactly as the served component models load them
-            self.parts = {n: load_accelerated(n, info, device, acceleration, warmup,
-                                              self.load_phases[n]) for n in COMPONENTS}
+            networks = {n: load_network(n, info, device, acceleration, warmup, self.load_phases[n],
+                                        loras) for n in COMPONENTS}
+            self.parts = {n: network.run for n, network in networks.items()}
+            self.adapters = {n: network.adapters for n, network in networks.items()
+                             if network.adapters is not None}
         self.device = device
-        self.adapters = {}
-        if loras is not None and loras.adapters:
-            if acceleration is not None and acceleration.active:
-                raise ValueError("LoRA adapters are applied without compile and CUDA graphs")
-            self.adapters = {name: AdapterSwitch(self.parts[name].model, part, loras)
-                             for name, part in (("dit_transformer", "transformer"),
-                                                ("clip_encoder", "text_encoder"))}
 
     def _adapt(self, name: str, adapters: Adapters) -> None:
         if name in self.adapters:

@@ -1,13 +1,21 @@
-"""LoRA adapters in a served network, exactly as diffusers' FLUX pipeline applies them.
+"""LoRA adapters in a served network, as diffusers' FLUX pipeline applies them.
 
-Every adapter of the catalog is loaded once, with diffusers' own functions (`FluxPipeline.
-lora_state_dict`, `load_lora_into_transformer`, `load_lora_into_text_encoder`: peft layers beside
-the base weights), and each call then activates the adapters its request names, with their scales,
-as `FluxPipeline.set_adapters` does; a call that names none runs the base weights alone (the
-adapter layers disabled).
+Every adapter of the catalog is loaded once with diffusers' own functions (`FluxPipeline.
+lora_state_dict`, `load_lora_into_transformer`, `load_lora_into_text_encoder`), which convert
+kohya, xlabs and BFL keys and place peft layers beside the base weights. Then one of two ways:
+
+- `AdapterSwitch` keeps the peft layers and activates a call's adapters with their scales as
+  `FluxPipeline.set_adapters` does: the images are diffusers' bit for bit (CPU, eager GPU).
+- `MergedAdapters` takes each layer's low-rank factors out of the peft layers, removes those
+  layers again, and writes W = W_base + sum(scale * B @ A) into the weights in place, from a kept
+  copy of the base weights (requantized for float8 layers). The network's code and its tensors'
+  addresses never change, so compiled graphs and captured CUDA graphs stay valid and a step costs
+  what it costs without adapters (compile, CUDA graphs, FP8).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -17,42 +25,51 @@ from flux_triton.pipeline import Adapters
 PARTS = ("transformer", "text_encoder")  # what diffusers' FLUX loader adapts: the DiT and CLIP
 
 
+def load_adapters(module: torch.nn.Module, part: str, catalog: LoraCatalog) -> frozenset[str]:
+    """Load every adapter of `catalog` into `module` (`part`: transformer or text_encoder) with
+    diffusers' loader; returns the names of those with layers in it (one may adapt only the other
+    part)."""
+    from diffusers import FluxPipeline
+
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    for adapter in catalog.adapters.values():
+        if part == "text_encoder" and not adapter.text_encoder:
+            continue
+        state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
+            str(adapter.path.parent), weight_name=adapter.path.name, return_alphas=True,
+            return_lora_metadata=True)
+        if part == "transformer":
+            FluxPipeline.load_lora_into_transformer(
+                state_dict, network_alphas=alphas, transformer=module, adapter_name=adapter.name,
+                metadata=metadata)
+        else:
+            FluxPipeline.load_lora_into_text_encoder(
+                state_dict, network_alphas=alphas, text_encoder=module, prefix="text_encoder",
+                adapter_name=adapter.name, metadata=metadata)
+    return frozenset(getattr(module, "peft_config", {}))
+
+
+def _present(adapters: Adapters, loaded: frozenset[str]) -> Adapters:
+    """The adapters with layers here; the others are left out, as peft skips them in diffusers."""
+    return tuple((name, scale) for name, scale in adapters if name in loaded)
+
+
 class AdapterSwitch:
-    """The catalog's adapters loaded into `module` (`part`: transformer or text_encoder), and which
-    are active with which scales."""
+    """The catalog's adapters as peft layers in `module`, and which are active with which scales."""
 
     def __init__(self, module: torch.nn.Module, part: str, catalog: LoraCatalog):
-        from diffusers import FluxPipeline
-
-        if part not in PARTS:
-            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         self.module, self.part = module, part
-        for adapter in catalog.adapters.values():
-            if part == "text_encoder" and not adapter.text_encoder:
-                continue
-            state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
-                str(adapter.path.parent), weight_name=adapter.path.name, return_alphas=True,
-                return_lora_metadata=True)
-            if part == "transformer":
-                FluxPipeline.load_lora_into_transformer(
-                    state_dict, network_alphas=alphas, transformer=module, adapter_name=adapter.name,
-                    metadata=metadata)
-            else:
-                FluxPipeline.load_lora_into_text_encoder(
-                    state_dict, network_alphas=alphas, text_encoder=module, prefix="text_encoder",
-                    adapter_name=adapter.name, metadata=metadata)
-        # the adapters with layers in this network (one may adapt only the other part)
-        self.loaded = frozenset(getattr(module, "peft_config", {}))
+        self.loaded = load_adapters(module, part, catalog)
         self.active: Adapters | None = None
         self.apply(())
 
     def apply(self, adapters: Adapters) -> None:
-        """Activate `adapters` (name, scale) for the calls that follow; () runs the base weights.
-        Adapters without layers here are left out, as peft skips them in diffusers' pipeline."""
+        """Activate `adapters` (name, scale) for the calls that follow; () runs the base weights."""
         if adapters == self.active or not self.loaded:
             self.active = adapters
             return
-        here = tuple((name, scale) for name, scale in adapters if name in self.loaded)
+        here = _present(adapters, self.loaded)
         from diffusers.loaders.lora_base import (
             disable_lora_for_text_encoder,
             enable_lora_for_text_encoder,
@@ -72,3 +89,101 @@ class AdapterSwitch:
         else:
             disable_lora_for_text_encoder(self.module)
         self.active = adapters
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """One adapter's update of one Linear layer: delta W = scaling * up @ down."""
+
+    down: torch.Tensor  # lora_A [rank, in]
+    up: torch.Tensor  # lora_B [out, rank]
+    scaling: float  # lora_alpha / rank, as peft computes it
+
+
+def extract_low_rank(module: torch.nn.Module, part: str,
+                     catalog: LoraCatalog) -> dict[str, dict[str, LowRank]]:
+    """Every adapter's factors by layer name (then adapter name), read from the peft layers
+    diffusers' loader makes; the peft layers are removed again, leaving `module` as it was."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.lora import LoraLayer
+
+    load_adapters(module, part, catalog)
+    layers: dict[str, dict[str, LowRank]] = {}
+    for name, layer in module.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for adapter in layer.lora_A:
+            if layer.use_dora.get(adapter) or getattr(layer, "lora_bias", {}).get(adapter):
+                raise ValueError(f"LoRA {adapter}: DoRA and LoRA biases cannot be merged ({name})")
+            if not isinstance(layer.get_base_layer(), torch.nn.Linear) or layer.fan_in_fan_out:
+                raise ValueError(f"LoRA {adapter}: adapts {name}, not a Linear layer")
+            layers.setdefault(name, {})[adapter] = LowRank(
+                layer.lora_A[adapter].weight.detach().clone(),
+                layer.lora_B[adapter].weight.detach().clone(), float(layer.scaling[adapter]))
+    recurse_remove_peft_layers(module)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if hasattr(module, "_hf_peft_config_loaded"):
+        module._hf_peft_config_loaded = False
+    return layers
+
+
+def is_float8(weight: torch.Tensor) -> bool:
+    """A torchao float8 weight (data and scales in `qdata` and `scale`)."""
+    return hasattr(weight, "qdata") and hasattr(weight, "scale")
+
+
+class MergedAdapters:
+    """A call's adapters merged into the weights of `module`, in place.
+
+    Made from the loaded network before it is quantized or compiled (it keeps a copy of each
+    adapted layer's base weights), used after: `apply` rewrites only the layers whose update
+    changes, W = W_base + sum over adapters of (scale * scaling) * B @ A in one addmm, and a
+    float8 layer is requantized from that with torchao's own function. Without adapters a layer
+    holds its base weights again, bit for bit.
+    """
+
+    def __init__(self, module: torch.nn.Module, part: str, catalog: LoraCatalog):
+        self.module = module
+        self.low_rank = extract_low_rank(module, part, catalog)
+        self.layers = {name: module.get_submodule(name) for name in self.low_rank}
+        self.base = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        self.loaded = frozenset(a for factors in self.low_rank.values() for a in factors)
+        self.merged: set[str] = set()  # layers that hold an update now
+        self.active: Adapters = ()
+
+    def apply(self, adapters: Adapters) -> None:
+        """Merge `adapters` (name, scale) into the weights for the calls that follow."""
+        here = _present(adapters, self.loaded)
+        if here == self.active:
+            return
+        with torch.no_grad():
+            for name, factors in self.low_rank.items():
+                chosen = [(factors[a], scale) for a, scale in here if a in factors]
+                if chosen:
+                    up = torch.cat([f.up * (scale * f.scaling) for f, scale in chosen], dim=1)
+                    down = torch.cat([f.down for f, _ in chosen], dim=0)
+                    self._write(name, up, down)
+                    self.merged.add(name)
+                elif name in self.merged:
+                    self._write(name, None, None)
+                    self.merged.discard(name)
+        self.active = here
+
+    def _write(self, name: str, up: torch.Tensor | None, down: torch.Tensor | None) -> None:
+        weight, base = self.layers[name].weight, self.base[name]
+        if not is_float8(weight):
+            if up is None:
+                weight.copy_(base)
+            else:
+                torch.addmm(base, up, down, out=weight)
+            return
+        from torchao.quantization import Float8Tensor, PerRow
+
+        if list(weight.block_size) != [1, weight.shape[-1]]:
+            raise ValueError(f"{name}: only row-wise float8 weights can take adapters")
+        merged = base if up is None else torch.addmm(base, up, down)
+        quantized = Float8Tensor.from_hp(merged, float8_dtype=weight.qdata.dtype, granularity=PerRow(),
+                                         kernel_preference=weight.kernel_preference)
+        weight.qdata.copy_(quantized.qdata)
+        weight.scale.copy_(quantized.scale)
