@@ -322,7 +322,8 @@ def test_merged_adapters_equal_peft_layers_and_restore_the_base(model_dirs, name
     addresses = {k: v.data_ptr() for k, v in weights.items()}
     inputs = sample_inputs(name, info, ServingShape(1, 64, 64, 16), "cpu", "FP32")
     if name == "clip_encoder":
-        inputs["input_ids"] = torch.randint(0, 30, inputs["input_ids"].shape, generator=torch.Generator().manual_seed(0))
+        ids = torch.Generator().manual_seed(0)
+        inputs["input_ids"] = torch.randint(0, 30, inputs["input_ids"].shape, generator=ids)
     output = next(iter(plain(**inputs)))
     with torch.inference_mode():
         base = plain(**inputs)[output]
