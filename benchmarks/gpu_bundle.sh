@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU bundle for an offline GPU machine that has only torch: .whl/gpu_bundle.tar.xz (tritonserver
 # 2.51 with the Python 3.12 stub, numpy 1.26 for the model environment, diffusers, torchao,
-# tritonclient, onnxscript) and .whl/install.sh that unpacks it there, built here from PyPI wheels (25 MB).
+# tritonclient, onnxscript, peft, accelerate) and .whl/install.sh that unpacks it there, built here from PyPI wheels (25 MB).
 #
 #   bash benchmarks/gpu_bundle.sh [OUT_DIR]       (default OUT_DIR: .whl, from the repository root)
 #
@@ -32,6 +32,9 @@ WHEELS=(
   python-rapidjson==1.25
   onnxscript==0.7.2           # pure python: torch.onnx.export(dynamo=True) for make export-full-size
   onnx-ir==1.1.0              # pure python: onnxscript's IR
+  peft==0.21.2                # pure python: LoRA adapters, loaded by diffusers' FLUX loader
+  accelerate==1.16.0          # pure python: peft and diffusers' loaders import it
+  psutil==7.2.2               # cp36-abi3: accelerate imports it
 )
 PLATFORMS=(manylinux_2_35_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64
            manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any)
@@ -63,7 +66,7 @@ cp -a raw/numpy/. raw/ml_dtypes/. stage/np126/
 
 # ---- site/: usable by both the model venv (via .pth) and the image's python3 (via PYTHONPATH)
 for p in diffusers torchao importlib_metadata zipp lazy_importer tritonclient python_rapidjson nvidia_pytriton \
-         onnxscript onnx_ir; do
+         onnxscript onnx_ir peft accelerate psutil; do
   cp -a "raw/$p/." stage/site/
 done
 cd stage/site
@@ -187,7 +190,7 @@ if [ "$site_only" = 0 ]; then
   # scipy/sklearn and fail) and what the bundle ships itself.
   system_site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   mkdir -p "$SYSSITE"
-  deny='^(numpy|ml_dtypes|scipy|sklearn|scikit_learn|pandas|matplotlib|numba|cupy|jax|jaxlib|pyarrow|h5py|skimage|scikit_image|cv2|opencv|statsmodels|seaborn|xarray|tensorstore|sentence_transformers|diffusers|torchao|tritonclient|tritonclientutils|tritongrpcclient|tritonhttpclient|tritonshmutils|rapidjson|python_rapidjson|pytriton|nvidia_pytriton|importlib_metadata|zipp|lazy_importer)([-_.].*)?$'
+  deny='^(numpy|ml_dtypes|scipy|sklearn|scikit_learn|pandas|matplotlib|numba|cupy|jax|jaxlib|pyarrow|h5py|skimage|scikit_image|cv2|opencv|statsmodels|seaborn|xarray|tensorstore|sentence_transformers|diffusers|torchao|tritonclient|tritonclientutils|tritongrpcclient|tritonhttpclient|tritonshmutils|rapidjson|python_rapidjson|pytriton|nvidia_pytriton|importlib_metadata|zipp|lazy_importer|peft|accelerate|psutil)([-_.].*)?$'
   for entry in "$system_site"/*; do
     name=$(basename "$entry")
     [[ $name =~ $deny ]] || ln -sfn "$entry" "$SYSSITE/$name"

@@ -2,13 +2,14 @@
 
 Images show one shape (circle, square, triangle) in one colour on a background of another colour,
 captioned "a {colour} {shape} on a {colour} background". `classify` reads the three attributes back
-from pixels, so generated images can be scored against their captions.
+from pixels, so generated images can be scored against their captions. Shapes may also be drawn as
+outlines (same captions): what the `outline` LoRA adapter of the default model teaches it.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ PALETTE = {
 }
 SHAPES = ("circle", "square", "triangle")
 SUPERSAMPLE = 4
+OUTLINE_HOLE = 0.65  # an outline is the shape less the same shape scaled by this, about its centre
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Scene:
     shape: str
     colour: str
     background: str
+    outline: bool = False  # drawn as an outline (the caption does not say)
 
     @property
     def caption(self) -> str:
@@ -50,9 +53,11 @@ def _palette(device: torch.device) -> torch.Tensor:
     return torch.tensor(list(PALETTE.values()), dtype=torch.float32, device=device)
 
 
-def render_batch(index: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def render_batch(index: torch.Tensor, size: int, generator: torch.Generator,
+                 outline: bool = False) -> torch.Tensor:
     """float32 [B, 3, size, size] in 0..255: each scene of `index` (see `scene_index`) at a random
-    position and scale, anti-aliased by supersampling. Runs on the generator's device."""
+    position and scale, anti-aliased by supersampling, filled or as outlines. Runs on the
+    generator's device."""
     device = generator.device
     index = index.to(device)
     batch, big = index.shape[0], size * SUPERSAMPLE
@@ -62,12 +67,10 @@ def render_batch(index: torch.Tensor, size: int, generator: torch.Generator) -> 
     half, cx, cy = (v.view(batch, 1, 1) for v in (half, cx, cy))
     grid = torch.arange(big, device=device, dtype=torch.float32) + 0.5
     y, x = grid.view(1, big, 1), grid.view(1, 1, big)
-    circle = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
-    square = ((x - cx).abs() <= half * 0.89) & ((y - cy).abs() <= half * 0.89)
-    rel = (y - (cy - half)) / (2 * half)  # 0 at the apex, 1 at the base of an upright triangle
-    triangle = (y >= cy - half) & (y <= cy + half) & ((x - cx).abs() <= rel * half)
     shape = index[:, 0].view(batch, 1, 1)
-    inside = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
+    inside = _inside(shape, x, y, cx, cy, half)
+    if outline:
+        inside &= ~_inside(shape, x, y, cx, cy, half * OUTLINE_HOLE)
     palette = _palette(device)
     colour = palette[index[:, 1]].view(batch, 3, 1, 1)
     background = palette[index[:, 2]].view(batch, 3, 1, 1)
@@ -75,9 +78,18 @@ def render_batch(index: torch.Tensor, size: int, generator: torch.Generator) -> 
     return torch.nn.functional.avg_pool2d(image, SUPERSAMPLE)
 
 
+def _inside(shape, x, y, cx, cy, half) -> torch.Tensor:
+    """Which supersampled pixels lie inside each image's shape (0 circle, 1 square, 2 triangle)."""
+    circle = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+    square = ((x - cx).abs() <= half * 0.89) & ((y - cy).abs() <= half * 0.89)
+    rel = (y - (cy - half)) / (2 * half)  # 0 at the apex, 1 at the base of an upright triangle
+    triangle = (y >= cy - half) & (y <= cy + half) & ((x - cx).abs() <= rel * half)
+    return torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
+
+
 def render(scene: Scene, size: int, generator: torch.Generator) -> np.ndarray:
     """uint8 [size, size, 3]: one scene drawn by `render_batch`."""
-    image = render_batch(scene_index([scene]), size, generator)[0]
+    image = render_batch(scene_index([scene]), size, generator, scene.outline)[0]
     return image.permute(1, 2, 0).round().to(torch.uint8).cpu().numpy()
 
 
@@ -97,26 +109,41 @@ def classify(image: np.ndarray) -> Scene | None:
     if mask is None or mask.sum() < 4:
         return None
     rows, cols = np.nonzero(mask)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = mask.sum() / box
+    top, left = rows.min(), cols.min()
+    height, width = rows.max() - top + 1, cols.max() - left + 1
+    # An outline leaves its centre (the middle fifth of its box each way) in the background colour.
+    centre = mask[top + 2 * height // 5:top + 3 * height // 5 + 1,
+                  left + 2 * width // 5:left + 3 * width // 5 + 1]
+    outline = bool(centre.size and centre.mean() < 0.5)
+    shape_mask = _filled_rows(mask) if outline else mask
+    fill = shape_mask.sum() / (height * width)
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
     colour = _nearest(np.median(pixels[mask], axis=0))
-    return Scene(shape, colour, _nearest(background_rgb))
+    return Scene(shape, colour, _nearest(background_rgb), outline)
 
 
-def classifier_check(size: int, copies: int = 2) -> dict[str, float]:
-    """The classifier's accuracy on ground-truth renders of every caption at `size`."""
+def _filled_rows(mask: np.ndarray) -> np.ndarray:
+    """`mask` with each row filled between its first and last pixel (the shapes are convex)."""
+    filled = np.zeros_like(mask)
+    for row in np.nonzero(mask.any(axis=1))[0]:
+        cols = np.nonzero(mask[row])[0]
+        filled[row, cols[0]:cols[-1] + 1] = True
+    return filled
+
+
+def classifier_check(size: int, copies: int = 2, outline: bool = False) -> dict[str, float]:
+    """The classifier's accuracy on ground-truth renders of every caption at `size` (as outlines)."""
     generator = torch.Generator().manual_seed(0)
-    scenes = all_scenes() * copies
+    scenes = [replace(scene, outline=outline) for scene in all_scenes()] * copies
     return accuracy([render(scene, size, generator) for scene in scenes], scenes)
 
 
 def accuracy(images: list[np.ndarray], scenes: list[Scene]) -> dict[str, float]:
-    """Share of images whose shape, colour and background match their scene."""
+    """Share of images whose shape, colour, background and outline match their scene."""
     found = [classify(image) for image in images]
     n = len(scenes)
     return {
         field: sum(f is not None and getattr(f, field) == getattr(s, field)
                    for f, s in zip(found, scenes)) / n
-        for field in ("shape", "colour", "background")
+        for field in ("shape", "colour", "background", "outline")
     }

@@ -11,11 +11,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from devtools.shapes import Scene, accuracy, all_scenes, classifier_check
+from flux_triton.loras import LoraCatalog, read_catalog
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage
 from flux_triton.request import validate_request
@@ -24,44 +26,75 @@ from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
 from flux_triton.serving_config import ServingLimits
 
 ACCELERATION_DTYPES = {"FP32": "float32", "BF16": "bfloat16"}
+# What each adapter of the shapes model teaches: the Scene field it turns on (same captions).
+ADAPTER_PROPERTIES = {"outline": "outline"}
+PROPERTY_TARGET = 0.9  # the share of images on which an adapter's property must hold
 
 
 def generate_images(info: FluxModelInfo, models: TorchFluxModels, scenes: list[Scene], seed: int,
-                    num_inference_steps: int | None = None) -> list[np.ndarray]:
-    """One image per scene's caption, all in one batch drawn from `seed`."""
+                    num_inference_steps: int | None = None,
+                    loras: tuple[tuple[str, float], ...] = ()) -> list[np.ndarray]:
+    """One image per scene's caption, all in one batch drawn from `seed`, with `loras` applied."""
     inputs = {"prompt": np.array([s.caption for s in scenes], dtype=object),
               "seed": np.array([seed], dtype=np.uint64)}
     if num_inference_steps is not None:
         inputs["num_inference_steps"] = np.array([num_inference_steps], dtype=np.int32)
-    request = validate_request(inputs, info, ServingLimits(max_batch=len(scenes)))
+    if loras:
+        inputs["lora"] = np.array([name.encode() for name, _ in loras], dtype=object)
+        inputs["lora_scale"] = np.array([scale for _, scale in loras], dtype=np.float32)
+    request = validate_request(inputs, info, ServingLimits(max_batch=len(scenes)),
+                               loras=[name for name, _ in loras])
     final = [u for u in run_in_process(request, info, models) if isinstance(u, FinalImage)][-1]
     return list(final.image.cpu().numpy())
 
 
+def load_models(info: FluxModelInfo, device: str, precision: str,
+                catalog: LoraCatalog | None = None) -> TorchFluxModels:
+    """The networks as the server loads them at `precision` (on a GPU: compiled, in CUDA graphs,
+    float8 Linear layers for FP8, adapters merged into the weights); `BF16-eager` on a GPU: bf16
+    without compile and graphs, adapters as diffusers' peft layers."""
+    if device == "cpu" or precision.endswith("-eager"):
+        return TorchFluxModels(info, device, ACCELERATION_DTYPES[precision.removesuffix("-eager")],
+                               loras=catalog)
+    return TorchFluxModels(info, device, acceleration=Acceleration(
+        precision, compile=True, cuda_graphs=True), loras=catalog)
+
+
 def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
-             num_inference_steps: int | None = None,
-             precision: str = "FP32") -> tuple[dict, list[np.ndarray]]:
-    """Accuracy over every caption and seed, and the images, with the networks loaded as the server
-    loads them at `precision` (on a GPU: compiled, the DiT in CUDA graphs, float8 Linear layers for
-    FP8)."""
+             num_inference_steps: int | None = None, precision: str = "FP32",
+             adapters: tuple[str, ...] = ()) -> tuple[dict, dict[str, list[np.ndarray]]]:
+    """Accuracy over every caption and seed, without adapters and with each of `adapters` (of the
+    model's loras/ folder, scale 1), from one load of the networks; the images by adapter ("" for
+    none)."""
     info = load_model_info(model_dir)
-    if device == "cpu":
-        models = TorchFluxModels(info, device, ACCELERATION_DTYPES[precision])
-    else:
-        models = TorchFluxModels(info, device, acceleration=Acceleration(
-            precision, compile=True, cuda_graphs=True))
-    scenes = all_scenes()
-    began = time.perf_counter()
-    images, truth = [], []
-    for seed in seeds:
-        images += generate_images(info, models, scenes, seed, num_inference_steps)
-        truth += scenes
-    scores = accuracy(images, truth)
-    return {"model_dir": str(info.model_dir), "device": device, "precision": precision,
-            "images": len(images), "seeds": seeds, "size": info.default_height,
-            "num_inference_steps": num_inference_steps or info.default_num_inference_steps,
-            "shift": info.scheduler.shift, "seconds": round(time.perf_counter() - began, 1),
-            "accuracy": {k: round(v, 4) for k, v in scores.items()}}, images
+    catalog = read_catalog(Path(info.model_dir) / "loras") if adapters else None
+    models = load_models(info, device, precision, catalog)
+    result = {"model_dir": str(info.model_dir), "device": device, "precision": precision,
+              "seeds": seeds, "size": info.default_height,
+              "num_inference_steps": num_inference_steps or info.default_num_inference_steps,
+              "shift": info.scheduler.shift}
+    images = {}
+    for adapter in ("",) + tuple(adapters):
+        scenes = all_scenes()
+        if adapter:
+            scenes = [replace(scene, **{ADAPTER_PROPERTIES[adapter]: True}) for scene in scenes]
+        began = time.perf_counter()
+        images[adapter], truth = [], []
+        for seed in seeds:
+            images[adapter] += generate_images(info, models, scenes, seed, num_inference_steps,
+                                               ((adapter, 1.0),) if adapter else ())
+            truth += scenes
+        scores = {k: round(v, 4) for k, v in accuracy(images[adapter], truth).items()}
+        measured = {"images": len(images[adapter]), "seconds": round(time.perf_counter() - began, 1),
+                    "accuracy": scores}
+        if adapter:
+            prop = ADAPTER_PROPERTIES[adapter]
+            measured.update(property=prop, property_share=scores[prop], target=PROPERTY_TARGET,
+                            meets_target=scores[prop] >= PROPERTY_TARGET)
+            result.setdefault("loras", {})[adapter] = measured
+        else:
+            result.update(measured)
+    return result, images
 
 
 def psnr(images: list[np.ndarray], reference: list[np.ndarray]) -> float:
@@ -77,33 +110,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the model's own")
     parser.add_argument("--device", default="cpu", help="cpu, or gpu / cuda[:N]")
     parser.add_argument("--precisions", default="FP32",
-                        help="FP32, BF16, FP8 (GPU), comma-separated; later ones get a PSNR against "
-                             "the first and against BF16")
+                        help="FP32, BF16, FP8 (GPU), BF16-eager (GPU, no compile, adapters as peft "
+                             "layers), comma-separated; later ones get a PSNR against the first and "
+                             "against BF16")
+    parser.add_argument("--loras", default="known",
+                        help="adapters of <model dir>/loras to score too, comma-separated: `known` "
+                             f"(those whose property is known: {sorted(ADAPTER_PROPERTIES)}), or none")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     device = "cuda" if args.device == "gpu" else args.device
 
-    size = load_model_info(args.model_dir).default_height
+    info = load_model_info(args.model_dir)
+    present = read_catalog(Path(info.model_dir) / "loras").names
+    if args.loras == "known":
+        adapters = tuple(name for name in present if name in ADAPTER_PROPERTIES)
+    else:
+        adapters = tuple(name for name in args.loras.split(",") if name and name != "none")
+    for name in adapters:
+        if name not in present or name not in ADAPTER_PROPERTIES:
+            parser.error(f"--loras: {name!r} is not an adapter of {info.model_dir}/loras with a "
+                         f"known property ({sorted(ADAPTER_PROPERTIES)}); it has {present}")
+    size = info.default_height
     check = classifier_check(size)
     print(f"classifier on ground truth at {size}px: {check}")
-    if check["colour"] < 1.0 or check["background"] < 1.0 or check["shape"] < 0.99:
+    outlines = classifier_check(size, outline=True)
+    print(f"classifier on ground-truth outlines: {outlines}")
+    if min(check.values()) < 0.99 or min(outlines.values()) < 0.99:
         print("the classifier cannot read ground-truth images; no score is given", file=sys.stderr)
         return 1
     results, images = [], {}
-    for precision in args.precisions.split(","):
+    precisions = args.precisions.split(",")
+    for precision in precisions:
         result, images[precision] = evaluate(args.model_dir, list(range(args.seeds)), device,
-                                             args.steps, precision)
-        first = args.precisions.split(",")[0]
-        if precision != first:
-            result[f"psnr_vs_{first}_db"] = round(psnr(images[precision], images[first]), 2)
-        if precision == "FP8" and "BF16" in images:
-            result["psnr_vs_BF16_db"] = round(psnr(images[precision], images["BF16"]), 2)
-        result["classifier_on_ground_truth"] = check
+                                             args.steps, precision, adapters)
+        for other in dict.fromkeys([precisions[0], "BF16"]):
+            if precision != other and other in images:
+                for adapter, generated in images[precision].items():
+                    target = result["loras"][adapter] if adapter else result
+                    target[f"psnr_vs_{other}_db"] = round(psnr(generated, images[other][adapter]), 2)
+        result["classifier_on_ground_truth"] = {"filled": check, "outline": outlines}
         print(json.dumps(result, indent=2), flush=True)
         results.append(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
+    missed = [f"{r['precision']} {name}" for r in results for name, m in r.get("loras", {}).items()
+              if not m["meets_target"]]
+    if missed:
+        print(f"adapter property below {PROPERTY_TARGET:.0%}: {missed}", file=sys.stderr)
     return 0
 
 

@@ -119,10 +119,10 @@ def build_shapes_pipeline(seed: int = 0) -> tuple[FluxPipeline, bytes]:
     return pipeline, t5_spm
 
 
-def _images(table: torch.Tensor, rows: torch.Tensor, size: int, generator: torch.Generator
-            ) -> torch.Tensor:
+def _images(table: torch.Tensor, rows: torch.Tensor, size: int, generator: torch.Generator,
+            outline: bool = False) -> torch.Tensor:
     """The scenes of `table[rows]` (see `scene_index`) rendered as images in [-1, 1]."""
-    return render_batch(table[rows], size, generator) / 127.5 - 1
+    return render_batch(table[rows], size, generator, outline) / 127.5 - 1
 
 
 def _random_rows(table: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -198,17 +198,18 @@ def train_vae(vae: AutoencoderKL, config: TrainingConfig, device: str, deadline:
     return stats
 
 
-def encode_dataset(vae: AutoencoderKL, config: TrainingConfig, device: str
+def encode_dataset(vae: AutoencoderKL, config: TrainingConfig, device: str, outline: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Render `images_per_caption` scenes of every caption once and encode them: caption
-    indices [N] and the posterior's mean and std [N, C, h, w] (VAE latent space)."""
+    """Render `images_per_caption` scenes of every caption once (filled, or as outlines) and
+    encode them: caption indices [N] and the posterior's mean and std [N, C, h, w] (VAE latent
+    space)."""
     generator = torch.Generator(device).manual_seed(config.seed + 2)
     table = scene_index(all_scenes()).to(device)
     index = torch.arange(len(table), device=device).repeat(config.images_per_caption)
     means, stds = [], []
     with torch.no_grad(), _autocast(device):
         for chunk in index.split(256):
-            images = _images(table, chunk, config.size, generator)
+            images = _images(table, chunk, config.size, generator, outline)
             posterior = vae.encode(images).latent_dist
             means.append(posterior.mean.float())
             stds.append(posterior.std.float())

@@ -14,11 +14,13 @@ def test_world_has_168_captions():
     assert scenes[0].caption == "a red circle on a green background"
 
 
+@pytest.mark.parametrize("outline", [False, True])
 @pytest.mark.parametrize("size", [64, 96, 128])
-def test_classifier_reads_ground_truth(size):
-    scores = classifier_check(size, copies=2)
+def test_classifier_reads_ground_truth(size, outline):
+    """Filled shapes and outlines (what the `outline` adapter teaches) are read back, outline or not."""
+    scores = classifier_check(size, copies=2, outline=outline)
     print(f"\nclassifier on {2 * len(all_scenes())} ground-truth renders at {size}px: {scores}")
-    assert scores["colour"] == scores["background"] == 1.0
+    assert scores["colour"] == scores["background"] == scores["outline"] == 1.0
     assert scores["shape"] >= 0.99
 
 

@@ -146,8 +146,7 @@ class MergedAdapters:
     def __init__(self, module: torch.nn.Module, part: str, catalog: LoraCatalog):
         self.module = module
         self.low_rank = extract_low_rank(module, part, catalog)
-        self.layers = {name: module.get_submodule(name) for name in self.low_rank}
-        self.base = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        self.base = {name: self.weight(name).detach().clone() for name in self.low_rank}
         self.loaded = frozenset(a for factors in self.low_rank.values() for a in factors)
         self.merged: set[str] = set()  # layers that hold an update now
         self.active: Adapters = ()
@@ -170,8 +169,12 @@ class MergedAdapters:
                     self.merged.discard(name)
         self.active = here
 
+    def weight(self, name: str) -> torch.Tensor:
+        """Layer `name`'s weight as it is now (quantizing may have replaced the Parameter)."""
+        return self.module.get_submodule(name).weight
+
     def _write(self, name: str, up: torch.Tensor | None, down: torch.Tensor | None) -> None:
-        weight, base = self.layers[name].weight, self.base[name]
+        weight, base = self.weight(name), self.base[name]
         if not is_float8(weight):
             if up is None:
                 weight.copy_(base)
