@@ -35,13 +35,13 @@ class LoraTraining:
     """What decides a LoRA run (kept in the adapter's training log)."""
 
     name: str = "outline"
-    rank: int = 8
-    steps: int = 20000
-    batch: int = 256
-    lr: float = 1e-3
+    rank: int = 16
+    steps: int = 40000
+    batch: int = 512
+    lr: float = 1.5e-3
     warmup_steps: int = 200
     images_per_caption: int = 96
-    max_minutes: float = 4.0
+    max_minutes: float = 5.0
     seed: int = 0
 
 

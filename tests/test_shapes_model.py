@@ -132,7 +132,7 @@ def test_lora_training_smoke_run_writes_a_servable_adapter(tmp_path):
     main(["--out", str(out), "--device", "cpu", "--steps", "3", "--batch", "4",
           "--images-per-caption", "1"])
     adapter = read_adapter(out)
-    assert (adapter.rank, adapter.key_format, adapter.text_encoder) == (8, "diffusers", False)
+    assert (adapter.rank, adapter.key_format, adapter.text_encoder) == (16, "diffusers", False)
     assert {"attn.to_q", "proj_mlp", "ff.net.2"} <= set(adapter.targets)
     log = json.loads((out / "training_log.json").read_text())
     assert log["steps"] == 3 and np.isfinite(log["final_loss"])
