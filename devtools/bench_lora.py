@@ -213,14 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/lora-gpu.json")
+    parser.add_argument("--work", default=None, help="folder for the model and adapters (kept: a second "
+                        "run reuses its adapters); default: a new temporary folder")
     args = parser.parse_args(argv)
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
-    work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-lora-"))
     folder = write_full_size_folder(work / "flux", args.variant, args.tokenizers_from)
     info = load_model_info(folder)
     began = time.perf_counter()
-    catalog = write_adapters(work / "loras", adapted_layers(folder), args.rank)
+    catalog = read_catalog(work / "loras")
+    if sorted(catalog.adapters) != sorted(ADAPTERS) or catalog.adapters[ADAPTERS[0]].rank != args.rank:
+        catalog = write_adapters(work / "loras", adapted_layers(folder), args.rank)
     shape = ServingShape(1, 1024, 1024, 256)
     print(f"{len(catalog.adapters)} adapters of rank {args.rank} written in "
           f"{time.perf_counter() - began:.1f} s: {catalog.lines()[0]}", flush=True)
