@@ -42,7 +42,7 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS)) \
 	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS))
 
-.PHONY: setup setup-browser gateway model train-default accuracy export engines serve demo test test-fast bench bench-gpu bench-scale export-full-size gpu-bundle lint clean
+.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale export-full-size gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -70,7 +70,13 @@ model: models/.built
 train-default: setup
 	$(PY) -m devtools.train_shapes --out $(TRAIN_OUT) --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
 
-# Renders every caption of the shapes world and classifies the pixels (classifier checked first).
+# The default model's `outline` LoRA adapter (models/shapes-flux/loras/outline, committed): minutes on
+# a GPU. LORA_ARGS, e.g. "--max-minutes 2 --rank 8".
+train-lora: setup
+	$(PY) -m devtools.train_lora --model-dir $(MODEL_DIR) $(LORA_ARGS)
+
+# Renders every caption of the shapes world and classifies the pixels (classifier checked first), and
+# again with each adapter of the model whose property it knows (outline: on >= 90 % of images).
 # On a GPU: make accuracy DEVICE=gpu PRECISIONS=FP32,BF16,FP8 (PSNR of each against the first, too).
 PRECISIONS ?= $(PRECISION)
 accuracy: setup
@@ -94,10 +100,12 @@ serve: setup
 	$(PY) -m flux_triton.server.launcher --repository $(REPOSITORY) --host $(HOST) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(SERVE_OPTIONS)
 
+# LORA=NAME[:SCALE] streams the demo with that adapter of LORA_DIR (e.g. LORA=outline).
 demo: setup
 	$(MAKE) export
 	$(PY) -m devtools.demo --repository model_repository --grpc-port $(GRPC_PORT) \
-		--http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --prompt "$(PROMPT)" --out out
+		--http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --prompt "$(PROMPT)" --out out \
+		$(if $(LORA),--lora $(LORA))
 
 test: model setup-browser
 	$(PY) -m pytest -q tests

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out")
     parser.add_argument("--preview-decoder", choices=["linear", "vae"], default="vae")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                        help="a LoRA adapter of the repository's LORA_DIR (repeatable)")
     args = parser.parse_args(argv)
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return stream_client.main([
             "--url", f"127.0.0.1:{args.grpc_port}", "--prompt", args.prompt,
             "--seed", str(args.seed), "--out", args.out, "--preview-decoder", args.preview_decoder,
+            *(option for lora in args.lora for option in ("--lora", lora)),
         ])
     finally:
         began = time.perf_counter()

@@ -15,6 +15,7 @@ kohya, xlabs and BFL keys and place peft layers beside the base weights. Then on
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -133,20 +134,40 @@ def is_float8(weight: torch.Tensor) -> bool:
     return hasattr(weight, "qdata") and hasattr(weight, "scale")
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise float8 (e4m3) data and scales [out, 1] of a bf16 weight, by the formula of
+    torchao's `Float8Tensor.from_hp` (scale = bf16(max |row| / 448) as float32)."""
+    amax = weight.abs().amax(dim=1, keepdim=True)
+    scale = (amax.float() / FLOAT8_MAX).to(weight.dtype).float()
+    return (weight.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn), scale
+
+
+FLOAT8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+@functools.cache
+def fused_quantize_rows():
+    """`quantize_rows` compiled: one kernel reads each row for its maximum and again to quantize
+    it (torchao's eager version spends several float32 copies of the weight)."""
+    return torch.compile(quantize_rows, dynamic=False)
+
+
 class MergedAdapters:
     """A call's adapters merged into the weights of `module`, in place.
 
     Made from the loaded network before it is quantized or compiled (it keeps a copy of each
     adapted layer's base weights), used after: `apply` rewrites only the layers whose update
-    changes, W = W_base + sum over adapters of (scale * scaling) * B @ A in one addmm, and a
-    float8 layer is requantized from that with torchao's own function. Without adapters a layer
-    holds its base weights again, bit for bit.
+    changes, W = W_base + sum over adapters of (scale * scaling) * B @ A in one addmm; a float8
+    layer is requantized from that row by row (`quantize_rows`, compiled). Without adapters a
+    layer holds its base weights again, bit for bit (float8 layers: their first quantization,
+    kept at the first merge).
     """
 
     def __init__(self, module: torch.nn.Module, part: str, catalog: LoraCatalog):
         self.module = module
         self.low_rank = extract_low_rank(module, part, catalog)
         self.base = {name: self.weight(name).detach().clone() for name in self.low_rank}
+        self.float8_base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.loaded = frozenset(a for factors in self.low_rank.values() for a in factors)
         self.merged: set[str] = set()  # layers that hold an update now
         self.active: Adapters = ()
@@ -181,12 +202,13 @@ class MergedAdapters:
             else:
                 torch.addmm(base, up, down, out=weight)
             return
-        from torchao.quantization import Float8Tensor, PerRow
-
-        if list(weight.block_size) != [1, weight.shape[-1]]:
-            raise ValueError(f"{name}: only row-wise float8 weights can take adapters")
-        merged = base if up is None else torch.addmm(base, up, down)
-        quantized = Float8Tensor.from_hp(merged, float8_dtype=weight.qdata.dtype, granularity=PerRow(),
-                                         kernel_preference=weight.kernel_preference)
-        weight.qdata.copy_(quantized.qdata)
-        weight.scale.copy_(quantized.scale)
+        if list(weight.block_size) != [1, weight.shape[-1]] or weight.qdata.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"{name}: only row-wise e4m3 float8 weights can take adapters")
+        if name not in self.float8_base:  # not merged yet: what quantize_ made of the base
+            self.float8_base[name] = (weight.qdata.clone(), weight.scale.clone())
+        if up is None:
+            data, scale = self.float8_base[name]
+        else:
+            data, scale = fused_quantize_rows()(torch.addmm(base, up, down))
+        weight.qdata.copy_(data)
+        weight.scale.copy_(scale.view_as(weight.scale))
