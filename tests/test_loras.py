@@ -296,11 +296,13 @@ def test_adapters_leave_the_base_weights_bit_exact(model_dirs):
 # -- merged into the weights (the GPU path under compile, CUDA graphs and FP8) -----------------
 
 @pytest.mark.fast
+@pytest.mark.parametrize("slots", [None, 1, 2])
 @pytest.mark.parametrize("name,part", [("dit_transformer", "transformer"), ("clip_encoder", "text_encoder")])
-def test_merged_adapters_equal_peft_layers_and_restore_the_base(model_dirs, name, part):
+def test_merged_adapters_equal_peft_layers_and_restore_the_base(model_dirs, name, part, slots):
     """Merging W_base + scale * B @ A into the weights computes what diffusers' peft layers compute
     (float32: to rounding), in place (no tensor moves, so compiled code and captured graphs stay
-    valid), and without adapters the weights are the folder's again, bit for bit."""
+    valid), and without adapters the weights are the folder's again, bit for bit. With slots (the
+    merge programs a GPU captures, run as they are here) and layer by layer beyond them."""
     from peft.tuners.lora import LoraLayer
 
     from flux_triton.runtime.acceleration import sample_inputs
@@ -315,6 +317,8 @@ def test_merged_adapters_equal_peft_layers_and_restore_the_base(model_dirs, name
     switch = AdapterSwitch(with_peft.model, part, catalog)
     merged_network = load_component(name, info)
     merged = MergedAdapters(merged_network.model, part, catalog)
+    if slots:
+        merged.prepare_slots(slots)
     assert not any(isinstance(m, LoraLayer) for m in merged_network.model.modules())
     expected_layers = 16 if part == "transformer" else 4  # texture adapts CLIP's q_proj, v_proj
     assert len(merged.low_rank) >= expected_layers

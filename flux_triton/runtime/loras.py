@@ -135,10 +135,9 @@ def is_float8(weight: torch.Tensor) -> bool:
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise float8 (e4m3) data and scales [out, 1] of a bf16 weight, by the formula of
-    torchao's `Float8Tensor.from_hp` (scale = bf16(max |row| / 448) as float32)."""
-    amax = weight.abs().amax(dim=1, keepdim=True)
-    scale = (amax.float() / FLOAT8_MAX).to(weight.dtype).float()
+    """Row-wise float8 (e4m3) data and scales [out, 1] of a weight, torchao's row-wise scheme
+    (scale = max |row| / 448, as `Float8Tensor.from_hp`, which rounds the scale to bf16 first)."""
+    scale = weight.abs().amax(dim=1, keepdim=True).float() / FLOAT8_MAX
     return (weight.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn), scale
 
 
@@ -156,11 +155,15 @@ class MergedAdapters:
     """A call's adapters merged into the weights of `module`, in place.
 
     Made from the loaded network before it is quantized or compiled (it keeps a copy of each
-    adapted layer's base weights), used after: `apply` rewrites only the layers whose update
-    changes, W = W_base + sum over adapters of (scale * scaling) * B @ A in one addmm; a float8
-    layer is requantized from that row by row (`quantize_rows`, compiled). Without adapters a
-    layer holds its base weights again, bit for bit (float8 layers: their first quantization,
-    kept at the first merge).
+    adapted layer's base weights), used after. W = W_base + sum over adapters of
+    (scale * scaling) * B @ A, in one addmm per layer; a float8 layer is requantized from that row
+    by row (`quantize_rows`, compiled). Without adapters a layer holds its base weights again, bit
+    for bit (float8 layers: their first quantization, kept at the first merge).
+
+    After `prepare_slots(k)` a call's adapters (up to k) are copied into fixed slot buffers, two
+    kernels each, and one merge program per number of adapters rewrites every adapted layer from
+    the slots: on a GPU a captured CUDA graph, so a switch costs the GPU's time, not a Python loop
+    over hundreds of layers. Otherwise (or beyond k adapters) `apply` rewrites layer by layer.
     """
 
     def __init__(self, module: torch.nn.Module, part: str, catalog: LoraCatalog):
@@ -171,30 +174,42 @@ class MergedAdapters:
         self.loaded = frozenset(a for factors in self.low_rank.values() for a in factors)
         self.merged: set[str] = set()  # layers that hold an update now
         self.active: Adapters = ()
+        self.slots: _Slots | None = None
+
+    def weight(self, name: str) -> torch.Tensor:
+        """Layer `name`'s weight as it is now (quantizing may have replaced the Parameter)."""
+        return self.module.get_submodule(name).weight
 
     def apply(self, adapters: Adapters) -> None:
         """Merge `adapters` (name, scale) into the weights for the calls that follow."""
         here = _present(adapters, self.loaded)
         if here == self.active:
             return
-        with torch.no_grad():
-            for name, factors in self.low_rank.items():
-                chosen = [(factors[a], scale) for a, scale in here if a in factors]
-                if chosen:
-                    up = torch.cat([f.up * (scale * f.scaling) for f, scale in chosen], dim=1)
-                    down = torch.cat([f.down for f, _ in chosen], dim=0)
-                    self._write(name, up, down)
-                    self.merged.add(name)
-                elif name in self.merged:
-                    self._write(name, None, None)
-                    self.merged.discard(name)
+        # always in inference mode: the compiled requantization is then never compiled again
+        with torch.inference_mode():
+            if self.slots is not None and len(here) <= self.slots.count:
+                for slot, (name, scale) in enumerate(here):
+                    self.slots.fill(slot, name, scale)
+                self.slots.run(len(here))
+                self.merged = set(self.low_rank) if here else set()
+            else:
+                self._apply_by_layer(here)
         self.active = here
 
-    def weight(self, name: str) -> torch.Tensor:
-        """Layer `name`'s weight as it is now (quantizing may have replaced the Parameter)."""
-        return self.module.get_submodule(name).weight
+    def _apply_by_layer(self, here: Adapters) -> None:
+        for name, factors in self.low_rank.items():
+            chosen = [(factors[a], scale) for a, scale in here if a in factors]
+            if chosen:
+                up = torch.cat([f.up * (scale * f.scaling) for f, scale in chosen], dim=1)
+                down = torch.cat([f.down for f, _ in chosen], dim=0)
+                self._write(name, up, down)
+                self.merged.add(name)
+            elif name in self.merged:
+                self._write(name, None, None)
+                self.merged.discard(name)
 
     def _write(self, name: str, up: torch.Tensor | None, down: torch.Tensor | None) -> None:
+        """Layer `name` := base + up @ down (None: its base)."""
         weight, base = self.weight(name), self.base[name]
         if not is_float8(weight):
             if up is None:
@@ -202,9 +217,9 @@ class MergedAdapters:
             else:
                 torch.addmm(base, up, down, out=weight)
             return
-        if list(weight.block_size) != [1, weight.shape[-1]] or weight.qdata.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"{name}: only row-wise e4m3 float8 weights can take adapters")
         if name not in self.float8_base:  # not merged yet: what quantize_ made of the base
+            if list(weight.block_size) != [1, weight.shape[-1]] or weight.qdata.dtype != torch.float8_e4m3fn:
+                raise ValueError(f"{name}: only row-wise e4m3 float8 weights can take adapters")
             self.float8_base[name] = (weight.qdata.clone(), weight.scale.clone())
         if up is None:
             data, scale = self.float8_base[name]
@@ -212,3 +227,98 @@ class MergedAdapters:
             data, scale = fused_quantize_rows()(torch.addmm(base, up, down))
         weight.qdata.copy_(data)
         weight.scale.copy_(scale.view_as(weight.scale))
+
+    def prepare_slots(self, count: int) -> None:
+        """Slots for up to `count` adapters per call and their merge programs (captured as CUDA
+        graphs on a GPU). Call after quantizing and compiling, with the base weights in place."""
+        with torch.inference_mode():
+            for name in self.low_rank:  # keep each float8 base before any merge
+                self._write(name, None, None)
+            self.slots = _Slots(self, min(count, len(self.loaded)))
+            self.merged, self.active = set(), ()
+
+
+class _Slots:
+    """Fixed buffers a call's adapters are copied into, and the programs that merge from them.
+
+    Slot j holds one adapter's factors for every adapted layer, in one flat buffer for the ups
+    (B * scaling * scale, transposed) and one for the downs (A), zero where that adapter has no
+    layer or a smaller rank. Program k copies slots 0..k-1 of each layer side by side and merges
+    them in one addmm; program 0 restores the base weights.
+    """
+
+    def __init__(self, owner: MergedAdapters, count: int):
+        self.owner, self.count = owner, count
+        self.rank = max(f.down.shape[0] for factors in owner.low_rank.values() for f in factors.values())
+        self.layout: dict[str, tuple[int, int, int, int]] = {}  # name -> up offset, down offset, out, in
+        up_size = down_size = 0
+        for name in owner.low_rank:
+            fan_out, fan_in = owner.base[name].shape
+            self.layout[name] = (up_size, down_size, fan_out, fan_in)
+            up_size += self.rank * fan_out
+            down_size += self.rank * fan_in
+        base = next(iter(owner.base.values()))
+        options = dict(device=base.device, dtype=base.dtype)
+        self.up = torch.zeros(count, up_size, **options)
+        self.down = torch.zeros(count, down_size, **options)
+        self.adapter_up = {a: torch.zeros(up_size, **options) for a in sorted(owner.loaded)}
+        self.adapter_down = {a: torch.zeros(down_size, **options) for a in sorted(owner.loaded)}
+        for name, factors in owner.low_rank.items():
+            for adapter, factor in factors.items():
+                rank = factor.down.shape[0]
+                self._up(self.adapter_up[adapter], name)[:rank].copy_((factor.up * factor.scaling).T)
+                self._down(self.adapter_down[adapter], name)[:rank].copy_(factor.down)
+        self.side_by_side = {name: (torch.zeros(count * self.rank, out, **options),
+                                    torch.zeros(count * self.rank, fan_in, **options))
+                             for name, (_, _, out, fan_in) in self.layout.items()}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if base.is_cuda:
+            self._capture(base.device)
+
+    def _up(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        offset, _, fan_out, _ = self.layout[name]
+        return flat[offset:offset + self.rank * fan_out].view(self.rank, fan_out)
+
+    def _down(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        _, offset, _, fan_in = self.layout[name]
+        return flat[offset:offset + self.rank * fan_in].view(self.rank, fan_in)
+
+    def fill(self, slot: int, adapter: str, scale: float) -> None:
+        torch.mul(self.adapter_up[adapter], scale, out=self.up[slot])
+        self.down[slot].copy_(self.adapter_down[adapter])
+
+    def program(self, adapters: int) -> None:
+        """Merge slots 0..adapters-1 into every adapted layer (0: restore the base weights)."""
+        for name in self.layout:
+            if adapters == 0:
+                self.owner._write(name, None, None)
+                continue
+            ups, downs = self.side_by_side[name]
+            for slot in range(adapters):
+                rows = slice(slot * self.rank, (slot + 1) * self.rank)
+                ups[rows].copy_(self._up(self.up[slot], name))
+                downs[rows].copy_(self._down(self.down[slot], name))
+            used = adapters * self.rank
+            self.owner._write(name, ups[:used].T, downs[:used])
+
+    def run(self, adapters: int) -> None:
+        if adapters in self.graphs:
+            self.graphs[adapters].replay()
+        else:
+            self.program(adapters)
+
+    def _capture(self, device: torch.device) -> None:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(device):
+            for adapters in range(self.count + 1):
+                with torch.cuda.stream(side):
+                    self.program(adapters)  # compiles the requantization for each shape first
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=side):
+                    self.program(adapters)
+                self.graphs[adapters] = graph
+            self.graphs[0].replay()
+            torch.cuda.synchronize(device)
