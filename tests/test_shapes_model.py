@@ -139,3 +139,27 @@ def test_lora_training_smoke_run_writes_a_servable_adapter(tmp_path):
     pipe = FluxPipeline.from_pretrained(SHAPES_DIR, dtype=torch.float32)
     pipe.load_lora_weights(str(out), adapter_name="outline")
     assert "outline" in pipe.transformer.peft_config
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_served_outline_adapter_equals_diffusers(served_shapes, scale):
+    """The committed `outline` adapter, served (the default model's LORA_DIR): diffusers'
+    FluxPipeline after `load_lora_weights` + `set_adapters`, bit for bit; at full scale the
+    shapes come out as outlines."""
+    from diffusers import FluxPipeline
+
+    from flux_triton.request import validate_request
+    from tests.reference import diffusers_image, raw_inputs
+
+    fields = dict(prompt=[DEMO_PROMPT, "a green triangle on a white background"], seed=0)
+    result = served_generate(served_shapes, dict(fields, lora=["outline"], lora_scale=[scale]))
+    assert result.error is None, result.error
+    pipe = FluxPipeline.from_pretrained(SHAPES_DIR, dtype=torch.float32)
+    pipe.load_lora_weights(str(SHAPES_DIR / "loras" / "outline"), adapter_name="outline")
+    pipe.set_adapters(["outline"], [scale])
+    expected = diffusers_image(pipe, validate_request(raw_inputs(**fields), load_model_info(SHAPES_DIR)))[0]
+    found = [classify(image) for image in result.image]
+    print(f"\noutline at scale {scale}: read as {found}")
+    assert np.array_equal(result.image, expected)
+    if scale == 1.0:
+        assert all(scene is not None and scene.outline for scene in found)
