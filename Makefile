@@ -42,7 +42,7 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS)) \
 	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS))
 
-.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale export-full-size gpu-bundle lint clean
+.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora export-full-size gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -141,6 +141,12 @@ bench-gpu:
 SCALE_OUT ?= benchmarks/results/scale-gpu.json
 bench-scale:
 	$(GPU_PYTHON) -m devtools.bench_scale --out $(SCALE_OUT) $(SCALE_ARGS)
+
+# LoRA adapters at full size on one GPU (random weights, 1024², rank 64 on every attention and MLP
+# Linear): step time with and without, switch time, compile/capture counters; merged into LORA_OUT.
+LORA_OUT ?= benchmarks/results/lora-gpu.json
+bench-lora:
+	$(GPU_PYTHON) -m devtools.bench_lora --out $(LORA_OUT) $(LORA_BENCH_ARGS)
 
 # FLUX.1 exported to ONNX at full size (random bf16 weights) on a GPU machine and measured: time,
 # peak host/GPU memory, sizes, checker, parity at 256² (docs/export.md, "Full-size ONNX export"). Entries

@@ -19,10 +19,17 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline
 
 from devtools.shapes import all_scenes
-from devtools.train_shapes import TrainingConfig, _autocast, _device_name, _lr_factor, encode_dataset
+from devtools.train_shapes import (
+    TrainingConfig,
+    _autocast,
+    _device_name,
+    _lr_factor,
+    encode_dataset,
+    flow_batch,
+)
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.torch_components import ClipEncoder, DitTransformer, PromptTokenizer, T5Encoder
-from flux_triton.sampling import latent_image_ids, pack_latents, text_ids, to_model_latents
+from flux_triton.sampling import latent_image_ids, text_ids
 
 # The DiT's attention and MLP Linear layers, as peft matches module names (by their ends).
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -62,7 +69,7 @@ def train_lora(model_dir: str | Path, config: LoraTraining, device: str,
     base = TrainingConfig(size=info.default_height, images_per_caption=config.images_per_caption,
                           max_sequence_length=info.default_max_sequence_length, seed=config.seed)
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32).to(device).eval()
-    dataset_index, dataset_mean, dataset_std = encode_dataset(vae, base, device, outline=True)
+    dataset = encode_dataset(vae, base, device, outline=True)
     del vae
     captions = [scene.caption for scene in all_scenes()]
     ids = PromptTokenizer(model_dir, info)(captions, captions, base.max_sequence_length)
@@ -88,16 +95,10 @@ def train_lora(model_dir: str | Path, config: LoraTraining, device: str,
         progress = max(step / config.steps, (time.perf_counter() - started) / (deadline - started))
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, config.warmup_steps, progress)
-        pick = torch.randint(len(dataset_index), (config.batch,), generator=generator, device=device)
-        index, mean, std = dataset_index[pick], dataset_mean[pick], dataset_std[pick]
-        latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
-        clean = pack_latents(to_model_latents(latents, info.vae_scaling_factor, info.vae_shift_factor))
-        noise = torch.randn(clean.shape, generator=generator, device=device)
-        sigma = torch.sigmoid(torch.randn(clean.shape[0], generator=generator, device=device))
-        noisy = (1 - sigma.view(-1, 1, 1)) * clean + sigma.view(-1, 1, 1) * noise
+        index, noisy, sigma, target = flow_batch(dataset, config.batch, info, generator)
         with _autocast(device):
             velocity = dit(noisy, prompt_embeds[index], pooled[index], sigma, img_ids, txt_ids)["noise_pred"]
-        loss = (velocity.float() - (noise - clean)).square().mean()
+        loss = (velocity.float() - target).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

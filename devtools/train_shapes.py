@@ -216,6 +216,23 @@ def encode_dataset(vae: AutoencoderKL, config: TrainingConfig, device: str, outl
     return index, torch.cat(means), torch.cat(stds)
 
 
+def flow_batch(dataset: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch: int, info,
+               generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A batch for the rectified-flow objective from an encoded dataset (`encode_dataset`):
+    caption indices, noisy packed latents, sigmas, and the velocity target (noise - clean)."""
+    dataset_index, dataset_mean, dataset_std = dataset
+    device = generator.device
+    pick = torch.randint(len(dataset_index), (batch,), generator=generator, device=device)
+    index, mean, std = dataset_index[pick], dataset_mean[pick], dataset_std[pick]
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
+    clean = pack_latents(to_model_latents(latents, info.vae_scaling_factor, info.vae_shift_factor))
+    noise = torch.randn(clean.shape, generator=generator, device=device)
+    # Logit-normal sigmas, as in SD3/FLUX training: most weight on the middle of the path.
+    sigma = torch.sigmoid(torch.randn(clean.shape[0], generator=generator, device=device))
+    noisy = (1 - sigma.view(-1, 1, 1)) * clean + sigma.view(-1, 1, 1) * noise
+    return index, noisy, sigma, noise - clean
+
+
 def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfig, device: str,
                       deadline: float) -> tuple[list[torch.nn.Module], dict]:
     """Train DiT, CLIP and T5 on (noise - image latents); returns the modules holding EMA weights."""
@@ -234,7 +251,7 @@ def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfi
     latent_side = config.size // info.vae_scale_factor
     img_ids = latent_image_ids(latent_side, latent_side, device, torch.float32)
     txt_ids = text_ids(config.max_sequence_length, device, torch.float32)
-    dataset_index, dataset_mean, dataset_std = encode_dataset(vae, config, device)
+    dataset = encode_dataset(vae, config, device)
     for module in modules:
         module.train()
     _compile(config.compile and device.startswith("cuda"), *modules)
@@ -243,20 +260,12 @@ def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfi
         for group in optimizer.param_groups:
             progress = max(step / config.dit_steps, (time.perf_counter() - began) / (deadline - began))
             group["lr"] = config.dit_lr * _lr_factor(step, config.warmup_steps, progress)
-        pick = torch.randint(len(dataset_index), (config.dit_batch,), generator=generator,
-                             device=device)
-        index, mean, std = dataset_index[pick], dataset_mean[pick], dataset_std[pick]
-        latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
-        clean = pack_latents(to_model_latents(latents, info.vae_scaling_factor, info.vae_shift_factor))
-        noise = torch.randn(clean.shape, generator=generator, device=device)
-        # Logit-normal sigmas, as in SD3/FLUX training: most weight on the middle of the path.
-        sigma = torch.sigmoid(torch.randn(clean.shape[0], generator=generator, device=device))
-        noisy = (1 - sigma.view(-1, 1, 1)) * clean + sigma.view(-1, 1, 1) * noise
+        index, noisy, sigma, target = flow_batch(dataset, config.dit_batch, info, generator)
         with _autocast(device):
             pooled = clip(clip_ids[index])["pooled_prompt_embeds"]
             prompt_embeds = t5(t5_ids[index])["prompt_embeds"]
             velocity = dit(noisy, prompt_embeds, pooled, sigma, img_ids, txt_ids)["noise_pred"]
-        loss = (velocity.float() - (noise - clean)).square().mean()
+        loss = (velocity.float() - target).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
