@@ -342,3 +342,40 @@ def test_merged_adapters_equal_peft_layers_and_restore_the_base(model_dirs, name
     assert {k: v.data_ptr() for k, v in weights.items()} == addresses
     for key, value in plain.model.state_dict().items():
         assert torch.equal(merged_network.model.state_dict()[key], value), key
+
+
+@pytest.mark.fast
+def test_a_failed_merge_is_redone_by_the_next_call(model_dirs, monkeypatch):
+    """A switch that fails part-way (e.g. out of memory) does not leave mixed weights looking like
+    the adapters of before: the next call, with the old adapters or the new, gets exactly them."""
+    from flux_triton.runtime.acceleration import sample_inputs
+    from flux_triton.runtime.loras import MergedAdapters
+    from flux_triton.runtime.torch_components import load_component
+    from flux_triton.specs import ServingShape
+
+    info = load_model_info(model_dirs["schnell"])
+    catalog = read_catalog(model_dirs["schnell"] / "loras")
+    network = load_component("dit_transformer", info)
+    merged = MergedAdapters(network.model, "transformer", catalog)
+    inputs = sample_inputs("dit_transformer", info, ServingShape(1, 64, 64, 16), "cpu", "FP32")
+    with torch.inference_mode():
+        base = network(**inputs)["noise_pred"]
+        merged.apply((("style", 1.0),))
+        expected = network(**inputs)["noise_pred"]
+        merged.apply(())
+        write, calls = merged._write, []
+
+        def failing(name, up, down):  # the third layer's merge runs out of memory
+            calls.append(name)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("injected")
+            write(name, up, down)
+
+        monkeypatch.setattr(merged, "_write", failing)
+        with pytest.raises(torch.OutOfMemoryError):
+            merged.apply((("style", 1.0),))
+        monkeypatch.setattr(merged, "_write", write)
+        merged.apply(())  # the set before the failed switch: the layers must be restored anyway
+        assert torch.equal(network(**inputs)["noise_pred"], base)
+        merged.apply((("style", 1.0),))
+        assert torch.equal(network(**inputs)["noise_pred"], expected)

@@ -288,6 +288,7 @@ def load_network(name: str, info: FluxModelInfo, device: str, options: Accelerat
         began = time.perf_counter()
         merged.prepare_slots(MAX_ADAPTERS_PER_CALL)
         phases["adapter_slots_s"] = time.perf_counter() - began
+        phases["adapter_memory_gib"] = round(merged.memory_bytes() / 2**30, 3)
         began = time.perf_counter()
         merged.apply(((sorted(merged.loaded)[0], 1.0),))
         merged.apply(())

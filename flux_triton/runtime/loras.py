@@ -113,11 +113,14 @@ def extract_low_rank(module: torch.nn.Module, part: str,
     for name, layer in module.named_modules():
         if not isinstance(layer, LoraLayer):
             continue
+        embedding = getattr(layer, "lora_embedding_A", None)
+        if not isinstance(layer.get_base_layer(), torch.nn.Linear) or embedding:
+            raise ValueError(f"LoRA adapts {name}, not a Linear layer: only Linear layers can be merged")
         for adapter in layer.lora_A:
             if layer.use_dora.get(adapter) or getattr(layer, "lora_bias", {}).get(adapter):
                 raise ValueError(f"LoRA {adapter}: DoRA and LoRA biases cannot be merged ({name})")
-            if not isinstance(layer.get_base_layer(), torch.nn.Linear) or layer.fan_in_fan_out:
-                raise ValueError(f"LoRA {adapter}: adapts {name}, not a Linear layer")
+            if layer.fan_in_fan_out:
+                raise ValueError(f"LoRA {adapter}: {name} stores its weight transposed")
             layers.setdefault(name, {})[adapter] = LowRank(
                 layer.lora_A[adapter].weight.detach().clone(),
                 layer.lora_B[adapter].weight.detach().clone(), float(layer.scaling[adapter]))
@@ -136,8 +139,9 @@ def is_float8(weight: torch.Tensor) -> bool:
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise float8 (e4m3) data and scales [out, 1] of a weight, torchao's row-wise scheme
-    (scale = max |row| / 448, as `Float8Tensor.from_hp`, which rounds the scale to bf16 first)."""
-    scale = weight.abs().amax(dim=1, keepdim=True).float() / FLOAT8_MAX
+    (scale = max |row| / 448, as `Float8Tensor.from_hp`, which rounds the scale to bf16 first; a
+    row of zeros gets a tiny scale, not a NaN)."""
+    scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FLOAT8_MAX
     return (weight.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn), scale
 
 
@@ -163,7 +167,9 @@ class MergedAdapters:
     After `prepare_slots(k)` a call's adapters (up to k) are copied into fixed slot buffers, two
     kernels each, and one merge program per number of adapters rewrites every adapted layer from
     the slots: on a GPU a captured CUDA graph, so a switch costs the GPU's time, not a Python loop
-    over hundreds of layers. Otherwise (or beyond k adapters) `apply` rewrites layer by layer.
+    over hundreds of layers. Otherwise (or beyond k adapters) `apply` rewrites layer by layer. With
+    adapters active, the slot programs also requantize the float8 layers the call's adapters do
+    not touch (from their bf16 base, by `quantize_rows`); without adapters every layer is its base.
     """
 
     def __init__(self, module: torch.nn.Module, part: str, catalog: LoraCatalog):
@@ -173,7 +179,7 @@ class MergedAdapters:
         self.float8_base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.loaded = frozenset(a for factors in self.low_rank.values() for a in factors)
         self.merged: set[str] = set()  # layers that hold an update now
-        self.active: Adapters = ()
+        self.active: Adapters | None = ()
         self.slots: _Slots | None = None
 
     def weight(self, name: str) -> torch.Tensor:
@@ -185,13 +191,16 @@ class MergedAdapters:
         here = _present(adapters, self.loaded)
         if here == self.active:
             return
+        self.active = None  # until the switch is complete: a failed one is redone by the next call
         # always in inference mode: the compiled requantization is then never compiled again
         with torch.inference_mode():
             if self.slots is not None and len(here) <= self.slots.count:
                 for slot, (name, scale) in enumerate(here):
                     self.slots.fill(slot, name, scale)
+                self.merged = set(self.low_rank)  # from here on any layer may hold an update
                 self.slots.run(len(here))
-                self.merged = set(self.low_rank) if here else set()
+                if not here:
+                    self.merged = set()
             else:
                 self._apply_by_layer(here)
         self.active = here
@@ -200,7 +209,7 @@ class MergedAdapters:
         for name, factors in self.low_rank.items():
             chosen = [(factors[a], scale) for a, scale in here if a in factors]
             if chosen:
-                up = torch.cat([f.up * (scale * f.scaling) for f, scale in chosen], dim=1)
+                up = torch.cat([(f.up * f.scaling) * scale for f, scale in chosen], dim=1)
                 down = torch.cat([f.down for f, _ in chosen], dim=0)
                 self._write(name, up, down)
                 self.merged.add(name)
@@ -227,6 +236,14 @@ class MergedAdapters:
             data, scale = fused_quantize_rows()(torch.addmm(base, up, down))
         weight.qdata.copy_(data)
         weight.scale.copy_(scale.view_as(weight.scale))
+
+    def memory_bytes(self) -> int:
+        """GPU memory this keeps beside the network: base copies, factors, slot buffers."""
+        tensors = list(self.base.values()) + [t for pair in self.float8_base.values() for t in pair]
+        tensors += [t for factors in self.low_rank.values() for f in factors.values() for t in (f.down, f.up)]
+        if self.slots is not None:
+            tensors += self.slots.buffers()
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def prepare_slots(self, count: int) -> None:
         """Slots for up to `count` adapters per call and their merge programs (captured as CUDA
@@ -274,6 +291,10 @@ class _Slots:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if base.is_cuda:
             self._capture(base.device)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return ([self.up, self.down, *self.adapter_up.values(), *self.adapter_down.values()]
+                + [t for pair in self.side_by_side.values() for t in pair])
 
     def _up(self, flat: torch.Tensor, name: str) -> torch.Tensor:
         offset, _, fan_out, _ = self.layout[name]
