@@ -22,14 +22,14 @@ from flux_triton.loras import LoraCatalog
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.runtime.loras import AdapterSwitch, MergedAdapters
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.serving_config import COMPILE_CACHE_ENV
+from flux_triton.serving_config import COMPILE_CACHE_ENV, ServingLimits
 from flux_triton.specs import IO_DTYPES, PRECISIONS, TORCH_DTYPES, ServingShape, component_specs
 
 COMPILED = ("dit_transformer", "vae_decoder", "t5_encoder")
 GRAPHED = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
-# Adapters a call may combine through captured merge programs (ServingLimits.max_loras' default);
+# Adapters a call may combine through captured merge programs (the default limit a request has);
 # a call with more merges layer by layer.
-MAX_ADAPTERS_PER_CALL = 4
+MAX_ADAPTERS_PER_CALL = ServingLimits.max_loras
 ADAPTED_PARTS = {"dit_transformer": "transformer", "clip_encoder": "text_encoder"}  # diffusers' names
 log = logging.getLogger(__name__)
 
