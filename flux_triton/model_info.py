@@ -18,7 +18,9 @@ PIPELINE_DEFAULTS = {
     "default_num_inference_steps": 28,
     "default_guidance_scale": 3.5,
     "default_max_sequence_length": 512,
+    "max_area": 1024**2,  # FluxKontextPipeline's: the pixels a Kontext output is rescaled to
 }
+KONTEXT_PIPELINES = ("FluxKontextPipeline",)  # model_index.json classes of Kontext folders
 
 UNSUPPORTED_SCHEDULER_FLAGS = (
     "use_karras_sigmas",
@@ -65,6 +67,8 @@ class FluxModelInfo:
     default_num_inference_steps: int
     default_guidance_scale: float
     default_max_sequence_length: int
+    kontext: bool = False  # a FLUX.1 Kontext folder: edits a reference image (image_role reference)
+    max_area: int = 1024**2
 
     @property
     def spatial_multiple(self) -> int:
@@ -99,6 +103,7 @@ def load_model_info(model_dir: str | Path) -> FluxModelInfo:
     t5 = _read_json(root / "text_encoder_2" / "config.json")
     clip_tok = _read_json(root / "tokenizer" / "tokenizer_config.json")
     t5_tok = _read_json(root / "tokenizer_2" / "tokenizer_config.json")
+    pipeline_class = _read_json(root / "model_index.json").get("_class_name", "")
     defaults = dict(PIPELINE_DEFAULTS)
     serving_file = root / SERVING_DEFAULTS_FILE
     if serving_file.exists():
@@ -121,4 +126,6 @@ def load_model_info(model_dir: str | Path) -> FluxModelInfo:
         default_num_inference_steps=int(defaults["default_num_inference_steps"]),
         default_guidance_scale=float(defaults["default_guidance_scale"]),
         default_max_sequence_length=int(defaults["default_max_sequence_length"]),
+        kontext=pipeline_class in KONTEXT_PIPELINES,
+        max_area=int(defaults["max_area"]),
     )

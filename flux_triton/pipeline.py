@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from flux_triton import sampling
+from flux_triton import images, sampling
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.recovery import ComponentError
 from flux_triton.request import GenerationRequest
@@ -67,6 +67,11 @@ class FluxModels(Protocol):
 
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
         """Decoded image [B, 3, H, W] in [-1, 1]."""
+        ...
+
+    async def vae_encoder(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, C, H/8, W/8] of images [B, 3, H, W] in [-1, 1]: the posterior's
+        mean + std * `noise` (zeros: its mean)."""
         ...
 
 
@@ -169,6 +174,55 @@ def dit_inputs(
     return inputs
 
 
+@dataclass
+class ImageConditioning:
+    """What a request's input image becomes: the latents an image-to-image run starts from (and,
+    inpainting, the packed latent mask and the tensors it blends), or Kontext's reference tokens
+    and their position ids."""
+
+    init_latents: torch.Tensor | None = None  # [B, C, H/8, W/8]
+    mask: torch.Tensor | None = None  # [B, S, C*4]: 1 where the model paints
+    packed_init: torch.Tensor | None = None
+    packed_noise: torch.Tensor | None = None
+    reference: torch.Tensor | None = None  # [B, S_ref, C*4]
+    reference_ids: torch.Tensor | None = None  # [S_ref, 3]
+
+
+async def prepare_image_inputs(
+    request: GenerationRequest, info: FluxModelInfo, models: FluxModels,
+    generator: torch.Generator, timer: StageTimer, latent_size: tuple[int, int],
+    dtype: torch.dtype, device: torch.device,
+) -> ImageConditioning | None:
+    """Resize, normalise and encode the request's image (and mask) as the diffusers pipeline of
+    its role does; an `init` image draws the posterior's noise from `generator` first."""
+    if request.image is None:
+        return None
+    batch = request.batch_size
+    if request.edits_reference:
+        pixels = await asyncio.to_thread(images.reference_pixels, request.image, info)
+        pixels = pixels.to(device=device, dtype=dtype)
+        ref_h, ref_w = pixels.shape[2] // info.vae_scale_factor, pixels.shape[3] // info.vae_scale_factor
+        mean = torch.zeros((pixels.shape[0], info.latent_channels, ref_h, ref_w), dtype=dtype,
+                           device=device)  # Kontext takes the posterior's mean ("argmax")
+        latents = await timer.timed("vae_encoder", models.vae_encoder(pixels, mean))
+        return ImageConditioning(
+            reference=sampling.pack_latents(images.repeat_images(latents, batch)),
+            reference_ids=sampling.reference_image_ids(ref_h, ref_w, device, dtype))
+    pixels = await asyncio.to_thread(images.image_pixels, request.image, request.height,
+                                     request.width, info)
+    pixels = pixels.to(device=device, dtype=dtype)
+    eps = sampling.standard_normal(
+        generator, (pixels.shape[0], info.latent_channels, *latent_size), dtype, device)
+    latents = await timer.timed("vae_encoder", models.vae_encoder(pixels, eps))
+    conditioning = ImageConditioning(init_latents=images.repeat_images(latents, batch))
+    if request.mask is not None:
+        mask = await asyncio.to_thread(images.mask_pixels, request.mask, request.height,
+                                       request.width, info)
+        conditioning.mask = images.packed_mask(mask, *latent_size, batch, info.latent_channels,
+                                               dtype, device)
+    return conditioning
+
+
 async def generate(
     request: GenerationRequest,
     info: FluxModelInfo,
@@ -193,18 +247,33 @@ async def generate(
     negative_embeds = negative[0] if negative else None
     device, dtype = embeds.sequence.device, embeds.sequence.dtype
 
-    # 2. Initial noise, packed into image tokens.
+    # 2. The image inputs, encoded; the noise, drawn after them from the same generator, as the
+    #    diffusers pipelines draw both. 3. The schedule: shifted sigmas for this image size.
     batch = request.batch_size
     lat_h, lat_w = sampling.latent_grid(request.height, request.width, info.vae_scale_factor)
-    noise = sampling.initial_noise(request.seed, (batch, info.latent_channels, lat_h, lat_w), dtype,
-                                   device)
-    latents = sampling.pack_latents(noise)
+    generator = sampling.seeded_generator(request.seed)
+    edit = await prepare_image_inputs(request, info, models, generator, timer, (lat_h, lat_w),
+                                      dtype, device)
+    noise = sampling.standard_normal(generator, (batch, info.latent_channels, lat_h, lat_w), dtype,
+                                     device)
     image_ids = sampling.latent_image_ids(lat_h, lat_w, device, dtype)
-
-    # 3. Schedule: shifted sigmas for this image size.
     sigmas = request.sigmas or sampling.default_sigmas(request.num_inference_steps)
-    timesteps, sigma_schedule = sampling.flow_match_schedule(sigmas, latents.shape[1], info.scheduler)
+    timesteps, sigma_schedule = sampling.flow_match_schedule(
+        sigmas, (lat_h // 2) * (lat_w // 2), info.scheduler)
     timesteps, sigma_schedule = timesteps.to(device), sigma_schedule.to(device)
+    if edit is None:
+        latents = sampling.pack_latents(noise)
+    elif edit.reference is not None:  # Kontext: text-to-image's noise and schedule
+        latents = sampling.pack_latents(noise)
+        image_ids = torch.cat([image_ids, edit.reference_ids], dim=0)
+    else:  # image-to-image: the last steps of the schedule, from the image noised to their start
+        start = sampling.strength_start(request.num_inference_steps, request.strength)
+        timesteps, sigma_schedule = timesteps[start:], sigma_schedule[start:]
+        latents = sampling.pack_latents(
+            sampling.scale_noise(edit.init_latents, noise, sigma_schedule[0]))
+        if edit.mask is not None:
+            edit.packed_init = sampling.pack_latents(edit.init_latents)
+            edit.packed_noise = sampling.pack_latents(noise)
     guidance = (sampling.guidance_vector(request.guidance_scale, batch, device)
                 if info.guidance_embeds else None)
 
@@ -218,13 +287,18 @@ async def generate(
             break
         step_start = timer.now()
         timestep = sampling.dit_timestep(t, batch, latents.dtype)
-        calls = [models.dit_transformer(dit_inputs(latents, timestep, guidance, embeds, image_ids),
+        tokens = latents
+        if edit is not None and edit.reference is not None:
+            tokens = torch.cat([latents, edit.reference], dim=1)
+        calls = [models.dit_transformer(dit_inputs(tokens, timestep, guidance, embeds, image_ids),
                                         request.loras)]
         if negative_embeds is not None:
             calls.append(models.dit_transformer(
-                dit_inputs(latents, timestep, guidance, negative_embeds, image_ids), request.loras
+                dit_inputs(tokens, timestep, guidance, negative_embeds, image_ids), request.loras
             ))
         noise_pred, *neg = await timer.timed(f"step_{i + 1}", asyncio.gather(*calls))
+        if tokens is not latents:  # the prediction for the output's tokens only
+            noise_pred, neg = noise_pred[:, :latents.shape[1]], [n[:, :latents.shape[1]] for n in neg]
         if neg:
             noise_pred = sampling.true_cfg(noise_pred, neg[0], request.true_cfg_scale)
         x0 = None
@@ -232,6 +306,11 @@ async def generate(
             x0 = sampling.unpack_latents(
                 sampling.predicted_clean(noise_pred, latents, sigma_schedule, i), lat_h, lat_w)
         latents = sampling.euler_step(noise_pred, latents, sigma_schedule, i)
+        if edit is not None and edit.mask is not None:  # inpainting: what is kept, noised to match
+            kept = edit.packed_init
+            if i < len(timesteps) - 1:
+                kept = sampling.scale_noise(kept, edit.packed_noise, sigma_schedule[i + 1])
+            latents = (1 - edit.mask) * kept + edit.mask * latents
         preview = (sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
                    if request.preview_kind in ("latent", "both") else None)
         steps_completed = i + 1

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flux_triton import images, sampling
 from flux_triton.errors import field_message
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.serving_config import ServingLimits
-from flux_triton.specs import BLS_INPUTS, PREVIEW_KINDS
+from flux_triton.specs import BLS_INPUTS, IMAGE_ROLES, PREVIEW_KINDS
 
 
 class InvalidRequest(ValueError):
@@ -47,6 +48,15 @@ class GenerationRequest:
     deadline_ms: int | None = None
     preview_kind: str = "latent"  # what each step's response carries (specs.PREVIEW_KINDS)
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters and their scales, in order
+    image: np.ndarray | None = None  # uint8 [N, H, W, 3]: one image, or one per prompt
+    mask: np.ndarray | None = None  # uint8 [N, H, W]: 255 repaints, 0 keeps (inpainting)
+    strength: float = 0.6  # how far an `init` image is noised: the share of the steps run
+    image_role: str = "init"  # `init` (image-to-image, inpainting) or `reference` (Kontext)
+
+    @property
+    def edits_reference(self) -> bool:
+        """A Kontext edit: the image's tokens join the sequence, the schedule is text-to-image's."""
+        return self.image is not None and self.image_role == "reference"
 
     @property
     def batch_size(self) -> int:
@@ -64,6 +74,7 @@ class GenerationRequest:
 STRING_FIELDS = tuple(t.name for t in BLS_INPUTS if t.dtype == "BYTES" and t.dims == ("N",))
 KNOWN_FIELDS = frozenset(t.name for t in BLS_INPUTS)
 SEED_RANGE = (0, 2**63 - 1)
+DEFAULT_STRENGTH = 0.6  # the image pipelines' default
 LORA_SCALE_LIMIT = 100.0
 DEADLINE_RANGE_MS = (1, 86_400_000)
 
@@ -156,11 +167,27 @@ def validate_request(
         negative_2 = negative
 
     multiple = info.spatial_multiple
-    height = _int_in("height", inputs.get("height"), info.default_height, multiple, limits.max_height)
-    width = _int_in("width", inputs.get("width"), info.default_width, multiple, limits.max_width)
+    edit = _image_inputs(inputs, info, limits, len(prompts))
+    default_height, default_width = info.default_height, info.default_width
+    if edit.image is not None:  # the output takes the image's size
+        default_height, default_width = images.default_size(*edit.image.shape[1:3], multiple)
+    height = _int_in("height", inputs.get("height"), default_height, multiple, limits.max_height)
+    width = _int_in("width", inputs.get("width"), default_width, multiple, limits.max_width)
     for field, size in (("height", height), ("width", width)):
         if size % multiple:
             raise InvalidRequest(field, f"must be a multiple of {multiple}, got {size}")
+    reference_pixels = 0
+    if edit.image is not None and edit.image_role == "reference":
+        # FluxKontextPipeline: the output at max_area pixels, with the aspect asked for
+        height, width = images.kontext_output_size(height, width, info.max_area, multiple)
+        for field, size, most in (("height", height, limits.max_height),
+                                  ("width", width, limits.max_width)):
+            if not multiple <= size <= most:
+                raise InvalidRequest(field, f"a Kontext output keeps the aspect asked for at "
+                                     f"{info.max_area} pixels: here {height} x {width}, whose {field} "
+                                     f"is outside [{multiple}, {most}]; ask for a squarer size")
+        ref_h, ref_w = images.kontext_reference_size(*edit.image.shape[1:3], info.max_area, multiple)
+        reference_pixels = ref_h * ref_w
 
     max_images = max(1, limits.max_batch // len(prompts))
     if len(prompts) > limits.max_batch:
@@ -196,15 +223,23 @@ def validate_request(
         raise InvalidRequest(
             "num_inference_steps", f"must equal the number of `sigmas` ({len(sigmas)}), got {steps}"
         )
-    images = len(prompts) * num_images
-    work = height * width * steps * images
+    count = len(prompts) * num_images
+    work = (height * width + reference_pixels) * steps * count  # a Kontext reference's tokens too
     if work > limits.max_pixel_steps:
+        terms, sizes = "height × width", f"{height} × {width}"
+        if reference_pixels:
+            terms, sizes = "(height × width + reference pixels)", f"({height} × {width} + {reference_pixels})"
         raise InvalidRequest(
             "num_inference_steps",
-            f"the request's work, height × width × num_inference_steps × images ({len(prompts)} "
-            f"prompts × num_images_per_prompt) = {height} × {width} × {steps} × {images} = {work}, "
+            f"the request's work, {terms} × num_inference_steps × images ({len(prompts)} "
+            f"prompts × num_images_per_prompt) = {sizes} × {steps} × {count} = {work}, "
             f"is over this server's max_pixel_steps {limits.max_pixel_steps}: lower the size, the "
             "steps or the number of images")
+    if edit.image is not None and edit.image_role == "init":
+        if steps - sampling.strength_start(steps, edit.strength) < 1:
+            raise InvalidRequest(
+                "strength", f"at {edit.strength} leaves no step of {steps} to run (it runs "
+                "num_inference_steps × strength of them): raise `strength` or `num_inference_steps`")
 
     if inputs.get("seed") is None:
         seed = secrets.randbelow(SEED_RANGE[1] + 1)
@@ -245,6 +280,10 @@ def validate_request(
         deadline_ms=deadline,
         preview_kind=preview_kind,
         loras=adapters,
+        image=edit.image,
+        mask=edit.mask,
+        strength=edit.strength,
+        image_role=edit.image_role,
     )
 
 
@@ -293,3 +332,71 @@ def _loras(inputs: Mapping[str, np.ndarray | None], limits: ServingLimits,
                                  f"[-{LORA_SCALE_LIMIT}, {LORA_SCALE_LIMIT}], got {flat.tolist()}")
         scales = tuple(float(s) for s in raw.reshape(-1))
     return tuple(zip(names, scales))
+
+
+@dataclass(frozen=True)
+class _ImageInputs:
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    strength: float = DEFAULT_STRENGTH
+    image_role: str = "init"
+
+
+def _uint8(field: str, value: np.ndarray, dims: str, ndim: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype != np.uint8:
+        raise InvalidRequest(field, f"must be UINT8 {dims}, got {arr.dtype}")
+    if arr.ndim != ndim:
+        raise InvalidRequest(field, f"must be UINT8 {dims}, got shape {list(arr.shape)}")
+    return arr
+
+
+def _image_inputs(inputs: Mapping[str, np.ndarray | None], info: FluxModelInfo,
+                  limits: ServingLimits, prompts: int) -> _ImageInputs:
+    """`image`, `mask`, `strength` and `image_role`, checked against each other."""
+    if inputs.get("image") is None:
+        for field in ("mask", "strength", "image_role"):
+            if inputs.get(field) is not None:
+                raise InvalidRequest(field, "applies to an input image: send `image` as well")
+        return _ImageInputs()
+    image = _uint8("image", inputs["image"], "[N, H, W, 3] (RGB)", 4)
+    count, height, width, channels = image.shape
+    if channels != 3:
+        raise InvalidRequest("image", f"must be UINT8 [N, H, W, 3] (RGB), got {channels} channels")
+    if count not in (1, prompts):
+        raise InvalidRequest("image", f"must hold 1 image or one per prompt ({prompts}), got {count}")
+    multiple = info.spatial_multiple
+    for name, size, most in (("height", height, limits.max_height), ("width", width, limits.max_width)):
+        if not multiple <= size <= most:
+            raise InvalidRequest("image", f"{name} must be in [{multiple}, {most}] pixels, got {size}")
+
+    role = "init"
+    if inputs.get("image_role") is not None:
+        roles = _strings("image_role", inputs["image_role"], limits)
+        if len(roles) != 1 or roles[0] not in IMAGE_ROLES:
+            raise InvalidRequest("image_role", f"must be one of {list(IMAGE_ROLES)}, got {list(roles)}")
+        role = roles[0]
+    if role == "reference" and not info.kontext:
+        raise InvalidRequest("image_role", "`reference` edits with a FLUX.1 Kontext model; this "
+                             "server's model is not one: send `init` (image-to-image)")
+
+    mask = None
+    if inputs.get("mask") is not None:
+        if role == "reference":
+            raise InvalidRequest("mask", "applies to image_role `init` (inpainting), not `reference`")
+        mask = _uint8("mask", inputs["mask"], "[N, H, W] (255 repaint, 0 keep)", 3)
+        if mask.shape[1:] != (height, width):
+            raise InvalidRequest("mask", f"must have the image's size {height} x {width}, got "
+                                 f"{mask.shape[1]} x {mask.shape[2]}")
+        if mask.shape[0] not in (1, count):
+            raise InvalidRequest("mask", f"must hold 1 mask or one per image ({count}), got {mask.shape[0]}")
+
+    strength = DEFAULT_STRENGTH
+    if inputs.get("strength") is not None:
+        if role == "reference":
+            raise InvalidRequest("strength", "applies to image_role `init`; a `reference` image is "
+                                 "not noised")
+        strength = _float_in("strength", inputs["strength"], DEFAULT_STRENGTH, 0.0, 1.0)
+        if strength <= 0:
+            raise InvalidRequest("strength", f"must be in (0, 1], got {strength}")
+    return _ImageInputs(image, mask, strength, role)

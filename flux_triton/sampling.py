@@ -53,12 +53,37 @@ def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, in
     return 2 * (int(height) // (vae_scale_factor * 2)), 2 * (int(width) // (vae_scale_factor * 2))
 
 
+def seeded_generator(seed: int) -> torch.Generator:
+    """The generator a diffusers user passes: `torch.Generator("cpu").manual_seed(seed)`. One
+    request draws everything from it, in the pipeline's order."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def standard_normal(generator: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The next draw of `generator`, on the CPU as diffusers' `randn_tensor` makes it, then moved."""
+    return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
+
+
 def initial_noise(
     seed: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Noise exactly as diffusers draws it from `torch.Generator("cpu").manual_seed(seed)`."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
+    return standard_normal(seeded_generator(seed), shape, dtype, device)
+
+
+def strength_start(num_inference_steps: int, strength: float) -> int:
+    """The first step an image-to-image run takes at `strength` (the pipelines' `get_timesteps`):
+    it runs the last num_inference_steps - start steps of the schedule."""
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    return int(max(num_inference_steps - init_timestep, 0))
+
+
+def scale_noise(sample: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """`sample` noised to level `sigma` (FlowMatchEulerDiscreteScheduler.scale_noise):
+    sigma * noise + (1 - sigma) * sample, with sigma in the sample's type."""
+    sigma = sigma.to(device=sample.device, dtype=sample.dtype)
+    return sigma * noise + (1.0 - sigma) * sample
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -84,6 +109,15 @@ def latent_image_ids(
     ids[..., 1] = ids[..., 1] + torch.arange(latent_height // 2)[:, None]
     ids[..., 2] = ids[..., 2] + torch.arange(latent_width // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def reference_image_ids(
+    latent_height: int, latent_width: int, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """RoPE position ids of a Kontext reference image's tokens: (1, row, column)."""
+    ids = latent_image_ids(latent_height, latent_width, device, dtype)
+    ids[..., 0] = 1
+    return ids
 
 
 def text_ids(seq_len: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:

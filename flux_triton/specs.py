@@ -42,7 +42,8 @@ TORCH_DTYPES = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
 # layers in float8 inside the model and takes and gives bf16 like BF16.
 PRECISIONS = ("FP32", "FP16", "BF16", "FP8")
 IO_DTYPES = {"FP32": "FP32", "FP16": "FP16", "BF16": "BF16", "FP8": "BF16"}
-NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")  # the four FLUX networks
+# The FLUX networks: the four of text-to-image, and the VAE's encoder for image inputs.
+NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "vae_encoder")
 COMPONENTS = ("tokenizer", *NETWORKS)
 # The networks a LoRA adapter may change (diffusers' FLUX loader: the transformer and CLIP), and
 # what each of their calls says about it when served by Python models: the adapters and their
@@ -61,7 +62,8 @@ def python_model_spec(spec: ComponentSpec, network: str) -> ComponentSpec:
 
 
 def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, ComponentSpec]:
-    """Specs of tokenizer, clip_encoder, t5_encoder, dit_transformer, vae_decoder, encode_prompt,
+    """Specs of tokenizer, clip_encoder, t5_encoder, dit_transformer, vae_decoder, vae_encoder,
+    encode_prompt,
     with the floating-point tensors in the type `precision` serves them in (see IO_DTYPES)."""
     if precision not in IO_DTYPES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -113,6 +115,14 @@ def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, C
             (TensorSpec("latents", dtype, ("B", info.latent_channels, "H_lat", "W_lat")),),
             (TensorSpec("image", dtype, ("B", 3, "H", "W")),),
         ),
+        # The encoder with its latent normalisation: (mean + std * noise - shift) * scale, where
+        # `noise` is the posterior's standard-normal draw (zeros: the mean, diffusers' "argmax").
+        ComponentSpec(
+            "vae_encoder",
+            (TensorSpec("image", dtype, ("B", 3, "H", "W")),
+             TensorSpec("noise", dtype, ("B", info.latent_channels, "H_lat", "W_lat"))),
+            (TensorSpec("latents", dtype, ("B", info.latent_channels, "H_lat", "W_lat")),),
+        ),
         ComponentSpec("encode_prompt", prompt_inputs, (pooled, sequence)),
     ]
     return {s.name: s for s in specs}
@@ -122,30 +132,38 @@ def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, C
 class ServingShape:
     """A request shape the server prepares at load: compiled kernels and a CUDA graph for it, so
     no request of that shape waits for compilation. Written `BxHxWxS` (batch, height, width,
-    max_sequence_length), e.g. `1x1024x1024x512`."""
+    max_sequence_length), e.g. `1x1024x1024x512`; `+reference` after it is the same request
+    editing a reference image of that size (Kontext: twice the image tokens in the DiT)."""
 
     batch: int
     height: int
     width: int
     max_sequence_length: int
+    reference: bool = False
 
     @classmethod
     def parse(cls, text: str) -> ServingShape:
+        body, plus, suffix = text.lower().partition("+")
         try:
-            batch, height, width, seq = (int(part) for part in text.lower().split("x"))
+            if plus and suffix != "reference":
+                raise ValueError
+            batch, height, width, seq = (int(part) for part in body.split("x"))
         except ValueError:
-            raise ValueError(f"a serving shape is BxHxWxS (e.g. 1x1024x1024x512), got {text!r}") from None
-        return cls(batch, height, width, seq)
+            raise ValueError("a serving shape is BxHxWxS (e.g. 1x1024x1024x512), optionally with "
+                             f"+reference (e.g. 1x1024x1024x512+reference), got {text!r}") from None
+        return cls(batch, height, width, seq, bool(plus))
 
     def __str__(self) -> str:
-        return f"{self.batch}x{self.height}x{self.width}x{self.max_sequence_length}"
+        text = f"{self.batch}x{self.height}x{self.width}x{self.max_sequence_length}"
+        return text + ("+reference" if self.reference else "")
 
     def axis_sizes(self, info: FluxModelInfo) -> dict[str, int]:
         """The size of every symbolic axis of the component specs at this shape (one image per
-        prompt)."""
+        prompt; a reference image, if any, of the output's size)."""
         lat_h = 2 * (self.height // (info.vae_scale_factor * 2))
         lat_w = 2 * (self.width // (info.vae_scale_factor * 2))
-        return {"B": self.batch, "N": self.batch, "S_img": (lat_h // 2) * (lat_w // 2),
+        tokens = (lat_h // 2) * (lat_w // 2)
+        return {"B": self.batch, "N": self.batch, "S_img": tokens * (2 if self.reference else 1),
                 "S_txt": self.max_sequence_length, "H_lat": lat_h, "W_lat": lat_w,
                 "H": lat_h * info.vae_scale_factor, "W": lat_w * info.vae_scale_factor}
 
@@ -177,6 +195,12 @@ BLS_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("lora", "BYTES", ("K",), optional=True),  # LoRA adapters by name, K <= max_loras
     TensorSpec("lora_scale", "FP32", ("K",), optional=True),  # their scales (default 1.0 each)
     TensorSpec("list_loras", "BOOL", (1,), optional=True),  # alone: answer the adapters, generate nothing
+    # Image inputs: one image, or one per prompt; a mask (255 repaint, 0 keep) makes image-to-image
+    # inpainting; `image_role` reference is Kontext editing (the image's tokens join the sequence).
+    TensorSpec("image", "UINT8", ("N_image", "H_image", "W_image", 3), optional=True),
+    TensorSpec("mask", "UINT8", ("N_mask", "H_image", "W_image"), optional=True),
+    TensorSpec("strength", "FP32", (1,), optional=True),
+    TensorSpec("image_role", "BYTES", (1,), optional=True),
     TensorSpec("previews", "BOOL", (1,), optional=True,
                replaced_by="`preview_kind`: `none` for no previews, else latent, x0 or both"),
 )
@@ -188,6 +212,10 @@ NUMBER_RANGES = {"INT32": (-2**31, 2**31 - 1), "INT64": (-2**63, 2**63 - 1),
 # What each step's response carries: no preview ("none"), the latents reached ("latent", the
 # server's default), the clean image the model predicts from them ("x0"), or both.
 PREVIEW_KINDS = ("none", "latent", "x0", "both")
+
+# What an input image is: the start of image-to-image (or of inpainting, with a mask), or the
+# reference a Kontext model edits.
+IMAGE_ROLES = ("init", "reference")
 
 
 def bls_input(name: str) -> TensorSpec:

@@ -133,6 +133,9 @@ class BlsFluxModels:
     async def vae_decoder(self, latents):
         return await self._network("vae_decoder", {"latents": latents}, "image")
 
+    async def vae_encoder(self, image, noise):
+        return await self._network("vae_encoder", {"image": image, "noise": noise}, "latents")
+
 
 def adapter_tensors(pb: Any, adapters: Adapters) -> list:
     """The `lora` and `lora_scale` inputs of a call to an adapted network (none: no adapters)."""

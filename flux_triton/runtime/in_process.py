@@ -68,6 +68,9 @@ class TorchFluxModels:
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run("vae_decoder", "image", latents=latents)
 
+    async def vae_encoder(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self._run("vae_encoder", "latents", image=image, noise=noise)
+
 
 def run_in_process(
     request: GenerationRequest, info: FluxModelInfo, models: TorchFluxModels

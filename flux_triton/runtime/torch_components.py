@@ -1,4 +1,4 @@
-"""The four FLUX networks and the tokenizers as named-tensor functions, loaded from a model folder.
+"""The FLUX networks and the tokenizers as named-tensor functions, loaded from a model folder.
 
 Used by the Triton component models and by the in-process runner alike: each component maps its
 spec's input names to its spec's output names (see `specs.py`).
@@ -147,11 +147,31 @@ class VaeDecoder(torch.nn.Module):
         return {"image": self.model.decode(latents, return_dict=False)[0]}
 
 
+class VaeEncoder(torch.nn.Module):
+    """The VAE's encoder and its latent normalisation: a sample of the posterior at `noise` (its
+    standard-normal draw; zeros give the mean), shifted and scaled as the FLUX pipelines do."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu"):
+        super().__init__()
+        from diffusers import AutoencoderKL
+        self.model = _network(AutoencoderKL, model_dir, "vae", dtype, device)
+        self.channels_last = False  # set when the encoder's convolutions run channels_last
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        posterior = self.model.encode(image, return_dict=False)[0]
+        latents = posterior.mean + posterior.std * noise  # DiagonalGaussianDistribution.sample
+        config = self.model.config
+        return {"latents": (latents - config.shift_factor) * config.scaling_factor}
+
+
 NETWORK_CLASSES = {
     "clip_encoder": ClipEncoder,
     "t5_encoder": T5Encoder,
     "dit_transformer": DitTransformer,
     "vae_decoder": VaeDecoder,
+    "vae_encoder": VaeEncoder,
 }
 
 
