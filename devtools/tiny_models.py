@@ -9,6 +9,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
 )
@@ -17,14 +18,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from devtools.model_folders import staged_model_dir, write_serving_defaults
 from devtools.tokenizers import build_clip_tokenizer, build_t5_tokenizer, train_t5_spm
 
-VARIANTS = ("schnell", "dev")
+# kontext: the dev layout saved as a FluxKontextPipeline (the same transformer class), for Kontext
+# editing's parity; its untrained weights edit nothing in particular.
+VARIANTS = ("schnell", "dev", "kontext")
 
 
 def build_tiny_pipeline(variant: str, seed: int, t5_spm_model: bytes) -> FluxPipeline:
     """Assemble a float32 FluxPipeline of tiny components, each seeded in a fixed order."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    is_dev = variant == "dev"
+    is_dev = variant in ("dev", "kontext")
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer(t5_spm_model)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -55,21 +58,26 @@ def build_tiny_pipeline(variant: str, seed: int, t5_spm_model: bytes) -> FluxPip
         num_train_timesteps=1000, shift=3.0 if is_dev else 1.0, use_dynamic_shifting=is_dev,
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
-    return FluxPipeline(
+    pipeline_class = FluxKontextPipeline if variant == "kontext" else FluxPipeline
+    return pipeline_class(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
 
 
 def serving_defaults(variant: str) -> dict[str, float | int]:
-    """Request defaults stored next to the pipeline as flux_serving.json."""
-    return {
+    """Request defaults stored next to the pipeline as flux_serving.json (a Kontext output at the
+    tiny default's area, not FluxKontextPipeline's 1024**2)."""
+    defaults = {
         "default_height": 128,
         "default_width": 128,
         "default_num_inference_steps": 4,
         "default_max_sequence_length": 64,
-        "default_guidance_scale": 3.5 if variant == "dev" else 0.0,
+        "default_guidance_scale": 0.0 if variant == "schnell" else 3.5,
     }
+    if variant == "kontext":
+        defaults["max_area"] = 128 * 128
+    return defaults
 
 
 # Random LoRA adapters of the tiny models (`<folder>/loras/<name>/`, as FluxPipeline.save_lora_weights
@@ -85,8 +93,8 @@ TINY_LORAS = {
 
 
 def build_tiny_flux(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
-    """Write a tiny FLUX pipeline ("schnell" or "dev") and its LoRA adapters to `out_dir` and
-    return its path."""
+    """Write a tiny FLUX pipeline (see VARIANTS) and its LoRA adapters to `out_dir` and return
+    its path."""
     t5_spm_model = train_t5_spm()
     with torch.random.fork_rng(devices=[]):
         pipeline = build_tiny_pipeline(variant, seed, t5_spm_model)
@@ -122,7 +130,7 @@ def write_random_lora(pipeline: FluxPipeline, folder: Path, rank: int, alpha: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: python -m devtools.tiny_models --out models --variant schnell|dev|all."""
+    """Command line: python -m devtools.tiny_models --out models --variant schnell|dev|kontext|all."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("models"), help="parent folder")
     parser.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")
