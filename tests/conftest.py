@@ -36,6 +36,15 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def kontext_dir(tmp_path_factory) -> Path:
+    """models/tiny-flux-kontext from `make model` (a tiny FluxKontextPipeline), else built fresh."""
+    path = REPO_ROOT / "models" / "tiny-flux-kontext"
+    if not (path / "model_index.json").exists():
+        path = build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux-kontext", "kontext")
+    return path
+
+
+@pytest.fixture(scope="session")
 def diffusers_pipes(model_dirs):
     """diffusers' own FluxPipeline on each model folder: the reference."""
     from diffusers import FluxPipeline
@@ -161,6 +170,13 @@ def served_shapes(tmp_path_factory) -> Served:
     """The trained default model served by PyTorch Python models."""
     for servers in _serve_variants({"shapes": SHAPES_DIR}, tmp_path_factory, "torch", ("shapes",)):
         yield servers["shapes"]
+
+
+@pytest.fixture(scope="session")
+def served_kontext(kontext_dir, tmp_path_factory) -> Served:
+    """The tiny Kontext model served by PyTorch Python models."""
+    for servers in _serve_variants({"kontext": kontext_dir}, tmp_path_factory, "torch", ("kontext",)):
+        yield servers["kontext"]
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from flux_triton.adapters.backend import (
 from flux_triton.adapters.metrics import BlsMetrics
 from flux_triton.batching import CallBatcher
 from flux_triton.dispatch import LoadBoard, board_folder
+from flux_triton.images import kontext_resolutions
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import Adapters, FinalImage, StageFailed, StepUpdate, Stop, generate
 from flux_triton.placement import served_networks
@@ -217,6 +218,8 @@ class FluxBlsModel:
             )
         options = model_options(args, BlsOptions)
         self.info = load_model_info(resolve_model_dir(args, options.model_dir))
+        if self.info.kontext:  # its resolution table, read now rather than on a request's time
+            kontext_resolutions(self.info.max_area)
         self.loras = lora_catalog(args, options.lora_dir)  # what requests may name
         for line in self.loras.lines():
             log(self.pb, f"flux_bls: {line}")

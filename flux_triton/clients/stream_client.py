@@ -73,15 +73,25 @@ def build_inputs(**values) -> list[grpcclient.InferInput]:
     """InferInputs for the given `flux_bls` fields; None values are left out (server defaults).
 
     Types and shapes come from the model's declared interface: strings (or lists of them) for
-    BYTES [N], one number for [1] fields, a list of numbers for `sigmas`. A number that its type
-    cannot hold is a ValueError naming the field, never a wrapped value.
+    BYTES [N], one number for [1] fields, a list of numbers for `sigmas`, uint8 arrays for images
+    and masks (one image [H, W, 3] or a stack [N, H, W, 3]). A number that its type cannot hold
+    is a ValueError naming the field, never a wrapped value.
     """
     inputs = []
     for name, value in values.items():
         if value is None:
             continue
         spec = bls_input(name)
-        if spec.dtype == "BYTES":
+        if spec.dtype == "UINT8":
+            array = np.asarray(value)
+            if array.dtype != np.uint8:
+                raise ValueError(f"`{name}`: must be a uint8 array, got {array.dtype}")
+            if array.ndim == len(spec.dims) - 1:  # one image or mask
+                array = array[None]
+            if array.ndim != len(spec.dims):
+                raise ValueError(f"`{name}`: must have {len(spec.dims)} dims {list(spec.dims)}, "
+                                 f"got shape {list(array.shape)}")
+        elif spec.dtype == "BYTES":
             strings = [value] if isinstance(value, str) else list(value)
             array = np.array([s.encode("utf-8") for s in strings], dtype=object)
         else:
