@@ -1,6 +1,7 @@
 """gRPC streaming client for `flux_bls`: live per-step previews, progress with step times, final PNG.
 
     python -m flux_triton.clients.stream_client --prompt "a red circle on a blue background" --out out/
+    flux-client --prompt "a green square" --image photo.png --mask mask.png --strength 0.8
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from flux_triton.clients.image_files import ImageFileError, edit_inputs
 from flux_triton.clients.previews import bls_options, linear_renderer, to_uint8_image, vae_inputs
-from flux_triton.specs import NUMBER_RANGES, PREVIEW_KINDS, bls_input
+from flux_triton.specs import IMAGE_ROLES, NUMBER_RANGES, PREVIEW_KINDS, bls_input
 
 MODEL = "flux_bls"
 
@@ -245,6 +247,14 @@ def _progress(step: dict) -> str:
             f"{step['seconds'] * 1000:8.1f} ms")
 
 
+def _read(path: Path, field: str) -> bytes:
+    """A file's bytes; ImageFileError naming the field when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageFileError(field, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stream a FLUX generation from Triton's flux_bls.")
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
@@ -273,6 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
                         help="a LoRA adapter of the server's LORA_DIR, with its scale (default 1.0); "
                              "repeat to combine adapters")
+    parser.add_argument("--image", type=Path,
+                        help="edit this image (PNG, JPEG, WebP, GIF, BMP): image-to-image, inpainting "
+                             "with --mask, or Kontext editing with --image-role reference; the "
+                             "output takes its size unless --height/--width say otherwise")
+    parser.add_argument("--mask", type=Path,
+                        help="the area to repaint, the image's size: white (255) = repaint, black = "
+                             "keep; a PNG with transparency reads as OpenAI's masks (transparent = "
+                             "repaint)")
+    parser.add_argument("--strength", type=float,
+                        help="how much of the image is repainted, (0, 1] (server default 0.6)")
+    parser.add_argument("--image-role", choices=IMAGE_ROLES,
+                        help="init (default): image-to-image or inpainting; reference: Kontext "
+                             "editing (Kontext models only)")
     parser.add_argument("--list-loras", action="store_true",
                         help="print the server's LoRA adapters and exit")
     parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
@@ -280,11 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.prompt and not args.list_loras:
         parser.error("--prompt is required (or --list-loras)")
+    if args.image is None and (args.mask or args.strength is not None or args.image_role):
+        parser.error("--mask, --strength and --image-role edit an image: give --image too")
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     show = args.show == "always" or (args.show == "auto" and sys.stdout.isatty())
     try:
+        image = mask = None
+        if args.image is not None:
+            image, mask = edit_inputs([_read(args.image, "image")],
+                                      _read(args.mask, "mask") if args.mask else None)
         loras = [parse_lora(text) for text in args.lora]
         inputs = build_inputs(list_loras=True) if args.list_loras else build_inputs(
             prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
@@ -294,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             true_cfg_scale=args.true_cfg, seed=args.seed, deadline_ms=args.deadline_ms,
             preview_kind="none" if args.no_previews else args.preview_kind,
             lora=[name for name, _ in loras] or None, lora_scale=[scale for _, scale in loras] or None,
+            image=image, mask=mask, strength=args.strength, image_role=args.image_role,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

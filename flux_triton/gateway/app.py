@@ -1,5 +1,6 @@
-"""An HTTP front door to the Triton server: OpenAI's `/v1/images/generations`, with the image's
-previews streamed as Server-Sent Events, and a web page that shows them live.
+"""An HTTP front door to the Triton server: OpenAI's `/v1/images/generations` and
+`/v1/images/edits`, with the image's previews streamed as Server-Sent Events, and a web page that
+shows them live.
 
 The gateway talks to Triton over gRPC streaming (tritonclient's asyncio client) and knows nothing of
 torch: requests become `flux_bls` inputs, its step responses become preview images.
@@ -12,6 +13,7 @@ import base64
 import hmac
 import io
 import json
+import math
 import os
 import re
 import time
@@ -27,17 +29,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from flux_triton.clients.image_files import MAX_IMAGE_PIXELS, ImageFileError, edit_inputs
 from flux_triton.clients.previews import bls_options, linear_renderer, to_uint8_image, vae_inputs
 from flux_triton.clients.stream_client import build_inputs
 from flux_triton.errors import client_error_kind, named_field
 from flux_triton.request import LORA_SCALE_LIMIT
 from flux_triton.serving_config import BlsOptions
-from flux_triton.specs import NUMBER_RANGES, bls_input
+from flux_triton.specs import IMAGE_ROLES, NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -54,6 +57,8 @@ class GatewaySettings:
     triton_url: str = "127.0.0.1:8001"
     api_key: str | None = None  # bearer token required on /v1/* when set
     max_body_bytes: int = 64 * 1024
+    max_upload_bytes: int = 16 * 1024 * 1024  # the body limit of the paths that take image files
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # an uploaded file declaring more is not decoded
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
     preview_decoder: str = "vae"  # vae: the server's VAE decodes each preview; linear: the fitted map
     preview_format: str = "jpeg"
@@ -65,6 +70,8 @@ class GatewaySettings:
         return cls(triton_url=environ.get("GATEWAY_TRITON_URL", cls.triton_url),
                    api_key=environ.get("GATEWAY_API_KEY") or None,
                    max_body_bytes=int(environ.get("GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes)),
+                   max_upload_bytes=int(environ.get("GATEWAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
+                   max_image_pixels=int(environ.get("GATEWAY_MAX_IMAGE_PIXELS", cls.max_image_pixels)),
                    cors_origins=origins,
                    preview_decoder=environ.get("GATEWAY_PREVIEW_DECODER", cls.preview_decoder),
                    preview_format=environ.get("GATEWAY_PREVIEW_FORMAT", cls.preview_format))
@@ -94,9 +101,11 @@ class GenerationRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=4096)
     model: str | None = None  # accepted for compatibility; the server has one model
     n: int = Field(1, ge=1, le=16)
-    size: str | None = Field(None, max_length=64, description="WxH, e.g. 1024x1024")
+    size: str | None = Field(None, max_length=64, description="WxH, e.g. 1024x1024, or auto")
     response_format: Literal["b64_json"] = "b64_json"
     stream: bool = False
+    # None: a partial image every step; k: k of them, spread evenly and ending at the last step
+    partial_images: int | None = Field(None, ge=0, le=_most("num_inference_steps"))
     seed: int | None = Field(None, ge=0, le=_most("seed"))
     steps: int | None = Field(None, ge=1, le=_most("num_inference_steps"))
     guidance_scale: float | None = Field(None, ge=-_most("guidance_scale"),
@@ -112,8 +121,8 @@ class GenerationRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
+        if value is None or value == "auto":  # auto: the server's default (an edit: the image's)
+            return None
         match = re.fullmatch(r"(\d+)x(\d+)", value)
         if not match:
             raise ValueError(f"must be WxH in pixels, e.g. 1024x1024, got {value!r}")
@@ -124,15 +133,33 @@ class GenerationRequest(BaseModel):
 
     def bls_fields(self) -> dict:
         """The flux_bls inputs of this request (None: the server's default). Only a streamed
-        request asks for previews: nobody would see the others'."""
+        request asks for previews, and only when it wants partial images: nobody would see the
+        others'."""
         width, height = (int(v) for v in self.size.split("x")) if self.size else (None, None)
+        previews = self.stream and self.partial_images != 0
         return dict(prompt=self.prompt, num_images_per_prompt=self.n, width=width, height=height,
                     seed=self.seed, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                     negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg_scale,
                     max_sequence_length=self.max_sequence_length, deadline_ms=self.deadline_ms,
-                    preview_kind=self.preview if self.stream else "none",
+                    preview_kind=self.preview if previews else "none",
                     lora=[c.name for c in self.loras] or None,
                     lora_scale=[c.scale for c in self.loras] or None)
+
+
+class EditRequest(GenerationRequest):
+    """OpenAI's image edit request (its multipart form's text fields, the files apart), with
+    this server's `strength` and `image_role`."""
+
+    strength: float | None = Field(None, gt=0, le=1)
+    image_role: Literal[IMAGE_ROLES] | None = None
+
+    def bls_fields(self) -> dict:
+        return dict(super().bls_fields(), strength=self.strength, image_role=self.image_role)
+
+
+# The multipart form of /v1/images/edits: file fields (OpenAI's `image[]` is `image` repeated)
+IMAGE_FIELDS, MASK_FIELD = ("image", "image[]"), "mask"
+FORM_LIMITS = dict(max_files=8, max_fields=32, max_part_size=64 * 1024)
 
 
 class GatewayError(Exception):
@@ -370,12 +397,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.post("/v1/images/generations")
-    async def generations(body: GenerationRequest, request: Request):
-        fields = body.bls_fields()
+    async def respond(body: GenerationRequest, fields: dict, request: Request) -> Response:
+        """The generation of `fields`, as Server-Sent Events or as one JSON answer."""
         handle = StreamHandle()
         if body.stream:
-            events = sse_events(triton(), fields, settings.preview_format, handle)
+            events = sse_events(triton(), fields, settings.preview_format, handle,
+                                body.partial_images)
             # errors before the first event are HTTP errors; a client gone by then stops it
             first = await unless_client_leaves(request, anext(events), handle)
             if first is None:
@@ -394,7 +421,69 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             return Response(status_code=499)  # nobody is listening; nginx's "client closed"
         return JSONResponse(completed)
 
+    @app.post("/v1/images/generations")
+    async def generations(body: GenerationRequest, request: Request):
+        return await respond(body, body.bls_fields(), request)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        """OpenAI's multipart image edit: image-to-image, inpainting with a mask, or (on a Kontext
+        model, `image_role=reference`) editing by instruction."""
+        body, images, mask = await read_edit_form(request)
+        try:  # decoded off the loop
+            image, mask_array = await asyncio.to_thread(edit_inputs, images, mask,
+                                                        settings.max_image_pixels)
+        except ImageFileError as exc:
+            raise GatewayError(400, str(exc), exc.field) from None
+        return await respond(body, dict(body.bls_fields(), image=image, mask=mask_array), request)
+
     return app
+
+
+async def read_edit_form(request: Request) -> tuple[EditRequest, list[bytes], bytes | None]:
+    """The edit request of a multipart form: its text fields validated as `EditRequest` (numbers
+    and flags as text, `loras` as a JSON string), its image files' bytes and the mask's."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise GatewayError(400, "/v1/images/edits takes multipart/form-data (an `image` file, a "
+                           "`prompt`, ...)")
+    images, mask, fields = [], None, {}
+    async with request.form(**FORM_LIMITS) as form:
+        for name, value in form.multi_items():
+            is_file = not isinstance(value, str)
+            if name in IMAGE_FIELDS + (MASK_FIELD,):
+                if not is_file:
+                    raise GatewayError(400, f"`{name}`: must be a file (a form part with a filename)",
+                                       name.rstrip("[]"))
+                data = await value.read()
+                if name == MASK_FIELD:
+                    if mask is not None:
+                        raise GatewayError(400, "`mask`: one mask per request", MASK_FIELD)
+                    mask = data
+                else:
+                    images.append(data)
+                continue
+            if is_file:
+                raise GatewayError(400, f"`{name}`: must be a text field, not a file", name)
+            if name in fields:
+                raise GatewayError(400, f"`{name}`: sent more than once", name)
+            fields[name] = value
+    if not images:
+        raise GatewayError(400, "`image`: an image file is required", "image")
+    if len(images) > 1:
+        # OpenAI composes several images into one; flux_bls edits one image per prompt
+        raise GatewayError(400, f"`image`: one image per request (got {len(images)}): this server "
+                           "edits one image per prompt, and an edit has one prompt", "image")
+    if "loras" in fields:
+        try:
+            fields["loras"] = json.loads(fields["loras"])
+        except ValueError:
+            raise GatewayError(400, '`loras`: must be a JSON list, e.g. [{"name": "outline", '
+                               f'"scale": 0.8}}], got {fields["loras"][:100]!r}', "loras") from None
+    try:  # form fields are text: numbers and flags are read from it (lax), the rest as JSON's
+        body = EditRequest.model_validate(fields, strict=False)
+    except ValidationError as exc:
+        raise validation_error([dict(e, loc=("body", *e["loc"])) for e in exc.errors()]) from None
+    return body, images, mask
 
 
 async def disconnected(request: Request) -> None:
@@ -446,11 +535,12 @@ def validation_error(errors: list[dict]) -> GatewayError:
 
 class RequestGuard:
     """ASGI middleware ahead of the app: on every path but the page and /healthz the API key is
-    checked before a byte of the body is read, then every body is read up to `max_body_bytes` by
-    the bytes that arrive, whatever the framing (Content-Length or chunked), and answered 413 past
-    it."""
+    checked before a byte of the body is read, then every body is read up to `max_body_bytes`
+    (`max_upload_bytes` on the paths that take image files, multipart or not) by the bytes that
+    arrive, whatever the framing (Content-Length or chunked), and answered 413 past it."""
 
     PUBLIC = ("/", "/healthz")  # everything else needs the key when one is set
+    UPLOADS = ("/v1/images/edits",)  # bodies with image files: `max_upload_bytes`
 
     def __init__(self, app, settings: GatewaySettings):
         self.app, self.settings = app, settings
@@ -465,7 +555,8 @@ class RequestGuard:
             return await self.reply(send, GatewayError(
                 401, "a valid `Authorization: Bearer <key>` header is required",
                 code="invalid_api_key"))
-        limit = self.settings.max_body_bytes
+        uploads = self.route_path(scope) in self.UPLOADS
+        limit = self.settings.max_upload_bytes if uploads else self.settings.max_body_bytes
         too_large = GatewayError(413, f"request body over {limit} bytes")
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -527,12 +618,20 @@ def _event(name: str, payload: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(payload)}\n\n"
 
 
-async def sse_events(triton: TritonStreams, fields: dict, fmt: str,
-                     handle: StreamHandle) -> AsyncIterator[str]:
-    """`image_generation.partial_image` per step (the preview as an image), then
-    `image_generation.completed` (or `error`). Yields one comment first, so that request errors
-    surface before the response starts. A preview that cannot be decoded is sent without its
-    image; the generation goes on."""
+def partial_image_steps(partial_images: int | None, total_steps: int) -> range | set[int]:
+    """The steps that send a partial image: all of them (None), or `partial_images` of them
+    spread evenly, the last at the last step."""
+    if partial_images is None or partial_images >= total_steps:
+        return range(1, total_steps + 1)
+    return {math.ceil((i + 1) * total_steps / partial_images) for i in range(partial_images)}
+
+
+async def sse_events(triton: TritonStreams, fields: dict, fmt: str, handle: StreamHandle,
+                     partial_images: int | None = None) -> AsyncIterator[str]:
+    """`image_generation.partial_image` per step (the preview as an image), or for the steps
+    `partial_images` picks, then `image_generation.completed` (or `error`). Yields one comment
+    first, so that request errors surface before the response starts. A preview that cannot be
+    decoded is sent without its image; the generation goes on."""
     generate = triton.generate(fields, handle)
     try:
         first = await anext(generate)
@@ -544,6 +643,9 @@ async def sse_events(triton: TritonStreams, fields: dict, fmt: str,
     try:
         while True:
             kind, value = pending.pop() if pending else await anext(generate)
+            if kind == "step" and value["step"] not in partial_image_steps(partial_images,
+                                                                           value["total_steps"]):
+                continue
             if kind == "step":
                 payload = {"type": "image_generation.partial_image", "partial_image_index": index,
                            "step": value["step"], "total_steps": value["total_steps"],
