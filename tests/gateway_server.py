@@ -1,9 +1,11 @@
-"""The HTTP gateway run by uvicorn in a thread, for tests, and a small SSE reader."""
+"""The HTTP gateway run by uvicorn in a thread, for tests, a multipart form writer and a small SSE
+reader."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import secrets
 import threading
 import time
 
@@ -54,6 +56,12 @@ class RunningGateway:
         connection.close()
         return response.status, json.loads(payload) if payload else {}, dict(response.getheaders())
 
+    def post_form(self, path: str, fields: dict, files: list[tuple[str, str, bytes]],
+                  headers: dict | None = None) -> tuple[int, dict, dict]:
+        """(status, JSON body, headers) of a multipart/form-data POST."""
+        body, content_type = multipart(fields, files)
+        return self.post(path, body, {"Content-Type": content_type, **(headers or {})})
+
     def get(self, path: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
         connection = self.connection()
         connection.request("GET", path, headers=headers or {})
@@ -61,6 +69,22 @@ class RunningGateway:
         payload = response.read()
         connection.close()
         return response.status, payload, dict(response.getheaders())
+
+
+def multipart(fields: dict, files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+    """(body, Content-Type) of a multipart/form-data form: text `fields` (values as str()) and
+    `files` as (field name, file name, bytes)."""
+    boundary = secrets.token_hex(16)
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                     f"{value}\r\n".encode())
+    for name, filename, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                     f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                     .encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 def sse_events(response: http.client.HTTPResponse, stop_after: int | None = None):
