@@ -71,3 +71,45 @@ def test_client_refuses_a_number_that_would_wrap(tmp_path, capsys):
                                "--steps", "99999999999999999999", "--out", str(tmp_path)])
     assert code == 2
     assert "`num_inference_steps`" in capsys.readouterr().err
+
+
+def test_client_edits_an_image_with_a_mask(served, tmp_path, capsys):
+    """--image/--mask/--strength send what the gateway would: the image equals the request made
+    with the decoded arrays, the mask read by the shared conventions (an RGBA mask: transparent =
+    repaint)."""
+    from tests.reference import served_generate
+
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    mask = np.zeros((64, 80), np.uint8)
+    mask[16:48, 8:40] = 255
+    Image.fromarray(source).save(tmp_path / "in.png")
+    Image.fromarray(np.dstack([np.zeros((64, 80, 3), np.uint8), 255 - mask])).save(tmp_path / "mask.png")
+    code = stream_client.main(["--url", served["schnell"].url, "--prompt", "a cat", "--steps", "4",
+                               "--seed", "3", "--image", str(tmp_path / "in.png"), "--mask",
+                               str(tmp_path / "mask.png"), "--strength", "0.8", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "4 steps streamed" in out  # int(4 - 4 × 0.8) = 0: every step runs
+    expected = served_generate(served["schnell"], dict(prompt="a cat", num_inference_steps=4, seed=3,
+                                                       image=source, mask=mask, strength=0.8))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "image_0.png")), expected.image[0])
+
+
+def test_client_refuses_bad_image_arguments(served, tmp_path, capsys):
+    (tmp_path / "not.png").write_bytes(b"hello")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(tmp_path / "small.png")
+    url = served["schnell"].url
+    for args, text in ((["--image", str(tmp_path / "not.png")], "`image`: is not an image"),
+                       (["--image", str(tmp_path / "missing.png")], "`image`: cannot read"),
+                       (["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "small.png")],
+                        "`mask`: must have the image's size 64 x 64")):
+        code = stream_client.main(["--url", url, "--prompt", "a", "--out", str(tmp_path), *args])
+        assert code == 2 and text in capsys.readouterr().err, args
+    code = stream_client.main(["--url", url, "--prompt", "a", "--out", str(tmp_path), "--image",
+                               str(tmp_path / "in.png"), "--image-role", "reference"])
+    assert code == 1 and "`image_role`" in capsys.readouterr().err  # not a Kontext model
+    with pytest.raises(SystemExit):
+        stream_client.main(["--prompt", "a", "--mask", str(tmp_path / "in.png")])
+    assert "give --image too" in capsys.readouterr().err
