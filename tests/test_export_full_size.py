@@ -33,12 +33,13 @@ def test_report_has_every_figure_for_each_graph(model_dirs, tmp_path):
     report = tmp_path / "report.json"
     common = ["--model-dir", str(model_dirs["dev"]), "--out-dir", str(tmp_path / "graphs"),
               "--report", str(report), "--parity-size", "64", "--parity-text", "16"]
-    assert main([*common, "--components", "clip_encoder,dit_transformer", "--precisions", "BF16,FP8",
-                 "--keep"]) == 0
+    assert main([*common, "--components", "clip_encoder,dit_transformer,vae_encoder",
+                 "--precisions", "BF16,FP8", "--keep"]) == 0
     entries = {(e["component"], e["precision"]): e for e in json.loads(report.read_text())["entries"]}
-    # FP8 changes only the DiT: CLIP's FP8 graph would be its BF16 graph again
+    # FP8 changes only the DiT: CLIP's and the VAE encoder's FP8 graphs would be their BF16 ones again
     assert set(entries) == {("clip_encoder", "BF16"), ("dit_transformer", "BF16"),
-                            ("dit_transformer", "FP8")}
+                            ("dit_transformer", "FP8"), ("vae_encoder", "BF16")}
+    assert entries["vae_encoder", "BF16"]["graph_dtype"] == "float32"  # no bf16 Conv before opset 22
     for (name, precision), entry in entries.items():
         assert ENTRY_FIELDS <= set(entry), ENTRY_FIELDS - set(entry)
         assert "error" not in entry and "incomplete" not in entry and entry["checker"]["passed"]

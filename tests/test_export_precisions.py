@@ -23,7 +23,7 @@ from flux_triton.export.onnx_export import (
     onnx_paths,
     sample_inputs,
 )
-from flux_triton.export.profiles import load_engine_config
+from flux_triton.export.profiles import AxisRange, load_engine_config
 from flux_triton.export.quantization import float32_twin
 from flux_triton.export.repository import render_repository
 from flux_triton.export.tensorrt_build import EngineBuildError, build_plan
@@ -129,9 +129,10 @@ def test_reduced_graphs_are_for_tensorrt_configs(model_dirs):
                                  onnx_precision="BF16")
     configs = rendered.texts
     assert "TYPE_BF16" in configs["dit_transformer"] and "TYPE_BF16" in configs["t5_encoder"]
-    assert "TYPE_FP32" in configs["vae_decoder"] and "TYPE_BF16" not in configs["vae_decoder"]
+    for vae in ("vae_decoder", "vae_encoder"):  # float32 graphs: TensorRT builds them tf32
+        assert "TYPE_FP32" in configs[vae] and "TYPE_BF16" not in configs[vae], vae
     types = rendered.options["flux_bls"].component_dtypes
-    assert types["vae_decoder"] == "FP32" and types["dit_transformer"] == "BF16"
+    assert types["vae_decoder"] == types["vae_encoder"] == "FP32" and types["dit_transformer"] == "BF16"
     with pytest.raises(ValueError, match="TensorRT"):
         render_repository(model_dirs["dev"], backend="onnx", onnx_precision="FP8")
 
@@ -256,6 +257,39 @@ def test_tensorrt_build_settings(model_dirs, tmp_path, onnx_precision):
             assert flags == strongly and not set_flags & {"FP16", "BF16"}, name
     assert (tmp_path / "timing.cache").read_bytes() == b"timing"
     assert ("timing_cache_in", b"timing") in asked["vae_decoder"]  # each build reuses the cache
+    # the VAE encoder is built as the decoder, over the same images and latents
+    assert ([c for c in asked["vae_encoder"] if c[0] in ("set", "clear")]
+            == [c for c in asked["vae_decoder"] if c[0] in ("set", "clear")])
+    encoder = {c[1]: c[2:] for c in asked["vae_encoder"] if c[0] == "profile"}
+    decoder = {c[1]: c[2:] for c in asked["vae_decoder"] if c[0] == "profile"}
+    assert encoder["noise"] == decoder["latents"]
+    scale = info.vae_scale_factor
+    assert encoder["image"] == tuple((b, 3, h * scale, w * scale) for b, _, h, w in decoder["latents"])
+
+
+@pytest.mark.fast
+def test_engine_config_names_every_network_and_kontext_doubles_image_tokens(model_dirs, kontext_dir,
+                                                                            tmp_path):
+    """A config without a precision for each network is refused before any build; a Kontext
+    model's DiT profile takes the reference image's tokens too (twice the image tokens)."""
+    from flux_triton.export.profiles import ENGINE_CONFIG
+
+    info = load_model_info(model_dirs["dev"])
+    raw = json.loads(ENGINE_CONFIG.read_text())
+    assert set(raw["precision"]) == set(NETWORKS)
+    del raw["precision"]["vae_encoder"]
+    partial = tmp_path / "engine_config.json"
+    partial.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="vae_encoder"):
+        load_engine_config(info, partial)
+
+    kontext = load_model_info(kontext_dir)
+    plain, edits = load_engine_config(info), load_engine_config(kontext)
+    tokens = plain.axes["S_img"]
+    assert edits.axes["S_img"] == AxisRange(tokens.min, 2 * tokens.opt, 2 * tokens.max)
+    assert {k: v for k, v in edits.axes.items() if k != "S_img"} == {
+        k: v for k, v in plain.axes.items() if k != "S_img"}
+    assert edits.profile(component_specs(kontext)["dit_transformer"])["img_ids"][2] == (2 * tokens.max, 3)
 
 
 @pytest.mark.fast

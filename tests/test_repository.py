@@ -18,6 +18,7 @@ from flux_triton.pipeline import FinalImage
 from flux_triton.request import validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
 from flux_triton.server.launcher import CUDA_POOL_BYTES, TritonServer
+from flux_triton.specs import NETWORKS
 from tests.reference import raw_inputs, served_generate
 
 FIELDS = dict(prompt="a lighthouse on a cliff", height=64, width=64, num_inference_steps=2, seed=11)
@@ -82,6 +83,55 @@ def test_export_keeps_other_backends_artifacts(model_dirs, tmp_path, capsys):
     assert plan.read_bytes() == graph.read_bytes() == b"built for hours"
     printed = capsys.readouterr().out
     assert "kept dit_transformer/1/model.plan" in printed and "kept vae_decoder/1/model.onnx" in printed
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("backend", ["onnx", "tensorrt"])
+def test_every_network_is_served_from_its_artifact(model_dirs, tmp_path, monkeypatch, backend):
+    """The onnx backend exports each network (the VAE encoder too) into its model's folder and
+    serves it with onnxruntime; the tensorrt backend builds a plan of each from its graph, with
+    that network's profile, and serves the plan (export and build recorded, not run)."""
+    import flux_triton.export.repository as repository
+    import flux_triton.export.tensorrt_build as tensorrt_build
+    from flux_triton.export.onnx_export import onnx_paths
+    from flux_triton.export.profiles import load_engine_config
+    from flux_triton.specs import component_specs
+
+    exported, built = {}, {}
+
+    def export_all(model_dir, targets, report_path, onnx_precision):
+        exported.update(targets)
+
+    def build_plan(onnx_path, plan_path, spec, config, timing_cache, onnx_precision):
+        built[spec.name] = (onnx_path, plan_path, config.profile(spec))
+        return 0.0
+
+    monkeypatch.setattr(repository, "export_all", export_all)
+    monkeypatch.setattr(tensorrt_build, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_build, "build_plan", build_plan)
+    device = "gpu" if backend == "tensorrt" else "cpu"
+    dest = write_repository(model_dirs["dev"], tmp_path / "repository", backend=backend,
+                            onnx_dir=tmp_path / "onnx", device=device)
+    rendered = repository.render_repository(model_dirs["dev"], backend=backend, repository=dest,
+                                            device=device)
+    info = load_model_info(model_dirs["dev"])
+    if backend == "onnx":
+        assert exported == {name: dest / name / "1" / "model.onnx" for name in NETWORKS}
+        assert not built
+        assert all(rendered.options[name].backend == "onnx" for name in NETWORKS)
+        assert all((dest / name / "1" / "model.py").exists() for name in NETWORKS)
+    else:
+        graphs = onnx_paths((tmp_path / "onnx").resolve())
+        assert exported == graphs
+        config, specs = load_engine_config(info), component_specs(info)
+        assert built == {name: (graphs[name], dest / name / "1" / "model.plan",
+                                config.profile(specs[name])) for name in NETWORKS}
+        assert not any(name in rendered.options for name in NETWORKS)
+        for name in NETWORKS:
+            text = (dest / name / "config.pbtxt").read_text()
+            assert 'platform: "tensorrt_plan"' in text
+    encoder = (dest / "vae_encoder" / "config.pbtxt").read_text()
+    assert all(f'name: "{t}"' in encoder for t in ("image", "noise", "latents"))
 
 
 @pytest.mark.fast

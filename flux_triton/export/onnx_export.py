@@ -1,4 +1,5 @@
-"""Export CLIP, T5, DiT and VAE decoder to ONNX, then check each against PyTorch with onnxruntime.
+"""Export CLIP, T5, DiT, VAE decoder and VAE encoder to ONNX, then check each against PyTorch with
+onnxruntime.
 
     python -m flux_triton.export.onnx_export --model-dir models/tiny-flux-schnell --out onnx/tiny-flux-schnell
 """
@@ -22,13 +23,14 @@ from flux_triton.runtime.torch_components import load_component
 from flux_triton.specs import NETWORKS, ComponentSpec, component_specs
 
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to a side file (protobuf stops at 2 GiB)
-TOLERANCE = {"clip_encoder": 1e-4, "t5_encoder": 1e-4, "dit_transformer": 1e-4, "vae_decoder": 1e-4}
+TOLERANCE = {"clip_encoder": 1e-4, "t5_encoder": 1e-4, "dit_transformer": 1e-4, "vae_decoder": 1e-4,
+             "vae_encoder": 1e-4}
 ONNX_PRECISIONS = ("FP32", "BF16", "FP8")
 # The weights' type of each network's graph. BF16 as NVIDIA's FLUX demo builds it, except the VAE:
-# ONNX's Conv has no bf16 before opset 22, so its graph stays float32 (TensorRT builds it tf32).
-# FP8: the BF16 graphs, with float8 Q/DQ on the DiT's token Linear layers.
+# ONNX's Conv has no bf16 before opset 22, so its graphs (decoder and encoder) stay float32 (TensorRT
+# builds them tf32). FP8: the BF16 graphs, with float8 Q/DQ on the DiT's token Linear layers.
 _REDUCED = {"clip_encoder": "bfloat16", "t5_encoder": "bfloat16", "dit_transformer": "bfloat16",
-            "vae_decoder": "float32"}
+            "vae_decoder": "float32", "vae_encoder": "float32"}
 GRAPH_DTYPES = {"FP32": dict.fromkeys(NETWORKS, "float32"), "BF16": _REDUCED, "FP8": _REDUCED}
 IO_TYPES = {"float32": "FP32", "bfloat16": "BF16"}
 # Parity of a reduced-precision graph: its float32 twin (bf16 weights, float32 arithmetic) against
@@ -85,7 +87,8 @@ def float32_rope():
 
 
 def sample_inputs(name: str, info: FluxModelInfo, sizes: dict[str, int], seed: int = 0) -> dict:
-    """Realistic inputs of one component for concrete axis sizes (B, S_txt, H_lat, W_lat)."""
+    """Realistic inputs of one component for concrete axis sizes (B, S_txt, H_lat, W_lat); the
+    VAE encoder's image is H_lat x W_lat latent pixels at the VAE's scale, its noise a real draw."""
     gen = torch.Generator().manual_seed(seed)
     batch, text = sizes["B"], sizes["S_txt"]
     lat_h, lat_w = sizes["H_lat"], sizes["W_lat"]
@@ -98,6 +101,11 @@ def sample_inputs(name: str, info: FluxModelInfo, sizes: dict[str, int], seed: i
     if name == "vae_decoder":
         latents = torch.randn(batch, info.latent_channels, lat_h, lat_w, generator=gen)
         return {"latents": sampling.to_vae_latents(latents, info.vae_scaling_factor, info.vae_shift_factor)}
+    if name == "vae_encoder":
+        scale = info.vae_scale_factor
+        image = torch.rand(batch, 3, lat_h * scale, lat_w * scale, generator=gen) * 2 - 1
+        return {"image": image,
+                "noise": torch.randn(batch, info.latent_channels, lat_h, lat_w, generator=gen)}
     tokens = (lat_h // 2) * (lat_w // 2)
     inputs = {
         "hidden_states": torch.randn(batch, tokens, info.latent_channels * 4, generator=gen),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux_triton.model_info import FluxModelInfo
-from flux_triton.specs import ComponentSpec
+from flux_triton.specs import NETWORKS, ComponentSpec
 
 ENGINE_CONFIG = Path(__file__).resolve().parent / "engine_config.json"
 PRECISIONS = ("FP32", "TF32", "FP16", "BF16", "FP8")  # the serving precisions' spelling, and TF32
@@ -59,6 +59,9 @@ def load_engine_config(info: FluxModelInfo, path: str | Path = ENGINE_CONFIG) ->
     for component, precision in raw["precision"].items():
         if precision not in PRECISIONS:
             raise ValueError(f"{path}: precision of {component} must be one of {PRECISIONS}")
+    if sorted(raw["precision"]) != sorted(NETWORKS):
+        raise ValueError(f"{path}: `precision` must give one for each of {list(NETWORKS)} and no other, "
+                         f"got {sorted(raw['precision'])}")
     scale = info.vae_scale_factor
 
     def latent(axis: AxisRange, f: int) -> AxisRange:
@@ -66,6 +69,8 @@ def load_engine_config(info: FluxModelInfo, path: str | Path = ENGINE_CONFIG) ->
 
     tokens = AxisRange(*(getattr(height, k) // multiple * getattr(width, k) // multiple
                          for k in ("min", "opt", "max")))
+    if info.kontext:  # an edit adds the reference image's tokens to the DiT's sequence
+        tokens = AxisRange(tokens.min, 2 * tokens.opt, 2 * tokens.max)
     axes = {
         "B": batch, "N": batch, "S_txt": text, "S_img": tokens,
         "H_lat": latent(height, scale), "W_lat": latent(width, scale), "H": height, "W": width,

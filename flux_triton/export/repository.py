@@ -1,8 +1,9 @@
 """Write the serving model repository for a FLUX model folder (`make export`).
 
-Backends of the four networks: `torch` (Python models running PyTorch), `onnx` (Python models running
-the exported graphs with onnxruntime) or `tensorrt` (`tensorrt_plan` models). The tokenizer, the
-`encode_prompt` ensemble and `flux_bls` are the same for all three.
+Backends of the five networks (CLIP, T5, DiT, VAE decoder and encoder): `torch` (Python models
+running PyTorch), `onnx` (Python models running the exported graphs with onnxruntime) or `tensorrt`
+(`tensorrt_plan` models). The tokenizer, the `encode_prompt` ensemble and `flux_bls` are the same
+for all three.
 """
 
 from __future__ import annotations
