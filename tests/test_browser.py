@@ -126,3 +126,83 @@ def test_page_offers_the_adapters_and_applies_the_chosen_ones(browser, served):
     expected = served_generate(srv, dict(prompt="a red circle", height=128, width=128, seed=7,
                                          num_inference_steps=3, lora=["style"], lora_scale=[0.75]))
     assert np.array_equal(image, expected.image[0])
+
+
+# Every form the page sends, recorded in the page (Playwright hands no body made of Blobs):
+# text fields as they are, files as data: URLs.
+RECORD_FORMS = """
+window.sentForms = [];
+const realFetch = window.fetch;
+window.fetch = async (url, init) => {
+  if (init && init.body instanceof FormData) {
+    const parts = {};
+    for (const [name, value] of init.body.entries()) {
+      parts[name] = typeof value === "string" ? value : await new Promise((done) => {
+        const reader = new FileReader();
+        reader.onload = () => done(reader.result);
+        reader.readAsDataURL(value);
+      });
+    }
+    window.sentForms.push(parts);
+  }
+  return realFetch(url, init);
+};
+"""
+
+
+def test_page_edits_an_image_with_a_painted_mask(page, served_shapes, tmp_path):
+    """Upload a picture, paint a stroke on it with the mouse, edit: previews stream, and the
+    image shown equals the gRPC request with the image and the mask the page sent (a PNG of the
+    image's size, white where the stroke went)."""
+    from flux_triton.clients.image_files import decode_image, decode_mask
+    from tests.reference import REPO_ROOT, served_generate
+
+    picture = Image.new("RGB", (128, 128), (230, 210, 40))
+    picture.paste((30, 160, 60), (32, 32, 96, 96))  # a green square on yellow
+    picture.save(tmp_path / "square.png")
+    page.evaluate(WATCH_PREVIEWS)
+    page.fill("#prompt", "a red circle on a blue background")
+    page.fill("#seed", "6")
+    page.fill("#steps", "24")
+    page.fill("#strength", "0.9")
+    page.fill("#brush", "60")
+    page.set_input_files("#edit-file", str(tmp_path / "square.png"))
+    page.wait_for_function("!document.getElementById('edit').disabled", timeout=10_000)
+    page.locator("#mask-canvas").scroll_into_view_if_needed()  # the mouse paints what is in view
+    box = page.locator("#mask-canvas").bounding_box()
+    assert round(box["width"]) == 256 and round(box["height"]) == 256  # shown at twice its size
+    page.mouse.move(box["x"] + 40, box["y"] + 128)  # a horizontal stroke across the middle
+    page.mouse.down()
+    for x in range(40, 220, 10):
+        page.mouse.move(box["x"] + x, box["y"] + 128)
+    page.mouse.up()
+    page.evaluate(RECORD_FORMS)
+    page.click("#edit")
+    page.wait_for_function("window.seenSteps.length >= 8", timeout=60_000)
+    (REPO_ROOT / "out").mkdir(exist_ok=True)
+    screenshot = REPO_ROOT / "out" / "page-edit.png"
+    page.screenshot(path=str(screenshot), full_page=True)  # mid-edit: docs/images/page-edit.png
+    page.wait_for_function("document.getElementById('final-image').src.startsWith('data:')",
+                           timeout=60_000)
+    assert page.text_content("#status") == "done"
+    steps = sorted(set(page.evaluate("window.seenSteps")))  # earlier tests' observers see them too
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 20, steps
+
+    parts = page.evaluate("window.sentForms")[-1]
+    assert parts["image_role"] == "init" and parts["strength"] == "0.9" and parts["stream"] == "true"
+    mask = decode_mask(base64.b64decode(parts["mask"].split(",", 1)[1]))
+    sent_image = decode_image(base64.b64decode(parts["image"].split(",", 1)[1]))
+    assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 255}
+    # the stroke: brush 60 screen pixels = 30 image pixels wide, x 20..110 at y 64
+    assert mask[52:76, 25:105].min() == 255 and mask[:45].max() == 0 and mask[84:].max() == 0
+    image = _data_url_image(page.get_attribute("#final-image", "src"))
+    expected = served_generate(served_shapes, dict(
+        prompt="a red circle on a blue background", seed=6, num_inference_steps=24, strength=0.9,
+        image=sent_image, mask=mask))
+    assert np.array_equal(sent_image, np.asarray(picture))
+    assert np.array_equal(image, expected.image[0])
+    changed = np.abs(image.astype(int) - np.asarray(picture)).mean(-1) > 40
+    print(f"\npage edit: {len(steps)} previews; {changed[mask == 255].mean():.0%} of the painted "
+          f"stroke repainted, {changed[mask == 0].mean():.0%} elsewhere; screenshot {screenshot}")
+    assert changed[mask == 0].mean() < 0.1
+    page.fill("#steps", "")
