@@ -184,7 +184,7 @@ def test_health_reflects_triton(gateway):
 def test_page_is_served(gateway):
     status, payload, headers = gateway.get("/")
     assert status == 200 and headers["content-type"].startswith("text/html")
-    assert b"/v1/images/generations" in payload
+    assert b"/v1/images/generations" in payload and b"/v1/images/edits" in payload
 
 
 @pytest.mark.fast
@@ -214,8 +214,11 @@ def test_openai_fields_map_to_flux_bls_inputs():
     assert fields["num_inference_steps"] == 3 and fields["preview_kind"] == "x0"
     assert GenerationRequest(prompt="a cat", preview="none", stream=True
                              ).bls_fields()["preview_kind"] == "none"
-    # not streamed: nobody would see a preview, so none is asked for
+    # not streamed, or streamed without partial images: nobody would see a preview
     assert GenerationRequest(prompt="a cat", preview="x0").bls_fields()["preview_kind"] == "none"
+    assert GenerationRequest(prompt="a cat", stream=True, partial_images=0
+                             ).bls_fields()["preview_kind"] == "none"
+    assert GenerationRequest(prompt="a cat", size="auto").bls_fields()["width"] is None
 
 
 def _raw_post(port: int, body: bytes, extra_headers: bytes = b"") -> tuple[int, dict]:
@@ -346,7 +349,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
 FIELD_NAMES = ["prompt", "n", "size", "stream", "seed", "steps", "guidance_scale", "negative_prompt",
                "true_cfg_scale", "max_sequence_length", "deadline_ms", "preview", "model",
-               "response_format", "bogus"]
+               "response_format", "partial_images", "bogus"]
 BODIES = st.one_of(JSON, st.dictionaries(st.sampled_from(FIELD_NAMES), JSON, max_size=6),
                    st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=10)},
                                          optional={name: JSON for name in FIELD_NAMES[1:]}))
