@@ -42,7 +42,7 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS)) \
 	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS))
 
-.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora export-full-size gpu-bundle lint clean
+.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora bench-edits edits-accuracy export-full-size gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,12 @@ PRECISIONS ?= $(PRECISION)
 accuracy: setup
 	$(PY) -m devtools.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --device $(DEVICE) \
 		--precisions $(PRECISIONS) --out out/shapes_accuracy.json
+
+# Image edits on the shapes model: image-to-image to a new shape at strength 0.8 and inpainting a new
+# background, every caption x 4 seeds, scored by the classifier (docs/edits.md).
+edits-accuracy: setup
+	$(PY) -m devtools.shapes_edits --model-dir $(MODEL_DIR) --seeds 4 --device $(DEVICE) \
+		--out out/shapes_edits.json
 
 # Never deletes another backend's ONNX graphs or TensorRT plans: it lists the ones it leaves unused.
 # DEVICE=gpu PRECISION=BF16|FP8 compiles at load by default (COMPILE=0 turns it off).
@@ -147,6 +153,13 @@ bench-scale:
 LORA_OUT ?= benchmarks/results/lora-gpu.json
 bench-lora:
 	$(GPU_PYTHON) -m devtools.bench_lora --out $(LORA_OUT) $(LORA_BENCH_ARGS)
+
+# Image inputs at full size on one GPU (random weights, 1024², dev 28 steps, text 512), served
+# compiled with CUDA graphs: VAE encode, image-to-image, inpainting, a Kontext step, an unwarmed
+# shape; merged into EDITS_OUT by precision (EDITS_ARGS="--precisions FP8").
+EDITS_OUT ?= benchmarks/results/edits-gpu.json
+bench-edits:
+	$(GPU_PYTHON) -m devtools.bench_edits --out $(EDITS_OUT) $(EDITS_ARGS)
 
 # FLUX.1 exported to ONNX at full size (random bf16 weights) on a GPU machine and measured: time,
 # peak host/GPU memory, sizes, checker, parity at 256² (docs/export.md, "Full-size ONNX export"). Entries

@@ -173,6 +173,16 @@ def default_serving_shape(info: FluxModelInfo) -> ServingShape:
     return ServingShape(1, info.default_height, info.default_width, info.default_max_sequence_length)
 
 
+def default_serving_shapes(info: FluxModelInfo) -> tuple[ServingShape, ...]:
+    """The shapes a server prepares unless told others: the default one, and for a Kontext model
+    the same editing a reference image of that size."""
+    shape = default_serving_shape(info)
+    if info.kontext:
+        return shape, ServingShape(shape.batch, shape.height, shape.width,
+                                   shape.max_sequence_length, reference=True)
+    return (shape,)
+
+
 # The public request of `flux_bls`, declared once: the rendered config, the validator
 # (`request.validate_request`) and the clients (`flux_triton.clients.stream_client.build_inputs`) all read it.
 # Every input but `prompt` is optional; N is the number of prompts, N_steps of sigmas.

@@ -143,22 +143,17 @@ KONTEXT = {
 }
 
 
-@pytest.fixture(scope="module")
-def kontext_diffusers(kontext_dir, monkeypatch_module):
+@pytest.fixture
+def kontext_diffusers(kontext_dir, monkeypatch):
     """FluxKontextPipeline with its preferred resolutions at the tiny folder's max_area (the ones
     the server uses for it; at FLUX's 1024**2 they are diffusers' own)."""
     import diffusers.pipelines.flux.pipeline_flux_kontext as kontext
 
     info = load_model_info(kontext_dir)
-    monkeypatch_module.setattr(kontext, "PREFERRED_KONTEXT_RESOLUTIONS",
-                               list(images.kontext_resolutions(info.max_area)))
-    return info
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
+    monkeypatch.setattr(kontext, "PREFERRED_KONTEXT_RESOLUTIONS",
+                        list(images.kontext_resolutions(info.max_area)))
+    yield info
+    images.kontext_resolutions.cache_clear()  # it may have read the patched table
 
 
 def kontext_inputs(fields: dict, shape) -> dict[str, np.ndarray]:

@@ -52,7 +52,7 @@ def test_every_model_has_its_code(model_dirs):
 @pytest.mark.fast
 def test_gpu_configs_keep_tensors_on_device(model_dirs):
     configs = render_repository(model_dirs["dev"], device="gpu", precision="BF16").texts
-    for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "flux_bls"):
+    for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "vae_encoder", "flux_bls"):
         assert "kind: KIND_GPU" in configs[name], name
         assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in configs[name], name
     assert "TYPE_BF16" in configs["dit_transformer"] and "kind: KIND_CPU" in configs["tokenizer"]
@@ -63,7 +63,7 @@ def test_tensorrt_configs_and_profiles(model_dirs):
     from flux_triton.export.profiles import load_engine_config
 
     configs = render_repository(model_dirs["dev"], backend="tensorrt", device="gpu").texts
-    for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder"):
+    for name in ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "vae_encoder"):
         assert 'platform: "tensorrt_plan"' in configs[name] and "kind: KIND_GPU" in configs[name]
     assert 'backend: "python"' in configs["flux_bls"] and 'platform: "ensemble"' in configs["encode_prompt"]
     info = load_model_info(model_dirs["dev"])

@@ -47,7 +47,7 @@ from flux_triton.specs import (
     ServingShape,
     bls_spec,
     component_specs,
-    default_serving_shape,
+    default_serving_shapes,
     python_model_spec,
 )
 
@@ -96,11 +96,12 @@ def gpu_acceleration(info: FluxModelInfo, accelerated: bool, compile: bool | Non
                      ) -> tuple[bool, bool, tuple[ServingShape, ...]]:
     """compile, cuda_graphs and the warm-up shapes with their defaults: compile and CUDA graphs on
     for the torch backend on a GPU (`accelerated`), off elsewhere; one image at the model's default
-    size prepared at load when either is on."""
+    size (and, for a Kontext model, the same with a reference image) prepared at load when either
+    is on."""
     compile = accelerated if compile is None else compile and accelerated
     cuda_graphs = compile if cuda_graphs is None else cuda_graphs and accelerated
     if warmup is None:
-        warmup = (default_serving_shape(info),) if compile or cuda_graphs else ()
+        warmup = default_serving_shapes(info) if compile or cuda_graphs else ()
     return compile, cuda_graphs, warmup
 
 

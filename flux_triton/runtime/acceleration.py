@@ -25,8 +25,8 @@ from flux_triton.runtime.torch_components import load_component
 from flux_triton.serving_config import COMPILE_CACHE_ENV, ServingLimits
 from flux_triton.specs import IO_DTYPES, PRECISIONS, TORCH_DTYPES, ServingShape, component_specs
 
-COMPILED = ("dit_transformer", "vae_decoder", "t5_encoder")
-GRAPHED = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
+COMPILED = ("dit_transformer", "vae_decoder", "vae_encoder", "t5_encoder")
+GRAPHED = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "vae_encoder")
 # Adapters a call may combine through captured merge programs (the default limit a request has);
 # a call with more merges layer by layer.
 MAX_ADAPTERS_PER_CALL = ServingLimits.max_loras
@@ -49,7 +49,7 @@ class Acceleration:
 
     precision: FP32, FP16, BF16, or FP8 (the DiT's token Linear layers in row-wise dynamic float8
     through torchao, everything else bf16). compile: torch.compile the DiT's blocks, the VAE
-    decoder (channels_last) and T5, one static graph per shape. cuda_graphs: replay each network
+    decoder and encoder (channels_last) and T5, one static graph per shape. cuda_graphs: replay each network
     as one CUDA graph per input shape (no per-kernel launch cost, in or out of a server process).
     cache_dir: where inductor and Triton keep compiled kernels, so a restart does not compile again.
     """
@@ -199,6 +199,9 @@ def accelerate(name: str, network: torch.nn.Module, options: Acceleration) -> Ca
             model.to(memory_format=torch.channels_last)
             model.decoder.compile(dynamic=False)
             network.channels_last = True
+        elif name == "vae_encoder":  # its input is channels_last already (VaeEncoder)
+            model.to(memory_format=torch.channels_last)
+            model.encoder.compile(dynamic=False)
         else:
             model.compile(dynamic=False)
     if options.cuda_graphs and name in GRAPHED:

@@ -155,11 +155,13 @@ class VaeEncoder(torch.nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
         self.model = _network(AutoencoderKL, model_dir, "vae", dtype, device)
-        self.channels_last = False  # set when the encoder's convolutions run channels_last
+        self.model.decoder = None  # the decoder is the vae_decoder network's; not held twice
+        self.model.post_quant_conv = None
 
     def forward(self, image: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        # channels_last, as diffusers' image processor hands images over (a transposed HWC
+        # array): the convolutions then round as they do in the diffusers pipelines
+        image = image.contiguous(memory_format=torch.channels_last)
         posterior = self.model.encode(image, return_dict=False)[0]
         latents = posterior.mean + posterior.std * noise  # DiagonalGaussianDistribution.sample
         config = self.model.config

@@ -62,7 +62,7 @@ def test_cuda_graph_on_a_gpu_other_than_the_current_one(info):
     assert out.device == torch.device("cuda:1") and torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("name", ["dit_transformer", "vae_decoder", "t5_encoder"])
+@pytest.mark.parametrize("name", ["dit_transformer", "vae_decoder", "vae_encoder", "t5_encoder"])
 def test_compiled_networks_are_as_close_to_float32_as_eager_bf16(info, name):
     """Compiled kernels (and channels_last for the VAE) round differently from eager ones; judged
     against float32, they must be no worse than eager bf16 is."""
