@@ -56,7 +56,9 @@ def raw_inputs(**fields) -> dict[str, np.ndarray]:
     """Client-style numpy inputs (strings as BYTES object arrays)."""
     raw = {}
     for name, value in fields.items():
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        if isinstance(value, np.ndarray):  # images and masks, as they are
+            raw[name] = value
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
             raw[name] = np.array([v.encode() for v in value], dtype=object)
         elif isinstance(value, str):
             raw[name] = np.array([value.encode()], dtype=object)

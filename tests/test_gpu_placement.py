@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import flux_triton.export.repository as export_repository
@@ -255,8 +256,11 @@ def bls_on_gpu(model_dirs, render, tmp_path, monkeypatch):
 
 
 def _generate(bls, **fields) -> list:
+    """Two text-to-image requests and an image-to-image one (so every network is called)."""
     requests = [pb.flux_bls_request(prompt="a red circle", height=64, width=64,
                                     num_inference_steps=2, seed=seed, **fields) for seed in (1, 2)]
+    requests.append(pb.flux_bls_request(prompt="a red circle", num_inference_steps=2, seed=3,
+                                        image=np.full((1, 64, 64, 3), 90, np.uint8), **fields))
     pb.serve(bls, requests)
     for request in requests:
         response, _ = request.sender.sent[-2]

@@ -22,7 +22,8 @@ SAMPLES = {
     "num_images_per_prompt": 2, "max_sequence_length": 32, "deadline_ms": 5000,
     "guidance_scale": 3.5, "true_cfg_scale": 2.0, "seed": 12345, "sigmas": [1.0, 0.6, 0.3],
     "preview_kind": "both", "lora": ["style", "outline"], "lora_scale": [0.75, 1.5],
-    "list_loras": False,
+    "list_loras": False, "image": np.full((1, 64, 96, 3), 128, np.uint8),
+    "mask": np.full((1, 64, 96), 255, np.uint8), "strength": 0.5, "image_role": "init",
 }
 ADAPTERS = {"style", "outline"}  # what the samples' server is taken to have
 
@@ -51,6 +52,8 @@ def test_validator_accepts_each_declared_input_and_refuses_any_other(model_dirs)
             fields["num_inference_steps"] = len(SAMPLES["sigmas"])
         if spec.name == "lora_scale":
             fields["lora"] = SAMPLES["lora"]
+        if spec.name in ("mask", "strength", "image_role"):
+            fields["image"] = SAMPLES["image"]
         validate_request(_raw(fields), info, loras=ADAPTERS)  # raises if the input were unknown
     with pytest.raises(InvalidRequest) as refused:
         validate_request(_raw({"prompt": "a cat", "num_steps": 4}), info)
@@ -71,10 +74,15 @@ def _raw(fields: dict) -> dict[str, np.ndarray]:
     """Fields as the server receives them: numpy arrays of each input's declared type."""
     raw = {}
     for name, value in fields.items():
-        dtype = bls_input(name).dtype if name in {t.name for t in BLS_INPUTS} else "INT32"
+        declared = name in {t.name for t in BLS_INPUTS}
+        dtype = bls_input(name).dtype if declared else "INT32"
         strings = [value] if isinstance(value, str) else value
-        raw[name] = (np.array([s.encode() for s in strings], dtype=object) if dtype == "BYTES"
-                     else np.asarray(value, dtype=NUMPY_DTYPES[dtype]).reshape(-1))
+        if dtype == "BYTES":
+            raw[name] = np.array([s.encode() for s in strings], dtype=object)
+        elif declared and len(bls_input(name).dims) > 1:  # images and masks keep their shape
+            raw[name] = np.asarray(value, dtype=NUMPY_DTYPES[dtype])
+        else:
+            raw[name] = np.asarray(value, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
     return raw
 
 
@@ -83,7 +91,7 @@ def test_what_the_client_sends_validates(model_dirs):
     request = validate_request(_raw(SAMPLES), info, loras=ADAPTERS)
     assert request.batch_size == 4 and request.do_true_cfg
     assert request.loras == (("style", 0.75), ("outline", 1.5))
-    assert request.preview_kind == "both"
+    assert request.preview_kind == "both" and request.strength == 0.5
     assert (request.height, request.width, request.seed) == (64, 96, 12345)
 
 

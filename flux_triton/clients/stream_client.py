@@ -49,7 +49,7 @@ class StreamResult:
 
 # numpy dtypes of the Triton types flux_bls declares (flux_triton.specs.BLS_INPUTS)
 NUMPY_DTYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,
-                "FP32": np.float32}
+                "FP32": np.float32, "UINT8": np.uint8}
 
 
 def checked_numbers(name: str, value, dtype: str) -> list:
