@@ -33,6 +33,7 @@ from flux_triton.serving_config import ServingLimits
 
 TARGET = 0.9  # the share of (caption, seed) pairs an edit must pass
 DEFAULT_STRENGTH = 0.8
+MASK_MODES = ("inside", "grown", "pixel")  # see background_mask
 MASK_MARGIN = 2  # pixels of the shape's surroundings kept besides the shape (its anti-aliased edge)
 # What each edit must read back: the field it changes, then the fields that must stay.
 CRITERIA = {"img2img": ("shape", "colour", "background"),
@@ -75,18 +76,29 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return grown
 
 
-def background_mask(image: np.ndarray, cell: int, margin: int = MASK_MARGIN,
-                    cells: bool = True) -> np.ndarray:
-    """uint8 [H, W] inpainting mask, 255 (repaint) on the background only: the latent cells
-    (`cell` pixels square, the VAE's scale factor) holding no pixel of the shape grown by `margin`.
-    The pipeline repaints whole latent cells (each takes the mask at its top-left pixel), so a cell
-    touching the shape is kept whole; `cells=False` gives the pixel mask instead."""
-    shape = dilate(shape_pixels(image), margin)
-    if not cells:
-        return np.where(shape, 0, 255).astype(np.uint8)
+def background_mask(image: np.ndarray, cell: int, mode: str = "inside",
+                    margin: int = MASK_MARGIN) -> np.ndarray:
+    """uint8 [H, W] inpainting mask, 255 (repaint) on the background. The pipeline repaints whole
+    latent cells (`cell` pixels square, the VAE's scale factor; each takes the mask at its
+    top-left pixel), so a cell is kept or repainted whole:
+
+    - `inside`: keeps only the cells wholly inside the shape; the cells on its edge are repainted
+      too, so none of the old background survives beside it (the model redraws the edge);
+    - `grown`: keeps every cell touching the shape grown by `margin` px: the shape whole, but
+      with a ring of the old background around it, which the classifier reads as shape;
+    - `pixel`: the grown shape's complement, pixel by pixel, as is."""
+    shape = shape_pixels(image)
     height, width = shape.shape
-    touched = shape.reshape(height // cell, cell, width // cell, cell).any(axis=(1, 3))
-    keep = np.repeat(np.repeat(touched, cell, axis=0), cell, axis=1)
+    if mode == "inside":
+        keep = shape.reshape(height // cell, cell, width // cell, cell).all(axis=(1, 3))
+    elif mode in ("grown", "pixel"):
+        shape = dilate(shape, margin)
+        if mode == "pixel":
+            return np.where(shape, 0, 255).astype(np.uint8)
+        keep = shape.reshape(height // cell, cell, width // cell, cell).any(axis=(1, 3))
+    else:
+        raise ValueError(f"mask mode {mode!r}: one of {MASK_MODES}")
+    keep = np.repeat(np.repeat(keep, cell, axis=0), cell, axis=1)
     return np.where(keep, 0, 255).astype(np.uint8)
 
 
@@ -120,7 +132,7 @@ def edit_images(info: FluxModelInfo, models: TorchFluxModels, scenes: list[Scene
 
 def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
              strength: float = DEFAULT_STRENGTH, num_inference_steps: int | None = None,
-             scenes: list[Scene] | None = None, mask_cells: bool = True) -> dict:
+             scenes: list[Scene] | None = None, mask_mode: str = "inside") -> dict:
     """Both edits over every scene and seed, from the model's own source images."""
     info = load_model_info(model_dir)
     models = load_models(info, device, "FP32")
@@ -143,8 +155,7 @@ def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
         seconds["img2img"] += time.perf_counter() - began
 
         began = time.perf_counter()
-        masks = [background_mask(image, info.vae_scale_factor, cells=mask_cells)
-                 for image in sources]
+        masks = [background_mask(image, info.vae_scale_factor, mask_mode) for image in sources]
         mask_share += [float(m.mean() / 255) for m in masks]
         images["inpaint"] += edit_images(info, models, edits["inpaint"], seed, sources, strength,
                                          masks, num_inference_steps)
@@ -166,7 +177,7 @@ def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
             "rate_given_correct_source": round(sum(good_source) / max(len(good_source), 1), 4),
             "meets_target": scored["rates"]["all"] >= TARGET,
             "seconds": round(seconds[task], 1)}
-    result["inpaint"]["mask"] = {"margin_px": MASK_MARGIN, "latent_cells": mask_cells,
+    result["inpaint"]["mask"] = {"mode": mask_mode, "margin_px": MASK_MARGIN,
                                  "cell_px": info.vae_scale_factor,
                                  "mean_repainted_share": round(float(np.mean(mask_share)), 4)}
     return result
@@ -174,25 +185,26 @@ def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
 
 def study(model_dir: str | Path, seeds: list[int], settings: list[tuple[float, int | None]],
           device: str = "cpu", scenes: list[Scene] | None = None) -> list[dict]:
-    """Combined pass rates of both edits (inpainting with the latent-cell and the pixel mask) at
-    each (strength, steps) of `settings`, from one set of source images."""
+    """Combined pass rates of both edits (inpainting with each mask of `MASK_MODES`) at each
+    (strength, steps) of `settings`, from one set of source images."""
     info = load_model_info(model_dir)
     models = load_models(info, device, "FP32")
     scenes = scenes or all_scenes()
     new_shapes, new_backgrounds = [shape_edit(s) for s in scenes], [background_edit(s) for s in scenes]
     sources = {seed: generate_images(info, models, scenes, seed) for seed in seeds}
-    masks = {(seed, cells): [background_mask(i, info.vae_scale_factor, cells=cells) for i in images]
-             for seed, images in sources.items() for cells in (True, False)}
+    masks = {(seed, mode): [background_mask(i, info.vae_scale_factor, mode) for i in images]
+             for seed, images in sources.items() for mode in MASK_MODES}
     rows = []
     for strength, steps in settings:
         began = time.perf_counter()
         row = {"strength": strength, "num_inference_steps": steps or info.default_num_inference_steps}
-        for name, edits, cells in (("img2img", new_shapes, None), ("inpaint", new_backgrounds, True),
-                                   ("inpaint_pixel_mask", new_backgrounds, False)):
+        tasks = [("img2img", new_shapes, None)] + [
+            (f"inpaint_{mode}_mask", new_backgrounds, mode) for mode in MASK_MODES]
+        for name, edits, mode in tasks:
             images = []
             for seed in seeds:
                 images += edit_images(info, models, edits, seed, sources[seed], strength,
-                                      None if cells is None else masks[seed, cells], steps)
+                                      None if mode is None else masks[seed, mode], steps)
             rates = score(images, edits * len(seeds), CRITERIA[name.split("_")[0]])["rates"]
             row[name] = rates
         row["seconds"] = round(time.perf_counter() - began, 1)
@@ -229,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the model's own")
     parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH)
     parser.add_argument("--device", default="cpu", help="cpu, or gpu / cuda[:N]")
-    parser.add_argument("--pixel-mask", action="store_true",
-                        help="inpaint with the pixel mask, not whole latent cells (a study)")
+    parser.add_argument("--mask", choices=MASK_MODES, default="inside",
+                        help="the inpainting mask (see background_mask)")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     parser.add_argument("--study", default="",
                         help="instead: combined pass rates at each STRENGTH[@STEPS], comma-separated "
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     began = time.perf_counter()
     result = evaluate(args.model_dir, list(range(args.seeds)), device, args.strength, args.steps,
-                      mask_cells=not args.pixel_mask)
+                      mask_mode=args.mask)
     result["seconds"] = round(time.perf_counter() - began, 1)
     result["classifier_on_ground_truth"] = check
     result["versions"] = versions()

@@ -43,14 +43,21 @@ def test_background_mask_repaints_background_cells_only():
     for scene in all_scenes()[::7]:
         image = render(scene, SIZE, generator)
         shape = np.any(image != np.array(PALETTE[scene.background], np.uint8), axis=-1)
-        mask = background_mask(image, CELL)
+        mask = background_mask(image, CELL, "grown")
         assert set(np.unique(mask)) == {0, 255}
         assert not (mask[shape] == 255).any(), f"{scene.caption}: the mask covers the shape"
         cells = mask.reshape(SIZE // CELL, CELL, SIZE // CELL, CELL)
         assert (cells == cells[:, :1, :, :1]).all(), "the mask is not whole latent cells"
         assert (mask == 255).sum() > 0.6 * (~shape).sum(), f"{scene.caption}: too little background"
-        pixel_mask = background_mask(image, CELL, cells=False)
+        pixel_mask = background_mask(image, CELL, "pixel")
         assert not (pixel_mask[shape] == 255).any() and (pixel_mask >= mask).all()
+        inside = background_mask(image, CELL, "inside")
+        kept = inside == 0
+        assert kept.any() and shape[kept].all(), f"{scene.caption}: keeps pixels off the shape"
+        cells = inside.reshape(SIZE // CELL, CELL, SIZE // CELL, CELL)
+        assert (cells == cells[:, :1, :, :1]).all() and (inside >= mask).all()
+    with pytest.raises(ValueError, match="inside"):
+        background_mask(image, CELL, "outline")
 
 
 @pytest.mark.parametrize("task, edit", [("img2img", shape_edit), ("inpaint", background_edit)])
