@@ -73,3 +73,18 @@ def test_tensorrt_configs_and_profiles(model_dirs):
     assert profile["encoder_hidden_states"][2] == (4, 512, 32) and profile["guidance"][0] == (1,)
     vae = load_engine_config(info).profile(component_specs(info)["vae_decoder"])
     assert vae["latents"] == ((1, 16, 32, 32), (1, 16, 128, 128), (4, 16, 168, 168))
+
+
+@pytest.mark.fast
+def test_a_kontext_model_warms_up_its_reference_shape_too(model_dirs, kontext_dir):
+    """GPU exports prepare the default shape; a Kontext model's also the same editing a
+    reference image (twice the DiT's image tokens), so its first edit is not eager."""
+    from flux_triton.export.repository import gpu_acceleration
+
+    plain, kontext = load_model_info(model_dirs["dev"]), load_model_info(kontext_dir)
+    assert [str(s) for s in gpu_acceleration(plain, True, None, None, None)[2]] == ["1x128x128x64"]
+    warmup = gpu_acceleration(kontext, True, None, None, None)[2]
+    assert [str(s) for s in warmup] == ["1x128x128x64", "1x128x128x64+reference"]
+    sizes = [shape.axis_sizes(kontext)["S_img"] for shape in warmup]
+    assert sizes[1] == 2 * sizes[0] == 2 * 64
+    assert gpu_acceleration(kontext, False, None, None, None)[2] == ()
