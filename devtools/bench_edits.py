@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from devtools.bench_gpu import environment
+from devtools.bench_gpu import environment, print_server_problems
 from devtools.full_size import write_full_size_folder
 from flux_triton.serving_config import ServingLimits
 from flux_triton.specs import ServingShape
@@ -120,10 +119,7 @@ def run_precision(folder: Path, precision: str, workdir: Path, runs: int) -> dic
         client.close()
     finally:
         server.stop()
-        errors = [line for line in log.read_text(errors="replace").splitlines()
-                  if line.startswith(("E", "W"))]
-        if errors:
-            print("\n".join(errors[-20:]), file=sys.stderr)
+        print_server_problems(log)
     return result
 
 

@@ -45,6 +45,14 @@ PROMPT = "a red circle on a blue background"
 SIZE = 1024
 
 
+def print_server_problems(log: Path) -> None:
+    """The last errors and warnings of a tritonserver log, to stderr."""
+    problems = [line for line in log.read_text(errors="replace").splitlines()
+                if line.startswith(("E", "W"))]
+    if problems:
+        print("\n".join(problems[-20:]), file=sys.stderr)
+
+
 def environment() -> dict:
     """The card, driver and software a row was measured with."""
     versions = {"python": platform.python_version(), "torch": torch.__version__,
@@ -312,10 +320,7 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
              "nv_inference_exec_count", "nv_gpu_memory_used_bytes", "flux_gpu_memory_used_bytes"))]
     finally:
         server.stop()
-        errors = [line for line in log.read_text(errors="replace").splitlines()
-                  if line.startswith(("E", "W"))]
-        if errors:
-            print("\n".join(errors[-20:]), file=sys.stderr)
+        print_server_problems(log)
     return result
 
 

@@ -101,6 +101,16 @@ def _strings(field: str, value: np.ndarray, limits: ServingLimits) -> tuple[str,
     return tuple(out)
 
 
+def _choice(name: str, raw, allowed: tuple[str, ...], default: str, limits: ServingLimits) -> str:
+    """One string of `allowed`, or `default` when the input is absent."""
+    if raw is None:
+        return default
+    values = _strings(name, raw, limits)
+    if len(values) != 1 or values[0] not in allowed:
+        raise InvalidRequest(name, f"must be one of {list(allowed)}, got {list(values)}")
+    return values[0]
+
+
 def _scalar(field: str, value: np.ndarray) -> float | int:
     arr = np.asarray(value)
     if arr.size != 1:
@@ -254,12 +264,8 @@ def validate_request(
         if spec.replaced_by and inputs.get(spec.name) is not None:
             raise InvalidRequest(spec.name, f"is no longer accepted: send {spec.replaced_by}")
 
-    preview_kind = "latent"
-    if inputs.get("preview_kind") is not None:
-        kinds = _strings("preview_kind", inputs["preview_kind"], limits)
-        if len(kinds) != 1 or kinds[0] not in PREVIEW_KINDS:
-            raise InvalidRequest("preview_kind", f"must be one of {list(PREVIEW_KINDS)}, got {list(kinds)}")
-        preview_kind = kinds[0]
+    preview_kind = _choice("preview_kind", inputs.get("preview_kind"), PREVIEW_KINDS, "latent",
+                           limits)
 
     adapters = _loras(inputs, limits, loras)
 
@@ -370,12 +376,7 @@ def _image_inputs(inputs: Mapping[str, np.ndarray | None], info: FluxModelInfo,
         if not multiple <= size <= most:
             raise InvalidRequest("image", f"{name} must be in [{multiple}, {most}] pixels, got {size}")
 
-    role = "init"
-    if inputs.get("image_role") is not None:
-        roles = _strings("image_role", inputs["image_role"], limits)
-        if len(roles) != 1 or roles[0] not in IMAGE_ROLES:
-            raise InvalidRequest("image_role", f"must be one of {list(IMAGE_ROLES)}, got {list(roles)}")
-        role = roles[0]
+    role = _choice("image_role", inputs.get("image_role"), IMAGE_ROLES, "init", limits)
     if role == "reference" and not info.kontext:
         raise InvalidRequest("image_role", "`reference` edits with a FLUX.1 Kontext model; this "
                              "server's model is not one: send `init` (image-to-image)")

@@ -212,3 +212,13 @@ def faults(served_faulty):
     yield served_faulty
     for plan in served_faulty.fault_dir.glob("*.json"):
         plan.unlink()
+
+
+@pytest.fixture(scope="module")
+def gateway(served_shapes):
+    """The HTTP gateway in front of the shapes server, for one test module."""
+    from flux_triton.gateway.app import GatewaySettings
+    from tests.gateway_server import RunningGateway
+
+    with RunningGateway(GatewaySettings(triton_url=served_shapes.url)) as running:
+        yield running

@@ -3,13 +3,17 @@ reader."""
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import json
 import secrets
 import threading
 import time
 
+import numpy as np
 import uvicorn
+from PIL import Image
 
 from devtools.processes import free_port
 from flux_triton.gateway.app import GatewaySettings, create_app
@@ -108,3 +112,8 @@ def sse_events(response: http.client.HTTPResponse, stop_after: int | None = None
                 if stop_after is not None and partials >= stop_after:
                     return
             name, data = "message", ""
+
+
+def b64_image(b64: str) -> np.ndarray:
+    """uint8 [H, W, 3]: an image the gateway sent as base64 PNG."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))

@@ -3,8 +3,6 @@ and response shapes, Server-Sent Events previews, disconnects that stop the loop
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import socket
@@ -16,24 +14,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from devtools.processes import free_port
 from flux_triton.gateway.app import GatewaySettings, GenerationRequest, create_app
-from tests.gateway_server import RunningGateway, sse_events
+from tests.gateway_server import RunningGateway, b64_image, sse_events
 from tests.reference import REPO_ROOT, inject, metric, served_generate
 
 PROMPT = "a red circle on a blue background"
-
-
-def _image(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def gateway(served_shapes):
-    with RunningGateway(GatewaySettings(triton_url=served_shapes.url)) as running:
-        yield running
 
 
 def _stream(gateway, body: dict, stop_after: int | None = None):
@@ -56,7 +43,7 @@ def test_generation_is_the_served_image(gateway, served_shapes):
     reference = served_generate(served_shapes, dict(prompt=PROMPT, height=128, width=128, seed=3,
                                                     num_images_per_prompt=2))
     for item, expected in zip(body["data"], reference.image):
-        assert np.array_equal(_image(item["b64_json"]), expected)  # PNG is lossless
+        assert np.array_equal(b64_image(item["b64_json"]), expected)  # PNG is lossless
 
 
 def test_stream_sends_a_preview_per_step_then_the_image(gateway, served_shapes):
@@ -69,11 +56,11 @@ def test_stream_sends_a_preview_per_step_then_the_image(gateway, served_shapes):
     assert [p["partial_image_index"] for p in partials] == list(range(6))
     assert [p["step"] for p in partials] == list(range(1, 7))
     assert all(p["total_steps"] == 6 and p["step_ms"] >= 0 and p["b64_json"] for p in partials)
-    previews = [_image(p["b64_json"]) for p in partials]
+    previews = [b64_image(p["b64_json"]) for p in partials]
     assert previews[0].shape == (128, 128, 3)  # decoded by the server's VAE, full size
     final = events[-1][1]
     assert final["type"] == "image_generation.completed" and final["seed"] == 0
-    image = _image(final["b64_json"])
+    image = b64_image(final["b64_json"])
     # x0 previews approach the image step by step, and the last one is almost it
     distances = [float(np.abs(p.astype(int) - image).mean()) for p in previews]
     assert distances[-1] < 6 and distances[-1] < distances[0]

@@ -5,7 +5,6 @@ serving. The shared file decoding (`flux_triton.clients.image_files`) and its ma
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import socket
@@ -18,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from flux_triton.clients.image_files import ImageFileError, decode_image, decode_mask, edit_inputs
 from flux_triton.gateway.app import GatewaySettings, partial_image_steps
-from tests.gateway_server import RunningGateway, multipart, sse_events
+from tests.gateway_server import RunningGateway, b64_image, multipart, sse_events
 from tests.reference import served_generate
 
 PROMPT = "a red circle on a blue background"
@@ -61,16 +60,6 @@ def png_declaring(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def _image(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def gateway(served_shapes):
-    with RunningGateway(GatewaySettings(triton_url=served_shapes.url)) as running:
-        yield running
-
-
 @pytest.fixture(scope="module")
 def schnell_gateway(served):
     with RunningGateway(GatewaySettings(triton_url=served["schnell"].url)) as running:
@@ -102,8 +91,8 @@ def test_image_to_image_and_inpainting_are_the_served_images(gateway, served_sha
             mask=mask_array, **extra))
         assert reference.error is None, reference.error
         for item, expected in zip(body["data"], reference.image):
-            assert np.array_equal(_image(item["b64_json"]), expected), label
-        changed = np.abs(_image(body["data"][0]["b64_json"]).astype(int) - source).mean(-1) > 40
+            assert np.array_equal(b64_image(item["b64_json"]), expected), label
+        changed = np.abs(b64_image(body["data"][0]["b64_json"]).astype(int) - source).mean(-1) > 40
         if mask_array is not None:  # inpainting repaints the box and keeps the rest, nearly
             print(f"\ninpainting: {changed[mask_array == 255].mean():.0%} of the box changed, "
                   f"{changed[mask_array == 0].mean():.0%} outside it")
@@ -120,7 +109,7 @@ def test_openai_rgba_mask_is_transparent_where_to_repaint(schnell_gateway, serve
     assert status == 200, body
     reference = served_generate(served["schnell"], dict(prompt="a cat", seed=2, num_inference_steps=4,
                                                         strength=0.8, image=source, mask=mask))
-    assert np.array_equal(_image(body["data"][0]["b64_json"]), reference.image[0])
+    assert np.array_equal(b64_image(body["data"][0]["b64_json"]), reference.image[0])
     status, grey, _ = _edit(schnell_gateway, fields, png(source), png(mask, "L"))
     assert status == 200 and grey["data"] == body["data"]
 
@@ -135,7 +124,7 @@ def test_kontext_reference_edit_is_the_served_image(served_kontext):
                                    png(source))
     reference = served_generate(served_kontext, dict(prompt="make it red", seed=3, num_inference_steps=2,
                                                      image=source, image_role="reference"))
-    assert np.array_equal(_image(body["data"][0]["b64_json"]), reference.image[0])
+    assert np.array_equal(b64_image(body["data"][0]["b64_json"]), reference.image[0])
     assert refused == 400 and answer["error"]["param"] == "strength", answer
 
 
@@ -161,13 +150,13 @@ def test_stream_sends_partial_images_then_the_edit(gateway, served_shapes):
     assert total == 7 and names == ["image_generation.partial_image"] * total + [
         "image_generation.completed"], names
     assert [p["step"] for p in partials] == list(range(1, total + 1))
-    assert all(_image(p["b64_json"]).shape == (128, 128, 3) for p in partials)
-    image = _image(events[-1][1]["b64_json"])
+    assert all(b64_image(p["b64_json"]).shape == (128, 128, 3) for p in partials)
+    image = b64_image(events[-1][1]["b64_json"])
     reference = served_generate(served_shapes, dict(prompt=PROMPT, seed=4, num_inference_steps=10,
                                                     strength=0.6, image=source))
     assert np.array_equal(image, reference.image[0])
     # the first x0 preview already shows the image it started from, not noise
-    first = _image(partials[0]["b64_json"]).astype(int)
+    first = b64_image(partials[0]["b64_json"]).astype(int)
     assert np.abs(first - source).mean() < np.abs(first - source[::-1, ::-1]).mean()
 
     two = _stream(gateway, dict(fields, partial_images=2), png(source))
@@ -177,8 +166,8 @@ def test_stream_sends_partial_images_then_the_edit(gateway, served_shapes):
     assert [d["partial_image_index"] for _, d in two[:2]] == [0, 1]
     none = _stream(gateway, dict(fields, partial_images=0), png(source))
     assert [n for n, _ in none] == ["image_generation.completed"]
-    assert np.array_equal(_image(two[-1][1]["b64_json"]), image)
-    assert np.array_equal(_image(none[-1][1]["b64_json"]), image)
+    assert np.array_equal(b64_image(two[-1][1]["b64_json"]), image)
+    assert np.array_equal(b64_image(none[-1][1]["b64_json"]), image)
 
 
 def test_generations_take_partial_images_too(gateway):
