@@ -76,3 +76,22 @@ def test_precompile_warms_each_network_on_each_gpu_one_at_a_time(model_dirs, tmp
     loaded.clear()
     assert precompile_module.precompile(info, Acceleration("BF16", compile=False), shape, (0,)) == {}
     assert precompile_module.precompile(info, options, (), (0,)) == {} and loaded == []
+
+
+def test_accelerated_calls_try_cudnn_attention_first(model_dirs):
+    """Every accelerated network runs (compiles, captures, runs eagerly) with SDPA's priority
+    pinned to ATTENTION_PRIORITY, and the process's own order comes back after each call."""
+    from torch.nn.attention import SDPBackend
+
+    from flux_triton.runtime.acceleration import ATTENTION_PRIORITY, AttentionPinned, accelerate
+
+    expected = [getattr(SDPBackend, name).value for name in ATTENTION_PRIORITY]
+    before = torch._C._get_sdp_priority_order()
+    assert before[:4] != expected  # torch's default differs, so the pin is what sets it
+    pinned = AttentionPinned(lambda **_: {"order": torch._C._get_sdp_priority_order()})
+    assert pinned()["order"][:4] == expected
+    assert torch._C._get_sdp_priority_order() == before
+    info = load_model_info(model_dirs["schnell"])
+    component = load_component("vae_decoder", info, "cpu", "float32")
+    runner = accelerate("vae_decoder", component, Acceleration("FP32", compile=False, cuda_graphs=False))
+    assert isinstance(runner, AttentionPinned) and runner.runner is component

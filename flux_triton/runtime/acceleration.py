@@ -204,9 +204,37 @@ def accelerate(name: str, network: torch.nn.Module, options: Acceleration) -> Ca
             model.encoder.compile(dynamic=False)
         else:
             model.compile(dynamic=False)
-    if options.cuda_graphs and name in GRAPHED:
-        return CudaGraphRunner(network)
-    return network
+    runner = CudaGraphRunner(network) if options.cuda_graphs and name in GRAPHED else network
+    return AttentionPinned(runner)
+
+
+# SDPA's backends in the order every accelerated call tries them: cuDNN first. Left to itself, a
+# compile in a Triton model process traced flash attention (0.81 ms a FLUX block) where a quiet
+# process traced cuDNN's (0.44 ms); the choice is baked into the compiled graph and the CUDA
+# graph, so it is pinned for every compile, capture and eager call (docs/performance.md).
+ATTENTION_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+class AttentionPinned:
+    """Calls `runner` with SDPA's backend priority set to `ATTENTION_PRIORITY` (a backend that
+    cannot take a shape passes it to the next)."""
+
+    def __init__(self, runner: Callable[..., dict[str, torch.Tensor]]):
+        from torch.nn.attention import SDPBackend
+
+        self.runner = runner
+        self.backends = [getattr(SDPBackend, name) for name in ATTENTION_PRIORITY]
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.backends, set_priority=True):
+            return self.runner(**inputs)
+
+    def __getattr__(self, name: str):  # the runner's counters (captures, graphs)
+        if name == "runner":
+            raise AttributeError(name)
+        return getattr(self.runner, name)
 
 
 def eager_for_new_shapes() -> None:
