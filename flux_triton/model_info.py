@@ -69,6 +69,7 @@ class FluxModelInfo:
     default_max_sequence_length: int
     kontext: bool = False  # a FLUX.1 Kontext folder: edits a reference image (image_role reference)
     max_area: int = 1024**2
+    dit_width: int = 3072  # the DiT's hidden size: attention heads x head dim
 
     @property
     def spatial_multiple(self) -> int:
@@ -128,4 +129,5 @@ def load_model_info(model_dir: str | Path) -> FluxModelInfo:
         default_max_sequence_length=int(defaults["default_max_sequence_length"]),
         kontext=pipeline_class in KONTEXT_PIPELINES,
         max_area=int(defaults["max_area"]),
+        dit_width=int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]),
     )

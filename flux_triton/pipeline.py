@@ -65,6 +65,13 @@ class FluxModels(Protocol):
         `adapters` (name, scale) active."""
         ...
 
+    async def dit_transformer_cached(self, inputs: dict[str, torch.Tensor],
+                                     adapters: Adapters = ()) -> dict[str, torch.Tensor]:
+        """`dit_transformer` with its first-block cache (`cache_threshold` and the state in
+        `inputs`): the outputs of `specs.step_cache_tensors` beside `noise_pred`. Not merged with
+        other requests' calls: whether to skip is decided for the call's rows together."""
+        ...
+
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
         """Decoded image [B, 3, H, W] in [-1, 1]."""
         ...
@@ -99,6 +106,36 @@ class StageTimer:
         return {k: [round(a * 1000, 3), round(b * 1000, 3)] for k, (a, b) in self.spans.items()}
 
 
+CACHE_STATE = ("cache_head_residual", "cache_tail_residual", "cache_tail_encoder_residual")
+
+
+@dataclass
+class FirstBlockCache:
+    """One request's first-block cache for one kind of its DiT calls (diffusers keeps the
+    prompt's and the negative prompt's apart): the state each call hands the next."""
+
+    threshold: float
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: int = 0
+    skipped: int = 0  # calls that ran only the first block
+
+    async def call(self, models: FluxModels, inputs: dict[str, torch.Tensor],
+                   adapters: Adapters) -> torch.Tensor:
+        threshold = torch.tensor([self.threshold], dtype=torch.float32)
+        outputs = await models.dit_transformer_cached(
+            dict(inputs, cache_threshold=threshold, **self.state), adapters)
+        self.state = {name: outputs[name] for name in CACHE_STATE}
+        self.calls += 1
+        self.skipped += not bool(outputs["cache_computed"].reshape(-1)[0])
+        return outputs["noise_pred"]
+
+
+def cache_report(caches: list[FirstBlockCache]) -> dict:
+    """What a cached request's response says of its DiT calls."""
+    return {"threshold": caches[0].threshold, "dit_calls": sum(c.calls for c in caches),
+            "dit_calls_skipped": sum(c.skipped for c in caches)}
+
+
 @dataclass(frozen=True)
 class PromptEmbeddings:
     pooled: torch.Tensor  # [B, D_clip]
@@ -127,6 +164,7 @@ class FinalImage:
     timings: StageTimer
     steps_completed: int
     partial: bool  # True when a deadline cut the loop short: the image of the last step reached
+    cache: dict | None = None  # with first-block caching: `cache_report`
 
 
 async def encode_prompts(
@@ -278,6 +316,8 @@ async def generate(
                 if info.guidance_embeds else None)
 
     # 4. Denoising loop, one preview per step.
+    caches = ([FirstBlockCache(request.cache_threshold) for _ in range(2)]
+              if request.cache_threshold > 0 else [None, None])
     steps_completed = 0
     for i, t in enumerate(timesteps):
         stop = stop_check()
@@ -290,12 +330,11 @@ async def generate(
         tokens = latents
         if edit is not None and edit.reference is not None:
             tokens = torch.cat([latents, edit.reference], dim=1)
-        calls = [models.dit_transformer(dit_inputs(tokens, timestep, guidance, embeds, image_ids),
-                                        request.loras)]
+        calls = [dit_call(models, dit_inputs(tokens, timestep, guidance, embeds, image_ids),
+                          request.loras, caches[0])]
         if negative_embeds is not None:
-            calls.append(models.dit_transformer(
-                dit_inputs(tokens, timestep, guidance, negative_embeds, image_ids), request.loras
-            ))
+            calls.append(dit_call(models, dit_inputs(tokens, timestep, guidance, negative_embeds,
+                                                     image_ids), request.loras, caches[1]))
         noise_pred, *neg = await timer.timed(f"step_{i + 1}", asyncio.gather(*calls))
         if tokens is not latents:  # the prediction for the output's tokens only
             noise_pred, neg = noise_pred[:, :latents.shape[1]], [n[:, :latents.shape[1]] for n in neg]
@@ -326,5 +365,15 @@ async def generate(
     decoded = await timer.timed("vae_decoder", models.vae_decoder(vae_latents))
     image = sampling.postprocess_uint8(decoded)
     timer.spans["total"] = (0.0, timer.now())
+    used = [c for c in caches if c is not None and c.calls]
     yield FinalImage(image=image, seed=request.seed, timings=timer, steps_completed=steps_completed,
-                     partial=steps_completed < len(timesteps))
+                     partial=steps_completed < len(timesteps),
+                     cache=cache_report(used) if used else None)
+
+
+def dit_call(models: FluxModels, inputs: dict[str, torch.Tensor], adapters: Adapters,
+             cache: FirstBlockCache | None):
+    """One DiT call of a step: through the request's first-block cache where it has one."""
+    if cache is None:
+        return models.dit_transformer(inputs, adapters)
+    return cache.call(models, inputs, adapters)

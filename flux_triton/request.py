@@ -17,7 +17,7 @@ from flux_triton import images, sampling
 from flux_triton.errors import field_message
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.serving_config import ServingLimits
-from flux_triton.specs import BLS_INPUTS, IMAGE_ROLES, PREVIEW_KINDS
+from flux_triton.specs import BLS_INPUTS, CACHE_THRESHOLD_RANGE, IMAGE_ROLES, PREVIEW_KINDS
 
 
 class InvalidRequest(ValueError):
@@ -52,6 +52,7 @@ class GenerationRequest:
     mask: np.ndarray | None = None  # uint8 [N, H, W]: 255 repaints, 0 keeps (inpainting)
     strength: float = 0.6  # how far an `init` image is noised: the share of the steps run
     image_role: str = "init"  # `init` (image-to-image, inpainting) or `reference` (Kontext)
+    cache_threshold: float = 0.0  # first-block caching of the DiT's blocks (0: off)
 
     @property
     def edits_reference(self) -> bool:
@@ -156,9 +157,11 @@ def validate_request(
     info: FluxModelInfo,
     limits: ServingLimits | None = None,
     loras: Collection[str] = (),
+    step_cache: bool = True,
 ) -> GenerationRequest:
     """Check raw client inputs (numpy arrays by input name) and fill in defaults. `loras` are
-    the adapters this server has (a request may name only those)."""
+    the adapters this server has (a request may name only those); `step_cache`, whether its DiT
+    serves first-block caching (the PyTorch runtime does; ONNX and TensorRT graphs do not)."""
     limits = limits or ServingLimits()
     unknown = sorted(set(inputs) - KNOWN_FIELDS)
     if unknown:
@@ -268,6 +271,11 @@ def validate_request(
                            limits)
 
     adapters = _loras(inputs, limits, loras)
+    cache_threshold = _float_in("cache_threshold", inputs.get("cache_threshold"), 0.0,
+                                *CACHE_THRESHOLD_RANGE)
+    if cache_threshold > 0 and not step_cache:
+        raise InvalidRequest("cache_threshold", "needs the PyTorch runtime (BACKEND=torch); this "
+                             "server's DiT is an ONNX or TensorRT graph: send 0 or leave it out")
 
     return GenerationRequest(
         prompts=prompts,
@@ -290,6 +298,7 @@ def validate_request(
         mask=edit.mask,
         strength=edit.strength,
         image_role=edit.image_role,
+        cache_threshold=cache_threshold,
     )
 
 

@@ -53,12 +53,35 @@ ADAPTER_INPUTS = (TensorSpec("lora", "BYTES", ("K",), optional=True),
                   TensorSpec("lora_scale", "FP32", ("K",), optional=True))
 
 
-def python_model_spec(spec: ComponentSpec, network: str) -> ComponentSpec:
+def step_cache_tensors(info: FluxModelInfo, dtype: str) -> tuple[tuple[TensorSpec, ...],
+                                                                  tuple[TensorSpec, ...]]:
+    """The DiT's first-block caching (diffusers' FirstBlockCacheConfig), its state carried by the
+    caller from one step's call to the next: given `cache_threshold`, a call runs the first block,
+    and the others only when its residual moved by more than the threshold since the last call
+    that ran them; else it adds their cached residual. The state inputs are absent at a request's
+    first step; the outputs are the state after the call (unchanged where it skipped) and whether
+    it ran every block. (inputs, outputs)."""
+    def state(optional: bool) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("cache_head_residual", dtype, ("B", "S_img", info.dit_width), optional),
+                TensorSpec("cache_tail_residual", dtype, ("B", "S_img", info.dit_width), optional),
+                TensorSpec("cache_tail_encoder_residual", dtype, ("B", "S_txt", info.dit_width),
+                           optional))
+    return ((TensorSpec("cache_threshold", "FP32", (1,), optional=True), *state(True)),
+            (*state(False), TensorSpec("cache_computed", "BOOL", ("B",))))
+
+
+def python_model_spec(spec: ComponentSpec, network: str, info: FluxModelInfo | None = None,
+                      step_cache: bool = False) -> ComponentSpec:
     """`network`'s interface as a Python model serves it (`spec` may name a per-GPU copy): the
-    networks a LoRA adapter changes also take the adapter inputs."""
-    if network not in ADAPTED_NETWORKS:
-        return spec
-    return ComponentSpec(spec.name, spec.inputs + ADAPTER_INPUTS, spec.outputs)
+    networks a LoRA adapter changes also take the adapter inputs; with `step_cache` (the PyTorch
+    runtime), the DiT also its first-block cache (`step_cache_tensors`, of `info`)."""
+    inputs, outputs = spec.inputs, spec.outputs
+    if network in ADAPTED_NETWORKS:
+        inputs += ADAPTER_INPUTS
+    if network == "dit_transformer" and step_cache:
+        cache_inputs, cache_outputs = step_cache_tensors(info, spec.input("hidden_states").dtype)
+        inputs, outputs = inputs + cache_inputs, outputs + cache_outputs
+    return ComponentSpec(spec.name, inputs, outputs)
 
 
 def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, ComponentSpec]:
@@ -211,6 +234,8 @@ BLS_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("mask", "UINT8", ("N_mask", "H_image", "W_image"), optional=True),
     TensorSpec("strength", "FP32", (1,), optional=True),
     TensorSpec("image_role", "BYTES", (1,), optional=True),
+    # The fast tier: first-block caching at this threshold (0, the default: off, every step run)
+    TensorSpec("cache_threshold", "FP32", (1,), optional=True),
     TensorSpec("previews", "BOOL", (1,), optional=True,
                replaced_by="`preview_kind`: `none` for no previews, else latent, x0 or both"),
 )
@@ -218,6 +243,10 @@ BLS_INPUTS: tuple[TensorSpec, ...] = (
 # an INT32 or round a huge FP32 to infinity silently).
 NUMBER_RANGES = {"INT32": (-2**31, 2**31 - 1), "INT64": (-2**63, 2**63 - 1),
                  "FP32": (-3.4028234663852886e38, 3.4028234663852886e38)}
+
+# `cache_threshold` compares a relative change of the first block's residual with it; past 1
+# nearly every step would be skipped.
+CACHE_THRESHOLD_RANGE = (0.0, 1.0)
 
 # What each step's response carries: no preview ("none"), the latents reached ("latent", the
 # server's default), the clean image the model predicts from them ("x0"), or both.

@@ -78,6 +78,34 @@ def test_page_streams_previews_then_the_image(page, tmp_path):
     assert blue > 0.5 and 0.05 < red < 0.45
 
 
+def test_page_fast_tier_reports_the_skipped_calls(page, served_shapes):
+    """The fast-tier field reaches the server: the image is the gRPC one at that threshold, the
+    status says how many DiT calls were skipped, and the step log lists every step."""
+    from tests.reference import served_generate
+
+    page.fill("#prompt", "a red circle on a blue background")
+    page.select_option("#size", "128x128")
+    page.fill("#seed", "1")
+    page.fill("#cache-threshold", "0.2")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                           timeout=60_000)
+    status = page.text_content("#status")
+    expected = served_generate(served_shapes, dict(
+        prompt="a red circle on a blue background", height=128, width=128, seed=1,
+        cache_threshold=0.2, preview_kind="none"))
+    report = expected.timings["first_block_cache"]
+    assert report["dit_calls_skipped"] > 0
+    assert status == (f"done; fast tier skipped {report['dit_calls_skipped']} of "
+                      f"{report['dit_calls']} DiT calls"), status
+    image = _data_url_image(page.get_attribute("#final-image", "src"))
+    assert np.array_equal(image, expected.image[0])
+    assert page.locator("#step-log div").count() == report["dit_calls"]
+    print(f"\npage fast tier: {status}")
+    page.fill("#cache-threshold", "")
+    page.fill("#seed", "0")
+
+
 def test_cancel_stops_the_stream(page, served_shapes):
     page.evaluate(WATCH_PREVIEWS)
     page.fill("#steps", "100")

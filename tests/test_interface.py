@@ -24,6 +24,7 @@ SAMPLES = {
     "preview_kind": "both", "lora": ["style", "outline"], "lora_scale": [0.75, 1.5],
     "list_loras": False, "image": np.full((1, 64, 96, 3), 128, np.uint8),
     "mask": np.full((1, 64, 96), 255, np.uint8), "strength": 0.5, "image_role": "init",
+    "cache_threshold": 0.1,
 }
 ADAPTERS = {"style", "outline"}  # what the samples' server is taken to have
 
@@ -92,6 +93,7 @@ def test_what_the_client_sends_validates(model_dirs):
     assert request.batch_size == 4 and request.do_true_cfg
     assert request.loras == (("style", 0.75), ("outline", 1.5))
     assert request.preview_kind == "both" and request.strength == 0.5
+    assert request.cache_threshold == np.float32(0.1)
     assert (request.height, request.width, request.seed) == (64, 96, 12345)
 
 

@@ -36,7 +36,15 @@ from flux_triton.batching import CallBatcher
 from flux_triton.dispatch import LoadBoard, board_folder
 from flux_triton.images import kontext_resolutions
 from flux_triton.model_info import load_model_info
-from flux_triton.pipeline import Adapters, FinalImage, StageFailed, StepUpdate, Stop, generate
+from flux_triton.pipeline import (
+    CACHE_STATE,
+    Adapters,
+    FinalImage,
+    StageFailed,
+    StepUpdate,
+    Stop,
+    generate,
+)
 from flux_triton.placement import served_networks
 from flux_triton.recovery import (
     OutOfMemory,
@@ -89,6 +97,11 @@ class BlsFluxModels:
 
     async def _network(self, model: str, inputs: dict[str, torch.Tensor], output: str,
                        adapters: Adapters = ()) -> torch.Tensor:
+        return (await self._network_outputs(model, inputs, (output,), adapters))[output]
+
+    async def _network_outputs(self, model: str, inputs: dict[str, torch.Tensor],
+                               outputs: tuple[str, ...], adapters: Adapters = ()
+                               ) -> dict[str, torch.Tensor]:
         wanted = self.input_types.get(model, {})
         # e.g. bf16 latents into a float32 VAE plan, or a bf16 DiT's float32 guidance input
         inputs = {n: v.to(wanted[n]) if n in wanted and v.dtype != wanted[n] else v
@@ -97,8 +110,8 @@ class BlsFluxModels:
 
         async def call(tensors):
             return await self._exec(
-                model, [*(from_torch(self.pb, n, v) for n, v in tensors.items()), *extra], [output]
-            )
+                model, [*(from_torch(self.pb, n, v) for n, v in tensors.items()), *extra],
+                list(outputs))
 
         stats = self.stats[model]
         retries, splits = stats.retries, stats.batch_splits
@@ -107,7 +120,7 @@ class BlsFluxModels:
         finally:
             self.metrics.retries[model].increment(stats.retries - retries)
             self.metrics.splits[model].increment(stats.batch_splits - splits)
-        return result[output]
+        return result
 
     async def tokenize(self, prompts, prompts_2, max_sequence_length):
         pb = self.pb
@@ -130,6 +143,10 @@ class BlsFluxModels:
         if self.dit_batcher is not None:  # calls merge only with calls of the same adapters
             return (await self.dit_batcher.submit(inputs, adapters))["noise_pred"]
         return await self._network("dit_transformer", inputs, "noise_pred", adapters)
+
+    async def dit_transformer_cached(self, inputs, adapters=()):
+        outputs = ("noise_pred", *CACHE_STATE, "cache_computed")
+        return await self._network_outputs("dit_transformer", inputs, outputs, adapters)
 
     async def vae_decoder(self, latents):
         return await self._network("vae_decoder", {"latents": latents}, "image")
@@ -228,6 +245,8 @@ class FluxBlsModel:
         self.input_names = [spec.name for spec in bls_spec(self.info).inputs]
         specs = component_specs(self.info)
         self.batched = {m: specs[m].batched_inputs() for m in NETWORKS}
+        self.step_cache = options.backend == "torch"  # the DiT serves first-block caching
+        self.batched["dit_transformer"] |= set(CACHE_STATE)  # halved with the rest on OOM
         device = instance_device(args)
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
         self.served_names = served_networks(options.networks_by_gpu, self.gpu)
@@ -320,7 +339,8 @@ class FluxBlsModel:
                 sender.send(pb.InferenceResponse([pb.Tensor("loras", np.array(
                     [json.dumps(self.loras.describe()).encode()], dtype=object))]), flags=final)
                 return
-            gen_request = validate_request(raw, self.info, self.limits, self.loras.adapters)
+            gen_request = validate_request(raw, self.info, self.limits, self.loras.adapters,
+                                           step_cache=self.step_cache)
         except InvalidRequest as exc:
             sender.send(error_response(pb, f"flux_bls: {exc}", "INVALID_ARG"), flags=final)
             self.metrics.outcomes["invalid"].increment(1)
@@ -384,7 +404,10 @@ class FluxBlsModel:
         pb = self.pb
         timings = event.timings.spans_ms()
         recovery = {m: vars(s) for m, s in models.stats.items() if s.retries or s.batch_splits}
-        report = json.dumps(dict(timings, **({"recovery": recovery} if recovery else {})))
+        extra = {"recovery": recovery} if recovery else {}
+        if event.cache is not None:
+            extra["first_block_cache"] = event.cache
+        report = json.dumps(dict(timings, **extra))
         return pb.InferenceResponse([
             host_tensor(pb, "image", event.image),
             pb.Tensor("seed", np.array([event.seed], dtype=np.int64)),

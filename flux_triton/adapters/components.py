@@ -31,7 +31,7 @@ from flux_triton.runtime.acceleration import (
 )
 from flux_triton.runtime.torch_components import has_random_weights, load_component
 from flux_triton.serving_config import NetworkOptions
-from flux_triton.specs import ServingShape, component_specs
+from flux_triton.specs import ServingShape, component_specs, step_cache_tensors
 
 
 def failure_response(pb: Any, model: str, exc: Exception) -> Any:
@@ -78,12 +78,15 @@ class ComponentModel:
         self.spec = component_specs(info, options.precision)[self.name]
         self.faults = FaultInjector(self.spec)
         self.adapters = None  # LoRA adapters, where this network serves them
+        self.cache_tensors: tuple = ((), ())  # the DiT's first-block cache (PyTorch runtime)
         if options.backend == "onnx":
             from flux_triton.runtime.onnx_components import OnnxComponent
 
             onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
             self.component = OnnxComponent(onnx_path, self.spec, self.device)
             return
+        if self.name == "dit_transformer":
+            self.cache_tensors = step_cache_tensors(info, self.spec.input("hidden_states").dtype)
         acceleration = acceleration_options(args, options)
         warmup = tuple(ServingShape.parse(s) for s in options.warmup)
         catalog = lora_catalog(args, options.lora_dir)
@@ -115,7 +118,7 @@ class ComponentModel:
         for request in requests:
             try:
                 inputs = {}
-                for spec in self.spec.inputs:
+                for spec in self.spec.inputs + self.cache_tensors[0]:
                     tensor = pb.get_input_tensor_by_name(request, spec.name)
                     if tensor is not None:
                         inputs[spec.name] = aligned(to_torch(tensor).to(self.device))
@@ -126,7 +129,8 @@ class ComponentModel:
                 with torch.inference_mode():
                     outputs = self.component(**inputs)
                 responses.append(pb.InferenceResponse(
-                    [from_torch(pb, spec.name, outputs[spec.name]) for spec in self.spec.outputs]
+                    [from_torch(pb, spec.name, outputs[spec.name])
+                     for spec in self.spec.outputs + self.cache_tensors[1] if spec.name in outputs]
                 ))
             except Exception as exc:  # one bad request must not fail the others
                 responses.append(failure_response(pb, self.name, exc))

@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-role", choices=IMAGE_ROLES,
                         help="init (default): image-to-image or inpainting; reference: Kontext "
                              "editing (Kontext models only)")
+    parser.add_argument("--cache-threshold", type=float,
+                        help="the fast tier: skip a step's DiT blocks after the first while its "
+                             "output barely moves (first-block cache; 0, the default, skips none)")
     parser.add_argument("--list-loras", action="store_true",
                         help="print the server's LoRA adapters and exit")
     parser.add_argument("--show", choices=["auto", "always", "never"], default="auto",
@@ -324,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             preview_kind="none" if args.no_previews else args.preview_kind,
             lora=[name for name, _ in loras] or None, lora_scale=[scale for _, scale in loras] or None,
             image=image, mask=mask, strength=args.strength, image_role=args.image_role,
+            cache_threshold=args.cache_threshold,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -376,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
           f"seed {result.seed}")
     if result.partial:
         print(f"PARTIAL: the deadline stopped the loop after {result.steps_completed} steps")
+    cache = result.timings.get("first_block_cache")
+    if cache:
+        print(f"first-block cache at {cache['threshold']:.3g}: {cache['dit_calls_skipped']} of "
+              f"{cache['dit_calls']} DiT calls ran only the first block")
     print("server timings (ms): " + ", ".join(
         f"{k}={v[1] - v[0]:.1f}" for k, v in result.timings.items() if isinstance(v, list)))
     print("saved " + ", ".join(paths))

@@ -236,7 +236,7 @@ def render_repository(
                 deployments.append(deployment)
                 texts[copy.name] = tensorrt_model_config(copy, deployment)
             else:
-                python_model(python_model_spec(copy, name),
+                python_model(python_model_spec(copy, name, info, step_cache=backend == "torch"),
                              ModelDeployment(copy.name, "python", kind, pinned), network_options[name])
     deployments.append(ModelDeployment("encode_prompt", "ensemble"))
     texts["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)

@@ -40,7 +40,7 @@ from flux_triton.clients.stream_client import build_inputs
 from flux_triton.errors import client_error_kind, named_field
 from flux_triton.request import LORA_SCALE_LIMIT
 from flux_triton.serving_config import BlsOptions
-from flux_triton.specs import IMAGE_ROLES, NUMBER_RANGES, bls_input
+from flux_triton.specs import CACHE_THRESHOLD_RANGE, IMAGE_ROLES, NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -117,6 +117,9 @@ class GenerationRequest(BaseModel):
     deadline_ms: int | None = Field(None, ge=1, le=_most("deadline_ms"))
     preview: Literal["x0", "latent", "none"] = "x0"
     loras: list[LoraChoice] = Field(default_factory=list, max_length=16)
+    # the fast tier: diffusers' first-block cache at this threshold (0 or absent: off)
+    cache_threshold: float | None = Field(None, ge=CACHE_THRESHOLD_RANGE[0],
+                                          le=CACHE_THRESHOLD_RANGE[1])
 
     @field_validator("size")
     @classmethod
@@ -143,7 +146,8 @@ class GenerationRequest(BaseModel):
                     max_sequence_length=self.max_sequence_length, deadline_ms=self.deadline_ms,
                     preview_kind=self.preview if previews else "none",
                     lora=[c.name for c in self.loras] or None,
-                    lora_scale=[c.scale for c in self.loras] or None)
+                    lora_scale=[c.scale for c in self.loras] or None,
+                    cache_threshold=self.cache_threshold)
 
 
 class EditRequest(GenerationRequest):

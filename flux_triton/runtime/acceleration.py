@@ -108,6 +108,11 @@ def quantize_float8(transformer: torch.nn.Module) -> int:
     return len(names)
 
 
+# Calls with these inputs decide on the host mid-call (the DiT's first-block cache: whether to
+# run the other blocks), which a CUDA graph cannot: they run as they are.
+UNCAPTURED_INPUTS = frozenset({"cache_threshold"})
+
+
 class CudaGraphRunner:
     """Runs `forward(**tensors) -> dict of tensors` by replaying one CUDA graph per input shape.
 
@@ -132,7 +137,7 @@ class CudaGraphRunner:
         # Capture and replay on the inputs' GPU, whatever GPU is current (one process can hold
         # networks on several GPUs, as the export's precompile does).
         device = next((v.device for v in inputs.values() if v.is_cuda), None)
-        if device is None:  # nothing on a GPU: nothing to capture
+        if device is None or UNCAPTURED_INPUTS & inputs.keys():  # nothing to capture
             return self.forward(**inputs)
         with torch.cuda.device(device):
             return self._run(inputs)

@@ -65,6 +65,13 @@ class TorchFluxModels:
         self._adapt("dit_transformer", adapters)
         return self._run("dit_transformer", "noise_pred", **inputs)
 
+    async def dit_transformer_cached(self, inputs: dict[str, torch.Tensor],
+                                     adapters: Adapters = ()) -> dict[str, torch.Tensor]:
+        self._adapt("dit_transformer", adapters)
+        inputs = {n: v.to(self.device) for n, v in inputs.items()}
+        with torch.inference_mode():
+            return self.parts["dit_transformer"](**inputs)
+
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run("vae_decoder", "image", latents=latents)
 

@@ -119,7 +119,13 @@ class DitTransformer(torch.nn.Module):
         self.model = _network(FluxTransformer2DModel, model_dir, "transformer", dtype, device)
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep,
-                img_ids, txt_ids, guidance=None) -> dict[str, torch.Tensor]:
+                img_ids, txt_ids, guidance=None, cache_threshold=None, cache_head_residual=None,
+                cache_tail_residual=None, cache_tail_encoder_residual=None) -> dict[str, torch.Tensor]:
+        if cache_threshold is not None:
+            return self.cached_forward(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+                txt_ids, guidance, float(cache_threshold.reshape(-1)[0]), cache_head_residual,
+                cache_tail_residual, cache_tail_encoder_residual)
         noise_pred = self.model(
             hidden_states=hidden_states,
             timestep=timestep,
@@ -131,6 +137,46 @@ class DitTransformer(torch.nn.Module):
             return_dict=False,
         )[0]
         return {"noise_pred": noise_pred}
+
+    def cached_forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                       img_ids, txt_ids, guidance, threshold: float, head_residual, tail_residual,
+                       tail_encoder_residual) -> dict[str, torch.Tensor]:
+        """FluxTransformer2DModel.forward under diffusers' first-block cache
+        (`FirstBlockCacheConfig(threshold)`, its hooks' arithmetic), with the cache's state passed
+        in and out instead of held by the model: each request carries its own."""
+        model = self.model
+        hidden = model.x_embedder(hidden_states)
+        timestep = timestep.to(hidden.dtype) * 1000
+        if guidance is None:
+            temb = model.time_text_embed(timestep, pooled_projections)
+        else:
+            temb = model.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
+        encoder = model.context_embedder(encoder_hidden_states)
+        rotary = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+
+        def run(block, hidden, encoder):
+            encoder, hidden = block(hidden_states=hidden, encoder_hidden_states=encoder, temb=temb,
+                                    image_rotary_emb=rotary, joint_attention_kwargs=None)
+            return hidden, encoder
+
+        head, *rest = [*model.transformer_blocks, *model.single_transformer_blocks]
+        head_hidden, head_encoder = run(head, hidden, encoder)
+        residual = head_hidden - hidden
+        computed = head_residual is None or (
+            (residual - head_residual).abs().mean() / head_residual.abs().mean()).item() > threshold
+        if computed:
+            hidden, encoder = head_hidden, head_encoder
+            for block in rest:
+                hidden, encoder = run(block, hidden, encoder)
+            head_residual, tail_residual = residual, hidden - head_hidden
+            tail_encoder_residual = encoder - head_encoder
+        else:  # the other blocks' residual of the last step that ran them
+            hidden = tail_residual + head_hidden
+        noise_pred = model.proj_out(model.norm_out(hidden, temb))
+        return {"noise_pred": noise_pred, "cache_head_residual": head_residual,
+                "cache_tail_residual": tail_residual,
+                "cache_tail_encoder_residual": tail_encoder_residual,
+                "cache_computed": torch.full((hidden.shape[0],), computed, device=hidden.device)}
 
 
 class VaeDecoder(torch.nn.Module):
