@@ -42,7 +42,7 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS)) \
 	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS))
 
-.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora bench-edits edits-accuracy export-full-size gpu-bundle lint clean
+.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora bench-edits bench-fast-tier edits-accuracy fast-tier-accuracy export-full-size gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,14 @@ accuracy: setup
 edits-accuracy: setup
 	$(PY) -m devtools.shapes_edits --model-dir $(MODEL_DIR) --seeds 4 --device $(DEVICE) \
 		--out out/shapes_edits.json
+
+# The fast tier on the shapes model: every caption x 4 seeds, one request each, at each first-block
+# cache threshold: classifier accuracy, PSNR against no caching, DiT calls skipped (at 12 steps, and
+# the skip share at 28 for the full-size estimate; docs/fast-tier.md).
+FAST_TIER_THRESHOLDS ?= 0,0.05,0.1,0.15,0.2,0.25,0.3,0.4
+fast-tier-accuracy: setup
+	$(PY) -m devtools.shapes_fast_tier --model-dir $(MODEL_DIR) --seeds 4 --device $(DEVICE) \
+		--thresholds $(FAST_TIER_THRESHOLDS) --steps-for-speed 28 --out out/shapes_fast_tier.json
 
 # Never deletes another backend's ONNX graphs or TensorRT plans: it lists the ones it leaves unused.
 # DEVICE=gpu PRECISION=BF16|FP8 compiles at load by default (COMPILE=0 turns it off).
@@ -160,6 +168,12 @@ bench-lora:
 EDITS_OUT ?= benchmarks/results/edits-gpu.json
 bench-edits:
 	$(GPU_PYTHON) -m devtools.bench_edits --out $(EDITS_OUT) $(EDITS_ARGS)
+
+# The fast tier's cached DiT calls at full size on one GPU (computed, skipped, against the lossless
+# graph), applied to the shapes model's skip shares: FAST_TIER_OUT.
+FAST_TIER_OUT ?= benchmarks/results/fast-tier-gpu.json
+bench-fast-tier:
+	$(GPU_PYTHON) -m devtools.bench_fast_tier --out $(FAST_TIER_OUT) $(FAST_TIER_ARGS)
 
 # FLUX.1 exported to ONNX at full size (random bf16 weights) on a GPU machine and measured: time,
 # peak host/GPU memory, sizes, checker, parity at 256² (docs/export.md, "Full-size ONNX export"). Entries

@@ -108,12 +108,12 @@ def raw_request(fields: dict) -> dict[str, np.ndarray]:
     return raw
 
 
-def dit_sample(info: FluxModelInfo, shape: ServingShape, dtype: torch.dtype) -> dict:
+def dit_sample(info: FluxModelInfo, shape: ServingShape, dtype: torch.dtype,
+               device: str = "cuda") -> dict:
     """The DiT's inputs at `shape`, as the pipeline builds them."""
     from flux_triton import sampling
 
     sizes = shape.axis_sizes(info)
-    device = "cuda"
     embeds = type("Embeds", (), {})()
     embeds.sequence = torch.randn(shape.batch, sizes["S_txt"], info.t5_hidden_size, device=device,
                                   dtype=dtype)

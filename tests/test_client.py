@@ -23,6 +23,24 @@ def test_client_saves_previews_and_image(served, tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "preview_step03_0.png")).shape == (8, 12, 3)
 
 
+def test_client_fast_tier_says_what_it_skipped(served, tmp_path, capsys):
+    from tests.reference import served_generate
+
+    args = ["--url", served["schnell"].url, "--prompt", "a red circle", "--steps", "8", "--height",
+            "64", "--width", "64", "--seed", "3", "--cache-threshold", "0.5", "--out", str(tmp_path)]
+    code = stream_client.main(args)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    expected = served_generate(served["schnell"], dict(
+        prompt="a red circle", num_inference_steps=8, height=64, width=64, seed=3,
+        cache_threshold=0.5))
+    report = expected.timings["first_block_cache"]
+    assert report["dit_calls_skipped"] > 0
+    assert (f"first-block cache at 0.5: {report['dit_calls_skipped']} of 8 DiT calls ran only "
+            "the first block") in out
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "image_0.png")), expected.image[0])
+
+
 def test_client_reports_server_errors(served, tmp_path, capsys):
     code = stream_client.main(["--url", served["schnell"].url, "--prompt", "a cat",
                                "--height", "100", "--out", str(tmp_path)])

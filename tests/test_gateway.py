@@ -120,6 +120,21 @@ def test_invalid_fields_are_400_naming_the_field(gateway):
     assert status == 400 and body["error"]["param"] == "steps" and "[1, 100]" in body["error"]["message"]
 
 
+def test_fast_tier_field_reaches_the_server(gateway, served_shapes):
+    """`cache_threshold` is flux_bls's: the image is the gRPC one at that threshold, the timings
+    say how many DiT calls were skipped; out of range is 400 naming it, before any model call."""
+    fields = {"prompt": PROMPT, "seed": 2, "cache_threshold": 0.2}
+    status, body, _ = gateway.post("/v1/images/generations", fields)
+    assert status == 200, body
+    reference = served_generate(served_shapes, dict(prompt=PROMPT, seed=2, cache_threshold=0.2))
+    assert np.array_equal(b64_image(body["data"][0]["b64_json"]), reference.image[0])
+    assert body["timings"]["first_block_cache"] == reference.timings["first_block_cache"]
+    assert body["timings"]["first_block_cache"]["dit_calls_skipped"] > 0
+    for bad in (1.5, -0.1, "0.2"):
+        status, body, _ = gateway.post("/v1/images/generations", dict(fields, cache_threshold=bad))
+        assert status == 400 and body["error"]["param"] == "cache_threshold", body
+
+
 def test_deadline_returns_the_partial_image_marked(gateway):
     status, body, _ = gateway.post("/v1/images/generations",
                                    {"prompt": PROMPT, "steps": 100, "deadline_ms": 300, "seed": 4})
