@@ -96,3 +96,32 @@ def test_float8_dit_stays_close_to_bf16(info):
         error = _relative_error(fp8(**inputs)["noise_pred"], bf16(**inputs)["noise_pred"])
     print(f"float8 DiT vs bf16 on the trained model: relative error {error:.2e}")
     assert 0 < error < 0.1
+
+
+def test_first_block_cache_runs_compiled_beside_the_graph(info):
+    """The fast tier on an accelerated DiT: a cached call (not captured: it decides on the host)
+    computes what the eager module computes within bf16's compiled rounding, a skipped call adds
+    the cached residual to the first block's output, and neither recaptures the plain graph."""
+    eager = load_component("dit_transformer", info, "cuda", "bfloat16")
+    fast = load_accelerated("dit_transformer", info, "cuda",
+                            Acceleration("BF16", compile=True, cuda_graphs=True), warmup=(SHAPE,))
+    inputs = sample_inputs("dit_transformer", info, SHAPE, "cuda", "BF16")
+    state_names = ("cache_head_residual", "cache_tail_residual", "cache_tail_encoder_residual")
+
+    def threshold(value):
+        return {"cache_threshold": torch.tensor([value], device="cuda")}
+
+    with torch.inference_mode():
+        plain = fast(**inputs)["noise_pred"]
+        captures = fast.captures
+        first_eager, first_fast = eager(**inputs, **threshold(0.1)), fast(**inputs, **threshold(0.1))
+        assert bool(first_fast["cache_computed"].all())
+        assert _relative_error(first_fast["noise_pred"], first_eager["noise_pred"]) < 0.02
+        assert _relative_error(first_fast["noise_pred"], plain) < 0.02
+        state = {name: first_fast[name] for name in state_names}
+        skipped = fast(**inputs, **threshold(1e9), **state)  # no change exceeds it
+        assert not bool(skipped["cache_computed"].any())
+        # same inputs: the first block's output plus the cached rest is the full call's output
+        assert _relative_error(skipped["noise_pred"], first_fast["noise_pred"]) < 1e-2
+        assert all(skipped[name] is state[name] for name in state_names)
+        assert fast.captures == captures and torch.equal(fast(**inputs)["noise_pred"], plain)
