@@ -38,8 +38,10 @@ def draw(info, models: TorchFluxModels, caption: str, seed: int, threshold: floa
 
 
 def evaluate(model_dir: str, thresholds: list[float], seeds: list[int], device: str = "cpu",
-             steps_for_speed: int | None = None, scene_step: int = 1) -> dict:
+             steps_for_speed: int | None = None, scene_step: int = 1,
+             steps: int | None = None) -> dict:
     info = load_model_info(model_dir)
+    steps = steps or info.default_num_inference_steps
     models = load_models(info, device, "FP32")
     scenes = all_scenes()[::scene_step]
     rows, reference = [], None
@@ -48,7 +50,7 @@ def evaluate(model_dir: str, thresholds: list[float], seeds: list[int], device: 
         images, calls, skipped = [], 0, 0
         for seed in seeds:
             for scene in scenes:
-                image, report = draw(info, models, scene.caption, seed, threshold)
+                image, report = draw(info, models, scene.caption, seed, threshold, steps)
                 images.append(image)
                 if report:
                     calls, skipped = calls + report["dit_calls"], skipped + report["dit_calls_skipped"]
@@ -64,7 +66,8 @@ def evaluate(model_dir: str, thresholds: list[float], seeds: list[int], device: 
                "dit_calls_skipped": skipped,
                "skipped_share": round(skipped / calls, 4) if calls else 0.0,
                "seconds": round(time.perf_counter() - began, 1)}
-        if steps_for_speed:
+        row[f"skipped_share_at_{steps}_steps"] = row["skipped_share"]
+        if steps_for_speed and steps_for_speed != steps:
             calls, skipped = 0, 0
             for scene in scenes:
                 _, report = draw(info, models, scene.caption, seeds[0], threshold, steps_for_speed)
@@ -74,7 +77,7 @@ def evaluate(model_dir: str, thresholds: list[float], seeds: list[int], device: 
         print(json.dumps(row), flush=True)
         rows.append(row)
     return {"model_dir": str(info.model_dir), "device": device, "seeds": seeds,
-            "captions": len(scenes), "num_inference_steps": info.default_num_inference_steps,
+            "captions": len(scenes), "num_inference_steps": steps,
             "rows": rows}
 
 
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.2,0.3")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--device", default="cpu", help="cpu, or gpu / cuda[:N]")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's own")
     parser.add_argument("--steps-for-speed", type=int, default=None,
                         help="also the skip share at this step count (seed 0)")
     parser.add_argument("--scene-step", type=int, default=1, help="every Nth caption")
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     device = "cuda" if args.device == "gpu" else args.device
     result = evaluate(args.model_dir, thresholds, list(range(args.seeds)), device,
-                      args.steps_for_speed, args.scene_step)
+                      args.steps_for_speed, args.scene_step, args.steps)
     result["seconds"] = round(time.perf_counter() - began, 1)
     print(table(result))
     if args.out:
