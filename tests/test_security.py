@@ -5,6 +5,7 @@ stream that loses its server ends with an `error` event, and no server outlives 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shlex
@@ -23,6 +24,7 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from devtools.processes import free_port
+from flux_triton.adapters.faults import FAULTS_ENV
 from flux_triton.export.repository import write_repository
 from flux_triton.server.launcher import ADMIN_HEADER, SHM_FOLDER, TritonServer
 from flux_triton.server.supervisor import model_processes
@@ -116,7 +118,10 @@ def make_serve(model_dirs, tmp_path_factory):
     ports = [free_port() for _ in range(3)]
     command = ["make", "-s", "serve", f"REPOSITORY={repository}", f"HTTP_PORT={ports[0]}",
                f"GRPC_PORT={ports[1]}", f"METRICS_PORT={ports[2]}"]
-    deployment = Deployment(command, repository, ports, {})
+    faults = root / "faults"  # test-only slowdowns (flux_triton.adapters.faults), none planned
+    faults.mkdir()
+    deployment = Deployment(command, repository, ports, {FAULTS_ENV: str(faults)})
+    deployment.faults = faults
     yield deployment
     deployment.stop()
 
@@ -214,7 +219,13 @@ def test_kubernetes_pod_refuses_the_admin_api(model_dirs, tmp_path):
 def test_stream_that_loses_the_server_ends_with_an_error_event(make_serve):
     """The supervisor restarts the whole server when flux_bls dies: an SSE client mid-stream gets
     an `error` event in OpenAI's shape, never a silent end."""
-    with RunningGateway(_gateway_settings(make_serve)) as gateway:
+    # each DiT call 50 ms longer: the stream is still running when the kill lands, however busy
+    # the machine (a loaded CI runner once let the tiny model's 100 steps finish first)
+    plan = make_serve.faults / "dit_transformer.json"
+    plan.write_text(json.dumps({"delay_ms": 50}))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(plan.unlink)
+        gateway = cleanup.enter_context(RunningGateway(_gateway_settings(make_serve)))
         connection = gateway.connection()
         connection.request("POST", "/v1/images/generations", headers={
             "Content-Type": "application/json"}, body=json.dumps(

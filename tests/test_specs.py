@@ -23,7 +23,8 @@ def _from_config(tensors):
 def test_loaded_configs_match_specs(served, variant):
     srv = served[variant]
     client = srv.client()
-    specs = {name: python_model_spec(spec, name) for name, spec in component_specs(srv.info).items()}
+    specs = {name: python_model_spec(spec, name, srv.info, step_cache=True)  # the torch runtime
+             for name, spec in component_specs(srv.info).items()}
     specs["flux_bls"] = bls_spec(srv.info)
     for name, spec in specs.items():
         config = client.get_model_config(name, as_json=True)["config"]
