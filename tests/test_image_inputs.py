@@ -4,6 +4,8 @@ process and served (every step's preview too); every bad image input is refused 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -92,13 +94,22 @@ def diffusers_edit(model_dir, request, reference_area: int | None = None):
         cls = diffusers.FluxImg2ImgPipeline
         kwargs["strength"] = request.strength
     pipe = cls.from_pretrained(model_dir, dtype=torch.float32)
+    context = contextlib.nullcontext()
+    if request.cache_threshold > 0:  # the fast tier: diffusers' own first-block cache
+        from diffusers import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=request.cache_threshold))
+        # FluxImg2Img/InpaintPipeline (0.42.1) name no cache context, which the hooks need; the
+        # one FluxPipeline gives the prompt's calls (these cases have no negative prompt)
+        context = pipe.transformer.cache_context("cond")
     steps = []
 
     def keep(_pipe, _i, _t, tensors):
         steps.append(tensors["latents"].clone())
         return tensors
 
-    out = pipe(output_type="np", callback_on_step_end=keep, **kwargs).images
+    with context:
+        out = pipe(output_type="np", callback_on_step_end=keep, **kwargs).images
     return (out * 255).round().astype("uint8"), steps
 
 

@@ -132,3 +132,18 @@ def test_served_onnx_refuses_the_cache(served_onnx):
                                                           height=64, width=64, cache_threshold=0.3))
     assert result.kinds == ["error"] and "`cache_threshold`" in result.error
     assert "PyTorch runtime" in result.error
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["image-to-image", "inpainting"])
+def test_cache_on_image_inputs_equals_diffusers(model_dirs, with_mask):
+    """The fast tier on an edit: FluxImg2ImgPipeline / FluxInpaintPipeline with the same cache."""
+    from tests.test_image_inputs import diffusers_edit, edit_inputs
+
+    info = load_model_info(model_dirs["dev"])
+    fields = dict(prompt=["a red circle"], strength=0.9, num_inference_steps=8, seed=4,
+                  cache_threshold=0.5)
+    request = validate_request(edit_inputs(fields, (1, 64, 80), with_mask, "dev"), info)
+    final = list(run_in_process(request, info, TorchFluxModels(info)))[-1]
+    assert final.cache["dit_calls_skipped"] > 0
+    expected, _ = diffusers_edit(model_dirs["dev"], request)
+    assert np.array_equal(final.image.numpy(), expected)
