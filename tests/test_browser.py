@@ -22,12 +22,16 @@ if CHROMIUM is None and os.environ.get("CI"):  # CI installs it (make setup-brow
     raise RuntimeError("chromium is missing: run `make setup-browser`")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (make setup-browser)")
 
-# Every change of the preview image, recorded in the page as it happens.
+# Every preview the page shows, recorded as it happens: the page sets the preview's `data-step`
+# with each image. Several events can arrive in one task, before the observer runs, so each
+# record's new value is the next record's old one (the last one's: the value now).
 WATCH_PREVIEWS = """
 window.seenSteps = [];
 new MutationObserver((records) => {
-  for (const r of records) window.seenSteps.push(Number(r.target.dataset.step));
-}).observe(document.getElementById("preview-image"), {attributes: true, attributeFilter: ["src"]});
+  records.forEach((r, i) => window.seenSteps.push(Number(
+    i + 1 < records.length ? records[i + 1].oldValue : r.target.dataset.step)));
+}).observe(document.getElementById("preview-image"),
+           {attributes: true, attributeFilter: ["data-step"], attributeOldValue: true});
 """
 
 
