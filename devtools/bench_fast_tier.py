@@ -26,9 +26,7 @@ from devtools.bench_gpu import dit_sample, environment, median_ms
 from devtools.full_size import write_full_size_folder
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.acceleration import Acceleration, load_network
-from flux_triton.specs import TORCH_DTYPES, ServingShape
-
-STATE = ("cache_head_residual", "cache_tail_residual", "cache_tail_encoder_residual")
+from flux_triton.specs import CACHE_STATE, TORCH_DTYPES, ServingShape
 
 
 def cached_call_times(info, precision: str, shape: ServingShape, device: str = "cuda",
@@ -46,35 +44,15 @@ def cached_call_times(info, precision: str, shape: ServingShape, device: str = "
 
     with torch.inference_mode():
         first = run(**inputs, **threshold(0.0))
-        state = {name: first[name] for name in STATE}
+        state = {name: first[name] for name in CACHE_STATE}
         assert bool(first["cache_computed"][0])
         computed = run(**inputs, **threshold(-1.0), **state)  # every change is above -1
         skipped = run(**inputs, **threshold(1e9), **state)  # and none above 1e9
         assert bool(computed["cache_computed"][0]) and not bool(skipped["cache_computed"][0])
-        sync = torch.cuda.synchronize if accelerated else (lambda: None)
-
-        def timed(**extra):
-            def call():
-                run(**inputs, **extra)
-                sync()
-            return call
-
-        times = {"plain": timed(), "computed": timed(**threshold(-1.0), **state),
-                 "skipped": timed(**threshold(1e9), **state)}
-        return {name: round(median_ms(fn, runs=runs) if accelerated else _cpu_ms(fn, runs), 2)
-                for name, fn in times.items()}
-
-
-def _cpu_ms(fn, runs: int) -> float:
-    import statistics
-    import time
-
-    samples = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - began) * 1000)
-    return statistics.median(samples)
+        calls = {"plain": {}, "computed": dict(threshold(-1.0), **state),
+                 "skipped": dict(threshold(1e9), **state)}
+        return {name: round(median_ms(lambda extra=extra: run(**inputs, **extra), runs=runs), 2)
+                for name, extra in calls.items()}
 
 
 def estimates(times: dict[str, float], steps: int, shares: dict[float, float]) -> list[dict]:

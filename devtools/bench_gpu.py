@@ -87,10 +87,12 @@ def serving_shape(variant: str, batch: int) -> ServingShape:
 
 
 def synced_seconds(fn) -> float:
-    torch.cuda.synchronize()
+    """Seconds `fn` takes, its GPU work included (on a machine with one)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     began = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - began
 
 

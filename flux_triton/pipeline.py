@@ -19,6 +19,7 @@ from flux_triton import images, sampling
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.recovery import ComponentError
 from flux_triton.request import GenerationRequest
+from flux_triton.specs import CACHE_STATE
 
 
 class StageFailed(RuntimeError):
@@ -104,9 +105,6 @@ class StageTimer:
     def spans_ms(self) -> dict[str, list[float]]:
         """[start, end] of each stage in milliseconds since the request started."""
         return {k: [round(a * 1000, 3), round(b * 1000, 3)] for k, (a, b) in self.spans.items()}
-
-
-CACHE_STATE = ("cache_head_residual", "cache_tail_residual", "cache_tail_encoder_residual")
 
 
 @dataclass

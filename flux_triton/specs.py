@@ -53,6 +53,10 @@ ADAPTER_INPUTS = (TensorSpec("lora", "BYTES", ("K",), optional=True),
                   TensorSpec("lora_scale", "FP32", ("K",), optional=True))
 
 
+# The DiT's first-block cache state (`step_cache_tensors`), by name.
+CACHE_STATE = ("cache_head_residual", "cache_tail_residual", "cache_tail_encoder_residual")
+
+
 def step_cache_tensors(info: FluxModelInfo, dtype: str) -> tuple[tuple[TensorSpec, ...],
                                                                   tuple[TensorSpec, ...]]:
     """The DiT's first-block caching (diffusers' FirstBlockCacheConfig), its state carried by the
@@ -61,11 +65,11 @@ def step_cache_tensors(info: FluxModelInfo, dtype: str) -> tuple[tuple[TensorSpe
     that ran them; else it adds their cached residual. The state inputs are absent at a request's
     first step; the outputs are the state after the call (unchanged where it skipped) and whether
     it ran every block. (inputs, outputs)."""
+    tokens = dict(zip(CACHE_STATE, ("S_img", "S_img", "S_txt")))
+
     def state(optional: bool) -> tuple[TensorSpec, ...]:
-        return (TensorSpec("cache_head_residual", dtype, ("B", "S_img", info.dit_width), optional),
-                TensorSpec("cache_tail_residual", dtype, ("B", "S_img", info.dit_width), optional),
-                TensorSpec("cache_tail_encoder_residual", dtype, ("B", "S_txt", info.dit_width),
-                           optional))
+        return tuple(TensorSpec(name, dtype, ("B", tokens[name], info.dit_width), optional)
+                     for name in CACHE_STATE)
     return ((TensorSpec("cache_threshold", "FP32", (1,), optional=True), *state(True)),
             (*state(False), TensorSpec("cache_computed", "BOOL", ("B",))))
 

@@ -3,6 +3,7 @@ in-process request; streaming from a test server; reading its metrics and script
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -138,3 +139,15 @@ def metric(srv, name: str, **labels) -> float:
 
 def inject(srv, model: str, **plan) -> None:
     (srv.fault_dir / f"{model}.json").write_text(json.dumps(plan))
+
+
+@contextlib.contextmanager
+def first_block_cache(pipe, threshold: float):
+    """diffusers' own first-block cache on the pipeline's transformer, for one call."""
+    from diffusers import FirstBlockCacheConfig
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        yield pipe
+    finally:
+        pipe.transformer.disable_cache()

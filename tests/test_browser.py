@@ -4,7 +4,6 @@ the real gateway and the real Triton server with the trained shapes model."""
 from __future__ import annotations
 
 import base64
-import io
 import os
 import shutil
 import time
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 from flux_triton.gateway.app import GatewaySettings
-from tests.gateway_server import RunningGateway
+from tests.gateway_server import RunningGateway, b64_image
 from tests.reference import metric
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -55,7 +54,7 @@ def page(browser, served_shapes):
 
 
 def _data_url_image(src: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    return b64_image(src.split(",", 1)[1])
 
 
 def test_page_streams_previews_then_the_image(page, tmp_path):

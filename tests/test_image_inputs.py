@@ -16,7 +16,7 @@ from flux_triton.pipeline import FinalImage, StepUpdate
 from flux_triton.request import InvalidRequest, validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
 from flux_triton.serving_config import ServingLimits
-from tests.reference import SHAPES_DIR, raw_inputs, served_generate
+from tests.reference import SHAPES_DIR, first_block_cache, raw_inputs, served_generate
 
 
 def picture(height: int, width: int, seed: int) -> np.ndarray:
@@ -94,14 +94,12 @@ def diffusers_edit(model_dir, request, reference_area: int | None = None):
         cls = diffusers.FluxImg2ImgPipeline
         kwargs["strength"] = request.strength
     pipe = cls.from_pretrained(model_dir, dtype=torch.float32)
-    context = contextlib.nullcontext()
+    context = contextlib.ExitStack()
     if request.cache_threshold > 0:  # the fast tier: diffusers' own first-block cache
-        from diffusers import FirstBlockCacheConfig
-
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=request.cache_threshold))
+        context.enter_context(first_block_cache(pipe, request.cache_threshold))
         # FluxImg2Img/InpaintPipeline (0.42.1) name no cache context, which the hooks need; the
         # one FluxPipeline gives the prompt's calls (these cases have no negative prompt)
-        context = pipe.transformer.cache_context("cond")
+        context.enter_context(pipe.transformer.cache_context("cond"))
     steps = []
 
     def keep(_pipe, _i, _t, tensors):

@@ -3,8 +3,6 @@ its state carried per request, bit-equal to diffusers on the CPU, in-process and
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage, StepUpdate
 from flux_triton.request import InvalidRequest, validate_request
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
-from tests.reference import diffusers_image, raw_inputs, served_generate
+from tests.reference import diffusers_image, first_block_cache, raw_inputs, served_generate
 
 SHAPES_DIR = "models/shapes-flux"
 PROMPT = "a red circle on a blue background"
@@ -28,18 +26,6 @@ CASES = {
     "shapes model": ("shapes", dict(prompt=PROMPT, num_inference_steps=12, seed=1,
                                     cache_threshold=0.2)),
 }
-
-
-@contextlib.contextmanager
-def first_block_cache(pipe, threshold: float):
-    """diffusers' own first-block cache on the pipeline's transformer, for one call."""
-    from diffusers import FirstBlockCacheConfig
-
-    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    try:
-        yield pipe
-    finally:
-        pipe.transformer.disable_cache()
 
 
 def model_dir(model_dirs, variant: str):

@@ -36,15 +36,7 @@ from flux_triton.batching import CallBatcher
 from flux_triton.dispatch import LoadBoard, board_folder
 from flux_triton.images import kontext_resolutions
 from flux_triton.model_info import load_model_info
-from flux_triton.pipeline import (
-    CACHE_STATE,
-    Adapters,
-    FinalImage,
-    StageFailed,
-    StepUpdate,
-    Stop,
-    generate,
-)
+from flux_triton.pipeline import Adapters, FinalImage, StageFailed, StepUpdate, Stop, generate
 from flux_triton.placement import served_networks
 from flux_triton.recovery import (
     OutOfMemory,
@@ -55,7 +47,14 @@ from flux_triton.recovery import (
 )
 from flux_triton.request import InvalidRequest, listing_requested, validate_request
 from flux_triton.serving_config import BlsOptions
-from flux_triton.specs import NETWORKS, TORCH_DTYPES, bls_spec, component_specs
+from flux_triton.specs import (
+    CACHE_STATE,
+    NETWORKS,
+    TORCH_DTYPES,
+    bls_spec,
+    component_specs,
+    python_model_spec,
+)
 
 
 class BlsFluxModels:
@@ -244,9 +243,10 @@ class FluxBlsModel:
         self.policy = options.retry
         self.input_names = [spec.name for spec in bls_spec(self.info).inputs]
         specs = component_specs(self.info)
-        self.batched = {m: specs[m].batched_inputs() for m in NETWORKS}
         self.step_cache = options.backend == "torch"  # the DiT serves first-block caching
-        self.batched["dit_transformer"] |= set(CACHE_STATE)  # halved with the rest on OOM
+        # what is halved on out-of-memory: every batched input the served network takes
+        self.batched = {m: python_model_spec(specs[m], m, self.info, self.step_cache).batched_inputs()
+                        for m in NETWORKS}
         device = instance_device(args)
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
         self.served_names = served_networks(options.networks_by_gpu, self.gpu)

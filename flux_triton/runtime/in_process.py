@@ -49,9 +49,12 @@ class TorchFluxModels:
         ids = self.parts["tokenizer"](list(prompts), list(prompts_2), max_sequence_length)
         return ids["clip_input_ids"].to(self.device), ids["t5_input_ids"].to(self.device)
 
-    def _run(self, name: str, output: str, **inputs: torch.Tensor) -> torch.Tensor:
+    def _outputs(self, name: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            return self.parts[name](**inputs)[output]
+            return self.parts[name](**inputs)
+
+    def _run(self, name: str, output: str, **inputs: torch.Tensor) -> torch.Tensor:
+        return self._outputs(name, **inputs)[output]
 
     async def clip_encoder(self, input_ids: torch.Tensor, adapters: Adapters = ()) -> torch.Tensor:
         self._adapt("clip_encoder", adapters)
@@ -68,9 +71,7 @@ class TorchFluxModels:
     async def dit_transformer_cached(self, inputs: dict[str, torch.Tensor],
                                      adapters: Adapters = ()) -> dict[str, torch.Tensor]:
         self._adapt("dit_transformer", adapters)
-        inputs = {n: v.to(self.device) for n, v in inputs.items()}
-        with torch.inference_mode():
-            return self.parts["dit_transformer"](**inputs)
+        return self._outputs("dit_transformer", **inputs)
 
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run("vae_decoder", "image", latents=latents)

@@ -15,7 +15,7 @@ from flux_triton.runtime.acceleration import (
     sample_inputs,
 )
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import ServingShape
+from flux_triton.specs import CACHE_STATE, ServingShape
 from tests.reference import SHAPES_DIR
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -106,7 +106,7 @@ def test_first_block_cache_runs_compiled_beside_the_graph(info):
     fast = load_accelerated("dit_transformer", info, "cuda",
                             Acceleration("BF16", compile=True, cuda_graphs=True), warmup=(SHAPE,))
     inputs = sample_inputs("dit_transformer", info, SHAPE, "cuda", "BF16")
-    state_names = ("cache_head_residual", "cache_tail_residual", "cache_tail_encoder_residual")
+    state_names = CACHE_STATE
 
     def threshold(value):
         return {"cache_threshold": torch.tensor([value], device="cuda")}
