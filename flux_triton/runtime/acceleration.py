@@ -214,9 +214,9 @@ def accelerate(name: str, network: torch.nn.Module, options: Acceleration) -> Ca
 
 
 # SDPA's backends in the order every accelerated call tries them: cuDNN first. Left to itself, a
-# compile in a Triton model process traced flash attention (0.81 ms a FLUX block) where a quiet
-# process traced cuDNN's (0.44 ms); the choice is baked into the compiled graph and the CUDA
-# graph, so it is pinned for every compile, capture and eager call (docs/performance.md).
+# compile in a Triton model process traced the slower flash attention where a quiet process traced
+# cuDNN's; the choice is baked into the compiled graph and the CUDA graph, so it is pinned for
+# every compile, capture and eager call (the measurements: docs/performance.md).
 ATTENTION_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
