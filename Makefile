@@ -23,7 +23,9 @@ given = $(filter command line environment,$(origin $(1)))
 SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 	$(if $(call given,MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(call given,MPS),--mps $(MPS)) \
 	$(if $(call given,SUPERVISOR_PORT),--supervisor-port $(SUPERVISOR_PORT)) \
-	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR))
+	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) \
+	$(if $(call given,MAX_INFLIGHT),--max-inflight $(MAX_INFLIGHT)) \
+	$(if $(call given,MAX_QUEUE),--max-queue "$(MAX_QUEUE)")
 # GPU export options (torch backend): COMPILE=0|1, CUDA_GRAPHS=0|1, WARMUP=BxHxWxS[,...],
 # PRECOMPILE=0|1 (default 1: the export compiles every network into the server's compile cache);
 # BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off);
@@ -32,6 +34,8 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 # MAX_PIXEL_STEPS=N: the most work one request may ask for, height × width × steps × images;
 # RANDOM_WEIGHTS=1: serve a folder of configs without weights (random_weights.json), for benchmarks;
 # LORA_DIR=...: the LoRA adapters requests may name (default <model folder>/loras); MAX_LORAS=N
+# MAX_INFLIGHT=M: generations running at once per GPU (default 4), the rest wait in line;
+# MAX_QUEUE=N: requests that may wait on the whole server, past it refused at once (default: no bound)
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
 	$(if $(call given,PRECOMPILE),--precompile $(PRECOMPILE)) \
@@ -40,7 +44,9 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,GPUS),--gpus $(GPUS)) \
 	$(if $(call given,MAX_PIXEL_STEPS),--max-pixel-steps $(MAX_PIXEL_STEPS)) \
 	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS)) \
-	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS))
+	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS)) \
+	$(if $(call given,MAX_INFLIGHT),--max-inflight $(MAX_INFLIGHT)) \
+	$(if $(call given,MAX_QUEUE),--max-queue "$(MAX_QUEUE)")
 
 .PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora bench-edits bench-fast-tier edits-accuracy fast-tier-accuracy export-full-size gpu-bundle lint clean
 

@@ -48,7 +48,7 @@ def scene_index(scenes: list[Scene]) -> torch.Tensor:
 
 
 @functools.cache
-def _palette(device: torch.device) -> torch.Tensor:
+def palette_tensor(device: torch.device) -> torch.Tensor:
     """[8, 3] colours, made once per device (a host-to-device copy per batch would stall it)."""
     return torch.tensor(list(PALETTE.values()), dtype=torch.float32, device=device)
 
@@ -71,7 +71,7 @@ def render_batch(index: torch.Tensor, size: int, generator: torch.Generator,
     inside = _inside(shape, x, y, cx, cy, half)
     if outline:
         inside &= ~_inside(shape, x, y, cx, cy, half * OUTLINE_HOLE)
-    palette = _palette(device)
+    palette = palette_tensor(device)
     colour = palette[index[:, 1]].view(batch, 3, 1, 1)
     background = palette[index[:, 2]].view(batch, 3, 1, 1)
     image = torch.where(inside.unsqueeze(1), colour, background)

@@ -27,7 +27,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from devtools.model_folders import staged_model_dir, write_serving_defaults
-from devtools.shapes import accuracy, all_scenes, render_batch, scene_index
+from devtools.shapes import accuracy, all_scenes, palette_tensor, render_batch, scene_index
 from devtools.tokenizers import (
     CHARACTER_LINES,
     build_clip_tokenizer,
@@ -63,6 +63,10 @@ class TrainingConfig:
     max_minutes: float = 20.0  # wall-clock budget for both stages together
     vae_minutes: float = 4.0  # at most, and at most half of max_minutes (1.7 min gave 27 dB only)
     compile: bool = True  # torch.compile the networks on a GPU (eager elsewhere)
+    # The share of each transformer batch drawn as inpainting states (`inpaint_batch`): 0 trains
+    # text-to-image only.
+    inpaint_share: float = 0.0
+    inpaint_pairs_per_caption: int = 64
     seed: int = 0
 
 
@@ -233,6 +237,86 @@ def flow_batch(dataset: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch: 
     return index, noisy, sigma, noise - clean
 
 
+def _shape_cells(images: torch.Tensor, index: torch.Tensor, cell: int) -> torch.Tensor:
+    """bool [B, 1, h, w]: the latent cells (`cell` px square) wholly inside each image's shape,
+    which an inpainting mask of the background keeps (`devtools.shapes_edits.background_mask`)."""
+    palette = palette_tensor(images.device)
+    colour = palette[index[:, 1]].view(-1, 3, 1, 1)
+    background = palette[index[:, 2]].view(-1, 3, 1, 1)
+    # how far each pixel is from the background towards the shape's colour, 0..1
+    towards = ((images - background) * (colour - background)).sum(1, keepdim=True)
+    shape = towards > 0.5 * (colour - background).square().sum(1, keepdim=True)
+    return -torch.nn.functional.max_pool2d(-shape.float(), cell) > 0.5
+
+
+def encode_inpaint_pairs(vae: AutoencoderKL, config: TrainingConfig, device: str, cell: int
+                         ) -> tuple[torch.Tensor, ...]:
+    """Pairs of one geometry under two background colours, encoded: target caption indices [N],
+    the target's and the source's posterior mean and std [N, C, h, w], and the cells an
+    inpainting mask of the background repaints [N, 1, h, w] (1.0 = repaint)."""
+    generator = torch.Generator(device).manual_seed(config.seed + 3)
+    scenes = all_scenes()
+    table = scene_index(scenes).to(device)
+    lookup = {tuple(row.tolist()): i for i, row in enumerate(table.cpu())}
+    colours = table[:, 1:].max().item() + 1
+    index = torch.arange(len(table), device=device).repeat(config.inpaint_pairs_per_caption)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(6)]
+    with torch.no_grad(), _autocast(device):
+        for chunk in index.split(256):
+            rows = table[chunk]
+            # a source background that is neither the target's nor the shape's colour
+            offsets = torch.randint(1, colours - 1, (len(chunk),), generator=generator, device=device)
+            other = (rows[:, 2] + offsets) % colours
+            other = torch.where(other == rows[:, 1], (other + 1) % colours, other)
+            other = torch.where(other == rows[:, 2], (other + 1) % colours, other)
+            source = torch.tensor([lookup[(s, c, b)] for s, c, b in
+                                   zip(rows[:, 0].tolist(), rows[:, 1].tolist(), other.tolist())],
+                                  device=device)
+            state = generator.get_state()
+            target_images = render_batch(rows, config.size, generator)
+            generator.set_state(state)  # the same position and scale
+            source_images = render_batch(table[source], config.size, generator)
+            keep = _shape_cells(target_images, rows, cell)
+            for images, out in ((target_images, parts[1:3]), (source_images, parts[3:5])):
+                posterior = vae.encode(images / 127.5 - 1).latent_dist
+                out[0].append(posterior.mean.float())
+                out[1].append(posterior.std.float())
+            parts[0].append(chunk)
+            parts[5].append((~keep).float())
+    return tuple(torch.cat(part) for part in parts)
+
+
+def inpaint_batch(pairs: tuple[torch.Tensor, ...], batch: int, info, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, ...]:
+    """A batch of the states FluxInpaintPipeline's transformer sees, as `flow_batch` returns them.
+
+    The kept cells follow the source's noising path exactly, as the pipeline blends them in. The
+    repainted cells still carry part of the source's old background, λ = σ·u (u uniform): all of
+    it at the pipeline's first step, less as it denoises. The target is the velocity whose clean
+    estimate (noisy − σ·v) is the target image everywhere, so the model learns to replace the old
+    background by the caption's instead of drawing around it.
+    """
+    index, target_mean, target_std, source_mean, source_std, repaint = pairs
+    device = generator.device
+    pick = torch.randint(len(index), (batch,), generator=generator, device=device)
+    shared = torch.randn(target_mean[pick].shape, generator=generator, device=device)
+
+    def packed(mean, std):  # one posterior draw for both: the kept cells are the same image
+        latents = mean[pick] + std[pick] * shared
+        return pack_latents(to_model_latents(latents, info.vae_scaling_factor, info.vae_shift_factor))
+
+    target, old = packed(target_mean, target_std), packed(source_mean, source_std)
+    mask = pack_latents(repaint[pick].expand(-1, target_mean.shape[1], -1, -1))
+    clean = old + mask * (target - old)  # what the pipeline ends with: the kept cells are the source's
+    noise = torch.randn(clean.shape, generator=generator, device=device)
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device)).view(-1, 1, 1)
+    share = torch.rand(batch, generator=generator, device=device).view(-1, 1, 1)
+    change = mask * (old - clean)
+    noisy = (1 - sigma) * (clean + sigma * share * change) + sigma * noise
+    velocity = noise - clean + (1 - sigma) * share * change
+    return index[pick], noisy, sigma.view(-1), velocity
+
+
 def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfig, device: str,
                       deadline: float) -> tuple[list[torch.nn.Module], dict]:
     """Train DiT, CLIP and T5 on (noise - image latents); returns the modules holding EMA weights."""
@@ -252,6 +336,9 @@ def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfi
     img_ids = latent_image_ids(latent_side, latent_side, device, torch.float32)
     txt_ids = text_ids(config.max_sequence_length, device, torch.float32)
     dataset = encode_dataset(vae, config, device)
+    inpaint_rows = round(config.dit_batch * config.inpaint_share)
+    pairs = (encode_inpaint_pairs(vae, config, device, info.vae_scale_factor) if inpaint_rows
+             else None)
     for module in modules:
         module.train()
     _compile(config.compile and device.startswith("cuda"), *modules)
@@ -260,7 +347,12 @@ def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfi
         for group in optimizer.param_groups:
             progress = max(step / config.dit_steps, (time.perf_counter() - began) / (deadline - began))
             group["lr"] = config.dit_lr * _lr_factor(step, config.warmup_steps, progress)
-        index, noisy, sigma, target = flow_batch(dataset, config.dit_batch, info, generator)
+        index, noisy, sigma, target = flow_batch(dataset, config.dit_batch - inpaint_rows, info,
+                                                 generator)
+        if pairs is not None:
+            extra = inpaint_batch(pairs, inpaint_rows, info, generator)
+            index, noisy, sigma, target = (torch.cat(p) for p in zip((index, noisy, sigma, target),
+                                                                      extra))
         with _autocast(device):
             pooled = clip(clip_ids[index])["pooled_prompt_embeds"]
             prompt_embeds = t5(t5_ids[index])["prompt_embeds"]

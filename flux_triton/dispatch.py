@@ -7,12 +7,14 @@ event loop and returns from `execute` only once its
 GPU is among the least loaded: until then Triton sees the instance busy and gives the next request
 to one on a less loaded GPU.
 
-The instances are separate processes; each publishes its GPU and its active request count in a
-small file of a folder private to the server (`LoadBoard`), and reads the others'.
+The instances are separate processes; each publishes its GPU, its active request count and how
+many of those wait in its line (`flux_triton.admission`) in a small file of a folder private to
+the server (`LoadBoard`), and reads the others'.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import tempfile
@@ -20,9 +22,12 @@ import threading
 import time
 from pathlib import Path
 
-# pid, gpu (-1: CPU), active requests: three little-endian int64 per instance file
-_ENTRY = struct.Struct("<qqq")
+# pid, gpu (-1: CPU), active requests (running or waiting), waiting requests: four little-endian
+# int64 per instance file
+_ENTRY = struct.Struct("<qqqq")
 _ACTIVE_OFFSET = 16
+_WAITING_OFFSET = 24
+_LOCK_FILE = ".queue.lock"  # held while a request joins the server's queue
 
 
 def board_folder(server_pid: int) -> Path:
@@ -47,8 +52,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_entry(path: str) -> tuple[int, int, int] | None:
-    """(pid, gpu, active) of an instance file; None while it is being written or once removed."""
+def _read_entry(path: str) -> tuple[int, int, int, int] | None:
+    """(pid, gpu, active, waiting) of an instance file; None while it is being written or once
+    removed."""
     try:
         with open(path, "rb") as file:
             raw = file.read(_ENTRY.size)
@@ -65,6 +71,7 @@ class LoadBoard:
         self.folder = folder
         self.gpu = -1 if gpu is None else gpu
         self.active = 0
+        self.waiting = 0
         self.lock = threading.Lock()  # execute's thread adds, the event loop's thread subtracts
         self.path = folder / instance
         for attempt in range(3):  # the last instance of a stopping server may remove the folder
@@ -75,8 +82,10 @@ class LoadBoard:
             except FileNotFoundError:
                 if attempt == 2:
                     raise
-        os.pwrite(self.fd, _ENTRY.pack(os.getpid(), self.gpu, 0), 0)
+        os.pwrite(self.fd, _ENTRY.pack(os.getpid(), self.gpu, 0, 0), 0)
         for entry in os.scandir(folder):  # files left by crashed instances
+            if entry.name == _LOCK_FILE:
+                continue
             read = _read_entry(entry.path)
             if read is not None and not _alive(read[0]):
                 Path(entry.path).unlink(missing_ok=True)
@@ -89,16 +98,47 @@ class LoadBoard:
                 # one aligned 8-byte write: readers never see a torn count
                 os.pwrite(self.fd, struct.pack("<q", self.active), _ACTIVE_OFFSET)
 
+    def join_queue(self, max_queue: int | None) -> bool:
+        """Count one more request waiting here unless the server's queue already holds
+        `max_queue` (None: no bound); whether it was counted. Atomic across the instances."""
+        if max_queue is None:
+            self._set_waiting(1)
+            return True
+        with open(self.folder / _LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if self.waiting_total() >= max_queue:
+                return False
+            self._set_waiting(1)
+            return True
+
+    def leave_queue(self) -> None:
+        self._set_waiting(-1)
+
+    def _set_waiting(self, change: int) -> None:
+        with self.lock:
+            self.waiting += change
+            if self.fd is not None:
+                os.pwrite(self.fd, struct.pack("<q", self.waiting), _WAITING_OFFSET)
+
+    def _live_entries(self) -> list[tuple[int, int, int, int]]:
+        """The other live instances' entries."""
+        entries = []
+        for entry in os.scandir(self.folder):
+            if entry.name == _LOCK_FILE or entry.path == str(self.path):
+                continue
+            read = _read_entry(entry.path)
+            if read is not None and _alive(read[0]):  # a crashed instance's requests are gone
+                entries.append(read)
+        return entries
+
+    def waiting_total(self) -> int:
+        """Requests waiting in line over the server's live instances (this one included)."""
+        return self.waiting + sum(max(waiting, 0) for *_, waiting in self._live_entries())
+
     def loads_by_gpu(self) -> dict[int, int]:
         """Active requests per GPU over the live instances (this one included)."""
         loads = {self.gpu: self.active}  # this instance's own count, whatever its file says
-        for entry in os.scandir(self.folder):
-            read = None if entry.path == str(self.path) else _read_entry(entry.path)
-            if read is None:
-                continue
-            pid, gpu, active = read
-            if not _alive(pid):  # a crashed instance's file: its requests are gone
-                continue
+        for _pid, gpu, active, _waiting in self._live_entries():
             loads[gpu] = loads.get(gpu, 0) + max(active, 0)
         return loads
 
@@ -130,6 +170,12 @@ class LoadBoard:
             os.close(self.fd)
             self.fd = None
         self.path.unlink(missing_ok=True)
+        try:
+            if not self._live_entries():  # the last one out: crashed instances' files, the lock
+                for entry in os.scandir(self.folder):
+                    Path(entry.path).unlink(missing_ok=True)
+        except OSError:
+            pass
         try:
             self.folder.rmdir()  # the last instance out removes the folder
         except OSError:

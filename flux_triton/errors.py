@@ -15,7 +15,13 @@ import re
 # Triton status codes by name, as `TritonError` spells them.
 STATUS_CODES = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED",
                 "ALREADY_EXISTS", "CANCELLED")
-_STATUS_TAG = re.compile(rf"\[({'|'.join(STATUS_CODES)})\] ")
+# Codes Triton's Python backend cannot set: they travel as a tag on a code it has (`tag_status`).
+# RESOURCE_EXHAUSTED: the server's queue is full (MAX_QUEUE), sent on UNAVAILABLE.
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+TAG_CODES = (*STATUS_CODES, RESOURCE_EXHAUSTED)
+_STATUS_TAG = re.compile(rf"\[({'|'.join(TAG_CODES)})\] ")
+# How long a refused client should wait, in a refusal's text (`retry_after_text`).
+_RETRY_AFTER = re.compile(r"retry after (\d+) s\b")
 # Triton's own words for a model that cannot serve right now (loading, unloading, its process
 # being restarted): transient, like UNAVAILABLE.
 TRITON_UNAVAILABLE_MARKERS = ("is not ready", "is not healthy", "unavailable", "has no available versions")
@@ -27,9 +33,19 @@ _FIELD = re.compile(r"`(\w+)`: ")
 
 def tag_status(status: str, message: str) -> str:
     """`message` with its status code spelled in it, so it survives a BLS hop."""
-    if status not in STATUS_CODES:
-        raise ValueError(f"status must be one of {STATUS_CODES}, got {status!r}")
+    if status not in TAG_CODES:
+        raise ValueError(f"status must be one of {TAG_CODES}, got {status!r}")
     return f"[{status}] {message}"
+
+
+def retry_after_text(seconds: int) -> str:
+    """The part of a refusal that says when to try again (read back by `retry_after_s`)."""
+    return f"retry after {int(seconds)} s"
+
+
+def retry_after_s(message: str) -> int | None:
+    found = _RETRY_AFTER.search(message)
+    return int(found.group(1)) if found else None
 
 
 def reported_status(code: str | None, message: str) -> str | None:
@@ -64,10 +80,13 @@ def named_field(message: str) -> str | None:
 
 def client_error_kind(message: str) -> str:
     """What an error a client received means: `invalid_argument` (fix the request),
-    `unavailable` (try again later), `cancelled`, `timeout` (a transport deadline) or `failed`."""
+    `resource_exhausted` (the queue is full: try again after the time it says), `unavailable`
+    (try again later), `cancelled`, `timeout` (a transport deadline) or `failed`."""
     status = reported_status(None, message)
     if status == "INVALID_ARG":
         return "invalid_argument"
+    if status == RESOURCE_EXHAUSTED:
+        return "resource_exhausted"
     if status == "CANCELLED":
         return "cancelled"
     lowered = message.lower()

@@ -30,6 +30,13 @@ MODEL_DIR_ENV = "FLUX_TRITON_MODEL_DIR"
 COMPILE_CACHE_ENV = "FLUX_TRITON_COMPILE_CACHE"
 # Overrides `lora_dir`: where the LoRA adapters are (`make serve LORA_DIR=...`).
 LORA_DIR_ENV = "FLUX_TRITON_LORA_DIR"
+# Override `max_inflight` and `max_queue` (`make serve MAX_INFLIGHT=... MAX_QUEUE=...`; an empty
+# MAX_QUEUE or `none`: no bound).
+MAX_INFLIGHT_ENV = "FLUX_TRITON_MAX_INFLIGHT"
+MAX_QUEUE_ENV = "FLUX_TRITON_MAX_QUEUE"
+# Generations one flux_bls instance (one GPU) runs at once unless MAX_INFLIGHT says otherwise:
+# see docs/operations.md, "Queueing", for the measurements behind it.
+DEFAULT_MAX_INFLIGHT = 4
 OPTIONS_PARAMETER = "flux_options"
 REPOSITORY_FILE = "flux_repository.json"
 
@@ -111,6 +118,8 @@ class BlsOptions:
     limits: ServingLimits = ServingLimits()
     retry: RetryPolicy = RetryPolicy()
     batch_delay_us: int = 0  # 0: every request its own DiT calls (batched kernels round otherwise)
+    max_inflight: int = DEFAULT_MAX_INFLIGHT  # generations running at once per instance (GPU)
+    max_queue: int | None = None  # requests waiting on the whole server; None: no bound
     # network -> the Triton type of its floating-point inputs (FP32, FP16, BF16); flux_bls casts
     component_dtypes: dict[str, str] = field(default_factory=dict)
     # str(gpu) -> {network: served model name}: the copies a flux_bls instance on that GPU calls
@@ -123,6 +132,40 @@ class BlsOptions:
     def __post_init__(self) -> None:
         _check_choice("flux_bls", "backend", self.backend, BACKENDS)
         _check_choice("flux_bls", "precision", self.precision, PRECISIONS)
+        check_queue_limits(self.max_inflight, self.max_queue)
+
+    def with_queue_overrides(self, environ: dict[str, str]) -> BlsOptions:
+        """These options with MAX_INFLIGHT / MAX_QUEUE as the server's environment sets them."""
+        changes = {}
+        if environ.get(MAX_INFLIGHT_ENV):
+            changes["max_inflight"] = parse_queue_limit("MAX_INFLIGHT", environ[MAX_INFLIGHT_ENV])
+        if MAX_QUEUE_ENV in environ:
+            changes["max_queue"] = parse_queue_limit("MAX_QUEUE", environ[MAX_QUEUE_ENV])
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+def parse_queue_limit(name: str, text: str) -> int | None:
+    """MAX_INFLIGHT or MAX_QUEUE from its text: a count; for MAX_QUEUE also `none` or empty (no
+    bound). ConfigError naming the variable otherwise."""
+    if name == "MAX_QUEUE" and text.strip().lower() in ("", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: must be a whole number{' or none' if name == 'MAX_QUEUE' else ''}, "
+                          f"got {text!r}") from None
+    if name == "MAX_INFLIGHT":
+        check_queue_limits(value, None)
+    else:
+        check_queue_limits(1, value)
+    return value
+
+
+def check_queue_limits(max_inflight: int, max_queue: int | None) -> None:
+    if max_inflight < 1:
+        raise ConfigError(f"MAX_INFLIGHT (flux_bls.max_inflight): at least 1, got {max_inflight}")
+    if max_queue is not None and max_queue < 0:
+        raise ConfigError(f"MAX_QUEUE (flux_bls.max_queue): 0 or more (or none: no bound), got {max_queue}")
 
 
 @dataclass(frozen=True)

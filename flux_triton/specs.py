@@ -283,5 +283,8 @@ def bls_spec(info: FluxModelInfo) -> ComponentSpec:
         TensorSpec("steps_completed", "INT32", (1,)),
         TensorSpec("partial", "BOOL", (1,)),
         TensorSpec("loras", "BYTES", (1,)),  # the answer to `list_loras`: the adapters, as JSON
+        # a request waiting in line (MAX_INFLIGHT): its place, 1 = next, before its first step and
+        # again whenever it changes
+        TensorSpec("queue_position", "INT32", (1,)),
     )
     return ComponentSpec("flux_bls", BLS_INPUTS, outputs)

@@ -347,6 +347,25 @@ def _board(folder: Path, name: str, gpu: int | None, active: int = 0):
     return board
 
 
+def test_the_servers_queue_is_bounded_over_every_instance(tmp_path):
+    """MAX_QUEUE counts the requests waiting on every GPU's instance, live ones only."""
+    gpu0, gpu1 = _board(tmp_path, "a", 0), _board(tmp_path, "b", 1)
+    assert gpu0.join_queue(3) and gpu1.join_queue(3) and gpu1.join_queue(3)
+    assert not gpu0.join_queue(3) and not gpu1.join_queue(3)
+    assert gpu0.waiting_total() == gpu1.waiting_total() == 3
+    gpu1.leave_queue()
+    assert gpu0.join_queue(3) and gpu0.waiting == 2
+    assert gpu1.join_queue(None)  # no bound
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "crashed").write_bytes(__import__("struct").pack("<qqqq", dead.pid, 0, 9, 9))
+    assert gpu0.waiting_total() == 4  # a crashed instance's line is gone with it
+    gpu1.close()
+    assert gpu0.waiting_total() == 2
+    gpu0.close()  # the last one out also removes the crashed one's file and the lock
+    assert not tmp_path.exists()
+
+
 def test_load_board_sums_live_instances_per_gpu(tmp_path):
     gpu0, gpu0_b, gpu1 = (_board(tmp_path, "a", 0, 2), _board(tmp_path, "b", 0, 1),
                           _board(tmp_path, "c", 1, 2))
@@ -363,7 +382,7 @@ def test_load_board_sums_live_instances_per_gpu(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     Path(tmp_path / "crashed").write_bytes(
-        __import__("struct").pack("<qqq", dead.pid, 1, 7))
+        __import__("struct").pack("<qqqq", dead.pid, 1, 7, 3))
     assert gpu0.loads_by_gpu() == {0: 0, 1: 2}
     _board(tmp_path, "d", 2).close()
     assert not (tmp_path / "crashed").exists()

@@ -87,10 +87,12 @@ def from_torch(pb: Any, name: str, value: torch.Tensor) -> Any:
     return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
 
 
-def error_response(pb: Any, message: str, code_name: str = "INTERNAL") -> Any:
+def error_response(pb: Any, message: str, code_name: str = "INTERNAL", tag: str | None = None
+                   ) -> Any:
     """An InferenceResponse carrying a TritonError with the given status code, also tagged into
-    its text (`flux_triton.errors`): the only part of it a BLS caller sees on Triton 2.51."""
-    return pb.InferenceResponse(error=pb.TritonError(tag_status(code_name, message),
+    its text (`flux_triton.errors`): the only part of it a BLS caller sees on Triton 2.51. `tag`
+    spells a code the backend cannot set instead (RESOURCE_EXHAUSTED, sent on UNAVAILABLE)."""
+    return pb.InferenceResponse(error=pb.TritonError(tag_status(tag or code_name, message),
                                                      getattr(pb.TritonError, code_name)))
 
 

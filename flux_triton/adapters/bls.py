@@ -32,8 +32,10 @@ from flux_triton.adapters.backend import (
     to_torch,
 )
 from flux_triton.adapters.metrics import BlsMetrics
+from flux_triton.admission import Admission, QueueFull, Ticket
 from flux_triton.batching import CallBatcher
 from flux_triton.dispatch import LoadBoard, board_folder
+from flux_triton.errors import RESOURCE_EXHAUSTED, retry_after_text
 from flux_triton.images import kontext_resolutions
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import Adapters, FinalImage, StageFailed, StepUpdate, Stop, generate
@@ -232,7 +234,7 @@ class FluxBlsModel:
             raise pb.TritonModelException(
                 "flux_bls streams responses: set model_transaction_policy { decoupled: true }"
             )
-        options = model_options(args, BlsOptions)
+        options = model_options(args, BlsOptions).with_queue_overrides(os.environ)
         self.info = load_model_info(resolve_model_dir(args, options.model_dir))
         if self.info.kontext:  # its resolution table, read now rather than on a request's time
             kontext_resolutions(self.info.max_area)
@@ -254,6 +256,9 @@ class FluxBlsModel:
         # tritonserver starts every instance's process: its pid names the board they share
         self.board = LoadBoard(board_folder(os.getppid()),
                                f"{args.get('model_instance_name', 'flux_bls')}-{os.getpid()}", self.gpu)
+        self.admission = Admission(options.max_inflight, options.max_queue, self.board)
+        log(pb, f"flux_bls: {options.max_inflight} generations at once, the queue "
+                f"{'unbounded' if options.max_queue is None else f'at most {options.max_queue}'}")
         self.active_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.input_types = network_input_types(self.info, options.component_dtypes)
@@ -354,6 +359,48 @@ class FluxBlsModel:
                 return Stop.DEADLINE
             return None
 
+        ticket = await self._take_turn(sender, stop_check)
+        if ticket is None:
+            return
+        try:
+            await self._run(gen_request, sender, stop_check, began)
+        finally:
+            self.admission.leave(ticket)
+            self.metrics.queue_length.set(self.admission.waiting)
+
+    async def _take_turn(self, sender: OrderedSender, stop_check) -> Ticket | None:
+        """This request's turn (MAX_INFLIGHT), waiting in line as long as it takes and saying its
+        place; None when it was refused (MAX_QUEUE) or ended while it waited (the stream is
+        ended then)."""
+        pb = self.pb
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            ticket = self.admission.enter(
+                on_position=lambda place: sender.send(partial(self._queue_response, place)))
+        except QueueFull as exc:
+            self.metrics.queue_refusals.increment(1)
+            sender.send(error_response(pb, f"flux_bls: {exc}; {retry_after_text(exc.retry_after_s)}",
+                                       "UNAVAILABLE", tag=RESOURCE_EXHAUSTED), flags=final)
+            return None
+        self.metrics.queue_length.set(self.admission.waiting)
+        stopped = await self.admission.wait(ticket, stop_check)
+        self.metrics.queue_length.set(self.admission.waiting)
+        if stopped is None:
+            self.metrics.queue_wait.observe(ticket.waited_s * 1000)
+            return ticket
+        if stopped is Stop.CANCELLED:
+            self.metrics.outcomes["cancelled"].increment(1)
+            sender.send(flags=final)
+        else:  # no step ran: there is no image to give
+            self.metrics.outcomes["failed"].increment(1)
+            sender.send(error_response(
+                pb, f"flux_bls: `deadline_ms` passed after {ticket.waited_s * 1000:.0f} ms in the "
+                    "queue, before the first step", "UNAVAILABLE"), flags=final)
+        return None
+
+    async def _run(self, gen_request, sender: OrderedSender, stop_check, began: float) -> None:
+        pb = self.pb
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         models = BlsFluxModels(pb, self.batched, self.policy, self.metrics, self.gpu,
                                self.dit_batcher, self.input_types, self.served_names)
         outcome = "cancelled"
@@ -386,6 +433,10 @@ class FluxBlsModel:
             except Exception as exc:  # the stream must always end, or the request is lost
                 sender.send(error_response(pb, f"flux_bls: {type(exc).__name__}: {exc}"), flags=final)
                 self.metrics.outcomes["failed"].increment(1)
+
+    def _queue_response(self, place: int) -> Any:
+        return self.pb.InferenceResponse(
+            [self.pb.Tensor("queue_position", np.array([place], dtype=np.int32))])
 
     def _step_response(self, event: StepUpdate) -> Any:
         pb = self.pb

@@ -9,6 +9,7 @@ import torch
 from flux_triton.specs import COMPONENTS, NETWORKS
 
 LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+QUEUE_WAIT_BUCKETS_MS = [0, 10, 50, 100, 500, 1000, 5000, 10000, 30000, 60000, 300000]
 OUTCOMES = ("completed", "partial", "cancelled", "invalid", "failed")
 
 
@@ -62,6 +63,14 @@ class BlsMetrics:
         # what least-loaded dispatch compares (flux_triton.dispatch), per instance
         self.active_requests = family("flux_active_requests", "Requests this instance is serving",
                                       pb.MetricFamily.GAUGE).Metric(labels={})
+        # the line of flux_triton.admission (MAX_INFLIGHT, MAX_QUEUE), per instance
+        self.queue_length = family("flux_queue_length", "Requests waiting in line for this instance",
+                                   pb.MetricFamily.GAUGE).Metric(labels={})
+        self.queue_wait = family("flux_queue_wait_ms", "Time requests waited in line before they ran "
+                                 "(ms)", histogram).Metric(labels={}, buckets=QUEUE_WAIT_BUCKETS_MS)
+        self.queue_refusals = family("flux_queue_refusals_total",
+                                     "Requests refused because the queue was full (MAX_QUEUE)",
+                                     counter).Metric(labels={})
         self.gpu = gpu
         self.gpu_memory = None
         if gpu is not None:

@@ -42,8 +42,9 @@ class StreamResult:
     error_status: str | None = None
     kinds: list[str] = field(default_factory=list)  # "step" / "image" / "final" in arrival order
     loras: dict | None = None  # the answer to `list_loras`
+    queue_positions: list[int] = field(default_factory=list)  # while it waited in line
     responses: int = 0
-    first_response_s: float | None = None
+    first_response_s: float | None = None  # the first step, image or error (not a place in line)
     total_s: float = 0.0
 
 
@@ -126,10 +127,12 @@ def stream_generate(
     timeout_s: float = 600.0,
     model: str = MODEL,
     stop_after_steps: int | None = None,
+    on_queue=None,
 ) -> StreamResult:
     """Send one request on a gRPC stream and collect responses until the final flag.
 
-    With `stop_after_steps`, the stream is cancelled once that many steps have arrived.
+    With `stop_after_steps`, the stream is cancelled once that many steps have arrived;
+    `on_queue(place)` hears each place in line while the request waits (MAX_INFLIGHT).
     """
     responses: queue.Queue = queue.Queue()
     out = StreamResult()
@@ -140,6 +143,14 @@ def stream_generate(
         while True:
             result, error = responses.get(timeout=timeout_s)
             now = time.perf_counter()
+            names = set() if error is not None else {o.name for o in result.get_response().outputs}
+            if "queue_position" in names:
+                out.queue_positions.append(int(result.as_numpy("queue_position")[0]))
+                out.responses += 1
+                if on_queue:
+                    on_queue(out.queue_positions[-1])
+                last = now
+                continue
             if out.first_response_s is None:
                 out.first_response_s = now - began
             if error is not None:
@@ -148,9 +159,7 @@ def stream_generate(
                 out.kinds.append("error")
                 break
             out.responses += 1
-            response = result.get_response()
-            final = response.parameters.get("triton_final_response")
-            names = {o.name for o in response.outputs}
+            final = result.get_response().parameters.get("triton_final_response")
             out.kinds += [kind for kind in ("step", "image") if kind in names]
             if "step" in names:
                 step = {
@@ -363,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         if show:
             print("\n" + terminal_thumbnail(rgb[0]), flush=True)
 
-    result = stream_generate(client, inputs, on_step=on_step)
+    def on_queue(place: int) -> None:
+        print(f"\rwaiting in line: place {place}   ", end="", flush=True)
+
+    result = stream_generate(client, inputs, on_step=on_step, on_queue=on_queue)
     print()
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)

@@ -31,13 +31,16 @@ from flux_triton.runtime.acceleration import Acceleration, compile_cache_locatio
 from flux_triton.runtime.torch_components import RANDOM_WEIGHTS_MARKER, has_random_weights, load_component
 from flux_triton.server.launcher import gpu_ids
 from flux_triton.serving_config import (
+    DEFAULT_MAX_INFLIGHT,
     BlsOptions,
+    ConfigError,
     ModelDeployment,
     NetworkOptions,
     RepositoryConfig,
     RetryPolicy,
     ServingLimits,
     options_parameter,
+    parse_queue_limit,
 )
 from flux_triton.specs import (
     ADAPTED_NETWORKS,
@@ -149,6 +152,8 @@ def render_repository(
     batch_delay_us: int = 0,
     onnx_precision: str = "FP32",
     gpus: str | None = None,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    max_queue: int | None = None,
     random_weights: bool = False,
     lora_dir: str | Path | None = None,
     repository: str | Path = SOURCE_REPOSITORY,
@@ -244,6 +249,7 @@ def render_repository(
         model_dir=model_dir_option, precision=precision, backend=backend, lora_dir=lora_option,
         limits=limits or ServingLimits(), retry=retry or RetryPolicy(),
         batch_delay_us=int(batch_delay_us), component_dtypes=component_types,
+        max_inflight=max_inflight, max_queue=max_queue,
         # each instance calls the networks on its own GPU
         networks_by_gpu=None if placement is None else networks_by_gpu(placement),
         preview_projection=preview_projection(info).to_json(),
@@ -416,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="LORA_DIR: the LoRA adapters requests may name (default <model folder>/loras)")
     parser.add_argument("--max-loras", type=int, default=ServingLimits.max_loras,
                         help="MAX_LORAS: the most adapters one request may combine")
+    parser.add_argument("--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT,
+                        help="MAX_INFLIGHT: generations one flux_bls instance (one GPU) runs at once; "
+                             "the others wait in line")
+    parser.add_argument("--max-queue", default=None,
+                        help="MAX_QUEUE: requests that may wait on the whole server; past it one is "
+                             "refused at once (default: no bound)")
     parser.add_argument("--max-pixel-steps", type=int, default=ServingLimits.max_pixel_steps,
                         help="the most work one request may ask for: height × width × steps × images")
     args = parser.parse_args(argv)
@@ -431,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
             device=device, precision=args.precision, warmup=warmup,
             batch_delay_us=args.batch_delay_us, onnx_precision=args.onnx_precision, gpus=args.gpus,
             limits=ServingLimits(max_pixel_steps=args.max_pixel_steps, max_loras=args.max_loras),
+            max_inflight=parse_queue_limit("MAX_INFLIGHT", str(args.max_inflight)),
+            max_queue=None if args.max_queue is None else parse_queue_limit("MAX_QUEUE", args.max_queue),
             lora_dir=args.lora_dir,
             random_weights=bool(args.random_weights),
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))
-    except (ExportError, EngineBuildError, ValueError) as exc:
+    except (ExportError, EngineBuildError, ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     where = "" if args.gpus is None else f", GPUS={args.gpus}"

@@ -28,7 +28,15 @@ from pathlib import Path
 
 from flux_triton.dispatch import board_folder
 from flux_triton.server.supervisor import Supervisor
-from flux_triton.serving_config import LORA_DIR_ENV, MODEL_DIR_ENV, ConfigError, RepositoryConfig
+from flux_triton.serving_config import (
+    LORA_DIR_ENV,
+    MAX_INFLIGHT_ENV,
+    MAX_QUEUE_ENV,
+    MODEL_DIR_ENV,
+    ConfigError,
+    RepositoryConfig,
+    parse_queue_limit,
+)
 
 # Per GPU: large enough that a 1024² DiT output (48 MiB) moves between models without CUDA IPC.
 CUDA_POOL_BYTES = 256 * 1024 * 1024
@@ -185,6 +193,9 @@ class TritonServer:
     device: str = "auto"
     model_dir: Path | None = None
     lora_dir: Path | None = None  # overrides the repository's LoRA folder (FLUX_TRITON_LORA_DIR)
+    # override the repository's MAX_INFLIGHT / MAX_QUEUE (text as the variables take it)
+    max_inflight: str | None = None
+    max_queue: str | None = None
     mps: bool | None = None  # None: on for a GPU server where the MPS control program exists
     process: subprocess.Popen | None = None
     mps_daemon: MpsDaemon | None = None
@@ -279,6 +290,10 @@ class TritonServer:
             env[MODEL_DIR_ENV] = str(Path(self.model_dir).resolve())
         if self.lora_dir is not None:
             env[LORA_DIR_ENV] = str(Path(self.lora_dir).resolve())
+        if self.max_inflight is not None:
+            env[MAX_INFLIGHT_ENV] = self.max_inflight
+        if self.max_queue is not None:
+            env[MAX_QUEUE_ENV] = self.max_queue
         if self.mps_daemon is not None:
             env.update(self.mps_daemon.env)
         env.update(self.extra_env)
@@ -415,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="gpu: GPU metrics and CUDA memory pools; auto: as the repository says")
     parser.add_argument("--model-dir", help="serve this model folder instead of the configs' model_dir")
     parser.add_argument("--lora-dir", help="serve the LoRA adapters of this folder instead")
+    parser.add_argument("--max-inflight", help="MAX_INFLIGHT: generations one flux_bls instance "
+                        "(one GPU) runs at once, instead of the repository's")
+    parser.add_argument("--max-queue", help="MAX_QUEUE: requests that may wait on the whole server "
+                        "(none: no bound), instead of the repository's")
     parser.add_argument("--mps", choices=["auto", "on", "off"], default="auto",
                         help="CUDA MPS for the server's processes (auto: on for a GPU repository)")
     parser.add_argument("--supervisor-port", type=int, default=None,
@@ -427,12 +446,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         RepositoryConfig.read(args.repository)
+        for name, value in (("MAX_INFLIGHT", args.max_inflight), ("MAX_QUEUE", args.max_queue)):
+            if value is not None:
+                parse_queue_limit(name, value)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
     server = TritonServer(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
                           extra_args=args.extra, host=args.host, device=args.device,
                           model_dir=Path(args.model_dir) if args.model_dir else None,
                           lora_dir=Path(args.lora_dir) if args.lora_dir else None,
+                          max_inflight=args.max_inflight, max_queue=args.max_queue,
                           mps={"auto": None, "on": True, "off": False}[args.mps])
     supervisor = Supervisor(server, not_ready_bound_s=args.not_ready_bound,
                             metrics_port=args.supervisor_port)

@@ -1,0 +1,158 @@
+"""Admission of generations to one `flux_bls` instance (one GPU): at most `max_inflight` run at
+once, the others wait first in, first out, and past `max_queue` waiting requests on the whole
+server the next one is refused at once.
+
+The queue's length is the server's: with several instances (GPUS) each publishes how many of its
+requests wait on the load board (`flux_triton.dispatch`), and a request is let in line only while
+the sum stays under `max_queue`, decided under the board's lock. Each instance runs its own line:
+least-loaded dispatch sends a new request to the GPU with the fewest requests, so the lines stay
+even, and a request's place is its place in the line of the GPU that will run it.
+
+Runs on one asyncio loop (the instance's); nothing here is thread-safe by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class QueueFull(Exception):
+    """The server's queue holds `max_queue` requests: this one is refused."""
+
+    def __init__(self, max_queue: int, retry_after_s: int):
+        super().__init__(f"the queue is full ({max_queue} requests waiting, MAX_QUEUE={max_queue})")
+        self.max_queue, self.retry_after_s = max_queue, retry_after_s
+
+
+class WaitingCount(Protocol):
+    """Where the server's waiting requests are counted (`dispatch.LoadBoard`)."""
+
+    def join_queue(self, max_queue: int | None) -> bool: ...
+
+    def leave_queue(self) -> None: ...
+
+
+class LocalCount:
+    """The count of a server with one instance."""
+
+    def __init__(self):
+        self.waiting = 0
+
+    def join_queue(self, max_queue: int | None) -> bool:
+        if max_queue is not None and self.waiting >= max_queue:
+            return False
+        self.waiting += 1
+        return True
+
+    def leave_queue(self) -> None:
+        self.waiting -= 1
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's place: waiting (with its `position`, 1 = next) or running."""
+
+    arrived: float = field(default_factory=time.monotonic)
+    position: int | None = None  # None once it runs (or left)
+    on_position: Callable[[int], None] | None = None  # told each new place in line
+    turn: asyncio.Future | None = None
+    started: float | None = None
+    running: bool = False
+    done: bool = False
+
+    @property
+    def waited_s(self) -> float:
+        return (self.started or time.monotonic()) - self.arrived
+
+
+class Admission:
+    """The running requests and the line of one instance."""
+
+    def __init__(self, max_inflight: int, max_queue: int | None = None,
+                 count: WaitingCount | None = None):
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
+        if max_queue is not None and max_queue < 0:
+            raise ValueError(f"max_queue must be 0 or more (or None: no bound), got {max_queue}")
+        self.max_inflight, self.max_queue = max_inflight, max_queue
+        self.count = count or LocalCount()
+        self.running = 0
+        self.line: deque[Ticket] = deque()
+        self.recent_s: deque[float] = deque(maxlen=32)  # how long recent requests ran
+
+    @property
+    def waiting(self) -> int:
+        return len(self.line)
+
+    def enter(self, on_position: Callable[[int], None] | None = None) -> Ticket:
+        """A ticket that runs at once, or waits in line (its `on_position` told its place now and
+        whenever it changes); QueueFull when the server's queue is full."""
+        ticket = Ticket(on_position=on_position)
+        if self.running < self.max_inflight and not self.line:
+            self._start(ticket)
+            return ticket
+        if not self.count.join_queue(self.max_queue):
+            raise QueueFull(self.max_queue or 0, self.retry_after_s())
+        ticket.turn = asyncio.get_running_loop().create_future()
+        self.line.append(ticket)
+        self._tell(ticket, len(self.line))
+        return ticket
+
+    async def wait(self, ticket: Ticket, should_stop: Callable[[], object | None],
+                   poll_s: float = 0.05) -> object | None:
+        """Until `ticket` may run (None), or `should_stop` said why not (its answer: the ticket
+        has left the line)."""
+        while not ticket.running:
+            try:
+                await asyncio.wait_for(asyncio.shield(ticket.turn), poll_s)
+            except asyncio.TimeoutError:
+                pass
+            if ticket.running:
+                break
+            reason = should_stop()
+            if reason is not None:
+                self.leave(ticket)
+                return reason
+        return None
+
+    def leave(self, ticket: Ticket) -> None:
+        """`ticket` is done (it ran) or gave up its place; the line moves on."""
+        if ticket.done:
+            return
+        ticket.done = True
+        if ticket.running:
+            self.running -= 1
+            self.recent_s.append(time.monotonic() - ticket.started)
+        else:
+            self.line.remove(ticket)
+            self.count.leave_queue()
+        while self.line and self.running < self.max_inflight:
+            head = self.line.popleft()
+            self.count.leave_queue()
+            self._start(head)
+            head.turn.set_result(None)
+        for place, waiting in enumerate(self.line, start=1):
+            if waiting.position != place:
+                self._tell(waiting, place)
+
+    def retry_after_s(self) -> int:
+        """About when a refused request could find room: the line's length in rounds of
+        `max_inflight` recent run times (1 s at least)."""
+        typical = sorted(self.recent_s)[len(self.recent_s) // 2] if self.recent_s else 1.0
+        rounds = (self.waiting + self.running) / self.max_inflight
+        return max(1, round(typical * rounds))
+
+    def _start(self, ticket: Ticket) -> None:
+        self.running += 1
+        ticket.running, ticket.position, ticket.started = True, None, time.monotonic()
+
+    @staticmethod
+    def _tell(ticket: Ticket, place: int) -> None:
+        ticket.position = place
+        if ticket.on_position is not None:
+            ticket.on_position(place)
