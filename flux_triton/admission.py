@@ -8,7 +8,11 @@ the sum stays under `max_queue`, decided under the board's lock. Each instance r
 least-loaded dispatch sends a new request to the GPU with the fewest requests, so the lines stay
 even, and a request's place is its place in the line of the GPU that will run it.
 
-Runs on one asyncio loop (the instance's); nothing here is thread-safe by itself.
+Requests may name whose they are (`key`): the line then serves the keys in turn, round-robin,
+each key's own requests first in, first out, so that one client's burst cannot starve another
+(the gateway's line, one key per API key). Without keys it is one first-in-first-out line.
+
+Runs on one asyncio loop; nothing here is thread-safe by itself.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class LocalCount:
 class Ticket:
     """One request's place: waiting (with its `position`, 1 = next) or running."""
 
+    key: str = ""
     arrived: float = field(default_factory=time.monotonic)
     position: int | None = None  # None once it runs (or left)
     on_position: Callable[[int], None] | None = None  # told each new place in line
@@ -71,7 +76,7 @@ class Ticket:
 
 
 class Admission:
-    """The running requests and the line of one instance."""
+    """The running requests and the line of one instance (or of the gateway)."""
 
     def __init__(self, max_inflight: int, max_queue: int | None = None,
                  count: WaitingCount | None = None):
@@ -82,42 +87,59 @@ class Admission:
         self.max_inflight, self.max_queue = max_inflight, max_queue
         self.count = count or LocalCount()
         self.running = 0
-        self.line: deque[Ticket] = deque()
+        self.lines: dict[str, deque[Ticket]] = {}  # key -> its waiting tickets, oldest first
+        self.rotation: deque[str] = deque()  # the keys with waiting tickets, the next one first
         self.recent_s: deque[float] = deque(maxlen=32)  # how long recent requests ran
 
     @property
     def waiting(self) -> int:
-        return len(self.line)
+        return sum(len(line) for line in self.lines.values())
 
-    def enter(self, on_position: Callable[[int], None] | None = None) -> Ticket:
+    def order(self) -> list[Ticket]:
+        """The waiting tickets in the order they will run."""
+        lines = {key: list(line) for key, line in self.lines.items()}
+        order, depth = [], 0
+        while len(order) < self.waiting:
+            order += [lines[key][depth] for key in self.rotation if depth < len(lines[key])]
+            depth += 1
+        return order
+
+    def enter(self, on_position: Callable[[int], None] | None = None, key: str = "") -> Ticket:
         """A ticket that runs at once, or waits in line (its `on_position` told its place now and
-        whenever it changes); QueueFull when the server's queue is full."""
-        ticket = Ticket(on_position=on_position)
-        if self.running < self.max_inflight and not self.line:
+        whenever it changes); QueueFull when the queue is full."""
+        ticket = Ticket(key=key, on_position=on_position)
+        if self.running < self.max_inflight and not self.rotation:
             self._start(ticket)
             return ticket
         if not self.count.join_queue(self.max_queue):
             raise QueueFull(self.max_queue or 0, self.retry_after_s())
         ticket.turn = asyncio.get_running_loop().create_future()
-        self.line.append(ticket)
-        self._tell(ticket, len(self.line))
+        if key not in self.lines:
+            self.lines[key] = deque()
+            self.rotation.append(key)
+        self.lines[key].append(ticket)
+        self._tell_places()
         return ticket
 
-    async def wait(self, ticket: Ticket, should_stop: Callable[[], object | None],
+    async def wait(self, ticket: Ticket, should_stop: Callable[[], object | None] = lambda: None,
                    poll_s: float = 0.05) -> object | None:
         """Until `ticket` may run (None), or `should_stop` said why not (its answer: the ticket
-        has left the line)."""
-        while not ticket.running:
-            try:
-                await asyncio.wait_for(asyncio.shield(ticket.turn), poll_s)
-            except asyncio.TimeoutError:
-                pass
-            if ticket.running:
-                break
-            reason = should_stop()
-            if reason is not None:
-                self.leave(ticket)
-                return reason
+        has left the line). Cancelling the waiting task also takes the ticket out of line."""
+        try:
+            while not ticket.running:
+                try:
+                    await asyncio.wait_for(asyncio.shield(ticket.turn), poll_s)
+                except asyncio.TimeoutError:
+                    pass
+                if ticket.running:
+                    break
+                reason = should_stop()
+                if reason is not None:
+                    self.leave(ticket)
+                    return reason
+        except asyncio.CancelledError:
+            self.leave(ticket)
+            raise
         return None
 
     def leave(self, ticket: Ticket) -> None:
@@ -129,16 +151,18 @@ class Admission:
             self.running -= 1
             self.recent_s.append(time.monotonic() - ticket.started)
         else:
-            self.line.remove(ticket)
+            self._remove(ticket)
             self.count.leave_queue()
-        while self.line and self.running < self.max_inflight:
-            head = self.line.popleft()
+        while self.rotation and self.running < self.max_inflight:
+            key = self.rotation[0]
+            head = self.lines[key][0]
+            self._remove(head)
+            if key in self.lines:  # its other requests wait for the other keys' turns
+                self.rotation.rotate(-1)
             self.count.leave_queue()
             self._start(head)
             head.turn.set_result(None)
-        for place, waiting in enumerate(self.line, start=1):
-            if waiting.position != place:
-                self._tell(waiting, place)
+        self._tell_places()
 
     def retry_after_s(self) -> int:
         """About when a refused request could find room: the line's length in rounds of
@@ -147,12 +171,20 @@ class Admission:
         rounds = (self.waiting + self.running) / self.max_inflight
         return max(1, round(typical * rounds))
 
+    def _remove(self, ticket: Ticket) -> None:
+        line = self.lines[ticket.key]
+        line.remove(ticket)
+        if not line:
+            del self.lines[ticket.key]
+            self.rotation.remove(ticket.key)
+
     def _start(self, ticket: Ticket) -> None:
         self.running += 1
         ticket.running, ticket.position, ticket.started = True, None, time.monotonic()
 
-    @staticmethod
-    def _tell(ticket: Ticket, place: int) -> None:
-        ticket.position = place
-        if ticket.on_position is not None:
-            ticket.on_position(place)
+    def _tell_places(self) -> None:
+        for place, ticket in enumerate(self.order(), start=1):
+            if ticket.position != place:
+                ticket.position = place
+                if ticket.on_position is not None:
+                    ticket.on_position(place)

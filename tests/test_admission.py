@@ -85,3 +85,40 @@ def test_a_request_that_stops_while_waiting_leaves_the_line_and_the_others_move_
 def test_limits_out_of_range_are_refused(inflight, queue):
     with pytest.raises(ValueError):
         Admission(inflight, queue)
+
+
+def test_keys_take_turns_so_a_burst_does_not_starve_another_client():
+    async def scenario():
+        admission = Admission(max_inflight=1)
+        first = admission.enter(key="burst")
+        burst = [admission.enter(key="burst") for _ in range(4)]
+        places = []
+        other = admission.enter(key="other", on_position=places.append)
+        assert places == [2]  # after the burst's oldest, before the rest of it
+        assert admission.order() == [burst[0], other, *burst[1:]]
+        late = admission.enter(key="late")
+        assert admission.order() == [burst[0], other, late, *burst[1:]]
+        ran = []
+        admission.leave(first)
+        for _ in range(6):
+            current = next(t for t in [*burst, other, late] if t.running and not t.done)
+            ran.append("other" if current is other else "late" if current is late
+                       else f"burst{burst.index(current)}")
+            admission.leave(current)
+        assert ran == ["burst0", "other", "late", "burst1", "burst2", "burst3"]
+        assert admission.running == 0 and admission.waiting == 0 and not admission.rotation
+    run(scenario())
+
+
+def test_cancelling_a_waiting_task_gives_up_its_place():
+    async def scenario():
+        admission = Admission(max_inflight=1)
+        admission.enter()
+        ticket = admission.enter()
+        task = asyncio.create_task(admission.wait(ticket))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert admission.waiting == 0 and ticket.done and admission.count.waiting == 0
+    run(scenario())

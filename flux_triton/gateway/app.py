@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import io
 import json
@@ -34,15 +35,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from flux_triton.admission import Admission, QueueFull
 from flux_triton.clients.image_files import MAX_IMAGE_PIXELS, ImageFileError, edit_inputs
 from flux_triton.clients.previews import bls_options, linear_renderer, to_uint8_image, vae_inputs
 from flux_triton.clients.stream_client import build_inputs
-from flux_triton.errors import client_error_kind, named_field
+from flux_triton.errors import client_error_kind, named_field, retry_after_s, retry_after_text
 from flux_triton.request import LORA_SCALE_LIMIT
 from flux_triton.serving_config import BlsOptions
 from flux_triton.specs import CACHE_THRESHOLD_RANGE, IMAGE_ROLES, NUMBER_RANGES, bls_input
 
 MODEL = "flux_bls"
+CLIENT_STATE = "flux_client"  # the request scope's note of whose API key it carries
 STATIC = Path(__file__).resolve().parent / "static"
 # flux_bls input -> the request field a client of this API wrote
 PARAMS = {"num_images_per_prompt": "n", "height": "size", "width": "size",
@@ -55,13 +58,23 @@ class GatewaySettings:
     """What the gateway serves and how (read from GATEWAY_* variables by `from_env`)."""
 
     triton_url: str = "127.0.0.1:8001"
-    api_key: str | None = None  # bearer token required on /v1/* when set
+    # bearer token required on /v1/* when set; several, comma-separated, are served in turn
+    api_key: str | None = None
     max_body_bytes: int = 64 * 1024
     max_upload_bytes: int = 16 * 1024 * 1024  # the body limit of the paths that take image files
     max_image_pixels: int = MAX_IMAGE_PIXELS  # an uploaded file declaring more is not decoded
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
     preview_decoder: str = "vae"  # vae: the server's VAE decodes each preview; linear: the fitted map
     preview_format: str = "jpeg"
+    # generations forwarded to Triton at once, the others wait in the gateway's line, each API key
+    # in turn; None: what the server runs at once (its MAX_INFLIGHT x its flux_bls instances)
+    max_inflight: int | None = None
+    # requests that may wait in the gateway's line; None: the server's MAX_QUEUE
+    max_queue: int | None = None
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in (self.api_key or "").split(",") if k.strip())
 
     @classmethod
     def from_env(cls, environ=os.environ) -> GatewaySettings:
@@ -74,7 +87,18 @@ class GatewaySettings:
                    max_image_pixels=int(environ.get("GATEWAY_MAX_IMAGE_PIXELS", cls.max_image_pixels)),
                    cors_origins=origins,
                    preview_decoder=environ.get("GATEWAY_PREVIEW_DECODER", cls.preview_decoder),
-                   preview_format=environ.get("GATEWAY_PREVIEW_FORMAT", cls.preview_format))
+                   preview_format=environ.get("GATEWAY_PREVIEW_FORMAT", cls.preview_format),
+                   max_inflight=_optional_int(environ.get("GATEWAY_MAX_INFLIGHT")),
+                   max_queue=_optional_int(environ.get("GATEWAY_MAX_QUEUE")))
+
+
+def _optional_int(text: str | None) -> int | None:
+    return int(text) if text else None
+
+
+def client_name(key: str | None) -> str:
+    """Whose a request is, for the gateway's turns: a digest of its API key (never the key)."""
+    return "" if key is None else "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _most(bls_field: str) -> int | float:
@@ -170,9 +194,11 @@ class GatewayError(Exception):
     """An error to answer in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None):
+                 kind: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -185,6 +211,8 @@ def triton_error(message: str) -> GatewayError:
     kind = client_error_kind(message)
     if kind == "invalid_argument":
         return GatewayError(400, message, _param(message))
+    if kind == "resource_exhausted":
+        return queue_full(message, retry_after_s(message) or 1)
     if kind == "unavailable":
         return unavailable(message)
     if kind == "timeout":
@@ -194,6 +222,12 @@ def triton_error(message: str) -> GatewayError:
 
 def unavailable(message: str) -> GatewayError:
     return GatewayError(503, message, kind="server_error", code="unavailable")
+
+
+def queue_full(message: str, retry_after: int) -> GatewayError:
+    """429: the queue (the server's MAX_QUEUE, or the gateway's line) is full; try again later."""
+    return GatewayError(429, message, kind="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(retry_after)})
 
 
 @dataclass
@@ -235,6 +269,51 @@ class TritonStreams:
         self.settings = settings
         self.client = grpcclient.InferenceServerClient(settings.triton_url)
         self._options: BlsOptions | None = None
+        self._line: Admission | None = None
+
+    async def line(self) -> Admission:
+        """The gateway's line: as many generations forwarded at once as the server runs, the
+        others waiting, each API key in turn (`flux_triton.admission`)."""
+        if self._line is None:
+            options = await self.options()
+            instances = max(1, len(options.networks_by_gpu or {}))
+            inflight = self.settings.max_inflight or options.max_inflight * instances
+            most = self.settings.max_queue if self.settings.max_queue is not None else options.max_queue
+            if self._line is None:
+                self._line = Admission(inflight, most)
+        return self._line
+
+    async def queued_generate(self, fields: dict, handle: StreamHandle, client: str = ""
+                              ) -> AsyncIterator[tuple[str, dict]]:
+        """`generate` once this request's turn comes: ("queued", {"queue_position": n}) while it
+        waits in the gateway's line (and as the server says it waits in its own), then the
+        generation's events. A full line is a 429 at once."""
+        try:
+            line = await self.line()
+        except (InferenceServerException, grpc.RpcError) as exc:
+            detail = exc.message() if isinstance(exc, InferenceServerException) else exc.details()
+            raise unavailable(f"the server is unavailable: {detail}") from exc
+        places: asyncio.Queue[int] = asyncio.Queue()
+        try:
+            ticket = line.enter(on_position=places.put_nowait, key=client)
+        except QueueFull as exc:
+            raise queue_full(f"{exc} at the gateway; {retry_after_text(exc.retry_after_s)}",
+                             exc.retry_after_s) from None
+        waiting = None if ticket.running else asyncio.ensure_future(line.wait(ticket))
+        try:
+            while waiting is not None and not waiting.done():
+                place = asyncio.ensure_future(places.get())
+                await asyncio.wait({waiting, place}, return_when=asyncio.FIRST_COMPLETED)
+                if place.done():
+                    yield "queued", {"queue_position": place.result()}
+                else:
+                    place.cancel()
+            async for event in self.generate(fields, handle):
+                yield event
+        finally:
+            if waiting is not None and not waiting.done():
+                waiting.cancel()
+            line.leave(ticket)
 
     async def options(self) -> BlsOptions:
         if self._options is None:
@@ -292,6 +371,9 @@ class TritonStreams:
                     raise triton_error(error.message() if hasattr(error, "message") else str(error))
                 names = {o.name for o in result.get_response().outputs}
                 now = time.perf_counter()
+                if "queue_position" in names:  # waiting in the server's own line
+                    yield "queued", {"queue_position": int(result.as_numpy("queue_position")[0])}
+                    continue
                 if "step" in names:
                     preview = None
                     for name in ("preview_x0", "preview_latent"):
@@ -366,7 +448,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError):
@@ -404,9 +486,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def respond(body: GenerationRequest, fields: dict, request: Request) -> Response:
         """The generation of `fields`, as Server-Sent Events or as one JSON answer."""
         handle = StreamHandle()
+        client = request.scope.get("state", {}).get(CLIENT_STATE, "")
         if body.stream:
             events = sse_events(triton(), fields, settings.preview_format, handle,
-                                body.partial_images)
+                                body.partial_images, client)
             # errors before the first event are HTTP errors; a client gone by then stops it
             first = await unless_client_leaves(request, anext(events), handle)
             if first is None:
@@ -415,7 +498,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                                      headers={"Cache-Control": "no-cache"})
 
         async def collect() -> dict:
-            async for kind, value in triton().generate(fields, handle):
+            async for kind, value in triton().queued_generate(fields, handle, client):
                 if kind == "image":
                     return await asyncio.to_thread(completed_body, value)  # PNGs off the loop
             raise unavailable("the stream ended without an image")
@@ -548,17 +631,28 @@ class RequestGuard:
 
     def __init__(self, app, settings: GatewaySettings):
         self.app, self.settings = app, settings
-        self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+        self.expected = {f"Bearer {key}".encode(): client_name(key) for key in settings.api_keys}
+
+    def client(self, authorization: bytes) -> str | None:
+        """Whose key `authorization` carries (`client_name`), None when it is no key of ours;
+        every key is compared, in constant time each."""
+        found = None
+        for expected, name in self.expected.items():
+            if hmac.compare_digest(authorization, expected):
+                found = name
+        return found
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers", []))
-        if self.expected is not None and self.route_path(scope) not in self.PUBLIC and \
-                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-            return await self.reply(send, GatewayError(
-                401, "a valid `Authorization: Bearer <key>` header is required",
-                code="invalid_api_key"))
+        if self.expected and self.route_path(scope) not in self.PUBLIC:
+            client = self.client(headers.get(b"authorization", b""))
+            if client is None:
+                return await self.reply(send, GatewayError(
+                    401, "a valid `Authorization: Bearer <key>` header is required",
+                    code="invalid_api_key"))
+            scope.setdefault("state", {})[CLIENT_STATE] = client
         uploads = self.route_path(scope) in self.UPLOADS
         limit = self.settings.max_upload_bytes if uploads else self.settings.max_body_bytes
         too_large = GatewayError(413, f"request body over {limit} bytes")
@@ -631,12 +725,13 @@ def partial_image_steps(partial_images: int | None, total_steps: int) -> range |
 
 
 async def sse_events(triton: TritonStreams, fields: dict, fmt: str, handle: StreamHandle,
-                     partial_images: int | None = None) -> AsyncIterator[str]:
-    """`image_generation.partial_image` per step (the preview as an image), or for the steps
+                     partial_images: int | None = None, client: str = "") -> AsyncIterator[str]:
+    """`image_generation.queued` with its `queue_position` while the request waits in line,
+    `image_generation.partial_image` per step (the preview as an image), or for the steps
     `partial_images` picks, then `image_generation.completed` (or `error`). Yields one comment
     first, so that request errors surface before the response starts. A preview that cannot be
     decoded is sent without its image; the generation goes on."""
-    generate = triton.generate(fields, handle)
+    generate = triton.queued_generate(fields, handle, client)
     try:
         first = await anext(generate)
     except StopAsyncIteration:
@@ -647,6 +742,11 @@ async def sse_events(triton: TritonStreams, fields: dict, fmt: str, handle: Stre
     try:
         while True:
             kind, value = pending.pop() if pending else await anext(generate)
+            if kind == "queued":
+                yield _event("image_generation.queued", {
+                    "type": "image_generation.queued", "queue_position": value["queue_position"],
+                    "created_at": int(time.time())})
+                continue
             if kind == "step" and value["step"] not in partial_image_steps(partial_images,
                                                                            value["total_steps"]):
                 continue
