@@ -53,6 +53,18 @@ ADAPTER_INPUTS = (TensorSpec("lora", "BYTES", ("K",), optional=True),
                   TensorSpec("lora_scale", "FP32", ("K",), optional=True))
 
 
+# Every component served as a Python model also takes `probe`: a request with it is answered at
+# once, with no outputs, by the model's own execute. The supervisor sends one to each model now and
+# then (its other inputs as small as their specs allow, zeros), and a model whose execute does not
+# answer in time is stuck (`flux_triton.server.supervisor`).
+PROBE_INPUT = TensorSpec("probe", "BOOL", (1,), optional=True)
+
+
+def probed(spec: ComponentSpec) -> ComponentSpec:
+    """`spec` with the `probe` input."""
+    return ComponentSpec(spec.name, (*spec.inputs, PROBE_INPUT), spec.outputs)
+
+
 # The DiT's first-block cache state (`step_cache_tensors`), by name.
 CACHE_STATE = ("cache_head_residual", "cache_tail_residual", "cache_tail_encoder_residual")
 
@@ -76,16 +88,17 @@ def step_cache_tensors(info: FluxModelInfo, dtype: str) -> tuple[tuple[TensorSpe
 
 def python_model_spec(spec: ComponentSpec, network: str, info: FluxModelInfo | None = None,
                       step_cache: bool = False) -> ComponentSpec:
-    """`network`'s interface as a Python model serves it (`spec` may name a per-GPU copy): the
-    networks a LoRA adapter changes also take the adapter inputs; with `step_cache` (the PyTorch
-    runtime), the DiT also its first-block cache (`step_cache_tensors`, of `info`)."""
+    """`network`'s interface as a Python model serves it (`spec` may name a per-GPU copy): with
+    the `probe` input; the networks a LoRA adapter changes also take the adapter inputs; with
+    `step_cache` (the PyTorch runtime), the DiT also its first-block cache (`step_cache_tensors`,
+    of `info`)."""
     inputs, outputs = spec.inputs, spec.outputs
     if network in ADAPTED_NETWORKS:
         inputs += ADAPTER_INPUTS
     if network == "dit_transformer" and step_cache:
         cache_inputs, cache_outputs = step_cache_tensors(info, spec.input("hidden_states").dtype)
         inputs, outputs = inputs + cache_inputs, outputs + cache_outputs
-    return ComponentSpec(spec.name, inputs, outputs)
+    return probed(ComponentSpec(spec.name, inputs, outputs))
 
 
 def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, ComponentSpec]:

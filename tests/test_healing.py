@@ -28,6 +28,7 @@ SLOW = dict(REQUEST, num_inference_steps=8)  # with the DiT slowed: a few second
 RECOVERY_BOUND_S = 30  # the target on CPU with the tiny model
 STREAM_END_BOUND_S = 30
 NOT_READY_BOUND_S = 5  # a model not READY this long is recovered (the default is 60 s)
+PROBE_INTERVAL_S, PROBE_TIMEOUT_S = 1, 10  # the defaults are 5 s and 120 s
 
 
 class Healing:
@@ -108,7 +109,8 @@ def healing(model_dirs, tmp_path_factory):
     ports = [free_port() for _ in range(3)]
     server = TritonServer(repository, *ports, log_file=root / "tritonserver.log",
                           extra_env={"FLUX_TRITON_FAULT_DIR": str(fault_dir)})
-    supervisor = Supervisor(server, not_ready_bound_s=NOT_READY_BOUND_S, metrics_port=free_port())
+    supervisor = Supervisor(server, not_ready_bound_s=NOT_READY_BOUND_S, metrics_port=free_port(),
+                            probe_interval_s=PROBE_INTERVAL_S, probe_timeout_s=PROBE_TIMEOUT_S)
     supervisor.start()
     yield Healing(supervisor, fault_dir)
     supervisor.stop(timeout_s=10)
@@ -232,6 +234,34 @@ def test_model_stuck_unloading_is_recovered(healing, reference):
           f"readiness (s, server, model): {timeline.summary()}; stream: {results['stream'].error}")
     assert detected["model"] == "flux_bls" and detected["seen"].startswith("UNLOADING")
     assert recovered_s > NOT_READY_BOUND_S and results["stream"].error is not None
+    _after_recovery_same_image(healing, reference)
+
+
+def test_a_hung_component_is_found_by_its_probe_and_healed(healing, reference):
+    """The T5 encoder hangs in its execute (the process lives, asleep in state S, which no
+    process check sees): its probe goes unanswered, the supervisor kills and reloads it, and the
+    stream waiting on it ends instead of hanging."""
+    (healing.fault_dir / "t5_encoder.json").write_text(json.dumps({"hang_next": 1}))
+    results = {}
+    thread = threading.Thread(target=lambda: results.setdefault(
+        "stream", served_generate(healing, REQUEST, timeout_s=120)))
+    thread.start()
+    timeline = ReadinessTimeline(healing, "t5_encoder")
+    hung = healing.pid("t5_encoder")
+    time.sleep(1)
+    states = {p.pid: p.state for p in model_processes(healing.server.process.pid,
+                                                      healing.server.repository)}
+    assert states.get(hung) == "S", states
+    recovered_s = timeline.wait_ready_again(PROBE_TIMEOUT_S + RECOVERY_BOUND_S)
+    thread.join(60)
+    (healing.fault_dir / "t5_encoder.json").unlink()
+    detected = [e for e in healing.supervisor.events if e["event"] == "detected"][-1]
+    stream = results["stream"]
+    print(f"\nt5_encoder hung: {detected['seen']}; ready again after {recovered_s:.1f} s; "
+          f"readiness (s, server, model): {timeline.summary()}; stream: {stream.error or 'image'}")
+    assert detected["model"] == "t5_encoder" and "probe" in detected["seen"]
+    assert healing.supervisor.probes_unanswered >= 1 and hung != healing.pid("t5_encoder")
+    assert stream.error is None or "t5_encoder" in stream.error, stream.error
     _after_recovery_same_image(healing, reference)
 
 

@@ -31,7 +31,7 @@ from flux_triton.runtime.acceleration import (
 )
 from flux_triton.runtime.torch_components import has_random_weights, load_component
 from flux_triton.serving_config import NetworkOptions
-from flux_triton.specs import ServingShape, component_specs, step_cache_tensors
+from flux_triton.specs import PROBE_INPUT, ServingShape, component_specs, step_cache_tensors
 
 
 def failure_response(pb: Any, model: str, exc: Exception) -> Any:
@@ -45,6 +45,11 @@ def failure_response(pb: Any, model: str, exc: Exception) -> Any:
     if is_out_of_memory(exc):
         detail = f"{OUT_OF_MEMORY_MARKER}: {detail}"
     return error_response(pb, f"{model}: {detail}", status)
+
+
+def is_probe(pb: Any, request) -> bool:
+    """Whether `request` is the supervisor's probe (`specs.PROBE_INPUT`): answered at once."""
+    return pb.get_input_tensor_by_name(request, PROBE_INPUT.name) is not None
 
 
 def acceleration_options(args: dict, options: NetworkOptions) -> Acceleration:
@@ -116,6 +121,9 @@ class ComponentModel:
         pb = self.pb
         responses = []
         for request in requests:
+            if is_probe(pb, request):
+                responses.append(pb.InferenceResponse([]))
+                continue
             try:
                 inputs = {}
                 for spec in self.spec.inputs + self.cache_tensors[0]:
@@ -157,6 +165,9 @@ class TokenizerModel:
         pb = self.pb
         responses = []
         for request in requests:
+            if is_probe(pb, request):
+                responses.append(pb.InferenceResponse([]))
+                continue
             try:
                 prompts, prompts_2 = self._strings(request, "prompt"), self._strings(request, "prompt_2")
                 if len(prompts) != len(prompts_2):

@@ -23,8 +23,9 @@ class FaultInjector:
 
     The plan may hold {"fail_next": n} (the next n calls fail as UNAVAILABLE, a transient error),
     {"error_next": n} (the next n calls fail with a deterministic INTERNAL error),
-    {"oom_min_batch": k} (every call with a batch of k or more runs out of memory) and
-    {"delay_ms": t} (every call takes t ms longer).
+    {"oom_min_batch": k} (every call with a batch of k or more runs out of memory),
+    {"delay_ms": t} (every call takes t ms longer) and {"hang_next": n} (the next n calls never
+    return: the process sleeps, alive, in state S).
     """
 
     def __init__(self, spec: ComponentSpec):
@@ -37,6 +38,11 @@ class FaultInjector:
             return
         plan = json.loads(self.plan.read_text())
         time.sleep(plan.get("delay_ms", 0) / 1000)
+        if plan.get("hang_next", 0) > 0:
+            plan["hang_next"] -= 1
+            self.plan.write_text(json.dumps(plan))
+            while True:
+                time.sleep(3600)
         for key, failure in (("fail_next", InjectedUnavailable), ("error_next", RuntimeError)):
             if plan.get(key, 0) > 0:
                 plan[key] -= 1

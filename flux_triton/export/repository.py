@@ -51,6 +51,7 @@ from flux_triton.specs import (
     bls_spec,
     component_specs,
     default_serving_shapes,
+    probed,
     python_model_spec,
 )
 
@@ -216,7 +217,7 @@ def render_repository(
         texts[spec.name] = python_model_config(
             spec, deployment, {**on_device, **options_parameter(model_options)})
 
-    python_model(specs["tokenizer"], ModelDeployment("tokenizer", "python"),
+    python_model(probed(specs["tokenizer"]), ModelDeployment("tokenizer", "python"),
                  NetworkOptions("tokenizer", model_dir_option, precision))  # Python whatever the backend
     network_options = {} if backend == "tensorrt" else {name: NetworkOptions(
         name, model_dir_option, precision, backend, compile=compile, cuda_graphs=cuda_graphs,

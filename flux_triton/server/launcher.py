@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import secrets
 import shutil
@@ -37,6 +38,7 @@ from flux_triton.serving_config import (
     RepositoryConfig,
     parse_queue_limit,
 )
+from flux_triton.specs import PROBE_INPUT
 
 # Per GPU: large enough that a 1024² DiT output (48 MiB) moves between models without CUDA IPC.
 CUDA_POOL_BYTES = 256 * 1024 * 1024
@@ -144,6 +146,24 @@ class MpsDaemon:
             self.running = False
 
 
+def probe_request(config: dict) -> dict:
+    """The HTTP inference body of a probe (`specs.PROBE_INPUT`) for a model of this `config`
+    (Triton's JSON model config): every required input at its smallest shape (variable dims 1),
+    zeros or empty strings, and `probe`."""
+    inputs = []
+    for tensor in config.get("input", []):
+        if tensor.get("optional") and tensor["name"] != PROBE_INPUT.name:
+            continue
+        dtype = tensor["data_type"].removeprefix("TYPE_").replace("STRING", "BYTES")
+        shape = [1 if dim < 0 else dim for dim in tensor["dims"]]
+        count = math.prod(shape)
+        value = True if tensor["name"] == PROBE_INPUT.name else "" if dtype == "BYTES" else \
+            False if dtype == "BOOL" else 0
+        inputs.append({"name": tensor["name"], "shape": shape, "datatype": dtype,
+                       "data": [value] * count})
+    return {"inputs": inputs}
+
+
 def port_in_use(host: str, port: int) -> bool:
     """True when something already listens on host:port (a TIME_WAIT socket does not count)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -205,6 +225,7 @@ class TritonServer:
                            secrets.token_urlsafe(32), repr=False)
     token: str = field(default_factory=lambda: secrets.token_hex(6))  # names what this server leaves
     removed_regions: list[Path] = field(default_factory=list)  # what the last stop had to remove
+    _probes: dict[str, dict] = field(default_factory=dict, repr=False)  # model -> its probe request
 
     @property
     def uses_mps(self) -> bool:
@@ -368,6 +389,32 @@ class TritonServer:
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"{path}: HTTP {exc.code}: {exc.read().decode()[:300]}") from exc
 
+    def probe(self, model: str, timeout_s: float) -> None:
+        """Ask `model` something its own execute answers at once: a `probe` request (its other
+        inputs the smallest its config allows, zeros), or for the decoupled flux_bls the list of
+        its adapters. Returns once answered, an error answer included; raises OSError when no
+        answer came in `timeout_s` (or the server did not take the request)."""
+        deployment = self.deployment.python_models()[model]
+        if deployment.decoupled:
+            path, body = f"/v2/models/{model}/generate", {"list_loras": True}
+        else:
+            if model not in self._probes:
+                self._probes[model] = probe_request(json.loads(self.get(f"/v2/models/{model}/config")))
+            path, body = f"/v2/models/{model}/infer", self._probes[model]
+        url = f"http://{self.local_host}:{self.http_port}{path}"
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:  # an answer, if an error one: the model is alive
+            exc.read()
+
+    def get(self, path: str, timeout_s: float = 5.0) -> bytes:
+        with urllib.request.urlopen(f"http://{self.local_host}:{self.http_port}{path}",
+                                    timeout=timeout_s) as response:
+            return response.read()
+
     def model_states(self) -> dict[str, str]:
         """Every model's state in Triton's repository index (READY, LOADING, UNLOADING, ...)."""
         index = json.loads(self.admin_request("/v2/repository/index", timeout_s=5) or b"[]")
@@ -440,6 +487,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="serve the supervisor's Prometheus metrics on this port")
     parser.add_argument("--not-ready-bound", type=float, default=Supervisor.not_ready_bound_s,
                         help="seconds a model may stay not READY before it is recovered")
+    parser.add_argument("--probe-interval", type=float, default=Supervisor.probe_interval_s,
+                        help="seconds between probes of each model (0: no probes)")
+    parser.add_argument("--probe-timeout", type=float, default=Supervisor.probe_timeout_s,
+                        help="seconds a model may leave a probe unanswered before it is "
+                             "recovered as stuck (longer than its longest call)")
     parser.add_argument("--ready-timeout", type=float, default=1800.0,
                         help="seconds to wait for readiness (a first GPU start compiles)")
     parser.add_argument("extra", nargs="*", help="more tritonserver flags (after --)")
@@ -458,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
                           max_inflight=args.max_inflight, max_queue=args.max_queue,
                           mps={"auto": None, "on": True, "off": False}[args.mps])
     supervisor = Supervisor(server, not_ready_bound_s=args.not_ready_bound,
-                            metrics_port=args.supervisor_port)
+                            metrics_port=args.supervisor_port, probe_interval_s=args.probe_interval,
+                            probe_timeout_s=args.probe_timeout)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))

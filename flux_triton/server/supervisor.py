@@ -14,6 +14,11 @@ killer, a segfault, a poisoned CUDA context) every request to that model fails w
 - A stopped process (SIGSTOP, state T) is treated as dead: killed, then handled as above.
 - A model that stays not READY in Triton's repository index past `not_ready_bound_s` (stuck
   UNLOADING with its process alive, say) is recovered the same way.
+- A model whose process lives but no longer answers (a hung execute: state S, no sign of
+  trouble) is found by probes: every `probe_interval_s` each READY model gets a request its own
+  execute answers at once (`TritonServer.probe`); one that has not answered in `probe_timeout_s`
+  is stuck, and recovered as if dead. The bound must outlast the longest call a model may be
+  busy with ahead of the probe (a queue of DiT calls at the largest size served).
 - Recovery that keeps failing past `liveness_bound_s` stops the server, so liveness fails and an
   orchestrator restarts the pod.
 """
@@ -25,6 +30,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +80,22 @@ class Supervisor:
     """
 
     not_ready_bound_s = 60.0  # a model not READY in the repository index this long is recovered
+    probe_interval_s = 5.0  # how often each model is probed (0: never)
+    probe_timeout_s = 120.0  # a probe unanswered this long: the model is stuck
 
     def __init__(self, server, poll_s: float = 0.5, liveness_bound_s: float = 120.0,
                  not_ready_bound_s: float | None = None, metrics_port: int | None = None,
-                 metrics_host: str | None = None):
+                 metrics_host: str | None = None, probe_interval_s: float | None = None,
+                 probe_timeout_s: float | None = None):
         self.server = server
         self.poll_s = poll_s
         self.liveness_bound_s = liveness_bound_s
         if not_ready_bound_s is not None:
             self.not_ready_bound_s = not_ready_bound_s
+        if probe_interval_s is not None:
+            self.probe_interval_s = probe_interval_s
+        if probe_timeout_s is not None:
+            self.probe_timeout_s = probe_timeout_s
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host or getattr(server, "host", "127.0.0.1")
         deployment = RepositoryConfig.read(server.repository)
@@ -90,6 +103,12 @@ class Supervisor:
         # what the server loaded at start: a stray folder, or one an operator unloads, is not ours
         self.served = set(deployment.names)
         self.not_ready_since: dict[str, float] = {}  # model -> when it was first seen not READY
+        self.probing: dict[str, float] = {}  # model -> when its unanswered probe was sent
+        self.probed_at: dict[str, float] = {}  # model -> when its last probe was answered
+        self.probes_unanswered = 0  # probes that found a stuck model
+        self._probes = ThreadPoolExecutor(max_workers=max(1, len(self.models)),
+                                          thread_name_prefix="flux-probe")
+        self._ready: set[str] = set()  # READY at the last look at the index
         self.events: list[dict] = []  # the timeline: detected, unloaded, ready, ...
         self.restarts: dict[str, int] = {name: 0 for name in (*self.models, SERVER)}
         self.server_restarts = 0
@@ -129,6 +148,7 @@ class Supervisor:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        self._probes.shutdown(wait=False, cancel_futures=True)
         return self.server.stop(timeout_s=timeout_s)
 
     def _record(self, event: str, **details) -> None:
@@ -164,12 +184,45 @@ class Supervisor:
             stuck = {}
         for name, what in stuck.items():
             found.setdefault(name, what)
+        for name, what in self.unanswered_probes().items():
+            found.setdefault(name, what)
         return found
+
+    def unanswered_probes(self) -> dict[str, str]:
+        """Models whose probe is unanswered past `probe_timeout_s`; sends the probes that are due."""
+        if not self.probe_interval_s:
+            return {}
+        now = time.monotonic()
+        found = {}
+        for name in self.models:
+            sent = self.probing.get(name)
+            if sent is not None:
+                if now - sent > self.probe_timeout_s:
+                    found[name] = f"answered no probe in {now - sent:.0f} s (its process alive)"
+            elif name in self._ready and now - self.probed_at.get(name, 0.0) >= self.probe_interval_s:
+                self.probing[name] = now
+                self._probes.submit(self._probe, name, now)
+        return found
+
+    def _probe(self, model: str, sent: float) -> None:
+        try:
+            self.server.probe(model, timeout_s=self.probe_timeout_s + 5)
+        except Exception:  # no answer in time: the entry stays, and outlives the bound
+            if time.monotonic() - sent < self.probe_timeout_s:  # refused at once: not stuck
+                self._probe_done(model, sent)
+            return
+        self._probe_done(model, sent)
+
+    def _probe_done(self, model: str, sent: float) -> None:
+        if self.probing.get(model) == sent:  # not a probe from before a recovery
+            self.probing.pop(model, None)
+            self.probed_at[model] = time.monotonic()
 
     def stuck_models(self) -> dict[str, str]:
         """Models not READY in Triton's repository index for longer than `not_ready_bound_s`."""
         now = time.monotonic()
         states = {n: s for n, s in self.server.model_states().items() if n in self.served}
+        self._ready = {name for name, state in states.items() if state == "READY"}
         for name, state in states.items():
             if state == "READY":
                 self.not_ready_since.pop(name, None)
@@ -196,6 +249,8 @@ class Supervisor:
     def recover(self, model: str, seen: str) -> None:
         """Bring `model` back; stop the server if that keeps failing past the liveness bound."""
         began = time.monotonic()
+        if "probe" in seen:
+            self.probes_unanswered += 1
         self._record("detected", model=model, seen=seen)
         attempt = 0
         while not self._stop.is_set():
@@ -222,6 +277,8 @@ class Supervisor:
             return
         took = time.monotonic() - began
         self.not_ready_since.clear()  # a restart or reload changed what the index says
+        self.probing.clear()  # probes sent before it tell nothing of the new processes
+        self._ready.discard(model)
         self.not_ready_s += took
         metrics = self.metrics  # stop() may clear it meanwhile
         if metrics is not None:
