@@ -48,7 +48,7 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,MAX_INFLIGHT),--max-inflight $(MAX_INFLIGHT)) \
 	$(if $(call given,MAX_QUEUE),--max-queue "$(MAX_QUEUE)")
 
-.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora bench-edits bench-fast-tier edits-accuracy fast-tier-accuracy export-full-size gpu-bundle lint clean
+.PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora bench-edits bench-fast-tier bench-load soak edits-accuracy fast-tier-accuracy export-full-size gpu-bundle lint clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu-constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -178,6 +178,18 @@ bench-edits:
 # The fast tier's cached DiT calls at full size on one GPU (computed, skipped, against the lossless
 # graph), applied to the shapes model's skip shares: FAST_TIER_OUT.
 FAST_TIER_OUT ?= benchmarks/results/fast-tier-gpu.json
+# Load on one GPU, the shapes model compiled with CUDA graphs: concurrency 1-128, previews off and
+# on, MAX_INFLIGHT unbounded / 4 / 8 and MAX_QUEUE 32 (devtools/bench_load.py).
+LOAD_OUT ?= benchmarks/results/load-gpu.json
+bench-load:
+	$(GPU_PYTHON) -m devtools.bench_load --out $(LOAD_OUT) $(LOAD_ARGS)
+
+# A supervised CPU server under mixed load with faults and a component killed every 5 minutes
+# (devtools/soak.py): every request ends with its image or a clear error, memory stays flat.
+SOAK_MINUTES ?= 30
+soak: setup
+	$(PY) -m devtools.soak --minutes $(SOAK_MINUTES) --out benchmarks/results/soak-cpu.json
+
 bench-fast-tier:
 	$(GPU_PYTHON) -m devtools.bench_fast_tier --out $(FAST_TIER_OUT) $(FAST_TIER_ARGS)
 

@@ -73,6 +73,8 @@ def run_load(url: str, fields: dict, concurrency: int, requests: int,
     wall = time.perf_counter() - began
     ok = [r for r in results if not r["error"]]
     latencies = [r["latency_s"] for r in ok]
+    refusals = [r["latency_s"] for r in results
+                if r["error"] and client_error_kind(r["error"]) == "resource_exhausted"]
     firsts = [r["first_preview_s"] for r in ok if r["first_preview_s"] is not None]
     return {
         "url": url, "request": fields, "concurrency": concurrency, "requests": requests,
@@ -82,6 +84,9 @@ def run_load(url: str, fields: dict, concurrency: int, requests: int,
                       "p99": percentile(latencies, 99),
                       "mean": statistics.mean(latencies) if latencies else None},
         "first_preview_s": {"p50": percentile(firsts, 50), "p95": percentile(firsts, 95)},
+        # how long a refused request (MAX_QUEUE) waited for its answer
+        "refusal_s": {"count": len(refusals), "p50": percentile(refusals, 50),
+                      "p99": percentile(refusals, 99), "max": max(refusals, default=None)},
         "errors": dict(Counter(client_error_kind(r["error"]) for r in results if r["error"])),
         "error_samples": sorted({r["error"][:200] for r in results if r["error"]})[:5],
     }

@@ -72,15 +72,15 @@ def checked_numbers(name: str, value, dtype: str) -> list:
     return numbers
 
 
-def build_inputs(**values) -> list[grpcclient.InferInput]:
-    """InferInputs for the given `flux_bls` fields; None values are left out (server defaults).
+def input_arrays(**values) -> dict[str, np.ndarray]:
+    """The numpy arrays of the given `flux_bls` fields; None values are left out (server defaults).
 
     Types and shapes come from the model's declared interface: strings (or lists of them) for
     BYTES [N], one number for [1] fields, a list of numbers for `sigmas`, uint8 arrays for images
     and masks (one image [H, W, 3] or a stack [N, H, W, 3]). A number that its type cannot hold
     is a ValueError naming the field, never a wrapped value.
     """
-    inputs = []
+    arrays = {}
     for name, value in values.items():
         if value is None:
             continue
@@ -100,7 +100,15 @@ def build_inputs(**values) -> list[grpcclient.InferInput]:
         else:
             numbers = checked_numbers(name, value, spec.dtype)
             array = np.asarray(numbers, dtype=NUMPY_DTYPES[spec.dtype]).reshape(-1)
-        tensor = grpcclient.InferInput(name, list(array.shape), spec.dtype)
+        arrays[name] = array
+    return arrays
+
+
+def build_inputs(**values) -> list[grpcclient.InferInput]:
+    """InferInputs for the given `flux_bls` fields (`input_arrays`)."""
+    inputs = []
+    for name, array in input_arrays(**values).items():
+        tensor = grpcclient.InferInput(name, list(array.shape), bls_input(name).dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
