@@ -59,9 +59,9 @@ def test_services_autoscaler_and_gateway_point_at_the_right_things():
     hpa = objects["HorizontalPodAutoscaler/flux-triton"]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                      "name": "flux-triton"}
-    # the metric flux_bls exports, which rises with load (tests/test_load.py shows it does)
-    [metric] = hpa["metrics"]
-    assert metric["pods"]["metric"]["name"] == "flux_active_requests"
+    # the metrics flux_bls exports, which rise with load (tests/test_load.py, tests/test_queue.py)
+    assert [m["pods"]["metric"]["name"] for m in hpa["metrics"]] == ["flux_active_requests",
+                                                                    "flux_queue_length"]
     triton_labels = objects["Deployment/flux-triton"]["spec"]["template"]["metadata"]["labels"]
     assert objects["Service/flux-triton"]["spec"]["selector"] == triton_labels
     gateway = objects["Deployment/flux-gateway"]["spec"]["template"]["spec"]["containers"][0]
