@@ -121,12 +121,16 @@ class Admission:
         self._tell_places()
         return ticket
 
-    async def wait(self, ticket: Ticket, should_stop: Callable[[], object | None] = lambda: None,
-                   poll_s: float = 0.05) -> object | None:
-        """Until `ticket` may run (None), or `should_stop` said why not (its answer: the ticket
-        has left the line). Cancelling the waiting task also takes the ticket out of line."""
+    async def wait(self, ticket: Ticket, should_stop: Callable[[], object | None] | None = None,
+                   poll_s: float = 0.25) -> object | None:
+        """Until `ticket` may run (None), or `should_stop`, asked every `poll_s` while it waits,
+        said why not (its answer: the ticket has left the line). Cancelling the waiting task also
+        takes the ticket out of line."""
         try:
             while not ticket.running:
+                if should_stop is None:
+                    await asyncio.shield(ticket.turn)
+                    break
                 try:
                     await asyncio.wait_for(asyncio.shield(ticket.turn), poll_s)
                 except asyncio.TimeoutError:
