@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import signal
 import statistics
@@ -35,7 +36,13 @@ from flux_triton.clients.stream_client import build_inputs, input_arrays, stream
 from flux_triton.errors import client_error_kind
 from flux_triton.export.repository import write_repository
 from flux_triton.model_info import load_model_info
-from flux_triton.server.launcher import SHM_FOLDER, SHM_PREFIX, TritonServer
+from flux_triton.server.launcher import (
+    MALLOC_ENV,
+    SHM_FOLDER,
+    SHM_PREFIX,
+    TritonServer,
+    jemalloc_path,
+)
 from flux_triton.server.supervisor import SERVER, Supervisor, model_processes
 
 COMPONENTS = ("tokenizer", "clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder")
@@ -134,8 +141,8 @@ class Soak:
                     self.invalid(rng)
                 else:
                     self.burst(rng)
-            except Exception as exc:  # the soak's own failure to talk is a finding too
-                self.problem(f"client {worker}: {type(exc).__name__}: {exc}"[:300])
+            except Exception as exc:  # e.g. no server to connect to while it restarts
+                self.count("transport_error", f"[UNAVAILABLE] {type(exc).__name__}: {exc}")
                 time.sleep(1)
 
     def _generate(self, fields: dict, **options):
@@ -146,13 +153,22 @@ class Soak:
         finally:
             client.close()
 
+    def broken(self, what: str, exc: Exception) -> None:
+        """A stream that raised: silent for STREAM_TIMEOUT_S (hung: a failure of the soak), or
+        broken under the client by the transport (the server went away mid-stream, e.g. a
+        whole-server restart): the client is told at once, which counts as a clear error."""
+        if isinstance(exc, queue.Empty):
+            self.problem(f"{what} hung: nothing for {STREAM_TIMEOUT_S:.0f} s")
+            self.count("hung")
+        else:
+            self.count("transport_error", f"[UNAVAILABLE] {type(exc).__name__}: {exc}")
+
     def valid(self, rng: random.Random) -> None:
         index = rng.randrange(len(self.requests))
         try:
             result = self._generate(self.requests[index])
-        except Exception as exc:  # queue.Empty: nothing for STREAM_TIMEOUT_S
-            self.problem(f"request {index} hung or broke: {type(exc).__name__}")
-            self.count("hung")
+        except Exception as exc:
+            self.broken(f"request {index}", exc)
             return
         if result.error is None:
             if result.image is None or not np.array_equal(result.image, self.images[index]):
@@ -171,8 +187,7 @@ class Soak:
         try:
             result = self._generate(fields, stop_after_steps=rng.randint(1, 3))
         except Exception as exc:
-            self.problem(f"a cancelled request broke: {type(exc).__name__}")
-            self.count("hung")
+            self.broken("a cancelled request", exc)
             return
         self.count("cancelled" if result.error is None else "clear_error", result.error)
 
@@ -191,7 +206,11 @@ class Soak:
         fields = rng.choice([dict(prompt="x", height=100), dict(prompt="x", num_inference_steps=0),
                              dict(prompt="x", strength=3.0), dict(prompt="x" * 5000),
                              dict(prompt="x", cache_threshold=-1.0)])
-        result = self._generate(fields)
+        try:
+            result = self._generate(fields)
+        except Exception as exc:
+            self.broken("an invalid request", exc)
+            return
         if result.error is not None and client_error_kind(result.error) == "invalid_argument":
             self.count("invalid_refused")
         elif result.error is not None and client_error_kind(result.error) in CLEAR_ERRORS:
@@ -292,8 +311,16 @@ def run(minutes: float, clients: int, kill_every_min: float, fault_every_s: floa
             soak.problem(f"threads still running after the soak: {still}")
         code = supervisor.stop(timeout_s=30)
     shm_left = sorted(set(p.name for p in SHM_FOLDER.glob(f"{SHM_PREFIX}*")) - set(shm_before))
+    log = (workdir / "tritonserver.log").read_text(errors="replace").splitlines()
+    # tritonserver's own crashes (the supervisor restarts it): the line before each fatal signal
+    # (SIGINT, "Signal (2)", is the stop)
+    aborts = [log[i - 1].strip() for i, line in enumerate(log)
+              if i and line.startswith("Signal (") and not line.startswith("Signal (2)")]
     growth = soak.rss_growth()
-    accepted = sum(soak.outcomes[k] for k in ("image", "clear_error", "mixed", "unclear_error", "hung"))
+    accepted = sum(soak.outcomes[k] for k in ("image", "clear_error", "transport_error", "mixed",
+                                                "unclear_error", "hung"))
+    series = {f"{model}:{pid}": samples[::6] for (model, pid), samples in soak.rss.items()
+              if model == SERVER or len(samples) > 12}
     return {
         "minutes": minutes, "clients": clients, "kill_every_min": kill_every_min,
         "fault_every_s": fault_every_s, "max_queue": max_queue, "model_dir": str(model_dir),
@@ -302,10 +329,14 @@ def run(minutes: float, clients: int, kill_every_min: float, fault_every_s: floa
         "valid_requests": accepted, "lost": soak.outcomes["hung"] + soak.outcomes["mixed"],
         "problems": soak.problems[:50],
         "rss_growth_after_warmup": growth,
+        "rss_series_bytes": series,  # (seconds, bytes) every minute, per long-lived process
         "rss_max_growth": max(growth.values(), default=None),
         "rss_median_growth": statistics.median(growth.values()) if growth else None,
         "shared_memory_left": shm_left, "server_removed_on_stop": [str(p) for p in server.removed_regions],
         "server_exit_code": code,
+        "allocator": "glibc" if os.environ.get(MALLOC_ENV) == "system" or not jemalloc_path()
+        else jemalloc_path(),
+        "tritonserver_aborts": aborts,
         "supervisor": {"restarts": supervisor.restarts, "server_restarts": supervisor.server_restarts,
                        "probes_unanswered": supervisor.probes_unanswered,
                        "not_ready_s": round(supervisor.not_ready_s, 1), "failed": supervisor.failed,

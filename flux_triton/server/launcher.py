@@ -49,6 +49,13 @@ CUDA_POOL_BYTES = 256 * 1024 * 1024
 # and unloads models (a load can carry a model.py: arbitrary code), logging and trace change what
 # the server writes and where, shared-memory maps regions by name into the server.
 ADMIN_APIS = ("model-repository", "logging", "trace", "shared-memory")
+# glibc's malloc keeps what tritonserver frees (its RSS grew 25 % in a 30-minute soak, about
+# 0.4 MB per 1,000 streams); jemalloc gives it back, as Triton's release notes advise. Preloaded
+# where installed (Debian's libjemalloc2; Triton's container has it); FLUX_TRITON_MALLOC=system
+# keeps glibc's.
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib/x86_64-linux-gnu/libjemalloc.so", "/usr/lib64/libjemalloc.so.2")
+MALLOC_ENV = "FLUX_TRITON_MALLOC"
 ADMIN_HEADER = "flux-admin-key"
 ADMIN_KEY_ENV = "FLUX_TRITON_ADMIN_KEY"
 # The python backend's shared-memory regions in /dev/shm start with this, then the server's token.
@@ -144,6 +151,11 @@ class MpsDaemon:
             subprocess.run([self.control()], input=b"quit\n", env={**os.environ, **self.env},
                            check=False, timeout=60)
             self.running = False
+
+
+def jemalloc_path() -> str | None:
+    """jemalloc's shared library where installed (see JEMALLOC_PATHS), else None."""
+    return next((path for path in JEMALLOC_PATHS if Path(path).exists()), None)
 
 
 def probe_request(config: dict) -> dict:
@@ -307,6 +319,9 @@ class TritonServer:
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         # Seven model processes share the cores: OpenMP threads must sleep, not spin, when idle.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        allocator = jemalloc_path() if env.get(MALLOC_ENV, "jemalloc") != "system" else None
+        if allocator and allocator not in env.get("LD_PRELOAD", ""):
+            env["LD_PRELOAD"] = " ".join(p for p in (allocator, env.get("LD_PRELOAD")) if p)
         if self.model_dir is not None:
             env[MODEL_DIR_ENV] = str(Path(self.model_dir).resolve())
         if self.lora_dir is not None:
