@@ -277,6 +277,13 @@ class Soak:
         return growth
 
 
+def tritonserver_crashes(log_lines: list[str]) -> list[str]:
+    """tritonserver's own crashes in its log (the supervisor restarts it): assertion failures and
+    fatal signals (SIGINT, "Signal (2)", is the stop)."""
+    return [line.strip() for line in log_lines if "ASSERTION FAILED" in line or
+            (line.startswith("Signal (") and not line.startswith("Signal (2)"))]
+
+
 def run(minutes: float, clients: int, kill_every_min: float, fault_every_s: float,
         model_dir: Path, workdir: Path, max_queue: int) -> dict:
     requests = known_requests(6)
@@ -312,10 +319,7 @@ def run(minutes: float, clients: int, kill_every_min: float, fault_every_s: floa
         code = supervisor.stop(timeout_s=30)
     shm_left = sorted(set(p.name for p in SHM_FOLDER.glob(f"{SHM_PREFIX}*")) - set(shm_before))
     log = (workdir / "tritonserver.log").read_text(errors="replace").splitlines()
-    # tritonserver's own crashes (the supervisor restarts it): the line before each fatal signal
-    # (SIGINT, "Signal (2)", is the stop)
-    aborts = [log[i - 1].strip() for i, line in enumerate(log)
-              if i and line.startswith("Signal (") and not line.startswith("Signal (2)")]
+    aborts = tritonserver_crashes(log)
     growth = soak.rss_growth()
     accepted = sum(soak.outcomes[k] for k in ("image", "clear_error", "transport_error", "mixed",
                                                 "unclear_error", "hung"))
