@@ -222,6 +222,40 @@ class OrderedSender:
             self.worker.shutdown(wait=False)
 
 
+class PlaceReporter:
+    """A waiting request's place in line, sent as `queue_position` responses at most once per
+    `interval_s` (the latest place; the first at once): every request that starts moves everyone
+    behind it up, and a response per waiting request per start costs the server more than the
+    line saves (docs/performance.md, "Holding load")."""
+
+    def __init__(self, send: Any, interval_s: float = 0.5):
+        self.send, self.interval_s = send, interval_s
+        self.last_sent = -float("inf")
+        self.place: int | None = None
+        self.pending: asyncio.TimerHandle | None = None
+        self.ticket: Ticket | None = None
+
+    def __call__(self, place: int) -> None:
+        self.place = place
+        wait = self.last_sent + self.interval_s - time.monotonic()
+        if wait <= 0:
+            self._flush()
+        elif self.pending is None:
+            self.pending = asyncio.get_running_loop().call_later(wait, self._flush)
+
+    def _flush(self) -> None:
+        self.pending = None
+        if self.ticket is not None and (self.ticket.running or self.ticket.done):
+            return  # its steps have begun (or it left): a place would be stale
+        self.last_sent = time.monotonic()
+        self.send(self.place)
+
+    def stop(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+
+
 class FluxBlsModel:
     """The decoupled `flux_bls` model; subclasses set `pb` (triton_python_backend_utils)."""
 
@@ -374,16 +408,17 @@ class FluxBlsModel:
         ended then)."""
         pb = self.pb
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        places = PlaceReporter(lambda place: sender.send(partial(self._queue_response, place)))
         try:
-            ticket = self.admission.enter(
-                on_position=lambda place: sender.send(partial(self._queue_response, place)))
+            ticket = places.ticket = self.admission.enter(on_position=places)
         except QueueFull as exc:
             self.metrics.queue_refusals.increment(1)
             sender.send(error_response(pb, f"flux_bls: {exc}; {retry_after_text(exc.retry_after_s)}",
                                        "UNAVAILABLE", tag=RESOURCE_EXHAUSTED), flags=final)
             return None
         self.metrics.queue_length.set(self.admission.waiting)
-        stopped = await self.admission.wait(ticket, stop_check)
+        stopped = await self.admission.wait(ticket, stop_check, poll_s=0.5)
+        places.stop()
         self.metrics.queue_length.set(self.admission.waiting)
         if stopped is None:
             self.metrics.queue_wait.observe(ticket.waited_s * 1000)
