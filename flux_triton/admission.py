@@ -98,8 +98,8 @@ class Admission:
     def order(self) -> list[Ticket]:
         """The waiting tickets in the order they will run."""
         lines = {key: list(line) for key, line in self.lines.items()}
-        order, depth = [], 0
-        while len(order) < self.waiting:
+        order, depth, waiting = [], 0, self.waiting
+        while len(order) < waiting:
             order += [lines[key][depth] for key in self.rotation if depth < len(lines[key])]
             depth += 1
         return order

@@ -237,7 +237,8 @@ class TritonServer:
                            secrets.token_urlsafe(32), repr=False)
     token: str = field(default_factory=lambda: secrets.token_hex(6))  # names what this server leaves
     removed_regions: list[Path] = field(default_factory=list)  # what the last stop had to remove
-    _probes: dict[str, dict] = field(default_factory=dict, repr=False)  # model -> its probe request
+    # model -> its probe: (path, JSON body)
+    _probes: dict[str, tuple[str, bytes]] = field(default_factory=dict, repr=False)
 
     @property
     def uses_mps(self) -> bool:
@@ -409,15 +410,16 @@ class TritonServer:
         inputs the smallest its config allows, zeros), or for the decoupled flux_bls the list of
         its adapters. Returns once answered, an error answer included; raises OSError when no
         answer came in `timeout_s` (or the server did not take the request)."""
-        deployment = self.deployment.python_models()[model]
-        if deployment.decoupled:
-            path, body = f"/v2/models/{model}/generate", {"list_loras": True}
-        else:
-            if model not in self._probes:
-                self._probes[model] = probe_request(json.loads(self.get(f"/v2/models/{model}/config")))
-            path, body = f"/v2/models/{model}/infer", self._probes[model]
+        if model not in self._probes:  # made once: the repository and configs do not change
+            if self.deployment.python_models()[model].decoupled:
+                path, body = f"/v2/models/{model}/generate", {"list_loras": True}
+            else:
+                path = f"/v2/models/{model}/infer"
+                body = probe_request(json.loads(self.get(f"/v2/models/{model}/config")))
+            self._probes[model] = (path, json.dumps(body).encode())
+        path, data = self._probes[model]
         url = f"http://{self.local_host}:{self.http_port}{path}"
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+        request = urllib.request.Request(url, data=data, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
