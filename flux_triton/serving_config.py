@@ -34,8 +34,8 @@ LORA_DIR_ENV = "FLUX_TRITON_LORA_DIR"
 # MAX_QUEUE or `none`: no bound).
 MAX_INFLIGHT_ENV = "FLUX_TRITON_MAX_INFLIGHT"
 MAX_QUEUE_ENV = "FLUX_TRITON_MAX_QUEUE"
-# Generations one flux_bls instance (one GPU) runs at once unless MAX_INFLIGHT says otherwise:
-# see docs/operations.md, "Queueing", for the measurements behind it.
+# Generations one flux_bls instance (one GPU) runs at once unless MAX_INFLIGHT says otherwise
+# (docs/performance.md, "Holding load": measured on the CPU, not yet on a GPU).
 DEFAULT_MAX_INFLIGHT = 4
 OPTIONS_PARAMETER = "flux_options"
 REPOSITORY_FILE = "flux_repository.json"

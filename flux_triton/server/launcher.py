@@ -49,8 +49,8 @@ CUDA_POOL_BYTES = 256 * 1024 * 1024
 # and unloads models (a load can carry a model.py: arbitrary code), logging and trace change what
 # the server writes and where, shared-memory maps regions by name into the server.
 ADMIN_APIS = ("model-repository", "logging", "trace", "shared-memory")
-# glibc's malloc keeps what tritonserver frees (its RSS grew 25 % in a 30-minute soak, about
-# 0.4 MB per 1,000 streams); jemalloc gives it back, as Triton's release notes advise. Preloaded
+# glibc's malloc keeps what tritonserver frees, so its RSS creeps up under load; jemalloc gives it
+# back, as Triton's release notes advise (measurements: docs/operations.md, "Soak"). Preloaded
 # where installed (Debian's libjemalloc2; Triton's container has it); FLUX_TRITON_MALLOC=system
 # keeps glibc's.
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
