@@ -193,3 +193,66 @@ def build_t5_tokenizer(spm_model: bytes) -> T5Tokenizer:
         _spm_precompiled_charsmap=spm_precompiled_charsmap(spm_model),
         model_max_length=512,
     )
+
+
+# Chat templates of the FLUX.2 text encoders' tokenizers, cut to what the pipelines send: Qwen3's
+# (klein: one user turn, a generation prompt, thinking switched off) and Mistral's (dev: a system
+# turn and a user turn whose content is a list of text parts).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- else %}{{- text + eos_token }}{%- endif %}{%- endfor %}"
+)
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+                          "[/SYSTEM_PROMPT]")
+BYTE_BPE_VOCAB_SIZE = 1000
+
+
+def train_byte_bpe(special_tokens: tuple[str, ...], extra_text: tuple[str, ...] = (),
+                   vocab_size: int = BYTE_BPE_VOCAB_SIZE):
+    """A byte-level BPE (as Qwen's and Mistral's tokenizers are) trained on the T5 corpus and
+    `extra_text`; the same merges every run."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator([*t5_training_corpus(), *extra_text], trainer)
+    return tokenizer
+
+
+def build_qwen_tokenizer():
+    """A small Qwen2 tokenizer with Qwen3's chat markers (FLUX.2 klein's text encoder)."""
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast(
+        tokenizer_object=train_byte_bpe(QWEN_SPECIAL_TOKENS), unk_token=None, bos_token=None,
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE,
+        model_max_length=512)
+
+
+def build_mistral_tokenizer(system_message: str):
+    """A small byte-level BPE tokenizer with Mistral's chat markers (FLUX.2 dev's text encoder),
+    trained with the pipeline's system message so that it takes few tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=train_byte_bpe(MISTRAL_SPECIAL_TOKENS, (system_message,) * 20),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        chat_template=MISTRAL_CHAT_TEMPLATE, model_max_length=512)

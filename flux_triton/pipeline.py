@@ -1,4 +1,5 @@
-"""FluxPipeline.__call__ as one async generator over abstract model calls.
+"""FluxPipeline.__call__ (and Flux2Pipeline's, Flux2KleinPipeline's) as one async generator over
+abstract model calls.
 
 The Triton BLS implements `FluxModels` with BLS requests, the in-process runner with torch modules;
 both run this same code, so they stream the same steps and the same image.
@@ -58,6 +59,15 @@ class FluxModels(Protocol):
 
     async def t5_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
         """T5 last hidden states [N, S, D_t5]."""
+        ...
+
+    async def tokenize_chat(self, prompts: tuple[str, ...], max_sequence_length: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX.2: ids and attention mask [N, S] (int64) of `prompts` in the chat template."""
+        ...
+
+    async def text_encoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """FLUX.2: the prompt embeddings [N, S, D] (stacked hidden states)."""
         ...
 
     async def dit_transformer(self, inputs: dict[str, torch.Tensor],
@@ -136,9 +146,9 @@ def cache_report(caches: list[FirstBlockCache]) -> dict:
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
-    pooled: torch.Tensor  # [B, D_clip]
-    sequence: torch.Tensor  # [B, S, D_t5]
-    text_ids: torch.Tensor  # [S, 3]
+    pooled: torch.Tensor | None  # [B, D_clip]; FLUX.2 has none
+    sequence: torch.Tensor  # [B, S, D_t5] (FLUX.2: [B, S, D] of its text encoder)
+    text_ids: torch.Tensor  # [S, 3] (FLUX.2: [S, 4], int64)
 
 
 @dataclass(frozen=True)
@@ -172,8 +182,17 @@ async def encode_prompts(
     request: GenerationRequest,
     timer: StageTimer,
     tag: str,
+    info: FluxModelInfo | None = None,
 ) -> PromptEmbeddings:
-    """Tokenize, then CLIP and T5 concurrently; repeat per image (FluxPipeline.encode_prompt)."""
+    """Tokenize, then CLIP and T5 concurrently; repeat per image (FluxPipeline.encode_prompt).
+    FLUX.2: tokenize in the chat template, then its one text encoder (Flux2Pipeline.encode_prompt)."""
+    if info is not None and info.is_flux2:
+        ids, mask = await timer.timed(f"tokenize{tag}",
+                                      models.tokenize_chat(prompts, request.max_sequence_length))
+        sequence = await timer.timed(f"text_encoder{tag}", models.text_encoder(ids, mask))
+        return PromptEmbeddings(
+            pooled=None, sequence=sampling.repeat_per_image(sequence, request.num_images_per_prompt),
+            text_ids=sampling.flux2_text_ids(sequence.shape[1], sequence.device))
     clip_ids, t5_ids = await timer.timed(
         f"tokenize{tag}", models.tokenize(prompts, prompts_2, request.max_sequence_length)
     )
@@ -205,6 +224,8 @@ def dit_inputs(
         "img_ids": image_ids,
         "txt_ids": embeds.text_ids,
     }
+    if embeds.pooled is None:  # FLUX.2
+        del inputs["pooled_projections"]
     if guidance is not None:
         inputs["guidance"] = guidance
     return inputs
@@ -273,12 +294,17 @@ async def generate(
     timer = StageTimer()
     stop_check = stop_check or (lambda: None)
 
-    # 1. Encode the prompt (and the negative prompt for true CFG), all encoders at once.
-    encodes = [encode_prompts(models, request.prompts, request.prompts_2, request, timer, "")]
+    # 1. Encode the prompt (and the negative prompt for true CFG, or FLUX.2 klein's guidance
+    #    against the empty prompt), all encoders at once.
+    layout = sampling.LAYOUTS[info.family]
+    encodes = [encode_prompts(models, request.prompts, request.prompts_2, request, timer, "", info)]
     if request.do_true_cfg:
         encodes.append(encode_prompts(
             models, request.negative_prompts, request.negative_prompts_2, request, timer, "_negative"
         ))
+    elif info.guidance_is_cfg and request.guidance_scale > 1:
+        empty = ("",) * len(request.prompts)
+        encodes.append(encode_prompts(models, empty, empty, request, timer, "_negative", info))
     embeds, *negative = await timer.timed("encode", asyncio.gather(*encodes))
     negative_embeds = negative[0] if negative else None
     device, dtype = embeds.sequence.device, embeds.sequence.dtype
@@ -290,15 +316,17 @@ async def generate(
     generator = sampling.seeded_generator(request.seed)
     edit = await prepare_image_inputs(request, info, models, generator, timer, (lat_h, lat_w),
                                       dtype, device)
-    noise = sampling.standard_normal(generator, (batch, info.latent_channels, lat_h, lat_w), dtype,
-                                     device)
-    image_ids = sampling.latent_image_ids(lat_h, lat_w, device, dtype)
+    noise = sampling.standard_normal(
+        generator, layout.noise_shape(batch, info.latent_channels, lat_h, lat_w), dtype, device)
+    image_ids = layout.image_ids(lat_h, lat_w, device, dtype)
     sigmas = request.sigmas or sampling.default_sigmas(request.num_inference_steps)
+    image_seq_len = (lat_h // 2) * (lat_w // 2)
     timesteps, sigma_schedule = sampling.flow_match_schedule(
-        sigmas, (lat_h // 2) * (lat_w // 2), info.scheduler)
+        sigmas, image_seq_len, info.scheduler,
+        layout.shift_mu(image_seq_len, request.num_inference_steps, info.scheduler))
     timesteps, sigma_schedule = timesteps.to(device), sigma_schedule.to(device)
     if edit is None:
-        latents = sampling.pack_latents(noise)
+        latents = layout.pack(noise)
     elif edit.reference is not None:  # Kontext: text-to-image's noise and schedule
         latents = sampling.pack_latents(noise)
         image_ids = torch.cat([image_ids, edit.reference_ids], dim=0)
@@ -337,10 +365,11 @@ async def generate(
         if tokens is not latents:  # the prediction for the output's tokens only
             noise_pred, neg = noise_pred[:, :latents.shape[1]], [n[:, :latents.shape[1]] for n in neg]
         if neg:
-            noise_pred = sampling.true_cfg(noise_pred, neg[0], request.true_cfg_scale)
+            scale = request.guidance_scale if info.is_flux2 else request.true_cfg_scale
+            noise_pred = sampling.true_cfg(noise_pred, neg[0], scale)
         x0 = None
         if request.preview_kind in ("x0", "both"):
-            x0 = sampling.unpack_latents(
+            x0 = layout.unpack(
                 sampling.predicted_clean(noise_pred, latents, sigma_schedule, i), lat_h, lat_w)
         latents = sampling.euler_step(noise_pred, latents, sigma_schedule, i)
         if edit is not None and edit.mask is not None:  # inpainting: what is kept, noised to match
@@ -348,7 +377,7 @@ async def generate(
             if i < len(timesteps) - 1:
                 kept = sampling.scale_noise(kept, edit.packed_noise, sigma_schedule[i + 1])
             latents = (1 - edit.mask) * kept + edit.mask * latents
-        preview = (sampling.unpack_latents(latents, lat_h, lat_w).to(torch.float32)
+        preview = (layout.unpack(latents, lat_h, lat_w).to(torch.float32)
                    if request.preview_kind in ("latent", "both") else None)
         steps_completed = i + 1
         yield StepUpdate(step=i + 1, total_steps=len(timesteps), timestep=float(t),
@@ -357,9 +386,10 @@ async def generate(
     # 5. Decode (also what a deadline returns: the latents of the last completed step).
     if stop_check() is Stop.CANCELLED:
         return
-    vae_latents = sampling.to_vae_latents(
-        sampling.unpack_latents(latents, lat_h, lat_w), info.vae_scaling_factor, info.vae_shift_factor
-    )
+    vae_latents = layout.unpack(latents, lat_h, lat_w)
+    if not info.is_flux2:  # FLUX.2's decoder undoes its own normalisation
+        vae_latents = sampling.to_vae_latents(vae_latents, info.vae_scaling_factor,
+                                              info.vae_shift_factor)
     decoded = await timer.timed("vae_decoder", models.vae_decoder(vae_latents))
     image = sampling.postprocess_uint8(decoded)
     timer.spans["total"] = (0.0, timer.now())

@@ -166,6 +166,8 @@ def validate_request(
     unknown = sorted(set(inputs) - KNOWN_FIELDS)
     if unknown:
         raise InvalidRequest(unknown[0], f"unknown input; accepted inputs are {sorted(KNOWN_FIELDS)}")
+    if info.is_flux2:
+        _refuse_flux1_fields(inputs)
     if inputs.get("prompt") is None:
         raise InvalidRequest("prompt", "is required: a BYTES tensor [N] of N >= 1 prompts")
     prompts = _strings("prompt", inputs["prompt"], limits)
@@ -208,7 +210,7 @@ def validate_request(
     num_images = _int_in("num_images_per_prompt", inputs.get("num_images_per_prompt"), 1, 1, max_images)
     max_seq = _int_in(
         "max_sequence_length", inputs.get("max_sequence_length"),
-        info.default_max_sequence_length, 1, info.t5_max_length,
+        info.default_max_sequence_length, 1, info.max_text_length,
     )
     guidance = _float_in("guidance_scale", inputs.get("guidance_scale"), info.default_guidance_scale,
                          0.0, 100.0)
@@ -300,6 +302,34 @@ def validate_request(
         image_role=edit.image_role,
         cache_threshold=cache_threshold,
     )
+
+
+# What a FLUX.2 model does not take, and why: the client sends what the message says instead.
+FLUX2_REFUSED = {
+    "prompt_2": "FLUX.2 has one text encoder: send the whole prompt as `prompt`",
+    "negative_prompt": "FLUX.2 takes no negative prompt (klein base models guide against the "
+                       "empty prompt by `guidance_scale`)",
+    "negative_prompt_2": "FLUX.2 takes no negative prompt",
+    "true_cfg_scale": "FLUX.2 has no true CFG: `guidance_scale` is its guidance",
+    "lora": "LoRA adapters are served for FLUX.1 models only",
+    "lora_scale": "LoRA adapters are served for FLUX.1 models only",
+    "image": "image inputs are served for FLUX.1 models only",
+    "mask": "image inputs are served for FLUX.1 models only",
+    "strength": "image inputs are served for FLUX.1 models only",
+    "image_role": "image inputs are served for FLUX.1 models only",
+}
+
+
+def _refuse_flux1_fields(inputs: Mapping[str, np.ndarray | None]) -> None:
+    for field, reason in FLUX2_REFUSED.items():
+        if inputs.get(field) is not None:
+            raise InvalidRequest(field, f"does not apply to this server's FLUX.2 model: {reason}")
+    threshold = inputs.get("cache_threshold")
+    if threshold is not None and np.asarray(threshold).size == 1 and np.asarray(threshold).dtype.kind == "f" \
+            and float(np.asarray(threshold).reshape(-1)[0]) != 0:
+        raise InvalidRequest("cache_threshold", "does not apply to this server's FLUX.2 model: "
+                             "first-block caching is served for FLUX.1 models only; send 0 or "
+                             "leave it out")
 
 
 def listing_requested(inputs: Mapping[str, np.ndarray | None]) -> bool:

@@ -25,14 +25,30 @@ def default_sigmas(num_inference_steps: int) -> np.ndarray:
     return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
 
 
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's shift `mu` for an image size and step count (its pipelines' `compute_empirical_mu`):
+    fitted lines in the sequence length, interpolated in the steps below 4300 tokens."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    b = m_200 - 200.0 * a
+    return float(a * num_steps + b)
+
+
 def flow_match_schedule(
-    sigmas: np.ndarray | list[float], image_seq_len: int, cfg: SchedulerConfig
+    sigmas: np.ndarray | list[float], image_seq_len: int, cfg: SchedulerConfig,
+    mu: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps [N] and sigmas [N+1] (terminal 0 appended), as FlowMatchEulerDiscreteScheduler
-    `set_timesteps(sigmas=..., mu=calculate_shift(...))` computes them."""
+    `set_timesteps(sigmas=..., mu=...)` computes them; `mu` defaults to FLUX.1's
+    `calculate_shift(image_seq_len)`."""
     sig = np.array(sigmas).astype(np.float32)
     if cfg.use_dynamic_shifting:
-        mu = calculate_shift(image_seq_len, cfg)
+        mu = calculate_shift(image_seq_len, cfg) if mu is None else mu
         if cfg.time_shift_type == "exponential":
             sig = math.exp(mu) / (math.exp(mu) + (1 / sig - 1) ** 1.0)
         else:
@@ -184,3 +200,111 @@ def postprocess_uint8(decoded: torch.Tensor) -> torch.Tensor:
     image = (decoded / 2 + 0.5).clamp(0, 1)
     image = image.permute(0, 2, 3, 1).float()
     return (image * 255).round().to(torch.uint8)
+
+
+# FLUX.2 packs its latents differently: the noise is drawn already patched, [B, C*4, h/2, w/2]
+# (h, w: the VAE's latent grid), and becomes tokens by flattening, with 4-axis position ids
+# (t, row, column, l) as int64; its VAE decoder takes the patched latents (`vae_decoder` undoes the
+# VAE's batch-norm normalisation and the patching).
+
+
+def flux2_pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, h*w, C] (Flux2Pipeline._pack_latents)."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def flux2_unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `flux2_pack_latents` for tokens in row order: [B, h*w, C] -> [B, C, h, w],
+    contiguous (what `_unpack_latents_with_ids` scatters them to)."""
+    b, _, c = packed.shape
+    return packed.reshape(b, height, width, c).permute(0, 3, 1, 2).contiguous()
+
+
+def flux2_image_ids(height: int, width: int, device: torch.device | str, time: int = 0) -> torch.Tensor:
+    """Position ids [h*w, 4] of an image's tokens: (time, row, column, 0), int64."""
+    return torch.cartesian_prod(torch.tensor([time]), torch.arange(height), torch.arange(width),
+                                torch.arange(1)).to(device)
+
+
+def flux2_text_ids(seq_len: int, device: torch.device | str) -> torch.Tensor:
+    """Position ids [S, 4] of the text tokens: (0, 0, 0, index), int64."""
+    return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1),
+                                torch.arange(seq_len)).to(device)
+
+
+class LatentLayout:
+    """How a family's latents become the DiT's tokens, and back; its position ids and shift.
+    `h` and `w` are always the VAE's latent grid (`latent_grid`)."""
+
+    def noise_shape(self, batch: int, channels: int, h: int, w: int) -> tuple[int, ...]:
+        return batch, channels, h, w
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack_latents(latents)
+
+    def unpack(self, packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Tokens back to the latents a preview shows and the VAE decoder takes."""
+        return unpack_latents(packed, h, w)
+
+    def image_ids(self, h: int, w: int, device, dtype: torch.dtype) -> torch.Tensor:
+        return latent_image_ids(h, w, device, dtype)
+
+    def text_ids(self, seq_len: int, device, dtype: torch.dtype) -> torch.Tensor:
+        return text_ids(seq_len, device, dtype)
+
+    def shift_mu(self, image_seq_len: int, num_steps: int, cfg: SchedulerConfig) -> float | None:
+        return None  # flow_match_schedule's default: calculate_shift
+
+
+class Flux2LatentLayout(LatentLayout):
+    def noise_shape(self, batch, channels, h, w):
+        return batch, channels * 4, h // 2, w // 2
+
+    def pack(self, latents):
+        return flux2_pack_latents(latents)
+
+    def unpack(self, packed, h, w):
+        return flux2_unpack_latents(packed, h // 2, w // 2)
+
+    def image_ids(self, h, w, device, dtype):
+        return flux2_image_ids(h // 2, w // 2, device)
+
+    def text_ids(self, seq_len, device, dtype):
+        return flux2_text_ids(seq_len, device)
+
+    def shift_mu(self, image_seq_len, num_steps, cfg):
+        return empirical_mu(image_seq_len, num_steps)
+
+
+LAYOUTS = {"flux1": LatentLayout(), "flux2": Flux2LatentLayout()}
+
+
+def flux2_denormalise(latents: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """Undo the FLUX.2 VAE's batch-norm normalisation of patched latents [B, C*4, h, w]."""
+    mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
+    return latents * std + mean
+
+
+def flux2_normalise(latents: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """The FLUX.2 VAE's batch-norm normalisation of patched encoder latents."""
+    mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
+    return (latents - mean) / std
+
+
+def patchify_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C*4, H/2, W/2] (Flux2Pipeline._patchify_latents)."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return latents.reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C*4, h, w] -> [B, C, 2h, 2w] (Flux2Pipeline._unpatchify_latents)."""
+    b, c, h, w = latents.shape
+    latents = latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return latents.reshape(b, c // 4, h * 2, w * 2)

@@ -45,6 +45,18 @@ IO_DTYPES = {"FP32": "FP32", "FP16": "FP16", "BF16": "BF16", "FP8": "BF16"}
 # The FLUX networks: the four of text-to-image, and the VAE's encoder for image inputs.
 NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "vae_encoder")
 COMPONENTS = ("tokenizer", *NETWORKS)
+# FLUX.2's: one chat-model text encoder instead of CLIP and T5.
+FLUX2_NETWORKS = ("text_encoder", "dit_transformer", "vae_decoder", "vae_encoder")
+
+
+def networks(info: FluxModelInfo) -> tuple[str, ...]:
+    """The networks of `info`'s family."""
+    return FLUX2_NETWORKS if info.is_flux2 else NETWORKS
+
+
+def components(info: FluxModelInfo) -> tuple[str, ...]:
+    """The served components of `info`'s family: the tokenizer and the networks."""
+    return ("tokenizer", *networks(info))
 # The networks a LoRA adapter may change (diffusers' FLUX loader: the transformer and CLIP), and
 # what each of their calls says about it when served by Python models: the adapters and their
 # scales, in order (none: the folder's own weights).
@@ -108,6 +120,8 @@ def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, C
     if precision not in IO_DTYPES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dtype = IO_DTYPES[precision]
+    if info.is_flux2:
+        return flux2_component_specs(info, dtype)
     packed_channels = info.latent_channels * 4
     dit_inputs = [
         TensorSpec("hidden_states", dtype, ("B", "S_img", packed_channels)),
@@ -168,6 +182,46 @@ def component_specs(info: FluxModelInfo, precision: str = "FP32") -> dict[str, C
     return {s.name: s for s in specs}
 
 
+def flux2_component_specs(info: FluxModelInfo, dtype: str) -> dict[str, ComponentSpec]:
+    """FLUX.2's components: the chat tokenizer and text encoder, the DiT (no pooled embedding;
+    position ids of 4 axes, int64), and the VAE on patched, normalised latents [B, C*4, h/2, w/2]."""
+    packed_channels = info.latent_channels * 4
+    token_ids = (TensorSpec("input_ids", "INT64", ("N", "S_txt")),
+                 TensorSpec("attention_mask", "INT64", ("N", "S_txt")))
+    prompt_inputs = (TensorSpec("prompt", "BYTES", ("N",)),
+                     TensorSpec("max_sequence_length", "INT32", (1,)))
+    embeds = TensorSpec("prompt_embeds", dtype, ("N", "S_txt", info.text_embed_dim))
+    dit_inputs = [
+        TensorSpec("hidden_states", dtype, ("B", "S_img", packed_channels)),
+        TensorSpec("encoder_hidden_states", dtype, ("B", "S_txt", info.text_embed_dim)),
+        TensorSpec("timestep", dtype, ("B",)),
+        TensorSpec("img_ids", "INT64", ("S_img", 4)),
+        TensorSpec("txt_ids", "INT64", ("S_txt", 4)),
+    ]
+    if info.guidance_embeds:
+        dit_inputs.append(TensorSpec("guidance", "FP32", ("B",)))
+    patched = TensorSpec("latents", dtype, ("B", packed_channels, "H_tok", "W_tok"))
+    image = TensorSpec("image", dtype, ("B", 3, "H", "W"))
+    specs = [
+        ComponentSpec("tokenizer", prompt_inputs, token_ids),
+        ComponentSpec("text_encoder", token_ids, (embeds,)),
+        ComponentSpec("dit_transformer", tuple(dit_inputs),
+                      (TensorSpec("noise_pred", dtype, ("B", "S_img", packed_channels)),)),
+        ComponentSpec("vae_decoder", (patched,), (image,)),
+        ComponentSpec("vae_encoder", (image,), (patched,)),
+        ComponentSpec("encode_prompt", prompt_inputs, (embeds,)),
+    ]
+    return {s.name: s for s in specs}
+
+
+def preview_dims(info: FluxModelInfo) -> tuple[Dim, ...]:
+    """A step's preview latents: the VAE's latent grid (FLUX.1), or the patched grid FLUX.2's
+    latents live on."""
+    if info.is_flux2:
+        return ("B", info.latent_channels * 4, "H_tok", "W_tok")
+    return ("B", info.latent_channels, "H_lat", "W_lat")
+
+
 @dataclass(frozen=True)
 class ServingShape:
     """A request shape the server prepares at load: compiled kernels and a CUDA graph for it, so
@@ -205,6 +259,7 @@ class ServingShape:
         tokens = (lat_h // 2) * (lat_w // 2)
         return {"B": self.batch, "N": self.batch, "S_img": tokens * (2 if self.reference else 1),
                 "S_txt": self.max_sequence_length, "H_lat": lat_h, "W_lat": lat_w,
+                "H_tok": lat_h // 2, "W_tok": lat_w // 2,
                 "H": lat_h * info.vae_scale_factor, "W": lat_w * info.vae_scale_factor}
 
 
@@ -288,8 +343,8 @@ def bls_spec(info: FluxModelInfo) -> ComponentSpec:
         TensorSpec("step", "INT32", (1,)),
         TensorSpec("total_steps", "INT32", (1,)),
         TensorSpec("timestep", "FP32", (1,)),
-        TensorSpec("preview_latent", "FP32", ("B", info.latent_channels, "H_lat", "W_lat")),
-        TensorSpec("preview_x0", "FP32", ("B", info.latent_channels, "H_lat", "W_lat")),
+        TensorSpec("preview_latent", "FP32", preview_dims(info)),
+        TensorSpec("preview_x0", "FP32", preview_dims(info)),
         TensorSpec("image", "UINT8", ("B", "H", "W", 3)),
         TensorSpec("seed", "INT64", (1,)),
         TensorSpec("timings", "BYTES", (1,)),

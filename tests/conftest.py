@@ -45,6 +45,27 @@ def kontext_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux2_dirs(tmp_path_factory) -> dict[str, Path]:
+    """models/tiny-flux2-{klein,dev} from `make model`, else built fresh for this session."""
+    dirs = {}
+    for variant in ("klein", "dev"):
+        path = REPO_ROOT / "models" / f"tiny-flux2-{variant}"
+        if not (path / "model_index.json").exists():
+            path = build_tiny_flux(tmp_path_factory.mktemp("models") / path.name, f"flux2-{variant}")
+        dirs[variant] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def flux2_pipes(flux2_dirs):
+    """diffusers' own Flux2KleinPipeline and Flux2Pipeline on the tiny FLUX.2 folders."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    return {"klein": Flux2KleinPipeline.from_pretrained(flux2_dirs["klein"]),
+            "dev": Flux2Pipeline.from_pretrained(flux2_dirs["dev"])}
+
+
+@pytest.fixture(scope="session")
 def diffusers_pipes(model_dirs):
     """diffusers' own FluxPipeline on each model folder: the reference."""
     from diffusers import FluxPipeline

@@ -19,8 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHAPES_DIR = REPO_ROOT / "models" / "shapes-flux"  # the committed, trained default model
 
 
-def diffusers_call_kwargs(request: GenerationRequest) -> dict:
-    """FluxPipeline.__call__ arguments equivalent to a validated request."""
+def diffusers_call_kwargs(request: GenerationRequest, flux2: bool = False) -> dict:
+    """FluxPipeline.__call__ (`flux2`: Flux2Pipeline's, Flux2KleinPipeline's) arguments equivalent
+    to a validated request."""
     kwargs = dict(
         prompt=list(request.prompts),
         prompt_2=list(request.prompts_2),
@@ -34,6 +35,9 @@ def diffusers_call_kwargs(request: GenerationRequest) -> dict:
     )
     if request.sigmas is not None:
         kwargs["sigmas"] = list(request.sigmas)
+    if flux2:
+        del kwargs["prompt_2"]
+        return kwargs
     if request.negative_prompts is not None:
         kwargs.update(negative_prompt=list(request.negative_prompts),
                       negative_prompt_2=list(request.negative_prompts_2),
@@ -49,7 +53,9 @@ def diffusers_image(pipe, request: GenerationRequest) -> tuple[np.ndarray, np.nd
         step_latents.append(tensors["latents"].clone())
         return tensors
 
-    images = pipe(output_type="np", callback_on_step_end=keep, **diffusers_call_kwargs(request)).images
+    flux2 = type(pipe).__name__.startswith("Flux2")
+    images = pipe(output_type="np", callback_on_step_end=keep,
+                  **diffusers_call_kwargs(request, flux2)).images
     return (images * 255).round().astype("uint8"), images, step_latents
 
 
@@ -90,7 +96,8 @@ def assert_served_matches_diffusers(served, pipe, fields: dict, label: str) -> N
     request = validate_request(raw_inputs(**fields), served.info)
     expected_uint8, _, step_latents = diffusers_image(pipe, request)
     lat_h, lat_w = sampling.latent_grid(request.height, request.width, served.info.vae_scale_factor)
-    expected_previews = [sampling.unpack_latents(x, lat_h, lat_w).numpy() for x in step_latents]
+    unpack = sampling.LAYOUTS[served.info.family].unpack
+    expected_previews = [unpack(x, lat_h, lat_w).numpy() for x in step_latents]
     image = result.image
     assert image.shape == expected_uint8.shape
     latent_diff = max(float(np.abs(step["preview_latent"] - expected).max())

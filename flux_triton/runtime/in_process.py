@@ -14,7 +14,7 @@ from flux_triton.request import GenerationRequest
 from flux_triton.runtime.acceleration import ADAPTED_PARTS, Acceleration, load_network
 from flux_triton.runtime.loras import AdapterSwitch
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import COMPONENTS, ServingShape
+from flux_triton.specs import ServingShape, components
 
 
 class TorchFluxModels:
@@ -24,16 +24,17 @@ class TorchFluxModels:
     def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32",
                  acceleration: Acceleration | None = None, warmup: tuple[ServingShape, ...] = (),
                  loras: LoraCatalog | None = None):
-        self.load_phases: dict[str, dict] = {n: {} for n in COMPONENTS}  # seconds, cache counters
+        names = components(info)
+        self.load_phases: dict[str, dict] = {n: {} for n in names}  # seconds, cache counters
         self.adapters = {}
         if acceleration is None:
-            self.parts = {n: load_component(n, info, device, dtype) for n in COMPONENTS}
+            self.parts = {n: load_component(n, info, device, dtype) for n in names}
             if loras is not None and loras.adapters:
                 self.adapters = {name: AdapterSwitch(self.parts[name].model, part, loras)
                                  for name, part in ADAPTED_PARTS.items()}
         else:  # exactly as the served component models load them
             networks = {n: load_network(n, info, device, acceleration, warmup, self.load_phases[n],
-                                        loras) for n in COMPONENTS}
+                                        loras) for n in names}
             self.parts = {n: network.run for n, network in networks.items()}
             self.adapters = {n: network.adapters for n, network in networks.items()
                              if network.adapters is not None}
@@ -48,6 +49,14 @@ class TorchFluxModels:
     async def tokenize(self, prompts, prompts_2, max_sequence_length):
         ids = self.parts["tokenizer"](list(prompts), list(prompts_2), max_sequence_length)
         return ids["clip_input_ids"].to(self.device), ids["t5_input_ids"].to(self.device)
+
+    async def tokenize_chat(self, prompts, max_sequence_length):
+        ids = self.parts["tokenizer"](list(prompts), max_sequence_length)
+        return ids["input_ids"].to(self.device), ids["attention_mask"].to(self.device)
+
+    async def text_encoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._run("text_encoder", "prompt_embeds", input_ids=input_ids,
+                         attention_mask=attention_mask)
 
     def _outputs(self, name: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():

@@ -214,6 +214,132 @@ class VaeEncoder(torch.nn.Module):
         return {"latents": (latents - config.shift_factor) * config.scaling_factor}
 
 
+class ChatTokenizer:
+    """FLUX.2's tokenization: the prompt in its text encoder's chat template, padded to
+    `max_sequence_length`, exactly as Flux2KleinPipeline (one user turn, thinking off) and
+    Flux2Pipeline (its system message, then the user turn) tokenize it."""
+
+    def __init__(self, model_dir: Path, info: FluxModelInfo):
+        self.tokenizer = _load_tokenizer(model_dir, "tokenizer")
+        self.with_system_message = info.pipeline_class == "Flux2Pipeline"
+
+    def __call__(self, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        if self.with_system_message:
+            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+            tokens = self.tokenizer.apply_chat_template(
+                format_input(prompts=list(prompts)), add_generation_prompt=False, tokenize=True,
+                return_dict=True, return_tensors="pt", padding="max_length", truncation=True,
+                max_length=max_sequence_length)
+            return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        ids, masks = [], []
+        for prompt in prompts:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
+                enable_thinking=False)
+            tokens = self.tokenizer(text, return_tensors="pt", padding="max_length",
+                                    truncation=True, max_length=max_sequence_length)
+            ids.append(tokens["input_ids"])
+            masks.append(tokens["attention_mask"])
+        return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+
+
+def _text_encoder_class(model_dir: Path):
+    import transformers
+
+    _library, class_name = json.loads((model_dir / "model_index.json").read_text())["text_encoder"]
+    return getattr(transformers, class_name)
+
+
+class TextEncoder(torch.nn.Module):
+    """FLUX.2's text encoder: the hidden states of `info.text_encoder_layers`, stacked per token
+    into [N, S, layers x D] as the pipelines' `_get_*_prompt_embeds` do. The language model runs
+    without its head and only up to the last layer read: the earlier layers' states do not
+    depend on what follows them."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu",
+                 layers: tuple[int, ...] = ()):
+        super().__init__()
+        self.model = _network(_text_encoder_class(model_dir), model_dir, "text_encoder", dtype,
+                              device)
+        self.layers = layers
+        decoder = self.language_model()
+        # keeps a layer past the last one read: the last hidden state is normalised, the others not
+        decoder.layers = decoder.layers[:max(layers) + 1]
+
+    def language_model(self) -> torch.nn.Module:
+        base = self.model.model  # Qwen3Model, or Mistral3Model holding the vision tower too
+        return getattr(base, "language_model", base)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        output = self.language_model()(input_ids=input_ids, attention_mask=attention_mask,
+                                       output_hidden_states=True, use_cache=False)
+        out = torch.stack([output.hidden_states[k] for k in self.layers], dim=1)
+        out = out.to(dtype=self.model.dtype)
+        batch, channels, seq_len, hidden = out.shape
+        return {"prompt_embeds": out.permute(0, 2, 1, 3).reshape(batch, seq_len, channels * hidden)}
+
+
+class Flux2DitTransformer(torch.nn.Module):
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu"):
+        super().__init__()
+        from diffusers import Flux2Transformer2DModel
+
+        self.model = _network(Flux2Transformer2DModel, model_dir, "transformer", dtype, device)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids,
+                guidance=None) -> dict[str, torch.Tensor]:
+        noise_pred = self.model(hidden_states=hidden_states, timestep=timestep, guidance=guidance,
+                                encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
+                                img_ids=img_ids, return_dict=False)[0]
+        return {"noise_pred": noise_pred}
+
+
+class Flux2VaeDecoder(torch.nn.Module):
+    """FLUX.2's VAE decoder from the pipeline's patched, normalised latents [B, C*4, h, w]: the
+    batch-norm statistics undone, the 2x2 patches unfolded, then decoded."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu"):
+        super().__init__()
+        from diffusers import AutoencoderKLFlux2
+
+        self.model = _network(AutoencoderKLFlux2, model_dir, "vae", dtype, device)
+        self.model.encoder = None  # the vae_encoder network's
+        self.model.quant_conv = None
+        self.channels_last = False
+
+    def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        from flux_triton.sampling import flux2_denormalise, unpatchify_latents
+
+        bn = self.model.bn
+        latents = unpatchify_latents(flux2_denormalise(
+            latents, bn.running_mean, bn.running_var, self.model.config.batch_norm_eps))
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        return {"image": self.model.decode(latents, return_dict=False)[0]}
+
+
+class Flux2VaeEncoder(torch.nn.Module):
+    """FLUX.2's VAE encoder as its pipelines encode reference images: the posterior's mode,
+    patched 2x2 and normalised by the batch-norm statistics."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu"):
+        super().__init__()
+        from diffusers import AutoencoderKLFlux2
+
+        self.model = _network(AutoencoderKLFlux2, model_dir, "vae", dtype, device)
+        self.model.decoder = None
+        self.model.post_quant_conv = None
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        from flux_triton.sampling import flux2_normalise, patchify_latents
+
+        latents = patchify_latents(self.model.encode(image, return_dict=False)[0].mode())
+        bn = self.model.bn
+        return {"latents": flux2_normalise(latents, bn.running_mean, bn.running_var,
+                                           self.model.config.batch_norm_eps)}
+
+
 NETWORK_CLASSES = {
     "clip_encoder": ClipEncoder,
     "t5_encoder": T5Encoder,
@@ -221,12 +347,23 @@ NETWORK_CLASSES = {
     "vae_decoder": VaeDecoder,
     "vae_encoder": VaeEncoder,
 }
+FLUX2_NETWORK_CLASSES = {
+    "text_encoder": TextEncoder,
+    "dit_transformer": Flux2DitTransformer,
+    "vae_decoder": Flux2VaeDecoder,
+    "vae_encoder": Flux2VaeEncoder,
+}
 
 
 def load_component(name: str, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32"):
     """Load one served component (`tokenizer` or a network) from the model folder."""
     if name == "tokenizer":
-        return PromptTokenizer(info.model_dir, info)
-    if name not in NETWORK_CLASSES:
-        raise KeyError(f"unknown component {name!r}; expected tokenizer or one of {sorted(NETWORK_CLASSES)}")
-    return NETWORK_CLASSES[name](info.model_dir, DTYPES[dtype], device).to(device).eval()
+        return ChatTokenizer(info.model_dir, info) if info.is_flux2 else PromptTokenizer(info.model_dir, info)
+    classes = FLUX2_NETWORK_CLASSES if info.is_flux2 else NETWORK_CLASSES
+    if name not in classes:
+        raise KeyError(f"unknown component {name!r}; expected tokenizer or one of {sorted(classes)}")
+    if name == "text_encoder":
+        network = TextEncoder(info.model_dir, DTYPES[dtype], device, info.text_encoder_layers)
+    else:
+        network = classes[name](info.model_dir, DTYPES[dtype], device)
+    return network.to(device).eval()

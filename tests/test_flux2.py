@@ -1,0 +1,103 @@
+"""FLUX.2 (klein and dev) through the shared pipeline: bit-equal to diffusers' Flux2KleinPipeline
+and Flux2Pipeline on the CPU, every step's preview equal to the pipeline's latents."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flux_triton import sampling
+from flux_triton.model_info import load_model_info
+from flux_triton.request import InvalidRequest, validate_request
+from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
+from flux_triton.specs import component_specs, networks
+from tests.reference import diffusers_image, raw_inputs
+
+pytestmark = pytest.mark.fast  # no server
+
+CASES = {
+    "2 prompts x 2 images, 64x96": dict(prompt=["a red circle on blue", "two green squares"],
+                                        num_images_per_prompt=2, height=64, width=96, seed=7),
+    "custom sigmas, short text": dict(prompt="a horse", sigmas=[1.0, 0.7, 0.3], height=48,
+                                      width=48, seed=3, max_sequence_length=24),
+}
+
+
+def assert_in_process_matches(pipe, info, fields, preview_kind="latent"):
+    request = validate_request(raw_inputs(**fields, preview_kind=preview_kind), info)
+    events = list(run_in_process(request, info, TorchFluxModels(info)))
+    expected, _, step_latents = diffusers_image(pipe, request)
+    assert np.array_equal(events[-1].image.numpy(), expected)
+    lat_h, lat_w = sampling.latent_grid(request.height, request.width, info.vae_scale_factor)
+    assert len(events) - 1 == len(step_latents) == request.num_inference_steps
+    for event, latents in zip(events[:-1], step_latents):
+        expected_preview = sampling.LAYOUTS["flux2"].unpack(latents, lat_h, lat_w)
+        assert torch.equal(event.preview_latent, expected_preview), f"step {event.step}"
+    return events
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("variant", ["klein", "dev"])
+def test_flux2_in_process_identical_to_diffusers(flux2_dirs, flux2_pipes, variant, case):
+    info = load_model_info(flux2_dirs[variant])
+    assert_in_process_matches(flux2_pipes[variant], info, CASES[case])
+
+
+def test_flux2_klein_base_guidance_is_cfg_against_the_empty_prompt(flux2_dirs, tmp_path):
+    """A klein base model (not step-distilled): guidance_scale > 1 runs classifier-free guidance,
+    two DiT calls a step, exactly as Flux2KleinPipeline."""
+    from diffusers import Flux2KleinPipeline
+
+    folder = tmp_path / "klein-base"
+    shutil.copytree(flux2_dirs["klein"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(dict(index, is_distilled=False)))
+    info = load_model_info(folder)
+    assert info.guidance_is_cfg and not info.is_distilled
+    pipe = Flux2KleinPipeline.from_pretrained(folder)
+    assert_in_process_matches(pipe, info, dict(prompt=["a cat", "a dog"], guidance_scale=3.5,
+                                                height=32, width=64, seed=5))
+
+
+def test_flux2_x0_previews_are_the_predicted_clean_latents(flux2_dirs, flux2_pipes):
+    info = load_model_info(flux2_dirs["klein"])
+    events = assert_in_process_matches(flux2_pipes["klein"], info,
+                                       dict(prompt="a star", height=32, width=32, seed=2), "both")
+    last = events[-2]
+    # the last step lands on sigma 0: its latents are the clean latents it predicted
+    assert torch.allclose(last.preview_x0, last.preview_latent, atol=1e-5)
+    assert last.preview_x0.shape == (1, info.latent_channels * 4, 2, 2)
+
+
+def test_flux2_folders_are_recognised(flux2_dirs):
+    klein, dev = (load_model_info(flux2_dirs[v]) for v in ("klein", "dev"))
+    assert (klein.family, klein.text_encoder_layers, klein.is_distilled, klein.guidance_embeds) == (
+        "flux2", (9, 18, 27), True, False)
+    assert (dev.family, dev.text_encoder_layers, dev.guidance_embeds) == ("flux2", (10, 20, 30), True)
+    assert networks(dev) == ("text_encoder", "dit_transformer", "vae_decoder", "vae_encoder")
+    specs = component_specs(dev, "BF16")
+    assert "pooled_projections" not in {t.name for t in specs["dit_transformer"].inputs}
+    assert specs["dit_transformer"].input("img_ids").dtype == "INT64"
+    assert specs["dit_transformer"].input("img_ids").dims == ("S_img", 4)
+    assert specs["encode_prompt"].outputs[0].dims == ("N", "S_txt", dev.text_embed_dim)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("prompt_2", "a second prompt"), ("negative_prompt", "blurry"), ("true_cfg_scale", 4.0),
+    ("lora", "style"), ("cache_threshold", 0.1),
+    ("image", np.zeros((1, 32, 32, 3), np.uint8)),
+])
+def test_flux2_refuses_what_does_not_apply_naming_the_field(flux2_dirs, field, value):
+    info = load_model_info(flux2_dirs["dev"])
+    with pytest.raises(InvalidRequest) as raised:
+        validate_request(raw_inputs(prompt="a cat", **{field: value}), info)
+    assert raised.value.field == field and "FLUX.2" in str(raised.value)
+
+
+def test_flux2_max_sequence_length_is_bounded_by_the_pipelines_512(flux2_dirs):
+    info = load_model_info(flux2_dirs["klein"])
+    assert validate_request(raw_inputs(prompt="a", max_sequence_length=512), info).max_sequence_length == 512
+    with pytest.raises(InvalidRequest, match=r"max_sequence_length.*\[1, 512\]"):
+        validate_request(raw_inputs(prompt="a", max_sequence_length=513), info)
