@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from flux_triton.specs import NETWORKS
+from flux_triton.specs import ALL_NETWORKS, NETWORKS
 
-_COPY_NAME = re.compile(rf"^({'|'.join(NETWORKS)})_gpu(\d+)$")
+_COPY_NAME = re.compile(rf"^({'|'.join(ALL_NETWORKS)})_gpu(\d+)$")
 
 
 def parse_gpus(text: str, device_count: Callable[[], int]) -> tuple[int, ...]:
@@ -50,16 +50,18 @@ def copied_network(model: str) -> str | None:
     return match.group(1) if match else None
 
 
-def networks_by_gpu(gpus: Sequence[int]) -> dict[str, dict[str, str]]:
+def networks_by_gpu(gpus: Sequence[int], networks: Sequence[str] = NETWORKS
+                    ) -> dict[str, dict[str, str]]:
     """For each listed GPU (as a string, JSON's key type), the model each network's calls go to."""
-    return {str(gpu): {n: network_copy_name(n, gpu, gpus) for n in NETWORKS} for gpu in gpus}
+    return {str(gpu): {n: network_copy_name(n, gpu, gpus) for n in networks} for gpu in gpus}
 
 
-def served_networks(mapping: dict[str, dict[str, str]] | None, gpu: int | None) -> dict[str, str]:
+def served_networks(mapping: dict[str, dict[str, str]] | None, gpu: int | None,
+                    networks: Sequence[str] = NETWORKS) -> dict[str, str]:
     """The model each network's calls go to from a `flux_bls` instance on `gpu`, given its
     `networks_by_gpu` option; the plain names when the repository has no such map."""
     if not mapping:
-        return {n: n for n in NETWORKS}
+        return {n: n for n in networks}
     if str(gpu) not in mapping:
         raise ValueError(f"flux_bls instance on GPU {gpu} but networks_by_gpu maps only "
                          f"GPUs {sorted(mapping)}: export again with the GPUS this server runs on")

@@ -47,6 +47,7 @@ NETWORKS = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "vae
 COMPONENTS = ("tokenizer", *NETWORKS)
 # FLUX.2's: one chat-model text encoder instead of CLIP and T5.
 FLUX2_NETWORKS = ("text_encoder", "dit_transformer", "vae_decoder", "vae_encoder")
+ALL_NETWORKS = (*NETWORKS, "text_encoder")  # of either family
 
 
 def networks(info: FluxModelInfo) -> tuple[str, ...]:
@@ -105,9 +106,10 @@ def python_model_spec(spec: ComponentSpec, network: str, info: FluxModelInfo | N
     `step_cache` (the PyTorch runtime), the DiT also its first-block cache (`step_cache_tensors`,
     of `info`)."""
     inputs, outputs = spec.inputs, spec.outputs
-    if network in ADAPTED_NETWORKS:
+    flux1 = info is None or not info.is_flux2  # FLUX.2 serves neither adapters nor the cache
+    if network in ADAPTED_NETWORKS and flux1:
         inputs += ADAPTER_INPUTS
-    if network == "dit_transformer" and step_cache:
+    if network == "dit_transformer" and step_cache and flux1:
         cache_inputs, cache_outputs = step_cache_tensors(info, spec.input("hidden_states").dtype)
         inputs, outputs = inputs + cache_inputs, outputs + cache_outputs
     return probed(ComponentSpec(spec.name, inputs, outputs))

@@ -194,6 +194,12 @@ def served_shapes(tmp_path_factory) -> Served:
 
 
 @pytest.fixture(scope="session")
+def served_flux2(flux2_dirs, tmp_path_factory) -> dict[str, Served]:
+    """The tiny FLUX.2 klein and dev models served by PyTorch Python models."""
+    yield from _serve_variants(flux2_dirs, tmp_path_factory, "torch", ("klein", "dev"))
+
+
+@pytest.fixture(scope="session")
 def served_kontext(kontext_dir, tmp_path_factory) -> Served:
     """The tiny Kontext model served by PyTorch Python models."""
     for servers in _serve_variants({"kontext": kontext_dir}, tmp_path_factory, "torch", ("kontext",)):

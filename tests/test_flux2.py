@@ -101,3 +101,26 @@ def test_flux2_max_sequence_length_is_bounded_by_the_pipelines_512(flux2_dirs):
     assert validate_request(raw_inputs(prompt="a", max_sequence_length=512), info).max_sequence_length == 512
     with pytest.raises(InvalidRequest, match=r"max_sequence_length.*\[1, 512\]"):
         validate_request(raw_inputs(prompt="a", max_sequence_length=513), info)
+
+
+def test_flux2_repository_serves_its_own_networks(flux2_dirs, model_dirs, tmp_path):
+    from flux_triton.export.repository import render_repository, write_repository
+
+    rendered = render_repository(flux2_dirs["dev"], repository=tmp_path / "repo")
+    assert set(rendered.texts) == {"tokenizer", "text_encoder", "dit_transformer", "vae_decoder",
+                                   "vae_encoder", "encode_prompt", "flux_bls"}
+    assert '"text_encoder"' in rendered.texts["encode_prompt"]
+    assert "pooled_projections" not in rendered.texts["dit_transformer"]
+    assert 'name: "lora"' not in rendered.texts["dit_transformer"]  # no adapters, no cache
+    assert "cache_threshold" not in rendered.texts["dit_transformer"]
+    with pytest.raises(ValueError, match="FLUX.2 model .*BACKEND=torch"):
+        render_repository(flux2_dirs["dev"], backend="onnx", repository=tmp_path / "repo")
+    # a FLUX.1 export over it leaves FLUX.2's text encoder without a config, and back again
+    dest = tmp_path / "repo"
+    write_repository(flux2_dirs["klein"], dest)
+    assert (dest / "text_encoder" / "config.pbtxt").exists()
+    write_repository(model_dirs["schnell"], dest)
+    assert not (dest / "text_encoder" / "config.pbtxt").exists()
+    assert (dest / "t5_encoder" / "config.pbtxt").exists()
+    write_repository(flux2_dirs["klein"], dest)
+    assert not (dest / "t5_encoder" / "config.pbtxt").exists()

@@ -51,10 +51,10 @@ from flux_triton.request import InvalidRequest, listing_requested, validate_requ
 from flux_triton.serving_config import BlsOptions
 from flux_triton.specs import (
     CACHE_STATE,
-    NETWORKS,
     TORCH_DTYPES,
     bls_spec,
     component_specs,
+    networks,
     python_model_spec,
 )
 
@@ -70,6 +70,7 @@ class BlsFluxModels:
                  metrics: BlsMetrics, gpu: int | None, dit_batcher: CallBatcher | None = None,
                  input_types: dict[str, dict[str, torch.dtype]] | None = None,
                  served_names: dict[str, str] | None = None):
+        # the networks of the served family: those `batched` names (`specs.networks`)
         self.pb = pb
         self.served_names = served_names or {}
         self.input_types = input_types or {}  # network -> its floating-point inputs' types
@@ -77,7 +78,7 @@ class BlsFluxModels:
         self.batched = batched
         self.policy = policy
         self.metrics = metrics
-        self.stats = {m: RecoveryStats() for m in NETWORKS}
+        self.stats = {m: RecoveryStats() for m in batched}
         self.request_kwargs = {}
         if gpu is not None:  # outputs land on this instance's own GPU
             self.request_kwargs["preferred_memory"] = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_GPU, gpu)
@@ -132,6 +133,20 @@ class BlsFluxModels:
         ]
         ids = await self._exec("tokenizer", inputs, ["clip_input_ids", "t5_input_ids"])
         return ids["clip_input_ids"], ids["t5_input_ids"]
+
+    async def tokenize_chat(self, prompts, max_sequence_length):
+        pb = self.pb
+        inputs = [
+            pb.Tensor("prompt", np.array([p.encode() for p in prompts], dtype=object)),
+            pb.Tensor("max_sequence_length", np.array([max_sequence_length], dtype=np.int32)),
+        ]
+        ids = await self._exec("tokenizer", inputs, ["input_ids", "attention_mask"])
+        return ids["input_ids"], ids["attention_mask"]
+
+    async def text_encoder(self, input_ids, attention_mask):
+        return await self._network("text_encoder", {"input_ids": input_ids,
+                                                    "attention_mask": attention_mask},
+                                   "prompt_embeds")
 
     async def clip_encoder(self, input_ids, adapters=()):
         return await self._network("clip_encoder", {"input_ids": input_ids}, "pooled_prompt_embeds",
@@ -281,12 +296,13 @@ class FluxBlsModel:
         specs = component_specs(self.info)
         self.step_cache = options.backend == "torch"  # the DiT serves first-block caching
         # what is halved on out-of-memory: every batched input the served network takes
+        served = networks(self.info)
         self.batched = {m: python_model_spec(specs[m], m, self.info, self.step_cache).batched_inputs()
-                        for m in NETWORKS}
+                        for m in served}
         device = instance_device(args)
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
-        self.served_names = served_networks(options.networks_by_gpu, self.gpu)
-        self.metrics = BlsMetrics(pb, self.gpu)
+        self.served_names = served_networks(options.networks_by_gpu, self.gpu, served)
+        self.metrics = BlsMetrics(pb, self.gpu, served)
         # tritonserver starts every instance's process: its pid names the board they share
         self.board = LoadBoard(board_folder(os.getppid()),
                                f"{args.get('model_instance_name', 'flux_bls')}-{os.getpid()}", self.gpu)

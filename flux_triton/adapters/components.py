@@ -1,4 +1,5 @@
-"""The component models (`tokenizer`, `clip_encoder`, `t5_encoder`, `dit_transformer`, `vae_decoder`)."""
+"""The component models (`tokenizer`, `clip_encoder`, `t5_encoder`, `dit_transformer`, `vae_decoder`,
+`vae_encoder`; FLUX.2's `text_encoder`)."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class ComponentModel:
             onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
             self.component = OnnxComponent(onnx_path, self.spec, self.device)
             return
-        if self.name == "dit_transformer":
+        if self.name == "dit_transformer" and not info.is_flux2:
             self.cache_tensors = step_cache_tensors(info, self.spec.input("hidden_states").dtype)
         acceleration = acceleration_options(args, options)
         warmup = tuple(ServingShape.parse(s) for s in options.warmup)
@@ -146,7 +147,8 @@ class ComponentModel:
 
 
 class TokenizerModel:
-    """`tokenizer`: prompts -> CLIP ids and T5 ids, as FluxPipeline tokenizes. Subclasses set `pb`."""
+    """`tokenizer`: prompts -> CLIP ids and T5 ids, as FluxPipeline tokenizes (FLUX.2: the chat
+    template's ids and attention mask, as its pipelines tokenize). Subclasses set `pb`."""
 
     pb: Any
 
@@ -154,12 +156,22 @@ class TokenizerModel:
         options = model_options(args, NetworkOptions)
         info = load_model_info(resolve_model_dir(args, options.model_dir))
         self.tokenizer = load_component("tokenizer", info)
-        self.max_length = info.t5_max_length
+        self.flux2 = info.is_flux2
+        self.max_length = info.max_text_length
 
     def _strings(self, request, name: str) -> list[str]:
         tensor = self.pb.get_input_tensor_by_name(request, name)
         return [s.decode("utf-8") if isinstance(s, bytes) else str(s)
                 for s in tensor.as_numpy().reshape(-1)]
+
+    def _tokenize(self, request, max_seq: int) -> dict:
+        prompts = self._strings(request, "prompt")
+        if self.flux2:
+            return self.tokenizer(prompts, max_seq)
+        prompts_2 = self._strings(request, "prompt_2")
+        if len(prompts) != len(prompts_2):
+            raise ValueError(f"`prompt_2` must hold {len(prompts)} strings, got {len(prompts_2)}")
+        return self.tokenizer(prompts, prompts_2, max_seq)
 
     def execute(self, requests: list) -> list:
         pb = self.pb
@@ -169,16 +181,13 @@ class TokenizerModel:
                 responses.append(pb.InferenceResponse([]))
                 continue
             try:
-                prompts, prompts_2 = self._strings(request, "prompt"), self._strings(request, "prompt_2")
-                if len(prompts) != len(prompts_2):
-                    raise ValueError(f"`prompt_2` must hold {len(prompts)} strings, got {len(prompts_2)}")
                 max_seq = pb.get_input_tensor_by_name(request, "max_sequence_length").as_numpy()
                 max_seq = int(np.asarray(max_seq).reshape(-1)[0])
                 if not 1 <= max_seq <= self.max_length:
                     raise ValueError(
                         f"`max_sequence_length` must be in [1, {self.max_length}], got {max_seq}"
                     )
-                ids = self.tokenizer(prompts, prompts_2, max_seq)
+                ids = self._tokenize(request, max_seq)
                 responses.append(pb.InferenceResponse(
                     [from_torch(pb, name, value) for name, value in ids.items()]
                 ))

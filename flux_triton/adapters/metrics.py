@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from flux_triton.specs import COMPONENTS, NETWORKS
+from flux_triton.specs import NETWORKS
 
 LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 QUEUE_WAIT_BUCKETS_MS = [0, 10, 50, 100, 500, 1000, 5000, 10000, 30000, 60000, 300000]
@@ -27,10 +27,11 @@ class BlsMetrics:
     """The BLS's metric families; `pb` is triton_python_backend_utils (or a stand-in).
 
     An instance on a GPU labels every metric with `gpu`, so the instances of a server that spans
-    several GPUs (GPUS) count apart; on a CPU the labels are as they always were.
+    several GPUs (GPUS) count apart; on a CPU the labels are as they always were. `networks`: those
+    of the served model's family (`specs.networks`).
     """
 
-    def __init__(self, pb: Any, gpu: int | None = None):
+    def __init__(self, pb: Any, gpu: int | None = None, networks: tuple[str, ...] = NETWORKS):
         self.families = []  # a MetricFamily must outlive its metrics
         on_gpu = {} if gpu is None else {"gpu": str(gpu)}
 
@@ -41,7 +42,8 @@ class BlsMetrics:
         histogram, counter = pb.MetricFamily.HISTOGRAM, pb.MetricFamily.COUNTER
         latency = family("flux_component_latency_ms", "BLS call latency per component (ms)", histogram)
         self.component_latency = {
-            m: latency.Metric(labels={"model": m}, buckets=LATENCY_BUCKETS_MS) for m in COMPONENTS
+            m: latency.Metric(labels={"model": m}, buckets=LATENCY_BUCKETS_MS)
+            for m in ("tokenizer", *networks)
         }
         self.step_latency = family("flux_step_latency_ms", "Denoising step latency (ms)", histogram
                                    ).Metric(labels={}, buckets=LATENCY_BUCKETS_MS)
@@ -53,8 +55,8 @@ class BlsMetrics:
         self.images = family("flux_images_total", "Images generated", counter).Metric(labels={})
         retries = family("flux_component_retries_total", "Component calls retried", counter)
         splits = family("flux_batch_splits_total", "Batches halved after out-of-memory", counter)
-        self.retries = {m: retries.Metric(labels={"model": m}) for m in NETWORKS}
-        self.splits = {m: splits.Metric(labels={"model": m}) for m in NETWORKS}
+        self.retries = {m: retries.Metric(labels={"model": m}) for m in networks}
+        self.splits = {m: splits.Metric(labels={"model": m}) for m in networks}
         self.dit_batch = family("flux_dit_batch_size", "Rows per DiT call (batching across requests)",
                                 histogram).Metric(labels={}, buckets=[1, 2, 4, 8, 16, 32])
         self.dit_merged = family("flux_dit_merged_calls_total",

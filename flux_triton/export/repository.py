@@ -44,13 +44,14 @@ from flux_triton.serving_config import (
 )
 from flux_triton.specs import (
     ADAPTED_NETWORKS,
+    ALL_NETWORKS,
     IO_DTYPES,
-    NETWORKS,
     PRECISIONS,
     ServingShape,
     bls_spec,
     component_specs,
     default_serving_shapes,
+    networks,
     probed,
     python_model_spec,
 )
@@ -61,6 +62,12 @@ ARTIFACTS = {"onnx": "model.onnx", "tensorrt": "model.plan"}
 # Compiled kernels (inductor, Triton) live beside the repository, not in it: tritonserver would take a
 # folder inside it for a model.
 COMPILE_CACHE_SUFFIX = ".compile_cache"
+FLUX2_ENCODE_STEPS = [
+    ("tokenizer", {"prompt": "prompt", "max_sequence_length": "max_sequence_length"},
+     {"input_ids": "input_ids", "attention_mask": "attention_mask"}),
+    ("text_encoder", {"input_ids": "input_ids", "attention_mask": "attention_mask"},
+     {"prompt_embeds": "prompt_embeds"}),
+]
 ENCODE_STEPS = [
     ("tokenizer",
      {"prompt": "prompt", "prompt_2": "prompt_2", "max_sequence_length": "max_sequence_length"},
@@ -71,7 +78,12 @@ ENCODE_STEPS = [
 
 
 def preview_projection(info: FluxModelInfo) -> PreviewProjection:
-    """Fit the latent -> RGB preview map to this model's VAE (once, at export)."""
+    """Fit the latent -> RGB preview map to this model's VAE (once, at export); FLUX.2's to its
+    patched, normalised latents (one preview pixel per 16x16 block)."""
+    if info.is_flux2:
+        encoder = load_component("vae_encoder", info)
+        return fit_preview_projection(lambda images: encoder(images)["latents"],
+                                      info.vae_scale_factor * 2, 1.0, 0.0, size=8)
     vae = load_component("vae_decoder", info).model
     return fit_preview_projection(
         lambda images: vae.encode(images).latent_dist.mean, info.vae_scale_factor,
@@ -194,6 +206,9 @@ def render_repository(
             raise ValueError("GPUS places the models on GPUs: export with DEVICE=gpu (or BACKEND=tensorrt)")
         placement = parse_gpus(gpus, count_gpus)
     info = load_model_info(model_dir)
+    if info.is_flux2 and backend != "torch":
+        raise ValueError(f"{info.model_dir} is a FLUX.2 model ({info.pipeline_class}): it is served "
+                         "by BACKEND=torch; its ONNX export and TensorRT plans are not built yet")
     if has_random_weights(info.model_dir) != random_weights:
         raise ValueError(
             f"{info.model_dir} holds no weights, only configs ({RANDOM_WEIGHTS_MARKER}): export with "
@@ -204,7 +219,8 @@ def render_repository(
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     model_dir_option = os.path.relpath(info.model_dir, Path(repository).resolve())
-    lora_option = lora_folder(info, lora_dir, backend, repository)
+    lora_option = None if info.is_flux2 else lora_folder(info, lora_dir, backend, repository)
+    served = networks(info)
     # Triton's own parameter: GPU tensors reach a GPU model as they are (no copy to the host)
     on_device = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if device == "gpu" else {}
     deployments: list[ModelDeployment] = []
@@ -224,9 +240,9 @@ def render_repository(
         warmup=tuple(map(str, warmup)) if accelerated else (),
         compile_cache_dir=compile_cache_parameter(repository) if accelerated else None,
         lora_dir=lora_option if name in ADAPTED_NETWORKS else None, random_weights=random_weights)
-        for name in NETWORKS}
+        for name in served}
     component_types = {}
-    for name in NETWORKS:
+    for name in served:
         if backend == "tensorrt":  # each plan takes and gives the types of its graph
             component_types[name] = io_type(name, onnx_precision)
             spec = component_specs(info, component_types[name])[name]
@@ -245,14 +261,15 @@ def render_repository(
                 python_model(python_model_spec(copy, name, info, step_cache=backend == "torch"),
                              ModelDeployment(copy.name, "python", kind, pinned), network_options[name])
     deployments.append(ModelDeployment("encode_prompt", "ensemble"))
-    texts["encode_prompt"] = ensemble_config(specs["encode_prompt"], ENCODE_STEPS)
+    texts["encode_prompt"] = ensemble_config(specs["encode_prompt"],
+                                             FLUX2_ENCODE_STEPS if info.is_flux2 else ENCODE_STEPS)
     bls_options = BlsOptions(
         model_dir=model_dir_option, precision=precision, backend=backend, lora_dir=lora_option,
         limits=limits or ServingLimits(), retry=retry or RetryPolicy(),
         batch_delay_us=int(batch_delay_us), component_dtypes=component_types,
         max_inflight=max_inflight, max_queue=max_queue,
         # each instance calls the networks on its own GPU
-        networks_by_gpu=None if placement is None else networks_by_gpu(placement),
+        networks_by_gpu=None if placement is None else networks_by_gpu(placement, served),
         preview_projection=preview_projection(info).to_json(),
         # what a client needs to decode a preview latent with the vae_decoder model itself
         vae_scaling_factor=info.vae_scaling_factor, vae_shift_factor=info.vae_shift_factor,
@@ -269,7 +286,7 @@ def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir:
         targets = onnx_paths(onnx_dir)
         onnx_dir.mkdir(parents=True, exist_ok=True)
     else:
-        targets = {name: dest / name / "1" / ARTIFACTS["onnx"] for name in NETWORKS}
+        targets = {name: dest / name / "1" / ARTIFACTS["onnx"] for name in onnx_paths(dest)}
     export_all(model_dir, targets, (onnx_dir if backend == "tensorrt" else dest) / "export_report.json",
                onnx_precision)
     if backend == "tensorrt":
@@ -279,7 +296,7 @@ def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir:
         info = load_model_info(model_dir)
         config = load_engine_config(info)
         specs = component_specs(info)
-        for name in NETWORKS:
+        for name in targets:
             seconds = build_plan(targets[name], dest / name / "1" / ARTIFACTS["tensorrt"], specs[name],
                                  config, onnx_dir / "timing.cache", onnx_precision)
             print(f"{name}: TensorRT plan ({onnx_precision} graph, {config.precision[name]}) built "
@@ -354,6 +371,11 @@ def write_repository(
     for stale in network_copies(dest):
         if stale.name not in configs:
             shutil.rmtree(stale)
+    # the other family's models (FLUX.1's CLIP and T5, FLUX.2's text encoder) keep their code
+    # but not a config from an earlier export
+    for name in ALL_NETWORKS:
+        if name not in configs:
+            (dest / name / "config.pbtxt").unlink(missing_ok=True)
     for name, text in configs.items():
         (dest / name / "config.pbtxt").write_text(text)
     rendered.deployment.write(dest)
