@@ -33,3 +33,32 @@ def test_flux2_served_x0_previews(served_flux2):
     info = served_flux2["dev"].info
     shapes = {np.asarray(step["preview_x0"]).shape for step in result.steps}
     assert shapes == {(1, info.latent_channels * 4, 2, 2)}
+
+
+def test_flux2_through_the_gateway_unchanged(served_flux2):
+    """OpenAI's generation request and the streamed previews (x0, decoded by the server's FLUX.2
+    VAE at full size) work on a FLUX.2 server as on a FLUX.1 one; the image is the served one."""
+    import json
+
+    from flux_triton.gateway.app import GatewaySettings
+    from tests.gateway_server import RunningGateway, b64_image, sse_events
+
+    served = served_flux2["klein"]
+    with RunningGateway(GatewaySettings(triton_url=served.url)) as gateway:
+        status, body, _ = gateway.post("/v1/images/generations",
+                                       {"prompt": "a cat", "size": "96x64", "seed": 4})
+        assert status == 200, body
+        expected = served_generate(served, dict(prompt="a cat", width=96, height=64, seed=4))
+        assert np.array_equal(b64_image(body["data"][0]["b64_json"]), expected.image[0])
+        connection = gateway.connection()
+        connection.request("POST", "/v1/images/generations", headers={"Content-Type": "application/json"},
+                           body=json.dumps({"prompt": "a cat", "size": "96x64", "seed": 4,
+                                            "stream": True, "steps": 3}))
+        events = list(sse_events(connection.getresponse()))
+        connection.close()
+        assert [name for name, _, _ in events] == ["image_generation.partial_image"] * 3 + [
+            "image_generation.completed"]
+        assert b64_image(events[0][1]["b64_json"]).shape == (64, 96, 3)
+        status, body, _ = gateway.post("/v1/images/generations",
+                                       {"prompt": "a cat", "negative_prompt": "a dog"})
+        assert status == 400 and "negative_prompt" in json.dumps(body) and "FLUX.2" in json.dumps(body)
