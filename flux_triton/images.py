@@ -91,6 +91,39 @@ def reference_pixels(images: np.ndarray, info: FluxModelInfo) -> torch.Tensor:
     return _processor(info).preprocess(_pil_images(images), height=height, width=width).float()
 
 
+# Flux2Pipeline's and Flux2KleinPipeline's limits on a reference image (check_image_input) and the
+# area a larger one is resized to.
+FLUX2_MIN_SIDE = 64
+FLUX2_MAX_ASPECT = 8
+FLUX2_REFERENCE_AREA = 1024 * 1024
+
+
+def flux2_reference_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """The size a FLUX.2 reference image of `height` x `width` is encoded at: resized to 1024**2
+    pixels if larger (keeping its aspect), then cropped to `multiple`; also the output's default
+    size for the first reference image."""
+    if width * height > FLUX2_REFERENCE_AREA:
+        scale = math.sqrt(FLUX2_REFERENCE_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return default_size(height, width, multiple)
+
+
+def flux2_reference_pixels(images: np.ndarray, info: FluxModelInfo) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] -> float32 [N, 3, h, w] in [-1, 1] as the FLUX.2 pipelines
+    prepare reference images: Lanczos-resized to 1024**2 pixels when larger, then center-cropped
+    to a multiple of 16 (Flux2ImageProcessor)."""
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    processor = Flux2ImageProcessor(vae_scale_factor=info.spatial_multiple)
+    pixels = []
+    for image in _pil_images(images):
+        if image.width * image.height > FLUX2_REFERENCE_AREA:
+            image = processor._resize_to_target_area(image, FLUX2_REFERENCE_AREA)
+        height, width = default_size(image.height, image.width, info.spatial_multiple)
+        pixels.append(processor.preprocess(image, height=height, width=width, resize_mode="crop"))
+    return torch.cat(pixels).float()
+
+
 def mask_pixels(masks: np.ndarray, height: int, width: int, info: FluxModelInfo) -> torch.Tensor:
     """uint8 masks [M, H, W] (255 repaint) -> float32 [M, 1, height, width] of 0 and 1, resized and
     binarised at one half as FluxInpaintPipeline's mask processor does."""

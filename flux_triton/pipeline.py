@@ -87,9 +87,10 @@ class FluxModels(Protocol):
         """Decoded image [B, 3, H, W] in [-1, 1]."""
         ...
 
-    async def vae_encoder(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    async def vae_encoder(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised latents [B, C, H/8, W/8] of images [B, 3, H, W] in [-1, 1]: the posterior's
-        mean + std * `noise` (zeros: its mean)."""
+        mean + std * `noise` (zeros: its mean). FLUX.2 (no `noise`): the posterior's mode,
+        patched and normalised, [B, C*4, H/16, W/16]."""
         ...
 
 
@@ -255,6 +256,8 @@ async def prepare_image_inputs(
     if request.image is None:
         return None
     batch = request.batch_size
+    if info.is_flux2:
+        return await flux2_references(request, info, models, timer, dtype, device)
     if request.edits_reference:
         pixels = await asyncio.to_thread(images.reference_pixels, request.image, info)
         pixels = pixels.to(device=device, dtype=dtype)
@@ -278,6 +281,23 @@ async def prepare_image_inputs(
         conditioning.mask = images.packed_mask(mask, *latent_size, batch, info.latent_channels,
                                                dtype, device)
     return conditioning
+
+
+async def flux2_references(request: GenerationRequest, info: FluxModelInfo, models: FluxModels,
+                           timer: StageTimer, dtype: torch.dtype, device: torch.device
+                           ) -> ImageConditioning:
+    """FLUX.2's reference images as its pipelines prepare them: each encoded on its own, its
+    tokens placed at time 10, 20, ... of the position ids, all of them joined to every row."""
+    pixels = await asyncio.to_thread(images.flux2_reference_pixels, request.image, info)
+    pixels = pixels.to(device=device, dtype=dtype)
+    tokens, ids = [], []
+    for index in range(pixels.shape[0]):
+        latents = await timer.timed(f"vae_encoder_{index + 1}", models.vae_encoder(pixels[index:index + 1]))
+        tokens.append(sampling.flux2_pack_latents(latents).squeeze(0))
+        ids.append(sampling.flux2_image_ids(latents.shape[2], latents.shape[3], device,
+                                            time=10 + 10 * index))
+    reference = torch.cat(tokens, dim=0).unsqueeze(0).repeat(request.batch_size, 1, 1)
+    return ImageConditioning(reference=reference, reference_ids=torch.cat(ids, dim=0))
 
 
 async def generate(
@@ -327,8 +347,8 @@ async def generate(
     timesteps, sigma_schedule = timesteps.to(device), sigma_schedule.to(device)
     if edit is None:
         latents = layout.pack(noise)
-    elif edit.reference is not None:  # Kontext: text-to-image's noise and schedule
-        latents = sampling.pack_latents(noise)
+    elif edit.reference is not None:  # Kontext, FLUX.2: text-to-image's noise and schedule
+        latents = layout.pack(noise)
         image_ids = torch.cat([image_ids, edit.reference_ids], dim=0)
     else:  # image-to-image: the last steps of the schedule, from the image noised to their start
         start = sampling.strength_start(request.num_inference_steps, request.strength)

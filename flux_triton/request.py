@@ -184,7 +184,9 @@ def validate_request(
     multiple = info.spatial_multiple
     edit = _image_inputs(inputs, info, limits, len(prompts))
     default_height, default_width = info.default_height, info.default_width
-    if edit.image is not None:  # the output takes the image's size
+    if edit.image is not None and info.is_flux2:  # the first reference image's size
+        default_height, default_width = images.flux2_reference_size(*edit.image.shape[1:3], multiple)
+    elif edit.image is not None:  # the output takes the image's size
         default_height, default_width = images.default_size(*edit.image.shape[1:3], multiple)
     height = _int_in("height", inputs.get("height"), default_height, multiple, limits.max_height)
     width = _int_in("width", inputs.get("width"), default_width, multiple, limits.max_width)
@@ -192,7 +194,10 @@ def validate_request(
         if size % multiple:
             raise InvalidRequest(field, f"must be a multiple of {multiple}, got {size}")
     reference_pixels = 0
-    if edit.image is not None and edit.image_role == "reference":
+    if edit.image is not None and info.is_flux2:  # FLUX.2's references, each at their own size
+        ref_h, ref_w = images.flux2_reference_size(*edit.image.shape[1:3], multiple)
+        reference_pixels = ref_h * ref_w * edit.image.shape[0]
+    elif edit.image is not None and edit.image_role == "reference":
         # FluxKontextPipeline: the output at max_area pixels, with the aspect asked for
         height, width = images.kontext_output_size(height, width, info.max_area, multiple)
         for field, size, most in (("height", height, limits.max_height),
@@ -313,11 +318,10 @@ FLUX2_REFUSED = {
     "true_cfg_scale": "FLUX.2 has no true CFG: `guidance_scale` is its guidance",
     "lora": "LoRA adapters are served for FLUX.1 models only",
     "lora_scale": "LoRA adapters are served for FLUX.1 models only",
-    "image": "image inputs are served for FLUX.1 models only",
-    "mask": "image inputs are served for FLUX.1 models only",
-    "strength": "image inputs are served for FLUX.1 models only",
-    "image_role": "image inputs are served for FLUX.1 models only",
+    "mask": "FLUX.2's pipelines take reference images, not inpainting masks",
+    "strength": "FLUX.2's reference images are not noised",
 }
+FLUX2_MAX_REFERENCES = 10  # reference images one request may give a FLUX.2 model
 
 
 def _refuse_flux1_fields(inputs: Mapping[str, np.ndarray | None]) -> None:
@@ -387,6 +391,28 @@ class _ImageInputs:
     image_role: str = "init"
 
 
+def _flux2_references(inputs: Mapping[str, np.ndarray | None], image: np.ndarray,
+                      limits: ServingLimits) -> _ImageInputs:
+    """A FLUX.2 request's reference images, checked as Flux2ImageProcessor.check_image_input
+    checks them: every one joins every prompt's sequence (multi-reference editing)."""
+    count, height, width, _ = image.shape
+    if not 1 <= count <= FLUX2_MAX_REFERENCES:
+        raise InvalidRequest("image", f"a FLUX.2 model takes 1 to {FLUX2_MAX_REFERENCES} reference "
+                             f"images, got {count}")
+    for name, size, most in (("height", height, limits.max_height), ("width", width, limits.max_width)):
+        if not images.FLUX2_MIN_SIDE <= size <= most:
+            raise InvalidRequest("image", f"{name} must be in [{images.FLUX2_MIN_SIDE}, {most}] "
+                                 f"pixels, got {size}")
+    if max(height / width, width / height) > images.FLUX2_MAX_ASPECT:
+        raise InvalidRequest("image", f"aspect ratio must be at most {images.FLUX2_MAX_ASPECT}:1, "
+                             f"got {width} x {height}")
+    role = _choice("image_role", inputs.get("image_role"), IMAGE_ROLES, "reference", limits)
+    if role != "reference":
+        raise InvalidRequest("image_role", "a FLUX.2 model takes its images as references (its "
+                             "pipelines have no image-to-image): send `reference` or leave it out")
+    return _ImageInputs(image, None, DEFAULT_STRENGTH, "reference")
+
+
 def _uint8(field: str, value: np.ndarray, dims: str, ndim: int) -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype != np.uint8:
@@ -408,6 +434,8 @@ def _image_inputs(inputs: Mapping[str, np.ndarray | None], info: FluxModelInfo,
     count, height, width, channels = image.shape
     if channels != 3:
         raise InvalidRequest("image", f"must be UINT8 [N, H, W, 3] (RGB), got {channels} channels")
+    if info.is_flux2:
+        return _flux2_references(inputs, image, limits)
     if count not in (1, prompts):
         raise InvalidRequest("image", f"must hold 1 image or one per prompt ({prompts}), got {count}")
     multiple = info.spatial_multiple

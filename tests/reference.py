@@ -37,6 +37,10 @@ def diffusers_call_kwargs(request: GenerationRequest, flux2: bool = False) -> di
         kwargs["sigmas"] = list(request.sigmas)
     if flux2:
         del kwargs["prompt_2"]
+        if request.image is not None:  # reference images, as PIL images
+            from PIL import Image
+
+            kwargs["image"] = [Image.fromarray(np.ascontiguousarray(a)) for a in request.image]
         return kwargs
     if request.negative_prompts is not None:
         kwargs.update(negative_prompt=list(request.negative_prompts),

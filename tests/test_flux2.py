@@ -87,7 +87,6 @@ def test_flux2_folders_are_recognised(flux2_dirs):
 @pytest.mark.parametrize("field, value", [
     ("prompt_2", "a second prompt"), ("negative_prompt", "blurry"), ("true_cfg_scale", 4.0),
     ("lora", "style"), ("cache_threshold", 0.1),
-    ("image", np.zeros((1, 32, 32, 3), np.uint8)),
 ])
 def test_flux2_refuses_what_does_not_apply_naming_the_field(flux2_dirs, field, value):
     info = load_model_info(flux2_dirs["dev"])
@@ -124,3 +123,49 @@ def test_flux2_repository_serves_its_own_networks(flux2_dirs, model_dirs, tmp_pa
     assert (dest / "t5_encoder" / "config.pbtxt").exists()
     write_repository(flux2_dirs["klein"], dest)
     assert not (dest / "t5_encoder" / "config.pbtxt").exists()
+
+
+def _pictures(count: int, height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth random colour fields (what a photo's low frequencies look like), uint8."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (count, 4, 4, 3)).astype(np.float32)
+    ys, xs = np.linspace(0, 3, height), np.linspace(0, 3, width)
+    y0, x0 = np.floor(ys).astype(int).clip(0, 2), np.floor(xs).astype(int).clip(0, 2)
+    fy, fx = (ys - y0)[None, :, None, None], (xs - x0)[None, None, :, None]
+    top = small[:, y0][:, :, x0] * (1 - fx) + small[:, y0][:, :, x0 + 1] * fx
+    bottom = small[:, y0 + 1][:, :, x0] * (1 - fx) + small[:, y0 + 1][:, :, x0 + 1] * fx
+    return (top * (1 - fy) + bottom * fy).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("variant", ["klein", "dev"])
+def test_flux2_reference_images_identical_to_diffusers(flux2_dirs, flux2_pipes, variant):
+    """Multi-reference editing: two reference images (not multiples of 16: cropped) join every
+    prompt's sequence; the output takes the first one's size."""
+    info = load_model_info(flux2_dirs[variant])
+    events = assert_in_process_matches(
+        flux2_pipes[variant], info, dict(prompt=["make it red", "make it blue"],
+                                         image=_pictures(2, 70, 100, 1), seed=4))
+    assert events[-1].image.shape == (2, 64, 96, 3)
+
+
+def test_flux2_large_reference_is_resized_to_a_megapixel(flux2_dirs, flux2_pipes):
+    info = load_model_info(flux2_dirs["klein"])
+    fields = dict(prompt="a cat", image=_pictures(1, 1100, 1000, 2), height=32, width=32, seed=1,
+                  num_inference_steps=1)
+    assert_in_process_matches(flux2_pipes["klein"], info, fields)
+
+
+@pytest.mark.parametrize("fields, field, message", [
+    (dict(image=np.zeros((1, 63, 64, 3), np.uint8)), "image", "height must be in [64"),
+    (dict(image=np.zeros((1, 64, 520, 3), np.uint8)), "image", "aspect ratio must be at most 8"),
+    (dict(image=np.zeros((11, 64, 64, 3), np.uint8)), "image", "1 to 10 reference images"),
+    (dict(image=np.zeros((1, 64, 64, 3), np.uint8), image_role="init"), "image_role", "reference"),
+    (dict(image=np.zeros((1, 64, 64, 3), np.uint8), strength=0.5), "strength", "FLUX.2"),
+    (dict(image=np.zeros((1, 64, 64, 3), np.uint8), mask=np.zeros((1, 64, 64), np.uint8)), "mask",
+     "FLUX.2"),
+])
+def test_flux2_reference_images_are_validated(flux2_dirs, fields, field, message):
+    info = load_model_info(flux2_dirs["klein"])
+    with pytest.raises(InvalidRequest) as raised:
+        validate_request(raw_inputs(prompt="a cat", **fields), info)
+    assert raised.value.field == field and message in str(raised.value)

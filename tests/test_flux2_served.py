@@ -13,6 +13,16 @@ CASES = {
 }
 
 
+def _references() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
+    return np.ascontiguousarray(blocks.repeat(14, axis=1).repeat(17, axis=2))  # 70 x 102
+
+
+CASES["2 reference images, 2 prompts"] = dict(prompt=["make it red", "make it blue"],
+                                              image=_references(), seed=5)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("variant", ["klein", "dev"])
 def test_flux2_served_identical_to_diffusers(served_flux2, flux2_pipes, variant, case):

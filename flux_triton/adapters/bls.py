@@ -167,8 +167,9 @@ class BlsFluxModels:
     async def vae_decoder(self, latents):
         return await self._network("vae_decoder", {"latents": latents}, "image")
 
-    async def vae_encoder(self, image, noise):
-        return await self._network("vae_encoder", {"image": image, "noise": noise}, "latents")
+    async def vae_encoder(self, image, noise=None):
+        inputs = {"image": image} if noise is None else {"image": image, "noise": noise}
+        return await self._network("vae_encoder", inputs, "latents")
 
 
 def adapter_tensors(pb: Any, adapters: Adapters) -> list:

@@ -85,7 +85,9 @@ class TorchFluxModels:
     async def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run("vae_decoder", "image", latents=latents)
 
-    async def vae_encoder(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    async def vae_encoder(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:  # FLUX.2's encoder takes the image alone
+            return self._run("vae_encoder", "latents", image=image)
         return self._run("vae_encoder", "latents", image=image, noise=noise)
 
 

@@ -334,6 +334,8 @@ class Flux2VaeEncoder(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         from flux_triton.sampling import flux2_normalise, patchify_latents
 
+        # channels_last, as the image processor hands images over (see VaeEncoder)
+        image = image.contiguous(memory_format=torch.channels_last)
         latents = patchify_latents(self.model.encode(image, return_dict=False)[0].mode())
         bn = self.model.bn
         return {"latents": flux2_normalise(latents, bn.running_mean, bn.running_var,
