@@ -30,7 +30,7 @@ from flux_triton.export.tensorrt_build import EngineBuildError, build_plan
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.acceleration import is_token_linear
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import NETWORKS, component_specs
+from flux_triton.specs import ALL_NETWORKS, NETWORKS, component_specs
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_engine_config_names_every_network_and_kontext_doubles_image_tokens(mode
 
     info = load_model_info(model_dirs["dev"])
     raw = json.loads(ENGINE_CONFIG.read_text())
-    assert set(raw["precision"]) == set(NETWORKS)
+    assert set(raw["precision"]) == set(ALL_NETWORKS)
     del raw["precision"]["vae_encoder"]
     partial = tmp_path / "engine_config.json"
     partial.write_text(json.dumps(raw))

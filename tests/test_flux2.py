@@ -112,8 +112,8 @@ def test_flux2_repository_serves_its_own_networks(flux2_dirs, model_dirs, tmp_pa
     assert "pooled_projections" not in rendered.texts["dit_transformer"]
     assert 'name: "lora"' not in rendered.texts["dit_transformer"]  # no adapters, no cache
     assert "cache_threshold" not in rendered.texts["dit_transformer"]
-    with pytest.raises(ValueError, match="FLUX.2 model .*BACKEND=torch"):
-        render_repository(flux2_dirs["dev"], backend="onnx", repository=tmp_path / "repo")
+    onnx = render_repository(flux2_dirs["dev"], backend="onnx", repository=tmp_path / "repo")
+    assert onnx.options["text_encoder"].backend == "onnx"
     # a FLUX.1 export over it leaves FLUX.2's text encoder without a config, and back again
     dest = tmp_path / "repo"
     write_repository(flux2_dirs["klein"], dest)
@@ -169,3 +169,17 @@ def test_flux2_reference_images_are_validated(flux2_dirs, fields, field, message
     with pytest.raises(InvalidRequest) as raised:
         validate_request(raw_inputs(prompt="a cat", **fields), info)
     assert raised.value.field == field and message in str(raised.value)
+
+
+def test_flux2_tensorrt_profiles_come_from_the_same_specs(flux2_dirs):
+    from flux_triton.export.profiles import load_engine_config
+
+    info = load_model_info(flux2_dirs["dev"])
+    config = load_engine_config(info)
+    specs = component_specs(info)
+    assert config.precision["text_encoder"] == "BF16"
+    decoder = config.profile(specs["vae_decoder"])["latents"]
+    assert decoder[1] == (1, info.latent_channels * 4, 64, 64)  # 1024 px at opt: 64 patches a side
+    dit = config.profile(specs["dit_transformer"])
+    assert dit["img_ids"][2] == (2 * (1344 // 16) ** 2, 4)  # a reference image's tokens too
+    assert dit["txt_ids"][1] == (512, 4)

@@ -72,3 +72,21 @@ def test_flux2_through_the_gateway_unchanged(served_flux2):
         status, body, _ = gateway.post("/v1/images/generations",
                                        {"prompt": "a cat", "negative_prompt": "a dog"})
         assert status == 400 and "negative_prompt" in json.dumps(body) and "FLUX.2" in json.dumps(body)
+
+
+def test_flux2_served_from_onnx_graphs(flux2_dirs, flux2_pipes, tmp_path_factory):
+    """BACKEND=onnx: each FLUX.2 network exported to ONNX (its parity checked at export) and run
+    by onnxruntime; the image within one uint8 level of diffusers'."""
+    from tests.conftest import _serve_variants
+
+    fields = dict(prompt=["a red circle", "a cat"], height=48, width=64, seed=2,
+                  image=_references()[:1])
+    for servers in _serve_variants(flux2_dirs, tmp_path_factory, "onnx", ("klein",)):
+        result = served_generate(servers["klein"], fields)
+        assert result.error is None, result.error
+        from flux_triton.request import validate_request
+        from tests.reference import diffusers_image, raw_inputs
+
+        expected, _, _ = diffusers_image(flux2_pipes["klein"],
+                                         validate_request(raw_inputs(**fields), servers["klein"].info))
+        assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= 1

@@ -1,5 +1,5 @@
-"""Export CLIP, T5, DiT, VAE decoder and VAE encoder to ONNX, then check each against PyTorch with
-onnxruntime.
+"""Export CLIP, T5, DiT, VAE decoder and VAE encoder (FLUX.2: its text encoder, DiT and VAE) to
+ONNX, then check each against PyTorch with onnxruntime.
 
     python -m flux_triton.export.onnx_export --model-dir models/tiny-flux-schnell --out onnx/tiny-flux-schnell
 """
@@ -20,18 +20,17 @@ import torch
 from flux_triton import sampling
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import NETWORKS, ComponentSpec, component_specs
+from flux_triton.specs import ALL_NETWORKS, ComponentSpec, component_specs, networks
 
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to a side file (protobuf stops at 2 GiB)
-TOLERANCE = {"clip_encoder": 1e-4, "t5_encoder": 1e-4, "dit_transformer": 1e-4, "vae_decoder": 1e-4,
-             "vae_encoder": 1e-4}
+TOLERANCE = dict.fromkeys(ALL_NETWORKS, 1e-4)
 ONNX_PRECISIONS = ("FP32", "BF16", "FP8")
 # The weights' type of each network's graph. BF16 as NVIDIA's FLUX demo builds it, except the VAE:
 # ONNX's Conv has no bf16 before opset 22, so its graphs (decoder and encoder) stay float32 (TensorRT
 # builds them tf32). FP8: the BF16 graphs, with float8 Q/DQ on the DiT's token Linear layers.
-_REDUCED = {"clip_encoder": "bfloat16", "t5_encoder": "bfloat16", "dit_transformer": "bfloat16",
-            "vae_decoder": "float32", "vae_encoder": "float32"}
-GRAPH_DTYPES = {"FP32": dict.fromkeys(NETWORKS, "float32"), "BF16": _REDUCED, "FP8": _REDUCED}
+_REDUCED = {"clip_encoder": "bfloat16", "t5_encoder": "bfloat16", "text_encoder": "bfloat16",
+            "dit_transformer": "bfloat16", "vae_decoder": "float32", "vae_encoder": "float32"}
+GRAPH_DTYPES = {"FP32": dict.fromkeys(ALL_NETWORKS, "float32"), "BF16": _REDUCED, "FP8": _REDUCED}
 IO_TYPES = {"float32": "FP32", "bfloat16": "BF16"}
 # Parity of a reduced-precision graph: its float32 twin (bf16 weights, float32 arithmetic) against
 # the PyTorch model with the same bf16 weights in float32 (and the same float8 Q/DQ for FP8). The
@@ -76,14 +75,17 @@ class _Positional(torch.nn.Module):
 @contextlib.contextmanager
 def float32_rope():
     """FLUX computes RoPE in float64 on CPU; graphs must not carry float64 (TensorRT has none)."""
-    from diffusers.models.transformers import transformer_flux
+    from diffusers.models.transformers import transformer_flux, transformer_flux2
 
-    original = transformer_flux.maybe_adjust_dtype_for_device
-    transformer_flux.maybe_adjust_dtype_for_device = lambda dtype, device: torch.float32
+    modules = (transformer_flux, transformer_flux2)
+    originals = [module.maybe_adjust_dtype_for_device for module in modules]
+    for module in modules:
+        module.maybe_adjust_dtype_for_device = lambda dtype, device: torch.float32
     try:
         yield
     finally:
-        transformer_flux.maybe_adjust_dtype_for_device = original
+        for module, original in zip(modules, originals):
+            module.maybe_adjust_dtype_for_device = original
 
 
 def sample_inputs(name: str, info: FluxModelInfo, sizes: dict[str, int], seed: int = 0) -> dict:
@@ -92,6 +94,8 @@ def sample_inputs(name: str, info: FluxModelInfo, sizes: dict[str, int], seed: i
     gen = torch.Generator().manual_seed(seed)
     batch, text = sizes["B"], sizes["S_txt"]
     lat_h, lat_w = sizes["H_lat"], sizes["W_lat"]
+    if info.is_flux2:
+        return flux2_sample_inputs(name, info, batch, text, lat_h, lat_w, gen)
     if name == "clip_encoder":
         ids = torch.randint(0, 49406, (batch, info.clip_max_length), generator=gen)
         ids[:, 0], ids[:, -3:] = 49406, 49407
@@ -117,6 +121,32 @@ def sample_inputs(name: str, info: FluxModelInfo, sizes: dict[str, int], seed: i
     }
     if info.guidance_embeds:
         inputs["guidance"] = torch.full((batch,), 3.5)
+    return inputs
+
+
+def flux2_sample_inputs(name: str, info: FluxModelInfo, batch: int, text: int, lat_h: int,
+                        lat_w: int, gen: torch.Generator) -> dict:
+    """FLUX.2's networks' inputs: token ids with padding at the end (a mask of ones, then zeros),
+    patched latents, int64 position ids of 4 axes."""
+    channels = info.latent_channels * 4
+    if name == "text_encoder":
+        mask = torch.ones(batch, text, dtype=torch.int64)
+        mask[:, text - text // 3:] = 0
+        return {"input_ids": torch.randint(3, 400, (batch, text), generator=gen), "attention_mask": mask}
+    if name == "vae_decoder":
+        return {"latents": torch.randn(batch, channels, lat_h // 2, lat_w // 2, generator=gen)}
+    if name == "vae_encoder":
+        scale = info.vae_scale_factor
+        return {"image": torch.rand(batch, 3, lat_h * scale, lat_w * scale, generator=gen) * 2 - 1}
+    inputs = {
+        "hidden_states": torch.randn(batch, (lat_h // 2) * (lat_w // 2), channels, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, text, info.text_embed_dim, generator=gen) * 0.2,
+        "timestep": torch.rand(batch, generator=gen),
+        "img_ids": sampling.flux2_image_ids(lat_h // 2, lat_w // 2, "cpu"),
+        "txt_ids": sampling.flux2_text_ids(text, "cpu"),
+    }
+    if info.guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 4.0)
     return inputs
 
 
@@ -389,9 +419,17 @@ def check_component(name: str, info: FluxModelInfo, onnx_path: Path, onnx_precis
     return parity_rows(name, onnx_precision, cases, expected, got)
 
 
-def onnx_paths(out_dir: str | Path) -> dict[str, Path]:
-    """Where `export_all` writes each network: `<out_dir>/<name>/model.onnx`."""
-    return {name: Path(out_dir) / name / "model.onnx" for name in NETWORKS}
+def onnx_paths(out_dir: str | Path, info: FluxModelInfo | None = None) -> dict[str, Path]:
+    """Where `export_all` writes each network (of `info`'s family; FLUX.1's by default):
+    `<out_dir>/<name>/model.onnx`."""
+    names = networks(info) if info is not None else networks_of_flux1()
+    return {name: Path(out_dir) / name / "model.onnx" for name in names}
+
+
+def networks_of_flux1() -> tuple[str, ...]:
+    from flux_triton.specs import NETWORKS
+
+    return NETWORKS
 
 
 def export_all(model_dir: str | Path, targets: dict[str, Path], report_path: Path,
@@ -446,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        export_all(args.model_dir, onnx_paths(out), out / "export_report.json", args.precision,
-                   args.device)
+        export_all(args.model_dir, onnx_paths(out, load_model_info(args.model_dir)),
+                   out / "export_report.json", args.precision, args.device)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

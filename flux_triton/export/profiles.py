@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux_triton.model_info import FluxModelInfo
-from flux_triton.specs import NETWORKS, ComponentSpec
+from flux_triton.specs import ALL_NETWORKS, ComponentSpec
 
 ENGINE_CONFIG = Path(__file__).resolve().parent / "engine_config.json"
 PRECISIONS = ("FP32", "TF32", "FP16", "BF16", "FP8")  # the serving precisions' spelling, and TF32
@@ -54,14 +54,15 @@ def load_engine_config(info: FluxModelInfo, path: str | Path = ENGINE_CONFIG) ->
     for name, axis in (("height", height), ("width", width)):
         if any(v % multiple for v in (axis.min, axis.opt, axis.max)):
             raise ValueError(f"{path}: every `{name}` value must be a multiple of {multiple}, got {axis}")
-    if text.max > info.t5_max_length:
-        raise ValueError(f"{path}: `text_length.max` must be <= {info.t5_max_length}, got {text.max}")
+    if text.max > info.max_text_length:
+        raise ValueError(f"{path}: `text_length.max` must be <= {info.max_text_length}, got {text.max}")
     for component, precision in raw["precision"].items():
         if precision not in PRECISIONS:
             raise ValueError(f"{path}: precision of {component} must be one of {PRECISIONS}")
-    if sorted(raw["precision"]) != sorted(NETWORKS):
-        raise ValueError(f"{path}: `precision` must give one for each of {list(NETWORKS)} and no other, "
-                         f"got {sorted(raw['precision'])}")
+    # one file for both families: FLUX.1's networks and FLUX.2's text encoder
+    if sorted(raw["precision"]) != sorted(ALL_NETWORKS):
+        raise ValueError(f"{path}: `precision` must give one for each of {list(ALL_NETWORKS)} and no "
+                         f"other, got {sorted(raw['precision'])}")
     scale = info.vae_scale_factor
 
     def latent(axis: AxisRange, f: int) -> AxisRange:
@@ -69,11 +70,12 @@ def load_engine_config(info: FluxModelInfo, path: str | Path = ENGINE_CONFIG) ->
 
     tokens = AxisRange(*(getattr(height, k) // multiple * getattr(width, k) // multiple
                          for k in ("min", "opt", "max")))
-    if info.kontext:  # an edit adds the reference image's tokens to the DiT's sequence
+    if info.kontext or info.is_flux2:  # an edit adds a reference image's tokens to the sequence
         tokens = AxisRange(tokens.min, 2 * tokens.opt, 2 * tokens.max)
     axes = {
         "B": batch, "N": batch, "S_txt": text, "S_img": tokens,
         "H_lat": latent(height, scale), "W_lat": latent(width, scale), "H": height, "W": width,
+        "H_tok": latent(height, multiple), "W_tok": latent(width, multiple),
     }
     return EngineConfig(axes, dict(raw["precision"]), int(raw["workspace_gib"]),
                         int(raw["builder_optimization_level"]),

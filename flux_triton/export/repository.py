@@ -206,9 +206,6 @@ def render_repository(
             raise ValueError("GPUS places the models on GPUs: export with DEVICE=gpu (or BACKEND=tensorrt)")
         placement = parse_gpus(gpus, count_gpus)
     info = load_model_info(model_dir)
-    if info.is_flux2 and backend != "torch":
-        raise ValueError(f"{info.model_dir} is a FLUX.2 model ({info.pipeline_class}): it is served "
-                         "by BACKEND=torch; its ONNX export and TensorRT plans are not built yet")
     if has_random_weights(info.model_dir) != random_weights:
         raise ValueError(
             f"{info.model_dir} holds no weights, only configs ({RANDOM_WEIGHTS_MARKER}): export with "
@@ -283,10 +280,11 @@ def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir:
                             onnx_precision: str = "FP32") -> None:
     """ONNX graphs (checked against PyTorch) for `onnx`; plus TensorRT plans for `tensorrt`."""
     if backend == "tensorrt":
-        targets = onnx_paths(onnx_dir)
+        targets = onnx_paths(onnx_dir, load_model_info(model_dir))
         onnx_dir.mkdir(parents=True, exist_ok=True)
     else:
-        targets = {name: dest / name / "1" / ARTIFACTS["onnx"] for name in onnx_paths(dest)}
+        targets = {name: dest / name / "1" / ARTIFACTS["onnx"]
+                   for name in onnx_paths(dest, load_model_info(model_dir))}
     export_all(model_dir, targets, (onnx_dir if backend == "tensorrt" else dest) / "export_report.json",
                onnx_precision)
     if backend == "tensorrt":
