@@ -1,5 +1,6 @@
-"""`make bench-gpu`: FLUX.1 at 1024² on one GPU, (a) diffusers eager, (b) our pipeline in-process,
-(c) served by tritonserver and streamed to the gRPC client, for BF16 and FP8.
+"""`make bench-gpu`: FLUX.1 (and FLUX.2: --variants flux2-klein-4b,flux2-klein-9b,flux2-dev) at
+1024² on one GPU, (a) diffusers eager, (b) our pipeline in-process, (c) served by tritonserver and
+streamed to the gRPC client, for BF16 and FP8.
 
 FLUX.1's real architecture with random bf16 weights built on the device (`devtools.full_size`:
 compute and memory are the real ones). (b) and (c) load the networks the same way
@@ -31,7 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from devtools.full_size import SERVING, diffusers_pipeline, write_full_size_folder
+from devtools.full_size import (
+    SERVING,
+    diffusers_flux2_pipeline,
+    diffusers_pipeline,
+    write_full_size_folder,
+)
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage, dit_inputs, generate
 from flux_triton.request import validate_request
@@ -39,7 +45,7 @@ from flux_triton.runtime.acceleration import Acceleration
 from flux_triton.runtime.in_process import TorchFluxModels
 from flux_triton.runtime.torch_components import has_random_weights, load_component
 from flux_triton.serving_config import COMPILE_CACHE_ENV, ServingLimits
-from flux_triton.specs import COMPONENTS, ServingShape
+from flux_triton.specs import ServingShape, components
 
 PROMPT = "a red circle on a blue background"
 SIZE = 1024
@@ -116,6 +122,13 @@ def dit_sample(info: FluxModelInfo, shape: ServingShape, dtype: torch.dtype,
     from flux_triton import sampling
 
     sizes = shape.axis_sizes(info)
+    if info.is_flux2:
+        from flux_triton.export.onnx_export import flux2_sample_inputs
+
+        inputs = flux2_sample_inputs("dit_transformer", info, shape.batch, sizes["S_txt"],
+                                     sizes["H_lat"], sizes["W_lat"], torch.Generator().manual_seed(0))
+        return {k: (v.to(dtype) if v.is_floating_point() and k != "guidance" else v).to(device)
+                for k, v in inputs.items()}
     embeds = type("Embeds", (), {})()
     embeds.sequence = torch.randn(shape.batch, sizes["S_txt"], info.t5_hidden_size, device=device,
                                   dtype=dtype)
@@ -186,9 +199,17 @@ def release(*objects) -> None:
 
 
 def part_a(info: FluxModelInfo, variant: str, batches: list[int], runs: int) -> dict:
-    """(a) diffusers' FluxPipeline, eager bf16, on the same random networks."""
-    parts = {name: load_component(name, info, "cuda", "bfloat16") for name in COMPONENTS}
-    pipe = diffusers_pipeline(info, "cuda", "bfloat16", parts)
+    """(a) diffusers' FluxPipeline (Flux2Pipeline, Flux2KleinPipeline), eager bf16, on the same
+    random networks; with each network's weights and the peak memory of one call."""
+    parts = {name: load_component(name, info, "cuda", "bfloat16") for name in components(info)}
+    pipe = (diffusers_flux2_pipeline(info, parts) if info.is_flux2
+            else diffusers_pipeline(info, "cuda", "bfloat16", parts))
+    weights = {name: sum(p.numel() * p.element_size() for p in part.model.parameters())
+               for name, part in parts.items() if name != "tokenizer"}
+    if info.is_flux2:  # the whole text encoder diffusers runs, not the served cut one
+        weights["text_encoder"] = sum(p.numel() * p.element_size()
+                                      for p in pipe.text_encoder.parameters())
+    print(json.dumps({"weights_gib": {k: round(v / 2**30, 2) for k, v in weights.items()}}), flush=True)
     rows = {}
     for batch in batches:
         fields = request_fields(variant, batch)
@@ -208,7 +229,8 @@ def part_a(info: FluxModelInfo, variant: str, batches: list[int], runs: int) -> 
         torch.cuda.reset_peak_memory_stats()
         e2e = [synced_seconds(call) for _ in range(runs)]
         rows[batch] = {"e2e_s": statistics.median(e2e), "e2e_runs_s": e2e, "dit_step_ms": step_ms,
-                       "dit_flops_per_step": flops, "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+                       "dit_flops_per_step": flops, "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+                       "network_weight_bytes": weights}
         print(json.dumps({"a": {variant: {batch: rows[batch]}}}), flush=True)
     release(pipe, parts)
     return rows

@@ -1,4 +1,4 @@
-"""FLUX.1's real architecture with random weights, for benchmarks without the weights.
+"""FLUX.1's and FLUX.2's real architectures with random weights, for benchmarks without the weights.
 
 `write_full_size_folder` writes a diffusers-layout folder holding the real component configs (no
 weights) and a `random_weights.json` marker; `flux_triton.runtime.torch_components.load_component`
@@ -56,8 +56,90 @@ SERVING = {
 }
 
 
+# FLUX.2: the transformers of klein 4B (5 double + 20 single blocks, 3072 wide), klein 9B (8 + 24,
+# 4096) and dev (8 + 48, 6144; Flux2Transformer2DModel's defaults), their text encoders (Qwen3 4B,
+# Qwen3 8B, Mistral Small 3.1 24B with its vision tower) and the 32-channel VAE.
+FLUX2_TRANSFORMERS = {
+    "flux2-klein-4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24,
+                           joint_attention_dim=7680, guidance_embeds=False),
+    "flux2-klein-9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32,
+                           joint_attention_dim=12288, guidance_embeds=False),
+    "flux2-dev": dict(num_layers=8, num_single_layers=48, num_attention_heads=48,
+                      joint_attention_dim=15360, guidance_embeds=True),
+}
+QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+         "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+         "head_dim": 128, "max_position_embeddings": 40960, "rope_theta": 1000000,
+         "rms_norm_eps": 1e-06, "hidden_act": "silu"}
+FLUX2_TEXT_ENCODERS = {
+    "flux2-klein-4b": dict(QWEN3, hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True),
+    "flux2-klein-9b": dict(QWEN3, hidden_size=4096, intermediate_size=12288,
+                           tie_word_embeddings=False),
+    "flux2-dev": {
+        "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+        "image_token_index": 10, "spatial_merge_size": 2, "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": False, "vision_feature_layer": -1,
+        "text_config": {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120,
+                        "intermediate_size": 32768, "num_hidden_layers": 40,
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                        "max_position_embeddings": 131072, "rope_theta": 1000000000.0,
+                        "rms_norm_eps": 1e-05, "sliding_window": None},
+        "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096,
+                          "num_hidden_layers": 24, "num_attention_heads": 16, "head_dim": 64,
+                          "image_size": 1540, "patch_size": 14, "rope_theta": 10000.0},
+    },
+}
+FLUX2_VAE = {"_class_name": "AutoencoderKLFlux2", "latent_channels": 32,
+             "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+             "norm_num_groups": 32, "use_quant_conv": True, "use_post_quant_conv": True}
+FLUX2_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                   "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                   "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                   "time_shift_type": "exponential"}
+SERVING.update({
+    "flux2-klein-4b": {"default_height": 1024, "default_width": 1024,
+                       "default_num_inference_steps": 4, "default_max_sequence_length": 512,
+                       "default_guidance_scale": 1.0},
+    "flux2-klein-9b": {"default_height": 1024, "default_width": 1024,
+                       "default_num_inference_steps": 4, "default_max_sequence_length": 512,
+                       "default_guidance_scale": 1.0},
+    "flux2-dev": {"default_height": 1024, "default_width": 1024,
+                  "default_num_inference_steps": 28, "default_max_sequence_length": 512,
+                  "default_guidance_scale": 4.0},
+})
+FLUX2_VARIANTS = tuple(FLUX2_TRANSFORMERS)
+
+
+def write_flux2_full_size_folder(out_dir: str | Path, variant: str,
+                                 tokenizers_from: str | Path) -> Path:
+    """A FLUX.2 folder (`variant` of FLUX2_VARIANTS) with real configs, no weights, and the tiny
+    FLUX.2 folder's tokenizer of the same family (its ids are valid in the real vocabulary)."""
+    out = Path(out_dir)
+    klein = variant != "flux2-dev"
+    configs = {
+        "transformer/config.json": dict(_class_name="Flux2Transformer2DModel", in_channels=128,
+                                        attention_head_dim=128, **FLUX2_TRANSFORMERS[variant]),
+        "text_encoder/config.json": FLUX2_TEXT_ENCODERS[variant],
+        "vae/config.json": FLUX2_VAE,
+        "scheduler/scheduler_config.json": FLUX2_SCHEDULER,
+        SERVING_DEFAULTS_FILE: SERVING[variant],
+        RANDOM_WEIGHTS_MARKER: {"init": "normal(0, 0.02) for Linear weights", "dtype": "bfloat16"},
+    }
+    for relative, config in configs.items():
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out / relative).write_text(json.dumps(config, indent=2))
+    source = Path(tokenizers_from) / ("tiny-flux2-klein" if klein else "tiny-flux2-dev")
+    shutil.copytree(source / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    index = json.loads((source / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
 def write_full_size_folder(out_dir: str | Path, variant: str, tokenizers_from: str | Path) -> Path:
-    """A FLUX.1-`variant` folder with real configs, no weights, and tokenizers copied over."""
+    """A FLUX.1-`variant` folder with real configs, no weights, and tokenizers copied over (FLUX.2
+    variants: `write_flux2_full_size_folder`, its tokenizer from `models/`)."""
+    if variant in FLUX2_VARIANTS:
+        return write_flux2_full_size_folder(out_dir, variant, "models")
     out = Path(out_dir)
     configs = {
         "transformer/config.json": dict(TRANSFORMER, guidance_embeds=variant == "dev"),
@@ -99,9 +181,31 @@ def diffusers_pipeline(info, device: str, dtype: str, parts: dict | None = None)
     return pipe
 
 
+def diffusers_flux2_pipeline(info, parts: dict):
+    """diffusers' Flux2KleinPipeline or Flux2Pipeline over the networks `load_component` loads (the
+    text encoder whole: the served one runs only up to the last layer it reads)."""
+    import diffusers
+
+    from flux_triton.runtime.torch_components import _network, _text_encoder_class
+
+    scheduler_config = json.loads((info.model_dir / "scheduler" / "scheduler_config.json").read_text())
+    device = next(parts["dit_transformer"].model.parameters()).device
+    dtype = next(parts["dit_transformer"].model.parameters()).dtype
+    text_encoder = _network(_text_encoder_class(info.model_dir), info.model_dir, "text_encoder",
+                            dtype, str(device))
+    pipeline_class = getattr(diffusers, info.pipeline_class)
+    extra = {"is_distilled": info.is_distilled} if info.pipeline_class == "Flux2KleinPipeline" else {}
+    pipe = pipeline_class(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
+        vae=parts["vae_decoder"].model, text_encoder=text_encoder,
+        tokenizer=parts["tokenizer"].tokenizer, transformer=parts["dit_transformer"].model, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     """--variant and --tokenizers-from: what `write_full_size_folder` needs."""
-    parser.add_argument("--variant", choices=["schnell", "dev"], default="schnell")
+    parser.add_argument("--variant", choices=["schnell", "dev", *FLUX2_VARIANTS], default="schnell")
     parser.add_argument("--tokenizers-from", default="models/tiny-flux-schnell")
 
 

@@ -47,11 +47,12 @@ def kontext_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def flux2_dirs(tmp_path_factory) -> dict[str, Path]:
     """models/tiny-flux2-{klein,dev} from `make model`, else built fresh for this session."""
-    dirs = {}
+    dirs, built = {}, None
     for variant in ("klein", "dev"):
         path = REPO_ROOT / "models" / f"tiny-flux2-{variant}"
-        if not (path / "model_index.json").exists():
-            path = build_tiny_flux(tmp_path_factory.mktemp("models") / path.name, f"flux2-{variant}")
+        if not (path / "model_index.json").exists():  # both in one folder, as `make model` puts them
+            built = built or tmp_path_factory.mktemp("models")
+            path = build_tiny_flux(built / path.name, f"flux2-{variant}")
         dirs[variant] = path
     return dirs
 

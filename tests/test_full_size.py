@@ -49,3 +49,28 @@ def test_random_weights_are_the_same_in_every_process(model_dirs, tmp_path):
     torch.manual_seed(1)
     load_component("clip_encoder", info, "cpu", "bfloat16")
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("variant, dit_b, text_b, width", [
+    ("flux2-klein-4b", 3.88, 4.02, 7680), ("flux2-klein-9b", 9.08, 8.19, 12288),
+    ("flux2-dev", 32.22, 23.34, 15360)])
+def test_full_size_flux2_folders_have_the_released_sizes(flux2_dirs, tmp_path, variant, dit_b,
+                                                         text_b, width):
+    """klein 4B and 9B, and dev (32 B): their DiT and text encoder built on the meta device (no
+    memory), parameters in billions as released."""
+    from diffusers import Flux2Transformer2DModel
+
+    from devtools.full_size import write_flux2_full_size_folder
+    from flux_triton.runtime.torch_components import _text_encoder_class
+
+    folder = write_flux2_full_size_folder(tmp_path / variant, variant, flux2_dirs["klein"].parent)
+    info = load_model_info(folder)
+    assert info.is_flux2 and info.text_embed_dim == width and info.latent_channels == 32
+    with torch.device("meta"):
+        dit = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(folder / "transformer"))
+        encoder_class = _text_encoder_class(folder)
+        encoder = encoder_class(encoder_class.config_class.from_pretrained(folder / "text_encoder"))
+    assert round(sum(p.numel() for p in dit.parameters()) / 1e9, 2) == dit_b
+    assert round(sum(p.numel() for p in encoder.parameters()) / 1e9, 2) == text_b
+    tokens = load_component("tokenizer", info)(["a cat"], 512)
+    assert tokens["input_ids"].shape == (1, 512)

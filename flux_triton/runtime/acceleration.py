@@ -26,7 +26,8 @@ from flux_triton.serving_config import COMPILE_CACHE_ENV, ServingLimits
 from flux_triton.specs import IO_DTYPES, PRECISIONS, TORCH_DTYPES, ServingShape, component_specs
 
 COMPILED = ("dit_transformer", "vae_decoder", "vae_encoder", "t5_encoder")
-GRAPHED = ("clip_encoder", "t5_encoder", "dit_transformer", "vae_decoder", "vae_encoder")
+GRAPHED = ("clip_encoder", "t5_encoder", "text_encoder", "dit_transformer", "vae_decoder",
+           "vae_encoder")
 # Adapters a call may combine through captured merge programs (the default limit a request has);
 # a call with more merges layer by layer.
 MAX_ADAPTERS_PER_CALL = ServingLimits.max_loras
