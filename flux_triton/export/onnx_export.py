@@ -20,7 +20,7 @@ import torch
 from flux_triton import sampling
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import ALL_NETWORKS, ComponentSpec, component_specs, networks
+from flux_triton.specs import ALL_NETWORKS, NETWORKS, ComponentSpec, component_specs, networks
 
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to a side file (protobuf stops at 2 GiB)
 TOLERANCE = dict.fromkeys(ALL_NETWORKS, 1e-4)
@@ -422,14 +422,8 @@ def check_component(name: str, info: FluxModelInfo, onnx_path: Path, onnx_precis
 def onnx_paths(out_dir: str | Path, info: FluxModelInfo | None = None) -> dict[str, Path]:
     """Where `export_all` writes each network (of `info`'s family; FLUX.1's by default):
     `<out_dir>/<name>/model.onnx`."""
-    names = networks(info) if info is not None else networks_of_flux1()
+    names = networks(info) if info is not None else NETWORKS
     return {name: Path(out_dir) / name / "model.onnx" for name in names}
-
-
-def networks_of_flux1() -> tuple[str, ...]:
-    from flux_triton.specs import NETWORKS
-
-    return NETWORKS
 
 
 def export_all(model_dir: str | Path, targets: dict[str, Path], report_path: Path,
