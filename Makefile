@@ -31,6 +31,7 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 # BATCH_DELAY_US=N shares DiT calls between concurrent streams (0, the default: off);
 # ONNX_PRECISION=FP32|BF16|FP8: the graphs BACKEND=tensorrt builds from;
 # GPUS=all|0,1,...: a copy of each network and a flux_bls instance on each listed GPU (DEVICE=gpu);
+# SEQUENCE_PARALLEL=N: one DiT over N GPUs (its sequence split between them), with GPUS in groups of N;
 # MAX_PIXEL_STEPS=N: the most work one request may ask for, height × width × steps × images;
 # RANDOM_WEIGHTS=1: serve a folder of configs without weights (random_weights.json), for benchmarks;
 # LORA_DIR=...: the LoRA adapters requests may name (default <model folder>/loras); MAX_LORAS=N
@@ -42,6 +43,7 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,BATCH_DELAY_US),--batch-delay-us $(BATCH_DELAY_US)) \
 	$(if $(call given,ONNX_PRECISION),--onnx-precision $(ONNX_PRECISION)) \
 	$(if $(call given,GPUS),--gpus $(GPUS)) \
+	$(if $(call given,SEQUENCE_PARALLEL),--sequence-parallel $(SEQUENCE_PARALLEL)) \
 	$(if $(call given,MAX_PIXEL_STEPS),--max-pixel-steps $(MAX_PIXEL_STEPS)) \
 	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS)) \
 	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS)) \

@@ -38,6 +38,17 @@ def parse_gpus(text: str, device_count: Callable[[], int]) -> tuple[int, ...]:
     return tuple(gpus)
 
 
+def sequence_parallel_groups(gpus: Sequence[int], size: int) -> tuple[tuple[int, ...], ...]:
+    """The GPUs in groups of `size` (SEQUENCE_PARALLEL), in the order listed: each group serves
+    one DiT over all its GPUs, its first GPU holds the other networks and the flux_bls instance."""
+    if size < 1:
+        raise ValueError(f"SEQUENCE_PARALLEL must be 1 or more, got {size}")
+    if len(gpus) % size:
+        raise ValueError(f"SEQUENCE_PARALLEL={size} makes groups of {size} GPUs, but GPUS lists "
+                         f"{len(gpus)} ({list(gpus)}): list a multiple of {size}")
+    return tuple(tuple(gpus[i:i + size]) for i in range(0, len(gpus), size))
+
+
 def network_copy_name(network: str, gpu: int, gpus: Sequence[int]) -> str:
     """The served name of `network`'s copy on `gpu`: plain on the first listed GPU, else
     `<network>_gpu<gpu>`."""

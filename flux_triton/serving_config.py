@@ -101,6 +101,9 @@ class NetworkOptions:
     # The folder holds configs and no weights (random_weights.json): build random ones. Only ever
     # set by an explicit RANDOM_WEIGHTS=1 at export (benchmarks of the full-size architecture).
     random_weights: bool = False
+    # SEQUENCE_PARALLEL (the DiT): the devices of its group, rank 0 first (the instance's own);
+    # empty: one device
+    sequence_parallel_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice(self.network, "backend", self.backend, PYTHON_BACKENDS)

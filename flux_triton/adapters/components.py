@@ -99,12 +99,19 @@ class ComponentModel:
         for line in catalog.lines():
             log(self.pb, f"{self.name}: {line}")
         phases: dict = {}
-        network = load_network(self.name, info, self.device, acceleration, warmup, phases, catalog)
+        network = load_network(self.name, info, self.device, acceleration, warmup, phases, catalog,
+                               options.sequence_parallel_devices)
         self.component, self.adapters = network.run, network.adapters
         if acceleration.active:  # what a slow start spent its time on
             log(self.pb, f"{self.name} ready on {self.device}: {phases}")
         if acceleration.compile and warmup:
             eager_for_new_shapes()
+
+    def finalize(self) -> None:
+        """A sequence-parallel DiT stops its other ranks with it."""
+        close = getattr(getattr(self, "component", None), "close", None)
+        if close is not None:
+            close()
 
     def _adapters(self, request) -> tuple[tuple[str, float], ...]:
         """The adapters a call names (flux_bls validated them), with their scales."""

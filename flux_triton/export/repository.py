@@ -25,6 +25,7 @@ from flux_triton.placement import (
     network_copy_name,
     networks_by_gpu,
     parse_gpus,
+    sequence_parallel_groups,
 )
 from flux_triton.preview import PreviewProjection
 from flux_triton.runtime.acceleration import Acceleration, compile_cache_location
@@ -170,6 +171,7 @@ def render_repository(
     random_weights: bool = False,
     lora_dir: str | Path | None = None,
     repository: str | Path = SOURCE_REPOSITORY,
+    sequence_parallel: int = 1,
 ) -> RenderedRepository:
     """Every served model of `model_dir`, by name.
 
@@ -184,7 +186,9 @@ def render_repository(
     instances go on every GPU the server sees. A folder without weights (random_weights.json) is
     served only with `random_weights`, and then says so everywhere. `lora_dir` (LORA_DIR; default
     `<model folder>/loras`) holds the LoRA adapters requests may name, served by the torch backend
-    (`lora_folder`).
+    (`lora_folder`). `sequence_parallel` N > 1 (SEQUENCE_PARALLEL) runs each DiT over N devices
+    (`runtime.sequence_parallel`): on a GPU the GPUs (GPUS, default all) in groups of N, each
+    group's first GPU holding the other networks and a flux_bls instance; on the CPU N ranks.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -205,6 +209,19 @@ def render_repository(
         if device != "gpu":
             raise ValueError("GPUS places the models on GPUs: export with DEVICE=gpu (or BACKEND=tensorrt)")
         placement = parse_gpus(gpus, count_gpus)
+    groups: dict[int | None, tuple[str, ...]] = {}  # a DiT copy's GPU (None: the one DiT) -> devices
+    if sequence_parallel != 1:
+        if backend != "torch":
+            raise ValueError(f"SEQUENCE_PARALLEL={sequence_parallel} runs the DiT with PyTorch: "
+                             "export with BACKEND=torch")
+        if device == "gpu":
+            grouped = sequence_parallel_groups(placement or parse_gpus("all", count_gpus),
+                                               sequence_parallel)
+            placement = tuple(group[0] for group in grouped)
+            groups = {group[0]: tuple(f"cuda:{gpu}" for gpu in group) for group in grouped}
+        else:
+            sequence_parallel_groups(range(sequence_parallel), sequence_parallel)  # checks N >= 1
+            groups = {None: ("cpu",) * sequence_parallel}
     info = load_model_info(model_dir)
     if has_random_weights(info.model_dir) != random_weights:
         raise ValueError(
@@ -217,6 +234,11 @@ def render_repository(
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     model_dir_option = os.path.relpath(info.model_dir, Path(repository).resolve())
     lora_option = None if info.is_flux2 else lora_folder(info, lora_dir, backend, repository)
+    if groups and lora_option is not None:
+        adapters = read_catalog(Path(repository).resolve() / lora_option).names
+        if adapters:
+            print(f"LoRA adapters are not served with SEQUENCE_PARALLEL={sequence_parallel}: {adapters}")
+        lora_option = None
     served = networks(info)
     # Triton's own parameter: GPU tensors reach a GPU model as they are (no copy to the host)
     on_device = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if device == "gpu" else {}
@@ -255,8 +277,11 @@ def render_repository(
                 deployments.append(deployment)
                 texts[copy.name] = tensorrt_model_config(copy, deployment)
             else:
+                copy_options = network_options[name]
+                if name == "dit_transformer" and groups:
+                    copy_options = replace(copy_options, sequence_parallel_devices=groups[gpu])
                 python_model(python_model_spec(copy, name, info, step_cache=backend == "torch"),
-                             ModelDeployment(copy.name, "python", kind, pinned), network_options[name])
+                             ModelDeployment(copy.name, "python", kind, pinned), copy_options)
     deployments.append(ModelDeployment("encode_prompt", "ensemble"))
     texts["encode_prompt"] = ensemble_config(specs["encode_prompt"],
                                              FLUX2_ENCODE_STEPS if info.is_flux2 else ENCODE_STEPS)
@@ -439,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-weights", type=int, choices=[0, 1], default=0,
                         help="1: serve a folder that has configs and no weights (random_weights.json) "
                              "with random weights, for benchmarks")
+    parser.add_argument("--sequence-parallel", type=int, default=1,
+                        help="SEQUENCE_PARALLEL=N: each DiT runs over N GPUs (with GPUS: groups of "
+                             "N), its sequence split between them; on the CPU over N processes")
     parser.add_argument("--lora-dir", default=None,
                         help="LORA_DIR: the LoRA adapters requests may name (default <model folder>/loras)")
     parser.add_argument("--max-loras", type=int, default=ServingLimits.max_loras,
@@ -466,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             limits=ServingLimits(max_pixel_steps=args.max_pixel_steps, max_loras=args.max_loras),
             max_inflight=parse_queue_limit("MAX_INFLIGHT", str(args.max_inflight)),
             max_queue=None if args.max_queue is None else parse_queue_limit("MAX_QUEUE", args.max_queue),
-            lora_dir=args.lora_dir,
+            lora_dir=args.lora_dir, sequence_parallel=args.sequence_parallel,
             random_weights=bool(args.random_weights),
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))

@@ -287,7 +287,8 @@ class LoadedNetwork:
 
 def load_network(name: str, info: FluxModelInfo, device: str, options: Acceleration,
                  warmup: tuple[ServingShape, ...] = (), phases: dict | None = None,
-                 loras: LoraCatalog | None = None) -> LoadedNetwork:
+                 loras: LoraCatalog | None = None,
+                 sequence_parallel: tuple[str, ...] = ()) -> LoadedNetwork:
     """Load component `name` for `device` with `options` applied, and run it once at every warm-up
     shape (compiling and capturing there, not on a request's time).
 
@@ -296,12 +297,19 @@ def load_network(name: str, info: FluxModelInfo, device: str, options: Accelerat
     compiled code and the captured graphs (`MergedAdapters`, made before quantizing and compiling).
     `phases`, if given, receives the seconds of each phase (load, quantize and compile set-up,
     each warm-up shape, an adapter switch) and the compile-cache counters of the warm-up; they are
-    logged too.
+    logged too. `sequence_parallel` (the DiT): the devices of a group that runs it together
+    (`runtime.sequence_parallel`), eager, in the options' precision.
     """
     phases = {} if phases is None else phases
     began = time.perf_counter()
     component = load_component(name, info, device, options.dtype)
     phases["load_s"] = time.perf_counter() - began
+    if sequence_parallel and name == "dit_transformer":
+        from flux_triton.runtime.sequence_parallel import SequenceParallelDit
+
+        runner = SequenceParallelDit(info, sequence_parallel, options.dtype, component)
+        phases["sequence_parallel_s"] = time.perf_counter() - began - phases["load_s"]
+        return LoadedNetwork(runner)
     part = ADAPTED_PARTS.get(name) if loras is not None and loras.adapters else None
     accelerated = options.active and name != "tokenizer" and device.startswith("cuda")
     if not accelerated:

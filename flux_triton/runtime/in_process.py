@@ -23,10 +23,13 @@ class TorchFluxModels:
 
     def __init__(self, info: FluxModelInfo, device: str = "cpu", dtype: str = "float32",
                  acceleration: Acceleration | None = None, warmup: tuple[ServingShape, ...] = (),
-                 loras: LoraCatalog | None = None):
+                 loras: LoraCatalog | None = None, sequence_parallel: tuple[str, ...] = ()):
         names = components(info)
         self.load_phases: dict[str, dict] = {n: {} for n in names}  # seconds, cache counters
         self.adapters = {}
+        if sequence_parallel:  # the DiT over a group of ranks, as the served one runs it
+            acceleration = acceleration or Acceleration(
+                {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}[dtype])
         if acceleration is None:
             self.parts = {n: load_component(n, info, device, dtype) for n in names}
             if loras is not None and loras.adapters:
@@ -34,7 +37,7 @@ class TorchFluxModels:
                                  for name, part in ADAPTED_PARTS.items()}
         else:  # exactly as the served component models load them
             networks = {n: load_network(n, info, device, acceleration, warmup, self.load_phases[n],
-                                        loras) for n in names}
+                                        loras, sequence_parallel) for n in names}
             self.parts = {n: network.run for n, network in networks.items()}
             self.adapters = {n: network.adapters for n, network in networks.items()
                              if network.adapters is not None}

@@ -93,6 +93,14 @@ def parallel_copy(component: torch.nn.Module, world_size: int, device: str) -> t
     return lambda **inputs: type(component).forward(parallel, **inputs)
 
 
+def materialized(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of the gathered output: the functional all-gather hands back a tensor whose
+    collective may still be in flight, which a consumer reading its memory directly (Triton's
+    DLPack export) would see unfilled."""
+    wait = getattr(tensor, "wait", None)  # torch's AsyncCollectiveTensor
+    return (wait() if callable(wait) else tensor).clone()
+
+
 def splits_evenly(inputs: dict[str, torch.Tensor], world_size: int) -> bool:
     """Whether every split input's sequence divides by the group's size (diffusers' plans need it)."""
     return all(inputs[name].shape[dim] % world_size == 0
@@ -202,7 +210,7 @@ class SequenceParallelDit:
         _send(inputs, self.devices[0])
         outputs = self.parallel(**inputs)
         self.parallel_calls += 1
-        return outputs
+        return {name: materialized(value) for name, value in outputs.items()}
 
     def close(self) -> None:
         with self.lock:
