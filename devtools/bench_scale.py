@@ -9,6 +9,13 @@ and versions, so a cut-off run keeps what it measured:
     python -m devtools.bench_scale --gpus 0 0,1 --batch-delays-us 0 2000 --sizes 1024,512 \
         --concurrency 1,2,4,8 --out benchmarks/results/scale.json
 
+One image over several GPUs (SEQUENCE_PARALLEL, issue 30): the latency of one image is the
+concurrency-1 row, against the same GPUs with SEQUENCE_PARALLEL=1:
+
+    python -m devtools.bench_scale --variant dev --gpus 0,1 --sequence-parallel 1 2 \
+        --batch-delays-us 0 --sizes 1024,2048 --concurrency 1,4 --compile 1 \
+        --out benchmarks/results/sequence-parallel.json
+
 Compilation is off by default: with batching on, merged calls come in every batch size, and a
 compiled server runs sizes it was not warmed up for eagerly, which would compare compiled
 single calls with eager merged ones. The table as `make export DEVICE=gpu` serves (compiled,
@@ -72,7 +79,8 @@ def batches_between(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: int,
                    sizes: list[int], concurrencies: list[int], per_stream: int, precision: str,
-                   compile: bool, max_batch: int, min_requests: int = 4) -> dict:
+                   compile: bool, max_batch: int, min_requests: int = 4,
+                   sequence_parallel: int = 1) -> dict:
     """Export, start, load at every size and concurrency, stop; the rows of one configuration
     (`gpus` None: a CPU server, as the tests run it)."""
     info = load_model_info(folder)
@@ -80,22 +88,24 @@ def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: i
     began = time.perf_counter()
     if gpus is None:
         write_repository(folder, repository, batch_delay_us=delay_us,
-                         limits=ServingLimits(max_batch=max_batch),
+                         limits=ServingLimits(max_batch=max_batch), sequence_parallel=sequence_parallel,
                          random_weights=has_random_weights(folder))
     else:
         write_repository(folder, repository, device="gpu", precision=precision, gpus=gpus,
                          batch_delay_us=delay_us, compile=compile, cuda_graphs=compile,
                          warmup=tuple(ServingShape(1, size, size, text) for size in sizes),
-                         limits=ServingLimits(max_batch=max_batch),
+                         limits=ServingLimits(max_batch=max_batch), sequence_parallel=sequence_parallel,
                          random_weights=has_random_weights(folder))  # the full-size folders have none
     ports = [free_port() for _ in range(3)]
     server = TritonServer(repository, *ports, log_file=repository / "tritonserver.log")
-    result = {"gpus": gpus, "batch_delay_us": delay_us, "compile": compile, "rows": []}
+    result = {"gpus": gpus, "batch_delay_us": delay_us, "compile": compile,
+              "sequence_parallel": sequence_parallel, "rows": []}
     try:
         result["ready_s"] = server.start(timeout_s=1500)
         result["export_and_ready_s"] = time.perf_counter() - began
         url = f"127.0.0.1:{ports[1]}"
-        instances = 1 if gpus is None else len(parse_gpus(gpus, count_gpus))  # flux_bls: one per GPU
+        # flux_bls: one per GPU (per group of SEQUENCE_PARALLEL GPUs)
+        instances = 1 if gpus is None else len(parse_gpus(gpus, count_gpus)) // sequence_parallel
         for size in sizes:
             fields = dict(prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
                           max_sequence_length=text, preview_kind="none")
@@ -106,9 +116,11 @@ def measure_server(folder: Path, repository: Path, gpus: str | None, delay_us: i
                 before = dit_batch_counts(server.metrics())
                 row = run_load(url, fields, concurrency, max(min_requests, per_stream * concurrency))
                 row["dit_batches"] = batches_between(before, dit_batch_counts(server.metrics()))
-                row.update(size=size, gpus=gpus, batch_delay_us=delay_us)
+                row.update(size=size, gpus=gpus, batch_delay_us=delay_us,
+                           sequence_parallel=sequence_parallel)
                 result["rows"].append(row)
-                print(f"GPUS={gpus} BATCH_DELAY_US={delay_us} {size}² concurrency {concurrency}: "
+                print(f"GPUS={gpus} SEQUENCE_PARALLEL={sequence_parallel} BATCH_DELAY_US={delay_us} "
+                      f"{size}² concurrency {concurrency}: "
                       f"{row['images_per_s']:.2f} images/s, p50 {row['latency_s']['p50']:.3f} s, "
                       f"errors {row['errors'] or 'none'}", flush=True)
     finally:
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPUS of each configuration (`cpu`: a CPU server)")
     parser.add_argument("--batch-delays-us", nargs="+", type=int, default=[0, 2000],
                         help="BATCH_DELAY_US of each configuration (0: batching off)")
+    parser.add_argument("--sequence-parallel", nargs="+", type=int, default=[1],
+                        help="SEQUENCE_PARALLEL settings, each with every --gpus")
     parser.add_argument("--sizes", default="1024,512")
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--per-stream", type=int, default=3, help="requests per stream")
@@ -147,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(args.out.read_text()) if args.out.exists() else {"configs": []}
     data["environment"] = environment() if args.gpus != ["cpu"] else {"gpu": None}
     for gpus in args.gpus:
-        for delay in args.batch_delays_us:
-            repository = work / f"repository-{gpus.replace(',', '_')}-{delay}"
+        for delay, sequence_parallel in ((d, s) for d in args.batch_delays_us
+                                         for s in args.sequence_parallel):
+            repository = work / f"repository-{gpus.replace(',', '_')}-{delay}-sp{sequence_parallel}"
             config = measure_server(folder, repository, None if gpus == "cpu" else gpus, delay,
                                     sizes, concurrencies, args.per_stream, args.precision,
-                                    bool(args.compile), args.max_batch, args.min_requests)
+                                    bool(args.compile), args.max_batch, args.min_requests,
+                                    sequence_parallel)
             data["configs"].append(dict(config, variant=args.variant, precision=args.precision))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(data, indent=2) + "\n")

@@ -49,3 +49,16 @@ def test_scale_table_on_the_tiny_model(tmp_path, model_dirs):
     assert not off.get("-", {}).get("calls")  # batching off: the batcher never runs
     assert on["-"]["merged_calls"] > 0 and on["-"]["mean_rows_per_call"] > 1
     assert off["-"]["requests"] == configs[0]["rows"][1]["requests"]  # every request, counted once
+
+
+def test_sequence_parallel_rows_on_the_cpu(tmp_path, model_dirs):
+    """The issue-30 table's shape on the CPU: the same server with SEQUENCE_PARALLEL 1 and 2."""
+    out = tmp_path / "sp.json"
+    assert main(["--gpus", "cpu", "--model-dir", str(model_dirs["dev"]), "--batch-delays-us", "0",
+                 "--sequence-parallel", "1", "2", "--sizes", "64", "--concurrency", "1",
+                 "--per-stream", "2", "--min-requests", "2", "--workdir", str(tmp_path),
+                 "--out", str(out)]) == 0
+    configs = json.loads(out.read_text())["configs"]
+    assert [c["sequence_parallel"] for c in configs] == [1, 2]
+    assert all(r["errors"] == {} and r["completed"] == r["requests"] for c in configs
+               for r in c["rows"])
