@@ -280,6 +280,10 @@ def validate_request(
     adapters = _loras(inputs, limits, loras)
     cache_threshold = _float_in("cache_threshold", inputs.get("cache_threshold"), 0.0,
                                 *CACHE_THRESHOLD_RANGE)
+    if cache_threshold > 0 and info.is_flux2:
+        raise InvalidRequest("cache_threshold", "does not apply to this server's FLUX.2 model: "
+                             "first-block caching is served for FLUX.1 models only; send 0 or "
+                             "leave it out")
     if cache_threshold > 0 and not step_cache:
         raise InvalidRequest("cache_threshold", "needs the PyTorch runtime (BACKEND=torch); this "
                              "server's DiT is an ONNX or TensorRT graph: send 0 or leave it out")
@@ -328,12 +332,6 @@ def _refuse_flux1_fields(inputs: Mapping[str, np.ndarray | None]) -> None:
     for field, reason in FLUX2_REFUSED.items():
         if inputs.get(field) is not None:
             raise InvalidRequest(field, f"does not apply to this server's FLUX.2 model: {reason}")
-    threshold = inputs.get("cache_threshold")
-    if threshold is not None and np.asarray(threshold).size == 1 and np.asarray(threshold).dtype.kind == "f" \
-            and float(np.asarray(threshold).reshape(-1)[0]) != 0:
-        raise InvalidRequest("cache_threshold", "does not apply to this server's FLUX.2 model: "
-                             "first-block caching is served for FLUX.1 models only; send 0 or "
-                             "leave it out")
 
 
 def listing_requested(inputs: Mapping[str, np.ndarray | None]) -> bool:

@@ -86,7 +86,7 @@ def test_flux2_folders_are_recognised(flux2_dirs):
 
 @pytest.mark.parametrize("field, value", [
     ("prompt_2", "a second prompt"), ("negative_prompt", "blurry"), ("true_cfg_scale", 4.0),
-    ("lora", "style"), ("cache_threshold", 0.1),
+    ("lora", "style"), ("cache_threshold", 0.1), ("cache_threshold", 1),
 ])
 def test_flux2_refuses_what_does_not_apply_naming_the_field(flux2_dirs, field, value):
     info = load_model_info(flux2_dirs["dev"])

@@ -72,6 +72,20 @@ def test_flux2_through_the_gateway_unchanged(served_flux2):
         status, body, _ = gateway.post("/v1/images/generations",
                                        {"prompt": "a cat", "negative_prompt": "a dog"})
         assert status == 400 and "negative_prompt" in json.dumps(body) and "FLUX.2" in json.dumps(body)
+        # an edit: the uploaded picture is FLUX.2's reference image (its size: 70 x 102 -> 64 x 96)
+        from tests.test_gateway_edits import png
+
+        picture = _references()[0]
+        status, body, _ = gateway.post_form("/v1/images/edits", {"prompt": "make it red", "seed": "6"},
+                                            [("image", "a.png", png(picture))])
+        assert status == 200, body
+        expected = served_generate(served, dict(prompt="make it red", seed=6, image=picture[None]))
+        assert expected.error is None and expected.image.shape == (1, 64, 96, 3)
+        assert np.array_equal(b64_image(body["data"][0]["b64_json"]), expected.image[0])
+        status, body, _ = gateway.post_form("/v1/images/edits",
+                                            {"prompt": "x", "image_role": "init"},
+                                            [("image", "a.png", png(picture))])
+        assert status == 400 and "image_role" in json.dumps(body)
 
 
 def test_flux2_served_from_onnx_graphs(flux2_dirs, flux2_pipes, tmp_path_factory):
