@@ -45,7 +45,8 @@ def test_compile_cache_counters_see_a_miss_then_a_hit(tmp_path, monkeypatch):
     assert second["autograd_cache_hit"] == first["autograd_cache_hit"] + 1
 
 
-def test_precompile_warms_each_network_on_each_gpu_one_at_a_time(model_dirs, tmp_path, monkeypatch):
+def test_precompile_warms_each_network_on_each_gpu_one_at_a_time(model_dirs, flux2_dirs, tmp_path,
+                                                                  monkeypatch):
     """flux_triton.export.precompile loads, compiles and frees one network at a time, for every GPU listed
     (the cache keys name the device), and does nothing when there is nothing to compile."""
     import flux_triton.export.precompile as precompile_module
@@ -73,6 +74,11 @@ def test_precompile_warms_each_network_on_each_gpu_one_at_a_time(model_dirs, tmp
     assert [(n, d) for n, d, _, _ in loaded] == [(n, f"cuda:{g}") for g in (0, 2) for n in NETWORKS]
     assert {c for _, _, c, _ in loaded} == {str(tmp_path / "cache")} and (tmp_path / "cache").is_dir()
     assert set(report) == {f"{n}@cuda:{g}" for g in (0, 2) for n in NETWORKS}
+    loaded.clear()
+    # a FLUX.2 folder: its own networks (the text encoder, not CLIP or T5)
+    precompile_module.precompile(load_model_info(flux2_dirs["klein"]), options, shape, (0,))
+    assert [n for n, *_ in loaded] == ["text_encoder", "dit_transformer", "vae_decoder",
+                                       "vae_encoder"]
     loaded.clear()
     assert precompile_module.precompile(info, Acceleration("BF16", compile=False), shape, (0,)) == {}
     assert precompile_module.precompile(info, options, (), (0,)) == {} and loaded == []

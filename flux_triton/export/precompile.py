@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.runtime.acceleration import Acceleration, ServingShape, load_accelerated
-from flux_triton.specs import NETWORKS
+from flux_triton.specs import networks
 
 
 def precompile(info: FluxModelInfo, options: Acceleration, warmup: Sequence[ServingShape],
@@ -34,7 +34,7 @@ def precompile(info: FluxModelInfo, options: Acceleration, warmup: Sequence[Serv
     report = {}
     for gpu in gpus:
         device = f"cuda:{gpu}"
-        for name in NETWORKS:
+        for name in networks(info):
             began = time.perf_counter()
             phases: dict = {}
             runner = load_accelerated(name, info, device, options, tuple(warmup), phases)
