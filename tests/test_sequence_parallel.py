@@ -114,3 +114,12 @@ def test_served_over_two_ranks_heals_a_killed_rank(model_dirs, tmp_path_factory)
     while worker_pids() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not worker_pids(), "the server left a rank behind"
+
+
+@pytest.mark.fast
+def test_a_rank_that_cannot_start_is_an_error_not_a_hang(model_dirs):
+    info = load_model_info(model_dirs["dev"])
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not start .*exited \[\(1, 1\)\]"):
+        SequenceParallelDit(info, ("cpu", "no-such-device"))
+    assert time.monotonic() - began < 60 and not worker_pids()

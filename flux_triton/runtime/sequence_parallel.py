@@ -41,6 +41,12 @@ GROUP_TIMEOUT = datetime.timedelta(days=30)
 SPLIT_INPUTS = {"hidden_states": 1, "encoder_hidden_states": 1}
 LOCAL_ONLY_INPUTS = frozenset({"cache_threshold"})  # first-block caching runs blocks by hand
 SHUTDOWN = "shutdown"
+WORKER_START_S = 1800  # a worker's load of the DiT, at most
+
+
+def ready_file(store: Path, rank: int) -> Path:
+    """What a worker writes once its DiT is loaded, before it joins the group."""
+    return store.with_name(f"ready-{rank}")
 
 
 def python_executable() -> str:
@@ -161,10 +167,24 @@ class SequenceParallelDit:
                    "--parent", str(os.getpid())]
         self.workers = [subprocess.Popen([*command, "--rank", str(rank)])
                         for rank in range(1, self.world_size)]
+        self._wait_for_workers()
         store = dist.FileStore(str(self.rendezvous), self.world_size)
         dist.init_process_group(backend_for(self.devices[0]), store=store, rank=0,
                                 world_size=self.world_size, timeout=GROUP_TIMEOUT)
         self.parallel = parallel_copy(self.local, self.world_size, self.devices[0])
+
+    def _wait_for_workers(self) -> None:
+        """Until every worker has loaded its DiT (it says so in a file beside the store): the
+        group's rendezvous would wait for a worker that failed to start as long as for an idle one."""
+        deadline = time.monotonic() + WORKER_START_S
+        while not all(ready_file(self.rendezvous, rank).exists() for rank in range(1, self.world_size)):
+            failed = [(rank, w.returncode) for rank, w in enumerate(self.workers, start=1)
+                      if w.poll() is not None]
+            if failed or time.monotonic() > deadline:
+                self._stop(graceful=False)
+                raise RuntimeError(f"sequence-parallel ranks did not start on {self.devices}: "
+                                   f"{f'exited {failed}' if failed else f'not ready in {WORKER_START_S} s'}")
+            time.sleep(0.05)
 
     def _stop(self, graceful: bool) -> None:
         if graceful and all(w.poll() is None for w in self.workers):
@@ -248,6 +268,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(torch.device(device))
     info = load_model_info(args.model_dir)
     component = load_component("dit_transformer", info, device, args.dtype)
+    ready_file(Path(args.store), args.rank).touch()
     dist.init_process_group(backend_for(device), store=dist.FileStore(args.store, len(devices)),
                             rank=args.rank, world_size=len(devices), timeout=GROUP_TIMEOUT)
     parallel = parallel_copy(component, len(devices), device)
