@@ -83,6 +83,7 @@ class FluxModelInfo:
     kontext: bool = False  # a FLUX.1 Kontext folder: edits a reference image (image_role reference)
     max_area: int = 1024**2
     dit_width: int = 3072  # the DiT's hidden size: attention heads x head dim
+    dit_heads: int = 24  # the DiT's attention heads
     family: str = "flux1"  # FAMILIES: FLUX.1 (CLIP + T5) or FLUX.2 (one chat LLM encoder)
     pipeline_class: str = "FluxPipeline"  # model_index.json's class
     text_encoder_layers: tuple[int, ...] = ()  # FLUX.2: hidden states stacked into the embeddings
@@ -176,6 +177,7 @@ def _flux1_info(root: Path, scheduler: SchedulerConfig, index: dict) -> FluxMode
         kontext=pipeline_class in KONTEXT_PIPELINES,
         max_area=int(defaults["max_area"]),
         dit_width=int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]),
+        dit_heads=int(transformer["num_attention_heads"]),
         pipeline_class=pipeline_class,
         text_embed_dim=int(t5["d_model"]),
         max_text_length=t5_max_length,
@@ -209,6 +211,7 @@ def _flux2_info(root: Path, scheduler: SchedulerConfig, index: dict) -> FluxMode
         default_max_sequence_length=int(defaults["default_max_sequence_length"]),
         max_area=int(defaults["max_area"]),
         dit_width=int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]),
+        dit_heads=int(transformer["num_attention_heads"]),
         family="flux2",
         pipeline_class=pipeline_class,
         text_encoder_layers=FLUX2_PIPELINES[pipeline_class],

@@ -123,3 +123,43 @@ def test_a_rank_that_cannot_start_is_an_error_not_a_hang(model_dirs):
     with pytest.raises(RuntimeError, match=r"did not start .*exited \[\(1, 1\)\]"):
         SequenceParallelDit(info, ("cpu", "no-such-device"))
     assert time.monotonic() - began < 60 and not worker_pids()
+
+
+@pytest.mark.fast
+def test_a_call_failing_on_rank_0_alone_leaves_no_group_out_of_step(model_dirs, monkeypatch):
+    """Rank 0 fails after handing a call over (out of memory there, say): the other ranks sit in
+    that call's collectives, so the group is not used again; the next call starts a fresh one."""
+    from flux_triton.runtime import sequence_parallel as sp
+
+    info = load_model_info(model_dirs["dev"])
+    dit = SequenceParallelDit(info, ("cpu", "cpu"))
+    original, failures = sp.SequenceParallelDit._parallel_call, [2]
+
+    def fails_after_sending(self, inputs):
+        if failures[0]:
+            failures[0] -= 1
+            sp._send(inputs, self.devices[0])  # the workers start the call; rank 0 never joins
+            raise RuntimeError("out of memory on rank 0")
+        return original(self, inputs)
+
+    monkeypatch.setattr(sp.SequenceParallelDit, "_parallel_call", fails_after_sending)
+    inputs = sample_inputs("dit_transformer", info, {"B": 1, "S_txt": 16, "H_lat": 8, "W_lat": 8})
+    try:
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="out of memory"):
+            dit(**inputs)
+        assert dit.broken
+        with torch.inference_mode():
+            out = dit(**inputs)["noise_pred"]
+            alone = dit.local(**inputs)["noise_pred"]
+        assert not dit.broken and dit.restarts == 2 and torch.allclose(out, alone, atol=1e-5)
+    finally:
+        dit.close()
+    assert not worker_pids()
+
+
+@pytest.mark.fast
+def test_groups_that_cannot_split_the_dit_are_refused_at_export(model_dirs, flux2_dirs, tmp_path):
+    with pytest.raises(ValueError, match="must divide the DiT's 2 attention heads"):
+        render_repository(model_dirs["dev"], sequence_parallel=3, repository=tmp_path / "repo")
+    with pytest.raises(ValueError, match="served for FLUX.1 models"):
+        render_repository(flux2_dirs["klein"], sequence_parallel=2, repository=tmp_path / "repo")

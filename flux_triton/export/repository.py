@@ -211,6 +211,9 @@ def render_repository(
         placement = parse_gpus(gpus, count_gpus)
     groups: dict[int | None, tuple[str, ...]] = {}  # a DiT copy's GPU (None: the one DiT) -> devices
     if sequence_parallel != 1:
+        from flux_triton.runtime.sequence_parallel import check_group
+
+        check_group(load_model_info(model_dir), sequence_parallel)
         if backend != "torch":
             raise ValueError(f"SEQUENCE_PARALLEL={sequence_parallel} runs the DiT with PyTorch: "
                              "export with BACKEND=torch")

@@ -58,6 +58,20 @@ def python_executable() -> str:
     return str(candidate) if candidate.exists() else shutil.which("python3") or "python3"
 
 
+def check_group(info: FluxModelInfo, size: int) -> None:
+    """ValueError unless `info`'s DiT can run over `size` ranks: Ulysses gives each rank
+    heads / size attention heads; and FLUX.1 only (diffusers' FLUX.2 plan splits 3-D position ids,
+    where the served DiT takes 2-D ones)."""
+    if size < 2:
+        return
+    if info.is_flux2:
+        raise ValueError("SEQUENCE_PARALLEL is served for FLUX.1 models; this folder is FLUX.2 "
+                         f"({info.pipeline_class}): export it with SEQUENCE_PARALLEL=1")
+    if info.dit_heads % size:
+        raise ValueError(f"SEQUENCE_PARALLEL={size} must divide the DiT's {info.dit_heads} attention "
+                         "heads (each rank takes an equal share)")
+
+
 def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
@@ -143,6 +157,7 @@ class SequenceParallelDit:
                  component: torch.nn.Module | None = None):
         if len(devices) < 2:
             raise ValueError(f"sequence parallelism needs 2 or more devices, got {devices}")
+        check_group(info, len(devices))
         self.info, self.devices, self.dtype = info, tuple(devices), dtype
         self.local = component if component is not None else load_component(
             "dit_transformer", info, devices[0], dtype)
@@ -152,6 +167,7 @@ class SequenceParallelDit:
         self.parallel_calls = 0
         self.local_calls = 0
         self.rendezvous: Path | None = None
+        self.broken = False  # a call failed on a fresh group: the next call starts another
         self.lock = threading.Lock()
         self._start()
 
@@ -187,7 +203,7 @@ class SequenceParallelDit:
             time.sleep(0.05)
 
     def _stop(self, graceful: bool) -> None:
-        if graceful and all(w.poll() is None for w in self.workers):
+        if graceful and not self.broken and all(w.poll() is None for w in self.workers):
             with contextlib.suppress(Exception):
                 _send(None, self.devices[0])
         for worker in self.workers:  # the workers go first: then no collective waits on them
@@ -207,6 +223,7 @@ class SequenceParallelDit:
         log.warning("sequence-parallel group of %s: %s; restarting it", self.devices, reason)
         self._stop(graceful=False)
         self.restarts += 1
+        self.broken = False
         self._start()
 
     def dead_workers(self) -> list[int]:
@@ -218,13 +235,19 @@ class SequenceParallelDit:
             return self.local(**inputs)
         with self.lock:
             dead = self.dead_workers()
-            if dead:
-                self.heal(f"rank(s) {dead} exited")
+            if dead or self.broken:
+                self.heal(f"rank(s) {dead} exited" if dead else "its last call failed")
             try:
                 return self._parallel_call(inputs)
             except Exception as exc:  # a rank died mid-call: once more on a fresh group
                 self.heal(f"a call failed ({type(exc).__name__}: {exc})")
-                return self._parallel_call(inputs)
+                try:
+                    return self._parallel_call(inputs)
+                except Exception:
+                    # the other ranks may still sit in this call's collectives: none of them is
+                    # trusted again; the next call starts a fresh group
+                    self.broken = True
+                    raise
 
     def _parallel_call(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         _send(inputs, self.devices[0])
@@ -241,11 +264,13 @@ class SequenceParallelDit:
             self.close()
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker ends when the process that started it is gone (a collective may never return)."""
+def _exit_with_parent(parent: int, rendezvous: Path) -> None:
+    """A worker ends when the process that started it is gone (a collective may never return),
+    taking the group's rendezvous folder with it."""
     def watch():
         while True:
             if os.getppid() != parent:
+                shutil.rmtree(rendezvous, ignore_errors=True)
                 os._exit(0)
             time.sleep(0.2)
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
@@ -261,7 +286,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)
-    _exit_with_parent(args.parent)
+    _exit_with_parent(args.parent, Path(args.store).parent)
     devices = args.devices.split(",")
     device = devices[args.rank]
     if device.startswith("cuda"):
