@@ -31,9 +31,7 @@ FLUX2_PIPELINE_DEFAULTS = {
     "default_num_inference_steps": 50,
     "default_guidance_scale": 4.0,
     "default_max_sequence_length": 512,
-    "max_area": 1024**2,  # the pixels a larger reference image is resized to
 }
-FAMILIES = ("flux1", "flux2")
 
 UNSUPPORTED_SCHEDULER_FLAGS = (
     "use_karras_sigmas",
@@ -84,7 +82,7 @@ class FluxModelInfo:
     max_area: int = 1024**2
     dit_width: int = 3072  # the DiT's hidden size: attention heads x head dim
     dit_heads: int = 24  # the DiT's attention heads
-    family: str = "flux1"  # FAMILIES: FLUX.1 (CLIP + T5) or FLUX.2 (one chat LLM encoder)
+    family: str = "flux1"  # flux1 (CLIP + T5) or flux2 (one chat LLM encoder)
     pipeline_class: str = "FluxPipeline"  # model_index.json's class
     text_encoder_layers: tuple[int, ...] = ()  # FLUX.2: hidden states stacked into the embeddings
     is_distilled: bool = False  # FLUX.2 klein: step-distilled, so no classifier-free guidance
@@ -209,7 +207,6 @@ def _flux2_info(root: Path, scheduler: SchedulerConfig, index: dict) -> FluxMode
         default_num_inference_steps=int(defaults["default_num_inference_steps"]),
         default_guidance_scale=float(defaults["default_guidance_scale"]),
         default_max_sequence_length=int(defaults["default_max_sequence_length"]),
-        max_area=int(defaults["max_area"]),
         dit_width=int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]),
         dit_heads=int(transformer["num_attention_heads"]),
         family="flux2",

@@ -280,19 +280,26 @@ class Flux2LatentLayout(LatentLayout):
 LAYOUTS = {"flux1": LatentLayout(), "flux2": Flux2LatentLayout()}
 
 
+def _batch_norm_stats(latents: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FLUX.2 VAE's per-channel mean and std, in the latents' device and type (the std taken
+    in the statistics' own type first, as the pipelines take it)."""
+    mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
+    return mean, std
+
+
 def flux2_denormalise(latents: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                       eps: float) -> torch.Tensor:
     """Undo the FLUX.2 VAE's batch-norm normalisation of patched latents [B, C*4, h, w]."""
-    mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    std = torch.sqrt(running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
+    mean, std = _batch_norm_stats(latents, running_mean, running_var, eps)
     return latents * std + mean
 
 
 def flux2_normalise(latents: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                     eps: float) -> torch.Tensor:
     """The FLUX.2 VAE's batch-norm normalisation of patched encoder latents."""
-    mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    std = torch.sqrt(running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
+    mean, std = _batch_norm_stats(latents, running_mean, running_var, eps)
     return (latents - mean) / std
 
 

@@ -209,11 +209,12 @@ def render_repository(
         if device != "gpu":
             raise ValueError("GPUS places the models on GPUs: export with DEVICE=gpu (or BACKEND=tensorrt)")
         placement = parse_gpus(gpus, count_gpus)
+    info = load_model_info(model_dir)
     groups: dict[int | None, tuple[str, ...]] = {}  # a DiT copy's GPU (None: the one DiT) -> devices
     if sequence_parallel != 1:
         from flux_triton.runtime.sequence_parallel import check_group
 
-        check_group(load_model_info(model_dir), sequence_parallel)
+        check_group(info, sequence_parallel)
         if backend != "torch":
             raise ValueError(f"SEQUENCE_PARALLEL={sequence_parallel} runs the DiT with PyTorch: "
                              "export with BACKEND=torch")
@@ -223,9 +224,7 @@ def render_repository(
             placement = tuple(group[0] for group in grouped)
             groups = {group[0]: tuple(f"cuda:{gpu}" for gpu in group) for group in grouped}
         else:
-            sequence_parallel_groups(range(sequence_parallel), sequence_parallel)  # checks N >= 1
             groups = {None: ("cpu",) * sequence_parallel}
-    info = load_model_info(model_dir)
     if has_random_weights(info.model_dir) != random_weights:
         raise ValueError(
             f"{info.model_dir} holds no weights, only configs ({RANDOM_WEIGHTS_MARKER}): export with "
@@ -307,19 +306,18 @@ def render_repository(
 def build_network_artifacts(model_dir: Path, dest: Path, backend: str, onnx_dir: Path,
                             onnx_precision: str = "FP32") -> None:
     """ONNX graphs (checked against PyTorch) for `onnx`; plus TensorRT plans for `tensorrt`."""
+    info = load_model_info(model_dir)
     if backend == "tensorrt":
-        targets = onnx_paths(onnx_dir, load_model_info(model_dir))
+        targets = onnx_paths(onnx_dir, info)
         onnx_dir.mkdir(parents=True, exist_ok=True)
     else:
-        targets = {name: dest / name / "1" / ARTIFACTS["onnx"]
-                   for name in onnx_paths(dest, load_model_info(model_dir))}
+        targets = {name: dest / name / "1" / ARTIFACTS["onnx"] for name in networks(info)}
     export_all(model_dir, targets, (onnx_dir if backend == "tensorrt" else dest) / "export_report.json",
                onnx_precision)
     if backend == "tensorrt":
         from flux_triton.export.profiles import load_engine_config
         from flux_triton.export.tensorrt_build import build_plan
 
-        info = load_model_info(model_dir)
         config = load_engine_config(info)
         specs = component_specs(info)
         for name in targets:

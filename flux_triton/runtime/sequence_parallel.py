@@ -62,7 +62,9 @@ def check_group(info: FluxModelInfo, size: int) -> None:
     """ValueError unless `info`'s DiT can run over `size` ranks: Ulysses gives each rank
     heads / size attention heads; and FLUX.1 only (diffusers' FLUX.2 plan splits 3-D position ids,
     where the served DiT takes 2-D ones)."""
-    if size < 2:
+    if size < 1:
+        raise ValueError(f"SEQUENCE_PARALLEL must be 1 or more, got {size}")
+    if size == 1:
         return
     if info.is_flux2:
         raise ValueError("SEQUENCE_PARALLEL is served for FLUX.1 models; this folder is FLUX.2 "
