@@ -78,12 +78,13 @@ def environment() -> dict:
 
 # The T5 text length of every request: each variant's default unless --text-length says otherwise.
 TEXT_LENGTH: dict[str, int] = {v: d["default_max_sequence_length"] for v, d in SERVING.items()}
+STEPS: dict[str, int] = {}  # --steps: every variant's steps instead of its default
 
 
 def request_fields(variant: str, batch: int) -> dict:
     defaults = SERVING[variant]
     return dict(prompt=PROMPT, num_images_per_prompt=batch, height=SIZE, width=SIZE, seed=0,
-                num_inference_steps=defaults["default_num_inference_steps"],
+                num_inference_steps=STEPS.get(variant, defaults["default_num_inference_steps"]),
                 max_sequence_length=TEXT_LENGTH[variant],
                 guidance_scale=defaults["default_guidance_scale"])
 
@@ -236,6 +237,32 @@ def part_a(info: FluxModelInfo, variant: str, batches: list[int], runs: int) -> 
     return rows
 
 
+def part_m(info: FluxModelInfo, precision: str, shape: ServingShape) -> dict:
+    """Each network alone on the GPU, eager in `precision`: its weights and its peak memory in one
+    call at `shape` (weights and activations), from nothing else allocated."""
+    from flux_triton.export.onnx_export import sample_inputs
+    from flux_triton.runtime.acceleration import load_network
+
+    options = Acceleration(precision, compile=False, cuda_graphs=False)
+    result = {}
+    for name in components(info)[1:]:
+        release()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        network = load_network(name, info, "cuda", options)
+        weights = torch.cuda.memory_allocated() - base
+        inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k != "guidance"
+                          else v.dtype) for k, v in sample_inputs(name, info, shape.axis_sizes(info)).items()}
+        with torch.inference_mode():
+            network.run(**inputs)
+        torch.cuda.synchronize()
+        result[name] = {"weight_bytes": weights, "peak_bytes": torch.cuda.max_memory_allocated() - base}
+        print(json.dumps({"m": {name: result[name]}}), flush=True)
+        del network, inputs
+    release()
+    return result
+
+
 def run_pipeline(models, request, info) -> tuple[float, float, dict]:
     """(end to end s, first preview s, stage spans) of the shared pipeline in-process."""
     async def go():
@@ -253,8 +280,9 @@ def run_pipeline(models, request, info) -> tuple[float, float, dict]:
 
 
 def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int], runs: int,
-           cache_dir: Path, profile: bool = False) -> dict:
-    """(b) our pipeline in one process, loaded as the served component models load."""
+           cache_dir: Path, profile: bool = False, more_steps: tuple[int, ...] = ()) -> dict:
+    """(b) our pipeline in one process, loaded as the served component models load; with
+    `more_steps`, also the end-to-end time at each of those step counts (the same load)."""
     shapes = tuple(serving_shape(variant, b) for b in batches)
     options = Acceleration(precision, compile=True, cuda_graphs=True, cache_dir=str(cache_dir))
     began = time.perf_counter()
@@ -280,6 +308,11 @@ def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int]
             "first_preview_s": statistics.median(m[1] for m in measured), "dit_step_ms": step_ms,
             "stage_ms": {k: v[1] - v[0] for k, v in spans.items()},
             "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+        for steps in more_steps:
+            fields = dict(request_fields(variant, batch), num_inference_steps=steps)
+            request = validate_request(raw_request(fields), info, limits)
+            result["batches"][batch].setdefault("e2e_s_by_steps", {})[steps] = statistics.median(
+                run_pipeline(models, request, info)[0] for _ in range(runs))
         if step_profile:
             result["batches"][batch]["dit_step_profile"] = step_profile
         print(json.dumps({"b": {variant: {precision: {batch: result["batches"][batch]}}}}), flush=True)
@@ -389,7 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="schnell,dev")
     parser.add_argument("--precisions", default="BF16,FP8")
     parser.add_argument("--batches", default="1,4")
-    parser.add_argument("--parts", default="a,b,c", help="any of a, b, c")
+    parser.add_argument("--parts", default="a,b,c",
+                        help="any of a, b, c; and m: each network's weights and peak memory alone")
+    parser.add_argument("--steps", default="",
+                        help="N[,M...]: every request's steps (default: each variant's own); rows "
+                             "are then named VARIANT-Nsteps, and (b) also times M... steps")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="(b) also profile one DiT step: GPU time by kind of kernel")
@@ -423,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[COMPILE_CACHE_ENV] = str(cache)  # the served models' cache, as for a read-only volume
     if args.text_length:
         TEXT_LENGTH.update(dict.fromkeys(TEXT_LENGTH, args.text_length))
+    step_counts = [int(n) for n in args.steps.split(",") if n]
+    if step_counts:
+        STEPS.update(dict.fromkeys(SERVING, step_counts[0]))
     env = environment()
     print(json.dumps(env), flush=True)
     data = None
@@ -430,20 +470,21 @@ def main(argv: list[str] | None = None) -> int:
         folder = write_full_size_folder(work / variant, variant, args.tokenizers_from)
         info = load_model_info(folder)
         precisions = args.precisions.split(",")
+        label = f"{variant}-{step_counts[0]}steps" if step_counts else variant
 
         def save(part: str, rows_by_batch: dict, precisions: list[str], extra: dict,
-                 variant: str = variant) -> dict:
+                 variant: str = variant, label: str = label) -> dict:
             """Merge one part's rows into the results file at once (a cut-off run keeps them)."""
-            rows = {f"{variant}/{precision}/{batch}": {part: dict(row, text_length=TEXT_LENGTH[variant])}
+            rows = {f"{label}/{precision}/{batch}": {part: dict(row, text_length=TEXT_LENGTH[variant])}
                     for precision in precisions for batch, row in rows_by_batch.items()}
-            return merge(args.out, env, rows, dict(extra, variant=variant, part=part))
+            return merge(args.out, env, rows, dict(extra, variant=label, part=part))
 
-        def todo(part: str, precision: str, variant: str = variant) -> list[int]:
+        def todo(part: str, precision: str, label: str = label) -> list[int]:
             """The batches still to measure (with --skip-done: those without this part's row)."""
             if not args.skip_done or not args.out.exists():
                 return batches
             rows = json.loads(args.out.read_text())["rows"]
-            return [b for b in batches if part not in rows.get(f"{variant}/{precision}/{b}", {})]
+            return [b for b in batches if part not in rows.get(f"{label}/{precision}/{b}", {})]
 
         a_batches = todo("a", precisions[0]) if "a" in parts else []
         if a_batches:
@@ -451,9 +492,13 @@ def main(argv: list[str] | None = None) -> int:
             release()
         for precision in precisions:
             repository = work / f"repository-{variant}-{precision}"
+            if "m" in parts and todo("m", precision):
+                data = save("m", {1: part_m(info, precision, serving_shape(variant, 1))},
+                            [precision], {})
             b_batches = todo("b", precision) if "b" in parts else []
             if b_batches:
-                b = part_b(info, variant, precision, b_batches, args.runs, cache, args.profile)
+                b = part_b(info, variant, precision, b_batches, args.runs, cache, args.profile,
+                           tuple(step_counts[1:]))
                 release()  # part_b's models are gone now: hand their cached blocks back
                 data = save("b", b["batches"], [precision],
                             {"load_and_warmup_s": b["load_and_warmup_s"],

@@ -50,6 +50,10 @@ class TrainingConfig:
     max_sequence_length: int = 16
     num_inference_steps: int = 12
     sampling_shift: float = 3.0  # the scheduler's shift; measured better than 1.0 for colour
+    # The same shift applied to the training sigmas (SD3's time shift of the logit-normal draws):
+    # 1.0 leaves them centred, so sigmas above 0.9, where a shifted schedule takes several steps
+    # and decides the layout, are drawn about 1 % of the time.
+    sigma_shift: float = 1.0
     vae_steps: int = 30000
     vae_batch: int = 32
     vae_lr: float = 1e-3
@@ -220,8 +224,15 @@ def encode_dataset(vae: AutoencoderKL, config: TrainingConfig, device: str, outl
     return index, torch.cat(means), torch.cat(stds)
 
 
+def training_sigmas(batch: int, generator: torch.Generator, shift: float = 1.0) -> torch.Tensor:
+    """[batch] logit-normal sigmas, as in SD3/FLUX training, time-shifted by `shift` (> 1 moves
+    them towards noise as the scheduler's shift moves the sampling steps)."""
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=generator.device))
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def flow_batch(dataset: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch: int, info,
-               generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+               generator: torch.Generator, sigma_shift: float = 1.0) -> tuple[torch.Tensor, ...]:
     """A batch for the rectified-flow objective from an encoded dataset (`encode_dataset`):
     caption indices, noisy packed latents, sigmas, and the velocity target (noise - clean)."""
     dataset_index, dataset_mean, dataset_std = dataset
@@ -231,8 +242,7 @@ def flow_batch(dataset: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch: 
     latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
     clean = pack_latents(to_model_latents(latents, info.vae_scaling_factor, info.vae_shift_factor))
     noise = torch.randn(clean.shape, generator=generator, device=device)
-    # Logit-normal sigmas, as in SD3/FLUX training: most weight on the middle of the path.
-    sigma = torch.sigmoid(torch.randn(clean.shape[0], generator=generator, device=device))
+    sigma = training_sigmas(clean.shape[0], generator, sigma_shift)
     noisy = (1 - sigma.view(-1, 1, 1)) * clean + sigma.view(-1, 1, 1) * noise
     return index, noisy, sigma, noise - clean
 
@@ -286,8 +296,8 @@ def encode_inpaint_pairs(vae: AutoencoderKL, config: TrainingConfig, device: str
     return tuple(torch.cat(part) for part in parts)
 
 
-def inpaint_batch(pairs: tuple[torch.Tensor, ...], batch: int, info, generator: torch.Generator
-                  ) -> tuple[torch.Tensor, ...]:
+def inpaint_batch(pairs: tuple[torch.Tensor, ...], batch: int, info, generator: torch.Generator,
+                  sigma_shift: float = 1.0) -> tuple[torch.Tensor, ...]:
     """A batch of the states FluxInpaintPipeline's transformer sees, as `flow_batch` returns them.
 
     The kept cells follow the source's noising path exactly, as the pipeline blends them in. The
@@ -309,7 +319,7 @@ def inpaint_batch(pairs: tuple[torch.Tensor, ...], batch: int, info, generator: 
     mask = pack_latents(repaint[pick].expand(-1, target_mean.shape[1], -1, -1))
     clean = old + mask * (target - old)  # what the pipeline ends with: the kept cells are the source's
     noise = torch.randn(clean.shape, generator=generator, device=device)
-    sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device)).view(-1, 1, 1)
+    sigma = training_sigmas(batch, generator, sigma_shift).view(-1, 1, 1)
     share = torch.rand(batch, generator=generator, device=device).view(-1, 1, 1)
     change = mask * (old - clean)
     noisy = (1 - sigma) * (clean + sigma * share * change) + sigma * noise
@@ -348,9 +358,9 @@ def train_transformer(model_dir: Path, vae: AutoencoderKL, config: TrainingConfi
             progress = max(step / config.dit_steps, (time.perf_counter() - began) / (deadline - began))
             group["lr"] = config.dit_lr * _lr_factor(step, config.warmup_steps, progress)
         index, noisy, sigma, target = flow_batch(dataset, config.dit_batch - inpaint_rows, info,
-                                                 generator)
+                                                 generator, config.sigma_shift)
         if pairs is not None:
-            extra = inpaint_batch(pairs, inpaint_rows, info, generator)
+            extra = inpaint_batch(pairs, inpaint_rows, info, generator, config.sigma_shift)
             index, noisy, sigma, target = (torch.cat(p) for p in zip((index, noisy, sigma, target),
                                                                       extra))
         with _autocast(device):

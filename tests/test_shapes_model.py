@@ -163,3 +163,15 @@ def test_served_outline_adapter_equals_diffusers(served_shapes, scale):
     assert np.array_equal(result.image, expected)
     if scale == 1.0:
         assert all(scene is not None and scene.outline for scene in found)
+
+
+def test_training_sigmas_shift_moves_the_draws_towards_noise():
+    """`--sigma-shift` applies the scheduler's time shift to the logit-normal draws: shift 1 keeps
+    them, shift 3 draws sigmas above 0.9 about ten times as often (the steps that set the layout)."""
+    from devtools.train_shapes import training_sigmas
+
+    plain = training_sigmas(20000, torch.Generator().manual_seed(0))
+    shifted = training_sigmas(20000, torch.Generator().manual_seed(0), 3.0)
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain))
+    assert 0 < shifted.min() and shifted.max() < 1
+    assert (plain > 0.9).float().mean() < 0.03 < 0.1 < (shifted > 0.9).float().mean()
