@@ -325,7 +325,6 @@ FLUX2_REFUSED = {
     "mask": "FLUX.2's pipelines take reference images, not inpainting masks",
     "strength": "FLUX.2's reference images are not noised",
 }
-FLUX2_MAX_REFERENCES = 10  # reference images one request may give a FLUX.2 model
 
 
 def _refuse_flux1_fields(inputs: Mapping[str, np.ndarray | None]) -> None:
@@ -394,8 +393,8 @@ def _flux2_references(inputs: Mapping[str, np.ndarray | None], image: np.ndarray
     """A FLUX.2 request's reference images, checked as Flux2ImageProcessor.check_image_input
     checks them: every one joins every prompt's sequence (multi-reference editing)."""
     count, height, width, _ = image.shape
-    if not 1 <= count <= FLUX2_MAX_REFERENCES:
-        raise InvalidRequest("image", f"a FLUX.2 model takes 1 to {FLUX2_MAX_REFERENCES} reference "
+    if not 1 <= count <= limits.max_reference_images:
+        raise InvalidRequest("image", f"a FLUX.2 model takes 1 to {limits.max_reference_images} reference "
                              f"images, got {count}")
     for name, size, most in (("height", height, limits.max_height), ("width", width, limits.max_width)):
         if not images.FLUX2_MIN_SIDE <= size <= most:

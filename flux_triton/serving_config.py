@@ -68,6 +68,7 @@ class ServingLimits:
     # steps), so that no request holds a GPU for many minutes whatever the single limits allow.
     max_pixel_steps: int = 1024 * 1024 * 50 * 4
     max_loras: int = 4  # LoRA adapters one request may combine
+    max_reference_images: int = 10  # FLUX.2: reference images one request may give (multi-reference)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from flux_triton.export.tensorrt_build import EngineBuildError, build_plan
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.acceleration import is_token_linear
 from flux_triton.runtime.torch_components import load_component
+from flux_triton.serving_config import ServingLimits
 from flux_triton.specs import ALL_NETWORKS, NETWORKS, component_specs
 
 
@@ -290,6 +291,10 @@ def test_engine_config_names_every_network_and_kontext_doubles_image_tokens(mode
     assert {k: v for k, v in edits.axes.items() if k != "S_img"} == {
         k: v for k, v in plain.axes.items() if k != "S_img"}
     assert edits.profile(component_specs(kontext)["dit_transformer"])["img_ids"][2] == (2 * tokens.max, 3)
+    # a TensorRT deployment's limits are its plans' ranges (FLUX.2's reference count aside)
+    limits = plain.serving_limits(ServingLimits(max_height=4096, max_batch=2), info)
+    assert (limits.max_height, limits.max_width, limits.max_batch) == (1344, 1344, 2)
+    assert limits.max_reference_images == ServingLimits().max_reference_images
 
 
 @pytest.mark.fast

@@ -184,5 +184,39 @@ def test_flux2_tensorrt_profiles_come_from_the_same_specs(flux2_dirs):
     decoder = config.profile(specs["vae_decoder"])["latents"]
     assert decoder[1] == (1, info.latent_channels * 4, 64, 64)  # 1024 px at opt: 64 patches a side
     dit = config.profile(specs["dit_transformer"])
-    assert dit["img_ids"][2] == (2 * (1344 // 16) ** 2, 4)  # a reference image's tokens too
+    # the output's tokens and one reference image's, at most a megapixel (64 x 64 patches)
+    assert dit["img_ids"][2] == ((1344 // 16) ** 2 + 64**2, 4)
     assert dit["txt_ids"][1] == (512, 4)
+
+
+def test_flux2_tensorrt_limits_follow_the_profiles(flux2_dirs, tmp_path):
+    """A TensorRT deployment refuses what its plans cannot take, naming the field: more
+    reference images than `reference_images` of engine_config.json, a size beyond its range."""
+    from flux_triton.export.profiles import ENGINE_CONFIG, load_engine_config
+    from flux_triton.export.repository import render_repository
+    from flux_triton.serving_config import ServingLimits
+
+    info = load_model_info(flux2_dirs["klein"])
+    raw = json.loads(ENGINE_CONFIG.read_text())
+    raw["reference_images"] = 3
+    custom = tmp_path / "engine_config.json"
+    custom.write_text(json.dumps(raw))
+    config = load_engine_config(info, custom)
+    tokens = (1344 // 16) ** 2
+    assert config.axes["S_img"].max == tokens + 3 * 64**2
+    limits = config.serving_limits(ServingLimits(), info)
+    assert (limits.max_reference_images, limits.max_height, limits.max_width, limits.max_batch) == (
+        3, 1344, 1344, 4)
+    raw["reference_images"] = 0
+    custom.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="reference_images"):
+        load_engine_config(info, custom)
+
+    served = render_repository(flux2_dirs["klein"], backend="tensorrt", device="gpu")
+    limits = served.options["flux_bls"].limits
+    assert (limits.max_reference_images, limits.max_height) == (1, 1344)
+    two = np.zeros((2, 64, 64, 3), np.uint8)
+    with pytest.raises(InvalidRequest, match="1 to 1 reference") as raised:
+        validate_request(raw_inputs(prompt="a cat", image=two), info, limits)
+    assert raised.value.field == "image"
+    validate_request(raw_inputs(prompt="a cat", image=two), info)  # the torch backend takes 10

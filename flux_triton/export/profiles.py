@@ -4,10 +4,12 @@ this module)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from flux_triton.images import FLUX2_REFERENCE_AREA
 from flux_triton.model_info import FluxModelInfo
+from flux_triton.serving_config import ServingLimits
 from flux_triton.specs import ALL_NETWORKS, ComponentSpec
 
 ENGINE_CONFIG = Path(__file__).resolve().parent / "engine_config.json"
@@ -33,6 +35,18 @@ class EngineConfig:
     builder_optimization_level: int
     weight_streaming: bool = False
     refit: bool = False
+    reference_images: int = 1  # FLUX.2: reference images of the largest size the DiT's range holds
+
+    def serving_limits(self, limits: ServingLimits, info: FluxModelInfo) -> ServingLimits:
+        """`limits` narrowed to what the plans take: a request outside their ranges is refused
+        naming its field, not failed inside TensorRT."""
+        narrowed = replace(limits, max_height=min(limits.max_height, self.axes["H"].max),
+                           max_width=min(limits.max_width, self.axes["W"].max),
+                           max_batch=min(limits.max_batch, self.axes["B"].max))
+        if info.is_flux2:
+            narrowed = replace(narrowed, max_reference_images=min(limits.max_reference_images,
+                                                                  self.reference_images))
+        return narrowed
 
     def profile(self, spec: ComponentSpec) -> dict[str, tuple[tuple[int, ...], ...]]:
         """TensorRT min/opt/max shapes of every input of a component."""
@@ -70,7 +84,13 @@ def load_engine_config(info: FluxModelInfo, path: str | Path = ENGINE_CONFIG) ->
 
     tokens = AxisRange(*(getattr(height, k) // multiple * getattr(width, k) // multiple
                          for k in ("min", "opt", "max")))
-    if info.kontext or info.is_flux2:  # an edit adds a reference image's tokens to the sequence
+    references = int(raw.get("reference_images", 1))
+    if references < 1:
+        raise ValueError(f"{path}: `reference_images` must be >= 1, got {references}")
+    if info.is_flux2:  # each reference image adds its tokens (at most a megapixel's) to the sequence
+        largest = min(tokens.max, FLUX2_REFERENCE_AREA // multiple**2)
+        tokens = AxisRange(tokens.min, 2 * tokens.opt, tokens.max + references * largest)
+    elif info.kontext:  # a Kontext edit adds its one reference image's tokens
         tokens = AxisRange(tokens.min, 2 * tokens.opt, 2 * tokens.max)
     axes = {
         "B": batch, "N": batch, "S_txt": text, "S_img": tokens,
@@ -79,4 +99,5 @@ def load_engine_config(info: FluxModelInfo, path: str | Path = ENGINE_CONFIG) ->
     }
     return EngineConfig(axes, dict(raw["precision"]), int(raw["workspace_gib"]),
                         int(raw["builder_optimization_level"]),
-                        bool(raw.get("weight_streaming", False)), bool(raw.get("refit", False)))
+                        bool(raw.get("weight_streaming", False)), bool(raw.get("refit", False)),
+                        references)

@@ -232,6 +232,11 @@ def render_repository(
             "with weights" if not random_weights else
             f"RANDOM_WEIGHTS=1, but {info.model_dir} has weights: leave RANDOM_WEIGHTS unset")
     compile, cuda_graphs, warmup = gpu_acceleration(info, accelerated, compile, cuda_graphs, warmup)
+    limits = limits or ServingLimits()
+    if backend == "tensorrt":
+        from flux_triton.export.profiles import load_engine_config
+
+        limits = load_engine_config(info).serving_limits(limits, info)
     specs = component_specs(info, precision)
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     model_dir_option = os.path.relpath(info.model_dir, Path(repository).resolve())
@@ -289,7 +294,7 @@ def render_repository(
                                              FLUX2_ENCODE_STEPS if info.is_flux2 else ENCODE_STEPS)
     bls_options = BlsOptions(
         model_dir=model_dir_option, precision=precision, backend=backend, lora_dir=lora_option,
-        limits=limits or ServingLimits(), retry=retry or RetryPolicy(),
+        limits=limits, retry=retry or RetryPolicy(),
         batch_delay_us=int(batch_delay_us), component_dtypes=component_types,
         max_inflight=max_inflight, max_queue=max_queue,
         # each instance calls the networks on its own GPU
