@@ -12,7 +12,7 @@ Requests may name whose they are (`key`): the line then serves the keys in turn,
 each key's own requests first in, first out, so that one client's burst cannot starve another
 (the gateway's line, one key per API key). Without keys it is one first-in-first-out line.
 
-Runs on one asyncio loop; nothing here is thread-safe by itself.
+Runs on one asyncio loop; nothing here is thread-safe by itself, except `Admission.refusal`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class WaitingCount(Protocol):
 
     def leave_queue(self) -> None: ...
 
+    def waiting_total(self) -> int: ...
+
 
 class LocalCount:
     """The count of a server with one instance."""
@@ -55,6 +57,9 @@ class LocalCount:
 
     def leave_queue(self) -> None:
         self.waiting -= 1
+
+    def waiting_total(self) -> int:
+        return self.waiting
 
 
 @dataclass(eq=False)
@@ -168,12 +173,25 @@ class Admission:
             head.turn.set_result(None)
         self._tell_places()
 
-    def retry_after_s(self) -> int:
-        """About when a refused request could find room: the line's length in rounds of
-        `max_inflight` recent run times (1 s at least)."""
-        typical = sorted(self.recent_s)[len(self.recent_s) // 2] if self.recent_s else 1.0
-        rounds = (self.waiting + self.running) / self.max_inflight
+    def retry_after_s(self, waiting: int | None = None) -> int:
+        """About when a refused request could find room: the line's length (`waiting`, default
+        this instance's) in rounds of `max_inflight` recent run times (1 s at least)."""
+        recent = sorted(self.recent_s)  # one C-level copy: safe while the loop appends
+        typical = recent[len(recent) // 2] if recent else 1.0
+        rounds = ((self.waiting if waiting is None else waiting) + self.running) / self.max_inflight
         return max(1, round(typical * rounds))
+
+    def refusal(self) -> QueueFull | None:
+        """QueueFull if a request arriving now would be refused (every run slot taken and the
+        server's queue full), else None. It reads counters only, so another thread (Triton's
+        `execute`) may ask while the loop runs, and refuse without waiting for the loop: a stale
+        read moves a refusal by one request, and `enter` still decides for those let through."""
+        if self.max_queue is None or self.running < self.max_inflight:
+            return None
+        waiting = self.count.waiting_total()
+        if waiting < self.max_queue:
+            return None
+        return QueueFull(self.max_queue, self.retry_after_s(waiting))
 
     def _remove(self, ticket: Ticket) -> None:
         line = self.lines[ticket.key]

@@ -122,3 +122,44 @@ def test_cancelling_a_waiting_task_gives_up_its_place():
             await task
         assert admission.waiting == 0 and ticket.done and admission.count.waiting == 0
     run(scenario())
+
+
+def test_refusal_answers_from_any_thread_as_enter_would():
+    """`refusal` is what Triton's execute thread asks, while the loop admits and releases, to
+    refuse without waiting for the loop: it agrees with `enter` and never trips over the loop."""
+    import threading
+
+    async def scenario():
+        assert Admission(max_inflight=1).refusal() is None  # unbounded: never refused
+        admission = Admission(max_inflight=1, max_queue=1)
+        first = admission.enter()
+        assert admission.refusal() is None  # one place left in line
+        second = admission.enter()
+        refusal = admission.refusal()
+        assert isinstance(refusal, QueueFull) and refusal.max_queue == 1
+        assert refusal.retry_after_s >= 1
+        with pytest.raises(QueueFull):
+            admission.enter()
+        admission.leave(first)
+        assert second.running and admission.refusal() is None
+
+        stop, errors = threading.Event(), []
+
+        def ask():
+            while not stop.is_set():
+                try:
+                    admission.refusal()
+                except Exception as exc:  # noqa: BLE001 - any would be the bug
+                    errors.append(exc)
+                    return
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        for i in range(2000):
+            ticket = admission.enter(key=str(i % 3))  # waits behind `second`: the lines change
+            admission.leave(ticket)
+            await asyncio.sleep(0)
+        stop.set()
+        asker.join()
+        assert errors == []
+    run(scenario())

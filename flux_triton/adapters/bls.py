@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
@@ -337,6 +338,10 @@ class FluxBlsModel:
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self._run_loop, name="flux_bls_loop", daemon=True).start()
         for request in requests:
+            refused = self.admission.refusal()
+            if refused is not None:  # answered here: the loop may be busy for a while
+                self._refuse(request.get_response_sender().send, refused)
+                continue
             self._count_active(1)
             running = asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
             running.add_done_callback(self._request_done)
@@ -429,9 +434,7 @@ class FluxBlsModel:
         try:
             ticket = places.ticket = self.admission.enter(on_position=places)
         except QueueFull as exc:
-            self.metrics.queue_refusals.increment(1)
-            sender.send(error_response(pb, f"flux_bls: {exc}; {retry_after_text(exc.retry_after_s)}",
-                                       "UNAVAILABLE", tag=RESOURCE_EXHAUSTED), flags=final)
+            self._refuse(sender.send, exc)
             return None
         self.metrics.queue_length.set(self.admission.waiting)
         stopped = await self.admission.wait(ticket, stop_check, poll_s=0.5)
@@ -485,6 +488,13 @@ class FluxBlsModel:
             except Exception as exc:  # the stream must always end, or the request is lost
                 sender.send(error_response(pb, f"flux_bls: {type(exc).__name__}: {exc}"), flags=final)
                 self.metrics.outcomes["failed"].increment(1)
+
+    def _refuse(self, send: Callable[..., None], refusal: QueueFull) -> None:
+        """End a request's stream with the queue's refusal (RESOURCE_EXHAUSTED in its tag)."""
+        self.metrics.queue_refusals.increment(1)
+        text = f"flux_bls: {refusal}; {retry_after_text(refusal.retry_after_s)}"
+        send(error_response(self.pb, text, "UNAVAILABLE", tag=RESOURCE_EXHAUSTED),
+             flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _queue_response(self, place: int) -> Any:
         return self.pb.InferenceResponse(
