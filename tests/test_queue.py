@@ -81,6 +81,12 @@ def test_waiting_requests_hear_their_place_and_run_in_order_past_the_bound_one_i
     began = time.perf_counter()
     refused = served_generate(srv, fields(4))
     refused_ms = (time.perf_counter() - began) * 1000
+    # the queue is full, but a listing (what the supervisor probes the BLS with) is still answered
+    client = srv.client()
+    try:
+        listing = stream_generate(client, build_inputs(list_loras=True))
+    finally:
+        client.close()
     for thread, _ in (running, second, third):
         thread.join(timeout=60)
     results = [out[0] for _, out in (running, second, third)]
@@ -88,6 +94,7 @@ def test_waiting_requests_hear_their_place_and_run_in_order_past_the_bound_one_i
     print(f"\nqueue: places {[r.queue_positions for r in results]}, refusal answered in "
           f"{refused_ms:.0f} ms: {refused.error}")
     assert client_error_kind(refused.error) == "resource_exhausted", refused.error
+    assert listing.error is None and listing.loras is not None
     assert "MAX_QUEUE=2" in refused.error and retry_after_s(refused.error) >= 1
     assert refused.steps == [] and tokenizer_calls(srv) == calls + 3  # none for the refused one
     assert refused_ms < 1000

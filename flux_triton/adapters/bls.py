@@ -338,7 +338,9 @@ class FluxBlsModel:
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self._run_loop, name="flux_bls_loop", daemon=True).start()
         for request in requests:
-            refused = self.admission.refusal()
+            # a listing (the supervisor's probe too) goes to the loop: its answer shows the loop lives
+            asks_listing = self.pb.get_input_tensor_by_name(request, "list_loras") is not None
+            refused = None if asks_listing else self.admission.refusal()
             if refused is not None:  # answered here: the loop may be busy for a while
                 self._refuse(request.get_response_sender().send, refused)
                 continue
