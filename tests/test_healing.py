@@ -378,3 +378,29 @@ def test_stop_during_a_restart_neither_fails_nor_restarts(tmp_path):
     assert server.launches == 1 and not supervisor.failed
     assert [e["event"] for e in supervisor.events] == ["detected", "server_stopped"]
     assert server.stops == 2  # the restart's stop of the old server, then the supervisor's own
+
+
+@pytest.mark.fast
+def test_ready_waits_for_the_metrics_endpoint(tmp_path):
+    """Triton opens its metrics port tens of ms after /v2/health/ready passes; a server is ready
+    only once both answer (a test reading metrics right after start met a refused connection)."""
+    import http.server
+    import socket
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    health = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=health.serve_forever, daemon=True).start()
+    server = TritonServer(tmp_path, http_port=health.server_address[1], metrics_port=free_port())
+    try:
+        assert not server.is_ready()  # health passes, metrics not listening yet
+        with socket.create_server(("127.0.0.1", server.metrics_port)):
+            assert server.is_ready()
+    finally:
+        health.shutdown()

@@ -438,10 +438,15 @@ class TritonServer:
         return {entry["name"]: entry.get("state", "") for entry in index}
 
     def is_ready(self) -> bool:
+        """Ready over HTTP, and its metrics endpoint listening: Triton opens that one last, tens
+        of milliseconds after the health check may already pass."""
         try:
             url = f"http://{self.local_host}:{self.http_port}/v2/health/ready"
             with urllib.request.urlopen(url, timeout=1) as resp:
-                return resp.status == 200
+                if resp.status != 200:
+                    return False
+            socket.create_connection((self.local_host, self.metrics_port), timeout=1).close()
+            return True
         except OSError:
             return False
 
