@@ -117,6 +117,14 @@ def raw_request(fields: dict) -> dict[str, np.ndarray]:
     return raw
 
 
+def on_device(inputs: dict[str, torch.Tensor], dtype: torch.dtype, device: str = "cuda"
+              ) -> dict[str, torch.Tensor]:
+    """A network's sample inputs on `device`, the floating ones in `dtype` (the guidance scale
+    stays float32, as the pipeline passes it)."""
+    return {k: (v.to(dtype) if v.is_floating_point() and k != "guidance" else v).to(device)
+            for k, v in inputs.items()}
+
+
 def dit_sample(info: FluxModelInfo, shape: ServingShape, dtype: torch.dtype,
                device: str = "cuda") -> dict:
     """The DiT's inputs at `shape`, as the pipeline builds them."""
@@ -128,8 +136,7 @@ def dit_sample(info: FluxModelInfo, shape: ServingShape, dtype: torch.dtype,
 
         inputs = flux2_sample_inputs("dit_transformer", info, shape.batch, sizes["S_txt"],
                                      sizes["H_lat"], sizes["W_lat"], torch.Generator().manual_seed(0))
-        return {k: (v.to(dtype) if v.is_floating_point() and k != "guidance" else v).to(device)
-                for k, v in inputs.items()}
+        return on_device(inputs, dtype, device)
     embeds = type("Embeds", (), {})()
     embeds.sequence = torch.randn(shape.batch, sizes["S_txt"], info.t5_hidden_size, device=device,
                                   dtype=dtype)
@@ -251,8 +258,7 @@ def part_m(info: FluxModelInfo, precision: str, shape: ServingShape) -> dict:
         torch.cuda.reset_peak_memory_stats()
         network = load_network(name, info, "cuda", options)
         weights = torch.cuda.memory_allocated() - base
-        inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k != "guidance"
-                          else v.dtype) for k, v in sample_inputs(name, info, shape.axis_sizes(info)).items()}
+        inputs = on_device(sample_inputs(name, info, shape.axis_sizes(info)), torch.bfloat16)
         with torch.inference_mode():
             network.run(**inputs)
         torch.cuda.synchronize()

@@ -37,7 +37,13 @@ from devtools.tokenizers import (
 )
 from flux_triton.model_info import load_model_info
 from flux_triton.runtime.torch_components import ClipEncoder, DitTransformer, PromptTokenizer, T5Encoder
-from flux_triton.sampling import latent_image_ids, pack_latents, text_ids, to_model_latents
+from flux_triton.sampling import (
+    latent_image_ids,
+    pack_latents,
+    static_shift,
+    text_ids,
+    to_model_latents,
+)
 
 TRAINING_LOG_FILE = "training_log.json"
 
@@ -228,7 +234,7 @@ def training_sigmas(batch: int, generator: torch.Generator, shift: float = 1.0) 
     """[batch] logit-normal sigmas, as in SD3/FLUX training, time-shifted by `shift` (> 1 moves
     them towards noise as the scheduler's shift moves the sampling steps)."""
     sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=generator.device))
-    return shift * sigma / (1 + (shift - 1) * sigma)
+    return static_shift(sigma, shift)
 
 
 def flow_batch(dataset: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch: int, info,

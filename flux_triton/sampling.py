@@ -39,6 +39,12 @@ def empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(a * num_steps + b)
 
 
+def static_shift(sigmas, shift: float):
+    """The scheduler's fixed time shift of sigmas (numpy or torch): `shift` > 1 moves them
+    towards noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 def flow_match_schedule(
     sigmas: np.ndarray | list[float], image_seq_len: int, cfg: SchedulerConfig,
     mu: float | None = None,
@@ -54,7 +60,7 @@ def flow_match_schedule(
         else:
             sig = mu / (mu + (1 / sig - 1) ** 1.0)
     else:
-        sig = cfg.shift * sig / (1 + (cfg.shift - 1) * sig)
+        sig = static_shift(sig, cfg.shift)
     if cfg.shift_terminal:
         one_minus_z = 1 - sig
         scale_factor = one_minus_z[-1] / (1 - cfg.shift_terminal)

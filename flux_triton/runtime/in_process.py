@@ -14,7 +14,7 @@ from flux_triton.request import GenerationRequest
 from flux_triton.runtime.acceleration import ADAPTED_PARTS, Acceleration, load_network
 from flux_triton.runtime.loras import AdapterSwitch
 from flux_triton.runtime.torch_components import load_component
-from flux_triton.specs import ServingShape, components
+from flux_triton.specs import TORCH_DTYPES, ServingShape, components
 
 
 class TorchFluxModels:
@@ -29,7 +29,7 @@ class TorchFluxModels:
         self.adapters = {}
         if sequence_parallel:  # the DiT over a group of ranks, as the served one runs it
             acceleration = acceleration or Acceleration(
-                {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}[dtype])
+                next(p for p, name in TORCH_DTYPES.items() if name == dtype))
         if acceleration is None:
             self.parts = {n: load_component(n, info, device, dtype) for n in names}
             if loras is not None and loras.adapters:
