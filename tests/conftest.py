@@ -122,6 +122,8 @@ def _stop(served: Served) -> bool:
     if code != 0 or leftovers:
         print(f"tritonserver exit code {code}, leftover processes {leftovers}; "
               f"see {served.server.log_file}")
+        if code != 0:  # CI keeps no files: the log's end is the only trace of a crash
+            print("".join(Path(served.server.log_file).read_text(errors="replace").splitlines(True)[-60:]))
     return code == 0 and not leftovers
 
 

@@ -431,3 +431,56 @@ def test_stream_stops_when_its_client_leaves_before_the_first_step(faults):
     steps_run = metric(faults, "flux_steps_total") - steps_before
     print(f"\nclient gone before the first step: {steps_run:.0f} of 20 steps ran")
     assert steps_run <= 1
+
+
+@pytest.mark.fast
+def test_the_image_and_errors_are_handed_over_once_the_triton_stream_has_ended():
+    """A caller that stops at the image leaves no open gRPC stream behind: gRPC would cancel it
+    when collected, after flux_bls's final response."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from flux_triton.gateway.app import GatewayError, TritonStreams
+
+    def result(**arrays):
+        outputs = [SimpleNamespace(name=name) for name in arrays]
+        return SimpleNamespace(get_response=lambda: SimpleNamespace(outputs=outputs),
+                               as_numpy=lambda name: np.asarray(arrays[name]))
+
+    class Stream:
+        def __init__(self, items):
+            self.items, self.ended, self.cancelled = items, False, False
+
+        def __aiter__(self):
+            return self._read()
+
+        async def _read(self):
+            for item in self.items:
+                await asyncio.sleep(0)
+                yield item
+            self.ended = True
+
+        def cancel(self):
+            self.cancelled = True
+
+    step = result(step=[1], total_steps=[1], timestep=[1.0])
+    image = result(image=np.zeros((1, 8, 8, 3), np.uint8), seed=[5], timings=[b"{}"],
+                   partial=[False], steps_completed=[1])
+    failed = SimpleNamespace(message=lambda: "[INVALID_ARG] height must be a multiple of 16")
+
+    async def first_image(items):
+        streams = TritonStreams(GatewaySettings(triton_url="127.0.0.1:1"))
+        stream = Stream(items)
+        streams.client = SimpleNamespace(stream_infer=lambda requests: stream)
+        try:
+            async for kind, value in streams.generate({"prompt": "a cat"}):
+                if kind == "image":
+                    return stream, value
+        except GatewayError as exc:
+            return stream, exc
+
+    stream, generation = asyncio.run(first_image([(step, None), (image, None)]))
+    assert stream.ended and not stream.cancelled and generation.seed == 5 and generation.steps == 1
+    stream, error = asyncio.run(first_image([(None, failed)]))
+    assert stream.ended and not stream.cancelled
+    assert isinstance(error, GatewayError) and error.status == 400

@@ -349,7 +349,9 @@ class TritonStreams:
                        ) -> AsyncIterator[tuple[str, dict]]:
         """("step", step) for every step, then ("image", Generation). Leaving the iteration early
         (a client that went away) cancels the Triton request, which stops the denoising loop;
-        `handle.cancel()` does the same from outside, without awaiting anything."""
+        `handle.cancel()` does the same from outside, without awaiting anything. The image or the
+        error is handed over once the stream has ended: a caller that stops there leaves no open
+        stream behind, which gRPC would cancel when collected, after the final response."""
         try:
             inputs = build_inputs(**fields)
         except ValueError as exc:  # a number its declared type cannot hold
@@ -364,11 +366,13 @@ class TritonStreams:
         finished = False
         last = time.perf_counter()
         generation = Generation()
+        failure = None
         try:
             async for result, error in stream:
                 if error is not None:
                     finished = handle.finished = True
-                    raise triton_error(error.message() if hasattr(error, "message") else str(error))
+                    failure = triton_error(error.message() if hasattr(error, "message") else str(error))
+                    continue
                 names = {o.name for o in result.get_response().outputs}
                 now = time.perf_counter()
                 if "queue_position" in names:  # waiting in the server's own line
@@ -393,7 +397,6 @@ class TritonStreams:
                     generation.timings = json.loads(result.as_numpy("timings")[0])
                     generation.partial = bool(result.as_numpy("partial")[0])
                     generation.steps_completed = int(result.as_numpy("steps_completed")[0])
-                    yield "image", generation
                 last = now
         except (InferenceServerException, grpc.RpcError) as exc:  # no server, or it went away
             finished = True
@@ -402,8 +405,11 @@ class TritonStreams:
         finally:
             if not finished:
                 stream.cancel()
+        if failure is not None:
+            raise failure
         if not finished:
             raise unavailable("the stream ended without an image")
+        yield "image", generation
 
     async def render_preview(self, latent: np.ndarray) -> np.ndarray | None:
         """A preview latent [B, C, h, w] as uint8 [h', w', 3] of the first image."""
