@@ -77,6 +77,22 @@ def test_invalid_request_ends_with_invalid_arg(repository):
     assert sum(pb.calls.values()) == 0  # rejected before any model ran
 
 
+def test_a_request_is_accounted_for_before_its_final_response(repository):
+    """A client that got its final response and sends its next request at once finds the first
+    one gone from the active count, the line and the outcome metrics."""
+    seen = []
+
+    def at_final():
+        seen.append((repository.metrics.active_requests.value, repository.admission.running,
+                     sum(m.value for m in repository.metrics.outcomes.values())))
+
+    for fields in (SMALL, dict(SMALL, height=100)):  # a generation, then an invalid request
+        request = _request(**fields)
+        request.sender.on_final = at_final
+        _serve(repository, request)
+    assert seen == [(0, 0, 1), (0, 0, 2)]
+
+
 def _final_error(sent):
     response, flags = sent[-1]
     assert flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL and response.has_error()

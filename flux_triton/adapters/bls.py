@@ -212,14 +212,20 @@ class OrderedSender:
 
     `send` takes a response, or a function that builds one: that runs on the worker too, so the
     device-to-host copies of a response's tensors (see `host_tensor`) leave the loop's thread.
+    The final response is held until `close`: the request's bookkeeping (its place in line, its
+    metrics, the active count) is done before a client that got it can send its next request.
     """
 
-    def __init__(self, sender: Any):
-        self.sender = sender
+    def __init__(self, sender: Any, final_flag: int):
+        self.sender, self.final_flag = sender, final_flag
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux_bls_send")
         self.pending: list[asyncio.Future] = []
+        self.final: tuple[Any, int] | None = None
 
     def send(self, response: Any = None, flags: int = 0) -> None:
+        if flags & self.final_flag:
+            self.final = (response, flags)
+            return
         loop = asyncio.get_running_loop()
         self.pending.append(loop.run_in_executor(self.worker, self._send, response, flags))
 
@@ -231,8 +237,19 @@ class OrderedSender:
         else:
             self.sender.send(response)
 
-    async def close(self) -> None:
-        """Wait until everything is sent (raising what a send raised), then stop the worker."""
+    def _finish(self, before_final: Callable[[], None] | None) -> None:
+        try:
+            if before_final is not None:
+                before_final()
+        finally:
+            if self.final is not None:
+                self._send(*self.final)
+
+    async def close(self, before_final: Callable[[], None] | None = None) -> None:
+        """Send the final response after the others, `before_final` first (on the worker), then
+        wait until everything is sent (raising what a send raised) and stop the worker."""
+        loop = asyncio.get_running_loop()
+        self.pending.append(loop.run_in_executor(self.worker, self._finish, before_final))
         try:
             await asyncio.gather(*self.pending)
         finally:
@@ -368,7 +385,6 @@ class FluxBlsModel:
                 log(self.pb, f"flux_bls: load board not updated ({exc!r})", error=True)
 
     def _request_done(self, running) -> None:
-        self._count_active(-1)
         if not running.cancelled() and running.exception() is not None:
             log(self.pb, f"flux_bls: a request's stream broke: {running.exception()!r}", error=True)
 
@@ -386,11 +402,12 @@ class FluxBlsModel:
         return raw
 
     async def _serve(self, request) -> None:
-        sender = OrderedSender(request.get_response_sender())
+        sender = OrderedSender(request.get_response_sender(), self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         try:
             await self._generate(request, sender)
         finally:
-            await sender.close()
+            # no longer active once its final response can reach the client
+            await sender.close(before_final=partial(self._count_active, -1))
 
     async def _generate(self, request, sender: OrderedSender) -> None:
         pb = self.pb
