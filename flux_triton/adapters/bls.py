@@ -206,6 +206,67 @@ def host_tensor(pb: Any, name: str, value: torch.Tensor) -> Any:
     return from_torch(pb, name, value)
 
 
+class CancellationWatch:
+    """Asks Triton, from one thread, whether the requests it watches were cancelled; the event
+    loop reads a flag.
+
+    `is_cancelled()` is a round trip to the server that releases the GIL. Made on the loop's
+    thread before every step, each call let the other threads take the GIL and the loop waited to
+    get it back (docs/performance.md, "Holding load"). Each request is asked about at most every
+    `interval_s`, and never once `forget` has returned: Triton releases a request after its final
+    response.
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self._watched: dict[int, tuple[Any, threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, request: Any) -> threading.Event:
+        """An event set once Triton says `request` was cancelled."""
+        cancelled = threading.Event()
+        with self._lock:
+            self._watched[id(request)] = (request, cancelled)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flux_bls_cancel", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return cancelled
+
+    def forget(self, request: Any) -> None:
+        with self._lock:  # waits for a call on `request` in progress
+            self._watched.pop(id(request), None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._watched and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                keys = list(self._watched)
+            began = time.monotonic()
+            for key in keys:
+                with self._lock:
+                    entry = self._watched.get(key)
+                    if entry is None or entry[1].is_set():
+                        continue
+                    try:
+                        if entry[0].is_cancelled():
+                            entry[1].set()
+                    except Exception:  # asked again next round; the loop goes on
+                        pass
+            time.sleep(max(0.0, self.interval_s - (time.monotonic() - began)))
+
+
 class OrderedSender:
     """A request's responses, sent in order from one worker thread: the denoising loop goes on to
     the next step while a preview is copied off the GPU and handed to Triton.
@@ -329,6 +390,7 @@ class FluxBlsModel:
         log(pb, f"flux_bls: {options.max_inflight} generations at once, the queue "
                 f"{'unbounded' if options.max_queue is None else f'at most {options.max_queue}'}")
         self.active_lock = threading.Lock()
+        self.cancellations = CancellationWatch()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.input_types = network_input_types(self.info, options.component_dtypes)
         self.dit_batcher = None
@@ -389,6 +451,7 @@ class FluxBlsModel:
             log(self.pb, f"flux_bls: a request's stream broke: {running.exception()!r}", error=True)
 
     def finalize(self) -> None:
+        self.cancellations.close()
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.board.close()
@@ -426,22 +489,26 @@ class FluxBlsModel:
             self.metrics.outcomes["invalid"].increment(1)
             return
         deadline = None if gen_request.deadline_ms is None else began + gen_request.deadline_ms / 1000
+        cancelled = self.cancellations.watch(request)
 
         def stop_check():
-            if request.is_cancelled():
+            if cancelled.is_set():
                 return Stop.CANCELLED
             if deadline is not None and time.monotonic() >= deadline:
                 return Stop.DEADLINE
             return None
 
-        ticket = await self._take_turn(sender, stop_check)
-        if ticket is None:
-            return
         try:
-            await self._run(gen_request, sender, stop_check, began)
+            ticket = await self._take_turn(sender, stop_check)
+            if ticket is None:
+                return
+            try:
+                await self._run(gen_request, sender, stop_check, began)
+            finally:
+                self.admission.leave(ticket)
+                self.metrics.queue_length.set(self.admission.waiting)
         finally:
-            self.admission.leave(ticket)
-            self.metrics.queue_length.set(self.admission.waiting)
+            self.cancellations.forget(request)
 
     async def _take_turn(self, sender: OrderedSender, stop_check) -> Ticket | None:
         """This request's turn (MAX_INFLIGHT), waiting in line as long as it takes and saying its
