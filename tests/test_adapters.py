@@ -4,7 +4,9 @@ drives the component adapters exactly as tritonserver would route its requests."
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -311,3 +313,48 @@ def test_bls_runs_clip_and_t5_at_once(repository, monkeypatch, pair):
     sent = _serve(repository, _request(**dict(SMALL, negative_prompt="blurry", true_cfg_scale=2.0)))
     errors = [r.error().message() for r, _ in sent if r is not None and r.has_error()]
     assert errors == [] and sorted(waiting) == sorted(pair)
+
+
+def test_metric_updates_are_applied_in_order_off_the_caller_and_flushed():
+    """BlsMetrics' updates go to Triton from the writer's thread, in order; an increment by 0 is
+    no update; a failing update is reported and the others go on; `flush` waits for them."""
+    from flux_triton.adapters.metrics import BlsMetrics
+
+    applied, errors = [], []
+    caller = threading.get_ident()
+
+    class Metric:
+        def __init__(self, name):
+            self.name = name
+
+        def increment(self, value):
+            assert threading.get_ident() != caller
+            if value < 0:
+                raise ValueError("a counter only goes up")
+            applied.append((self.name, value))
+
+        def set(self, value):
+            applied.append((self.name, value))
+
+        observe = set
+
+    class Family:
+        HISTOGRAM = COUNTER = GAUGE = "kind"
+
+        def __init__(self, name, description, kind):
+            self.name = name
+
+        def Metric(self, labels, **options):  # noqa: N802
+            return Metric(self.name)
+
+    metrics = BlsMetrics(SimpleNamespace(MetricFamily=Family), on_error=errors.append)
+    metrics.steps.increment(1)
+    metrics.retries["dit_transformer"].increment(0)
+    metrics.images.increment(-1)
+    for length in (3, 2, 0):
+        metrics.queue_length.set(length)
+    assert metrics.flush()
+    assert applied == [("flux_steps_total", 1), ("flux_queue_length", 3), ("flux_queue_length", 2),
+                       ("flux_queue_length", 0)]
+    assert len(errors) == 1 and "increment(-1)" in errors[0]
+    metrics.close()

@@ -14,3 +14,16 @@ def test_bench_smoke(model_dirs, tmp_path, capsys):
     assert set(result["median_ms"]) == {"end to end (ms)", "time to first preview (ms)", "per step (ms)"}
     assert set(result["throughput_images_per_s"]) == {"1", "4", "8"}
     assert result["machine"]["cores"] >= 1 and "served/in-process" in capsys.readouterr().out
+
+
+def test_backend_calls_probe_smoke(tmp_path, capsys):
+    """`devtools.bench_backend_calls` times the Python backend's round trips in a real server."""
+    from devtools import bench_backend_calls
+
+    out = tmp_path / "calls.json"
+    bench_backend_calls.main(["--calls", "20", "--rounds", "1", "--out", str(out)])
+    report = json.loads(out.read_text())["rounds"][0]
+    assert set(report) == {"is_cancelled", "metric_increment", "metric_observe"}
+    assert all(r["alone_us"] > 0 and r["beside_a_busy_thread_us"] > 0 and r["busy_thread_pace"] > 0
+               for r in report.values())
+    assert "is_cancelled" in capsys.readouterr().out

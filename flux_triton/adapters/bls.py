@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +59,11 @@ from flux_triton.specs import (
     networks,
     python_model_spec,
 )
+
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). A thread
+# back from a round trip to the server (a BLS call, a response sent, a metric) waits that long
+# when another is busy; the loop, back from select(), does too (devtools.bench_backend_calls).
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class BlsFluxModels:
@@ -358,6 +364,7 @@ class FluxBlsModel:
 
     def initialize(self, args: dict) -> None:
         pb = self.pb
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # this process serves flux_bls alone
         config = json.loads(args["model_config"])
         if not pb.using_decoupled_model_transaction_policy(config):
             raise pb.TritonModelException(
@@ -382,7 +389,7 @@ class FluxBlsModel:
         device = instance_device(args)
         self.gpu = None if device == "cpu" else int(device.split(":")[1])
         self.served_names = served_networks(options.networks_by_gpu, self.gpu, served)
-        self.metrics = BlsMetrics(pb, self.gpu, served)
+        self.metrics = BlsMetrics(pb, self.gpu, served, on_error=lambda text: log(pb, text, error=True))
         # tritonserver starts every instance's process: its pid names the board they share
         self.board = LoadBoard(board_folder(os.getppid()),
                                f"{args.get('model_instance_name', 'flux_bls')}-{os.getpid()}", self.gpu)
@@ -446,12 +453,18 @@ class FluxBlsModel:
             except OSError as exc:  # a request must not fail for its count
                 log(self.pb, f"flux_bls: load board not updated ({exc!r})", error=True)
 
+    def _request_ended(self) -> None:
+        """A request's bookkeeping, done before its final response can reach the client."""
+        self._count_active(-1)
+        self.metrics.flush()
+
     def _request_done(self, running) -> None:
         if not running.cancelled() and running.exception() is not None:
             log(self.pb, f"flux_bls: a request's stream broke: {running.exception()!r}", error=True)
 
     def finalize(self) -> None:
         self.cancellations.close()
+        self.metrics.close()
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.board.close()
@@ -469,8 +482,7 @@ class FluxBlsModel:
         try:
             await self._generate(request, sender)
         finally:
-            # no longer active once its final response can reach the client
-            await sender.close(before_final=partial(self._count_active, -1))
+            await sender.close(before_final=self._request_ended)
 
     async def _generate(self, request, sender: OrderedSender) -> None:
         pb = self.pb
@@ -578,6 +590,7 @@ class FluxBlsModel:
     def _refuse(self, send: Callable[..., None], refusal: QueueFull) -> None:
         """End a request's stream with the queue's refusal (RESOURCE_EXHAUSTED in its tag)."""
         self.metrics.queue_refusals.increment(1)
+        self.metrics.flush()
         text = f"flux_bls: {refusal}; {retry_after_text(refusal.retry_after_s)}"
         send(error_response(self.pb, text, "UNAVAILABLE", tag=RESOURCE_EXHAUSTED),
              flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,14 +16,75 @@ QUEUE_WAIT_BUCKETS_MS = [0, 10, 50, 100, 500, 1000, 5000, 10000, 30000, 60000, 3
 OUTCOMES = ("completed", "partial", "cancelled", "invalid", "failed")
 
 
-class _Labelled:
-    """A metric family whose metrics all carry `labels` besides their own."""
+class MetricWriter:
+    """Applies metric updates on a thread of its own.
 
-    def __init__(self, family: Any, labels: dict[str, str]):
-        self.family, self.labels = family, labels
+    Every update of a python-backend metric is a round trip to the server; made on flux_bls's
+    event loop they were a third of its busy time under load (docs/performance.md, "Holding
+    load"). Updates are applied in the order they were queued; `flush` waits for those queued
+    before it.
+    """
+
+    def __init__(self, on_error: Callable[[str], None] | None = None):
+        self.on_error = on_error
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="flux_bls_metrics", daemon=True)
+        self._thread.start()
+
+    def put(self, metric: Any, operation: str, value: float) -> None:
+        self._queue.put((metric, operation, value))
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        applied = threading.Event()
+        self._queue.put(applied)
+        return applied.wait(timeout_s)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            metric, operation, value = item
+            try:
+                getattr(metric, operation)(value)
+            except Exception as exc:  # a metric must not stop the others, nor any request
+                if self.on_error is not None:
+                    self.on_error(f"flux_bls: metric {operation}({value!r}) failed: {exc!r}")
+
+
+class _Deferred:
+    """A metric whose updates go through a MetricWriter (an increment by 0 goes nowhere); reads,
+    such as a stand-in's `value`, go to the metric."""
+
+    def __init__(self, metric: Any, writer: MetricWriter):
+        self.metric, self.writer = metric, writer
+
+    def increment(self, value: float) -> None:
+        if value:
+            self.writer.put(self.metric, "increment", value)
+
+    def observe(self, value: float) -> None:
+        self.writer.put(self.metric, "observe", value)
+
+    def set(self, value: float) -> None:
+        self.writer.put(self.metric, "set", value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metric, name)
+
+
+class _Labelled:
+    """A metric family whose metrics all carry `labels` besides their own, updated through
+    `writer`."""
+
+    def __init__(self, family: Any, labels: dict[str, str], writer: MetricWriter):
+        self.family, self.labels, self.writer = family, labels, writer
 
     def Metric(self, labels: dict[str, str], **options) -> Any:  # noqa: N802 (pb_utils' spelling)
-        return self.family.Metric(labels={**labels, **self.labels}, **options)
+        return _Deferred(self.family.Metric(labels={**labels, **self.labels}, **options), self.writer)
 
 
 class BlsMetrics:
@@ -28,16 +92,19 @@ class BlsMetrics:
 
     An instance on a GPU labels every metric with `gpu`, so the instances of a server that spans
     several GPUs (GPUS) count apart; on a CPU the labels are as they always were. `networks`: those
-    of the served model's family (`specs.networks`).
+    of the served model's family (`specs.networks`). Updates reach Triton from a MetricWriter's
+    thread: `flush` before a response that should find them there.
     """
 
-    def __init__(self, pb: Any, gpu: int | None = None, networks: tuple[str, ...] = NETWORKS):
+    def __init__(self, pb: Any, gpu: int | None = None, networks: tuple[str, ...] = NETWORKS,
+                 on_error: Callable[[str], None] | None = None):
         self.families = []  # a MetricFamily must outlive its metrics
+        self.writer = MetricWriter(on_error)
         on_gpu = {} if gpu is None else {"gpu": str(gpu)}
 
         def family(name, description, kind):
             self.families.append(pb.MetricFamily(name=name, description=description, kind=kind))
-            return _Labelled(self.families[-1], on_gpu)
+            return _Labelled(self.families[-1], on_gpu, self.writer)
 
         histogram, counter = pb.MetricFamily.HISTOGRAM, pb.MetricFamily.COUNTER
         latency = family("flux_component_latency_ms", "BLS call latency per component (ms)", histogram)
@@ -78,6 +145,13 @@ class BlsMetrics:
         if gpu is not None:
             self.gpu_memory = family("flux_gpu_memory_used_bytes", "GPU memory in use (device-wide)",
                                      pb.MetricFamily.GAUGE).Metric(labels={})
+
+    def flush(self) -> bool:
+        """Wait until the updates made so far are Triton's."""
+        return self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
     def observe_dit_batch(self, rows: int, calls: int) -> None:
         self.dit_batch.observe(rows)
