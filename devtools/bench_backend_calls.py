@@ -5,7 +5,8 @@
 `request.is_cancelled()` and a custom metric's `increment` / `observe` each go to the server and
 back, releasing the GIL meanwhile. A decoupled model in a real tritonserver times N calls of each
 alone, then with one busy Python thread beside it (which takes the GIL while the call waits, so
-the caller waits to get it back), and how fast that thread ran meanwhile. flux_bls's event loop
+the caller waits to get it back, up to the switch interval), and how fast that thread ran
+meanwhile; for each GIL switch interval asked. flux_bls's event loop
 made such calls before every step (docs/performance.md, "Holding load").
 """
 
@@ -34,6 +35,7 @@ model_transaction_policy { decoupled: true }
 input [ { name: "calls" data_type: TYPE_INT32 dims: [1] } ]
 output [ { name: "report" data_type: TYPE_STRING dims: [1] } ]
 instance_group [ { kind: KIND_CPU count: 1 } ]
+parameters { key: "switch_interval_s" value { string_value: "%s" } }
 """
 
 MODEL = '''
@@ -44,6 +46,9 @@ import triton_python_backend_utils as pb
 
 class TritonPythonModel:
     def initialize(self, args):
+        import sys
+        parameters = json.loads(args["model_config"])["parameters"]
+        sys.setswitchinterval(float(parameters["switch_interval_s"]["string_value"]))
         kinds = pb.MetricFamily
         self.families = [pb.MetricFamily(name="probe_total", description="calls", kind=kinds.COUNTER),
                          pb.MetricFamily(name="probe_ms", description="ms", kind=kinds.HISTOGRAM)]
@@ -89,12 +94,13 @@ class TritonPythonModel:
 '''
 
 
-def measure(calls: int, rounds: int) -> list[dict]:
-    """`rounds` reports of the probe model, each timing `calls` calls of each kind."""
+def measure(calls: int, rounds: int, switch_interval_s: float) -> list[dict]:
+    """`rounds` reports of the probe model, each timing `calls` calls of each kind, with the
+    model process's GIL switch interval at `switch_interval_s`."""
     with tempfile.TemporaryDirectory() as folder:
         repository = Path(folder) / "repository"
         (repository / "probe" / "1").mkdir(parents=True)
-        (repository / "probe" / "config.pbtxt").write_text(CONFIG)
+        (repository / "probe" / "config.pbtxt").write_text(CONFIG % switch_interval_s)
         (repository / "probe" / "1" / "model.py").write_text(MODEL)
         ports = [free_port() for _ in range(3)]
         server = TritonServer(repository, *ports, device="cpu")
@@ -141,23 +147,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--switch-intervals", default="0.005,0.0005",
+                        help="the probe process's GIL switch intervals to try, in seconds "
+                             "(Python's default 0.005; flux_bls sets 0.0005)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    reports = measure(args.calls, args.rounds)
-    print(f"{'call':<18}{'alone (us)':>16}{'beside a busy thread (us)':>28}{'busy thread pace':>20}")
-    for name in reports[0]:
-        rows = [r[name] for r in reports]
-        columns = (("alone_us", 0), ("beside_a_busy_thread_us", 0), ("busy_thread_pace", 2))
-        cells = [" / ".join(f"{r[key]:.{digits}f}" for r in rows) for key, digits in columns]
-        print(f"{name:<18}{cells[0]:>16}{cells[1]:>28}{cells[2]:>20}")
+    results = {}
+    for interval in (float(v) for v in args.switch_intervals.split(",")):
+        reports = results[str(interval)] = measure(args.calls, args.rounds, interval)
+        print(f"GIL switch interval {interval * 1000:g} ms, {args.calls} calls of each, "
+              f"{args.rounds} rounds")
+        print(f"{'call':<18}{'alone (us)':>16}{'beside a busy thread (us)':>28}{'busy thread pace':>20}")
+        for name in reports[0]:
+            rows = [r[name] for r in reports]
+            columns = (("alone_us", 0), ("beside_a_busy_thread_us", 0), ("busy_thread_pace", 2))
+            cells = [" / ".join(f"{r[key]:.{digits}f}" for r in rows) for key, digits in columns]
+            print(f"{name:<18}{cells[0]:>16}{cells[1]:>28}{cells[2]:>20}")
     if args.out is not None:
         from importlib.metadata import version
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "calls": args.calls, "rounds": reports, "cpus": os.cpu_count(),
-            "python": sys.version.split()[0], "nvidia-pytriton": version("nvidia-pytriton"),
-            "switch_interval_s": sys.getswitchinterval()}, indent=2) + "\n")
+            "calls": args.calls, "by_switch_interval_s": results, "cpus": os.cpu_count(),
+            "python": sys.version.split()[0], "nvidia-pytriton": version("nvidia-pytriton")},
+            indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -21,8 +21,9 @@ def test_backend_calls_probe_smoke(tmp_path, capsys):
     from devtools import bench_backend_calls
 
     out = tmp_path / "calls.json"
-    bench_backend_calls.main(["--calls", "20", "--rounds", "1", "--out", str(out)])
-    report = json.loads(out.read_text())["rounds"][0]
+    bench_backend_calls.main(["--calls", "20", "--rounds", "1", "--switch-intervals", "0.001",
+                              "--out", str(out)])
+    report = json.loads(out.read_text())["by_switch_interval_s"]["0.001"][0]
     assert set(report) == {"is_cancelled", "metric_increment", "metric_observe"}
     assert all(r["alone_us"] > 0 and r["beside_a_busy_thread_us"] > 0 and r["busy_thread_pace"] > 0
                for r in report.values())
