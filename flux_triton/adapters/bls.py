@@ -8,6 +8,7 @@ responses, and its timings into Triton metrics.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -283,9 +284,8 @@ class OrderedSender:
     metrics, the active count) is done before a client that got it can send its next request.
     """
 
-    def __init__(self, sender: Any, final_flag: int):
-        self.sender, self.final_flag = sender, final_flag
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux_bls_send")
+    def __init__(self, sender: Any, final_flag: int, worker: ThreadPoolExecutor):
+        self.sender, self.final_flag, self.worker = sender, final_flag, worker
         self.pending: list[asyncio.Future] = []
         self.final: tuple[Any, int] | None = None
 
@@ -314,13 +314,28 @@ class OrderedSender:
 
     async def close(self, before_final: Callable[[], None] | None = None) -> None:
         """Send the final response after the others, `before_final` first (on the worker), then
-        wait until everything is sent (raising what a send raised) and stop the worker."""
+        wait until everything is sent (raising what a send raised)."""
         loop = asyncio.get_running_loop()
         self.pending.append(loop.run_in_executor(self.worker, self._finish, before_final))
-        try:
-            await asyncio.gather(*self.pending)
-        finally:
-            self.worker.shutdown(wait=False)
+        await asyncio.gather(*self.pending)
+
+
+class SendLanes:
+    """The threads that send responses. A request keeps to one (its `OrderedSender`'s worker, so
+    its responses stay in order); requests take them in turn. A thread per request cost the event
+    loop a thread start, and a wait for the GIL, on every request."""
+
+    def __init__(self, count: int = 8):
+        self.lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flux_bls_send_{i}")
+                      for i in range(count)]
+        self._turn = itertools.count()
+
+    def next(self) -> ThreadPoolExecutor:
+        return self.lanes[next(self._turn) % len(self.lanes)]
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.shutdown(wait=False)
 
 
 class PlaceReporter:
@@ -398,6 +413,7 @@ class FluxBlsModel:
                 f"{'unbounded' if options.max_queue is None else f'at most {options.max_queue}'}")
         self.active_lock = threading.Lock()
         self.cancellations = CancellationWatch()
+        self.send_lanes = SendLanes()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.input_types = network_input_types(self.info, options.component_dtypes)
         self.dit_batcher = None
@@ -465,6 +481,7 @@ class FluxBlsModel:
     def finalize(self) -> None:
         self.cancellations.close()
         self.metrics.close()
+        self.send_lanes.close()
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.board.close()
@@ -478,7 +495,8 @@ class FluxBlsModel:
         return raw
 
     async def _serve(self, request) -> None:
-        sender = OrderedSender(request.get_response_sender(), self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender = OrderedSender(request.get_response_sender(), self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                               self.send_lanes.next())
         try:
             await self._generate(request, sender)
         finally:
