@@ -96,6 +96,30 @@ def test_a_request_is_accounted_for_before_its_final_response(repository):
     assert seen == [(0, 0, 1), (0, 0, 2)]
 
 
+def test_concurrent_requests_share_the_send_lanes_in_order(repository, monkeypatch):
+    """Twelve requests at once are sent from at most the eight lanes, each request's responses in
+    order (steps 1..n, the image, the final flag)."""
+    senders = {}
+    send = pb.ResponseSender.send
+
+    def recording(self, response=None, flags=0):
+        senders.setdefault(id(self), set()).add(threading.get_ident())
+        send(self, response, flags)
+
+    monkeypatch.setattr(pb.ResponseSender, "send", recording)
+    requests = [_request(**dict(SMALL, seed=i)) for i in range(12)]
+    pb.serve(repository, requests)
+    assert len(set().union(*senders.values())) <= 8
+    assert all(len(threads) == 1 for threads in senders.values())  # one lane a request
+    for request in requests:
+        kinds = ["final" if r is None else next(iter(_outputs(r))) for r, _ in request.sender.sent]
+        steps = [int(_outputs(r)["step"][0]) for r, _ in request.sender.sent
+                 if r is not None and "step" in _outputs(r)]
+        waited = kinds.count("queue_position")  # MAX_INFLIGHT 4: the others wait in line first
+        assert kinds == ["queue_position"] * waited + ["step"] * 3 + ["image", "final"]
+        assert steps == [1, 2, 3]
+
+
 def _final_error(sent):
     response, flags = sent[-1]
     assert flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL and response.has_error()
