@@ -333,14 +333,20 @@ def _refuse_flux1_fields(inputs: Mapping[str, np.ndarray | None]) -> None:
             raise InvalidRequest(field, f"does not apply to this server's FLUX.2 model: {reason}")
 
 
-def listing_requested(inputs: Mapping[str, np.ndarray | None]) -> bool:
-    """Whether a request asks for the LoRA adapters (`list_loras` true), and nothing else."""
-    if inputs.get("list_loras") is None:
+def asks_listing(list_loras: np.ndarray | None) -> bool:
+    """Whether a `list_loras` input asks for the adapters: one BOOL, true (InvalidRequest if it
+    is not one BOOL)."""
+    if list_loras is None:
         return False
-    flag = np.asarray(inputs["list_loras"])
+    flag = np.asarray(list_loras)
     if flag.size != 1 or flag.dtype != np.bool_:
         raise InvalidRequest("list_loras", f"must be one BOOL value, got {flag.dtype} {list(flag.shape)}")
-    if not bool(flag.reshape(-1)[0]):
+    return bool(flag.reshape(-1)[0])
+
+
+def listing_requested(inputs: Mapping[str, np.ndarray | None]) -> bool:
+    """Whether a request asks for the LoRA adapters (`list_loras` true), and nothing else."""
+    if not asks_listing(inputs.get("list_loras")):
         return False
     others = sorted(name for name, value in inputs.items() if value is not None and name != "list_loras")
     if others:

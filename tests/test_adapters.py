@@ -15,6 +15,7 @@ import torch
 from flux_triton.adapters.backend import to_torch
 from flux_triton.adapters.bls import CancellationWatch as CancellationWatch
 from flux_triton.adapters.faults import InjectedUnavailable
+from flux_triton.admission import QueueFull
 from flux_triton.errors import reported_status
 from flux_triton.model_info import load_model_info
 from flux_triton.pipeline import FinalImage
@@ -118,6 +119,18 @@ def test_concurrent_requests_share_the_send_lanes_in_order(repository, monkeypat
         waited = kinds.count("queue_position")  # MAX_INFLIGHT 4: the others wait in line first
         assert kinds == ["queue_position"] * waited + ["step"] * 3 + ["image", "final"]
         assert steps == [1, 2, 3]
+
+
+def test_only_a_true_list_loras_passes_a_full_queue(repository, monkeypatch):
+    """A full queue refuses at once whatever a generation carries: `list_loras` false does not
+    make it a listing. A true one (the supervisor's probe) is still answered."""
+    monkeypatch.setattr(repository.admission, "refusal", lambda: QueueFull(2, 1))
+    generation = _request(**SMALL, list_loras=np.array([False]))
+    pb.serve(repository, [generation])
+    assert "[RESOURCE_EXHAUSTED]" in _final_error(generation.sender.sent).message()
+    assert sum(pb.calls.values()) == 0
+    listing = _serve(repository, _request(list_loras=np.array([True])))
+    assert "loras" in _outputs(listing[0][0])
 
 
 def _final_error(sent):

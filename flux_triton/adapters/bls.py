@@ -50,7 +50,7 @@ from flux_triton.recovery import (
     call_with_recovery,
     classify_failure,
 )
-from flux_triton.request import InvalidRequest, listing_requested, validate_request
+from flux_triton.request import InvalidRequest, asks_listing, listing_requested, validate_request
 from flux_triton.serving_config import BlsOptions
 from flux_triton.specs import (
     CACHE_STATE,
@@ -441,8 +441,7 @@ class FluxBlsModel:
             threading.Thread(target=self._run_loop, name="flux_bls_loop", daemon=True).start()
         for request in requests:
             # a listing (the supervisor's probe too) goes to the loop: its answer shows the loop lives
-            asks_listing = self.pb.get_input_tensor_by_name(request, "list_loras") is not None
-            refused = None if asks_listing else self.admission.refusal()
+            refused = None if self._asks_listing(request) else self.admission.refusal()
             if refused is not None:  # answered here: the loop may be busy for a while
                 self._refuse(request.get_response_sender().send, refused)
                 continue
@@ -454,6 +453,15 @@ class FluxBlsModel:
         except Exception as exc:  # the requests run on: dispatch falls back to Triton's own
             log(self.pb, f"flux_bls: load board unreadable ({exc!r}); not waiting", error=True)
         return None
+
+    def _asks_listing(self, request) -> bool:
+        """A true `list_loras`: a present but false or malformed one is a generation's (refused
+        or told why on the loop)."""
+        tensor = self.pb.get_input_tensor_by_name(request, "list_loras")
+        try:
+            return tensor is not None and asks_listing(tensor.as_numpy())
+        except InvalidRequest:
+            return False
 
     def _run_loop(self) -> None:
         if self.gpu is not None and torch.cuda.is_available():
