@@ -54,17 +54,34 @@ class TritonPythonModel:
                          pb.MetricFamily(name="probe_ms", description="ms", kind=kinds.HISTOGRAM)]
         self.counter = self.families[0].Metric(labels={})
         self.histogram = self.families[1].Metric(labels={}, buckets=[1, 10, 100])
+        self.families.append(pb.MetricFamily(name="probe_gauge", description="g", kind=kinds.GAUGE))
+        self.gauge = self.families[2].Metric(labels={})
+        from flux_triton.adapters.metrics import MetricWriter
+        self.writer = MetricWriter()
+
+    def _step(self, coalesce):
+        self.writer.coalesce = coalesce  # read by the writer per batch; phases are flushed apart
+        self.writer.put(self.histogram, "observe", 3.0)
+        self.writer.put(self.counter, "increment", 1)
+        self.writer.put(self.gauge, "set", 2)
 
     def execute(self, requests):
         for request in requests:
             calls = int(pb.get_input_tensor_by_name(request, "calls").as_numpy()[0])
             report = {}
-            for name, call in (("is_cancelled", request.is_cancelled),
-                               ("metric_increment", lambda: self.counter.increment(1)),
-                               ("metric_observe", lambda: self.histogram.observe(3.0))):
+            for name, call, finish in (
+                    ("is_cancelled", request.is_cancelled, None),
+                    ("metric_increment", lambda: self.counter.increment(1), None),
+                    ("metric_observe", lambda: self.histogram.observe(3.0), None),
+                    # a step's updates (one observation, an increment, a gauge) through flux_bls's
+                    # MetricWriter, until flushed: each update alone, or coalesced
+                    ("writer_step_each", lambda: self._step(False), self.writer.flush),
+                    ("writer_step_coalesced", lambda: self._step(True), self.writer.flush)):
                 began = time.perf_counter()
                 for _ in range(calls):
                     call()
+                if finish is not None:
+                    finish()
                 alone = (time.perf_counter() - began) / calls
                 spins, stop = [0], threading.Event()
 
@@ -81,6 +98,8 @@ class TritonPythonModel:
                 before, began = spins[0], time.perf_counter()
                 for _ in range(calls):
                     call()
+                if finish is not None:
+                    finish()
                 took = time.perf_counter() - began
                 rate = (spins[0] - before) / took
                 stop.set()
@@ -126,7 +145,9 @@ def measure(calls: int, rounds: int, switch_interval_s: float) -> list[dict]:
                 client.async_stream_infer("probe", [tensor])
                 result, error = answers.get(timeout=300)
                 if error is not None:
-                    raise RuntimeError(str(error))
+                    log.flush()
+                    raise RuntimeError(f"{error}; tritonserver's log ends:\n"
+                                       + Path(log.name).read_text()[-3000:])
                 reports.append(json.loads(result.as_numpy("report")[0]))
             client.stop_stream()
         finally:
@@ -157,12 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         reports = results[str(interval)] = measure(args.calls, args.rounds, interval)
         print(f"GIL switch interval {interval * 1000:g} ms, {args.calls} calls of each, "
               f"{args.rounds} rounds")
-        print(f"{'call':<18}{'alone (us)':>16}{'beside a busy thread (us)':>28}{'busy thread pace':>20}")
+        print(f"{'call':<24}{'alone (us)':>16}{'beside a busy thread (us)':>28}{'busy thread pace':>20}")
         for name in reports[0]:
             rows = [r[name] for r in reports]
             columns = (("alone_us", 0), ("beside_a_busy_thread_us", 0), ("busy_thread_pace", 2))
             cells = [" / ".join(f"{r[key]:.{digits}f}" for r in rows) for key, digits in columns]
-            print(f"{name:<18}{cells[0]:>16}{cells[1]:>28}{cells[2]:>20}")
+            print(f"{name:<24}{cells[0]:>16}{cells[1]:>28}{cells[2]:>20}")
     if args.out is not None:
         from importlib.metadata import version
 

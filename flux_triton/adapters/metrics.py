@@ -21,12 +21,15 @@ class MetricWriter:
 
     Every update of a python-backend metric is a round trip to the server; made on flux_bls's
     event loop they were a third of its busy time under load (docs/performance.md, "Holding
-    load"). Updates are applied in the order they were queued; `flush` waits for those queued
-    before it.
+    load"). The writer takes whatever has queued up at once and applies it in order, except that
+    with `coalesce` the increments of one metric become one increment and a gauge gets only its
+    last value: the same totals in fewer round trips when updates come faster than it applies
+    them. `flush` waits for the updates queued before it.
     """
 
-    def __init__(self, on_error: Callable[[str], None] | None = None):
-        self.on_error = on_error
+    def __init__(self, on_error: Callable[[str], None] | None = None, coalesce: bool = True):
+        self.on_error, self.coalesce = on_error, coalesce
+        self.applied = 0  # round trips made
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="flux_bls_metrics", daemon=True)
         self._thread.start()
@@ -43,11 +46,39 @@ class MetricWriter:
         self._queue.put(None)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if isinstance(item, threading.Event):
-                item.set()
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            pending: dict[tuple[int, str], list] = {}  # (metric, operation) -> [metric, value]
+            for item in batch:
+                if item is None:
+                    self._apply(pending)
+                    return
+                if isinstance(item, threading.Event):
+                    self._apply(pending)
+                    pending = {}
+                    item.set()
+                    continue
+                metric, operation, value = item
+                if not self.coalesce or operation == "observe":
+                    self._apply({(id(metric), operation): [metric, value]})
+                    continue
+                key = (id(metric), operation)
+                if key in pending and operation == "increment":
+                    pending[key][1] += value
+                else:
+                    pending[key] = [metric, value]
+            self._apply(pending)
+
+    def _apply(self, updates: dict[tuple[int, str], list]) -> None:
+        for (_, operation), (metric, value) in updates.items():
+            if operation == "increment" and value == 0:
                 continue
-            metric, operation, value = item
+            self.applied += 1
             try:
                 getattr(metric, operation)(value)
             except Exception as exc:  # a metric must not stop the others, nor any request
