@@ -24,7 +24,9 @@ def test_backend_calls_probe_smoke(tmp_path, capsys):
     bench_backend_calls.main(["--calls", "20", "--rounds", "1", "--switch-intervals", "0.001",
                               "--out", str(out)])
     report = json.loads(out.read_text())["by_switch_interval_s"]["0.001"][0]
-    assert set(report) == {"is_cancelled", "metric_increment", "metric_observe"}
-    assert all(r["alone_us"] > 0 and r["beside_a_busy_thread_us"] > 0 and r["busy_thread_pace"] > 0
+    assert set(report) == {"is_cancelled", "metric_increment", "metric_observe", "writer_step_each",
+                           "writer_step_coalesced"}
+    # (a short phase can end before the busy thread advances: its pace may read 0)
+    assert all(r["alone_us"] > 0 and r["beside_a_busy_thread_us"] > 0 and r["busy_thread_pace"] >= 0
                for r in report.values())
     assert "is_cancelled" in capsys.readouterr().out
