@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -53,31 +53,29 @@ class MetricWriter:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            pending: dict[tuple[int, str], list] = {}  # (metric, operation) -> [metric, value]
+            pending: dict[tuple[int, str], list] = {}  # (metric, operation) -> [metric, operation, value]
             for item in batch:
                 if item is None:
-                    self._apply(pending)
+                    self._apply(pending.values())
                     return
                 if isinstance(item, threading.Event):
-                    self._apply(pending)
+                    self._apply(pending.values())
                     pending = {}
                     item.set()
                     continue
                 metric, operation, value = item
                 if not self.coalesce or operation == "observe":
-                    self._apply({(id(metric), operation): [metric, value]})
+                    self._apply([item])
                     continue
                 key = (id(metric), operation)
                 if key in pending and operation == "increment":
-                    pending[key][1] += value
+                    pending[key][2] += value
                 else:
-                    pending[key] = [metric, value]
-            self._apply(pending)
+                    pending[key] = [metric, operation, value]
+            self._apply(pending.values())
 
-    def _apply(self, updates: dict[tuple[int, str], list]) -> None:
-        for (_, operation), (metric, value) in updates.items():
-            if operation == "increment" and value == 0:
-                continue
+    def _apply(self, updates: Iterable) -> None:
+        for metric, operation, value in updates:
             self.applied += 1
             try:
                 getattr(metric, operation)(value)
