@@ -19,11 +19,11 @@ OUTCOMES = ("completed", "partial", "cancelled", "invalid", "failed")
 class MetricWriter:
     """Applies metric updates on a thread of its own.
 
-    Every update of a python-backend metric is a round trip to the server; made on flux_bls's
-    event loop they were a third of its busy time under load (docs/performance.md, "Holding
-    load"). The writer takes whatever has queued up at once and applies it in order, except that
-    with `coalesce` the increments of one metric become one increment and a gauge gets only its
-    last value: the same totals in fewer round trips when updates come faster than it applies
+    Every update of a python-backend metric is a round trip to the server, too costly for
+    flux_bls's event loop under load (docs/performance.md, "Holding load"). The writer takes
+    whatever has queued up at once and applies it in order, except that with `coalesce` the
+    increments of one metric become one increment and a gauge gets only its last value: the same
+    totals in fewer round trips when updates come faster than it applies
     them. `flush` waits for the updates queued before it.
     """
 
