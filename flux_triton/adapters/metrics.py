@@ -23,8 +23,8 @@ class MetricWriter:
     flux_bls's event loop under load (docs/performance.md, "Holding load"). The writer takes
     whatever has queued up at once and applies it in order, except that with `coalesce` the
     increments of one metric become one increment and a gauge gets only its last value: the same
-    totals in fewer round trips when updates come faster than it applies
-    them. `flush` waits for the updates queued before it.
+    totals in fewer round trips when updates come faster than it applies them. `flush` waits for
+    the updates queued before it.
     """
 
     def __init__(self, on_error: Callable[[str], None] | None = None, coalesce: bool = True):
