@@ -37,6 +37,8 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 # LORA_DIR=...: the LoRA adapters requests may name (default <model folder>/loras); MAX_LORAS=N
 # MAX_INFLIGHT=M: generations running at once per GPU (default 4), the rest wait in line;
 # MAX_QUEUE=N: requests that may wait on the whole server, past it refused at once (default: no bound)
+# FP8_SCALES=static (PRECISION=FP8): static input scales for the DiT's float8 layers, calibrated at
+# export on CALIBRATION_PROMPTS (a file, one prompt per line; default: a built-in set)
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
 	$(if $(call given,PRECOMPILE),--precompile $(PRECOMPILE)) \
@@ -48,7 +50,9 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,RANDOM_WEIGHTS),--random-weights $(RANDOM_WEIGHTS)) \
 	$(if $(call given,LORA_DIR),--lora-dir $(LORA_DIR)) $(if $(call given,MAX_LORAS),--max-loras $(MAX_LORAS)) \
 	$(if $(call given,MAX_INFLIGHT),--max-inflight $(MAX_INFLIGHT)) \
-	$(if $(call given,MAX_QUEUE),--max-queue "$(MAX_QUEUE)")
+	$(if $(call given,MAX_QUEUE),--max-queue "$(MAX_QUEUE)") \
+	$(if $(call given,FP8_SCALES),--fp8-scales $(FP8_SCALES)) \
+	$(if $(call given,CALIBRATION_PROMPTS),--calibration-prompts $(CALIBRATION_PROMPTS))
 
 .PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora bench-edits bench-fast-tier bench-load soak edits-accuracy fast-tier-accuracy export-full-size gpu-bundle lint clean
 

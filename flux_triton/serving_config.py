@@ -44,6 +44,10 @@ PLATFORMS = ("python", "tensorrt_plan", "ensemble")
 KINDS = ("KIND_CPU", "KIND_GPU")
 BACKENDS = ("torch", "onnx", "tensorrt")  # what runs the four networks
 PYTHON_BACKENDS = ("torch", "onnx")  # of those, what a Python model runs
+# FP8_SCALES: how the DiT's float8 layers scale their inputs (torchao's per-row maxima at every
+# call, or static scales calibrated at export into FP8_CALIBRATION_FILE, in the repository)
+FP8_SCALES = ("dynamic", "static")
+FP8_CALIBRATION_FILE = "fp8_calibration.json"
 
 
 class ConfigError(ValueError):
@@ -105,6 +109,8 @@ class NetworkOptions:
     # SEQUENCE_PARALLEL (the DiT): the devices of its group, rank 0 first (the instance's own);
     # empty: one device
     sequence_parallel_devices: tuple[str, ...] = ()
+    # FP8_SCALES=static (the DiT in FP8): its calibration file, relative to the repository
+    fp8_calibration: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice(self.network, "backend", self.backend, PYTHON_BACKENDS)

@@ -54,13 +54,15 @@ def is_probe(pb: Any, request) -> bool:
 
 
 def acceleration_options(args: dict, options: NetworkOptions) -> Acceleration:
-    """The options' precision, compile, cuda_graphs and compile_cache_dir (relative to the model
-    repository, like model_dir; $FLUX_TRITON_COMPILE_CACHE overrides it, e.g. for a read-only
-    repository volume)."""
-    cache_dir = compile_cache_location(Path(args["model_repository"]).parent,
-                                       options.compile_cache_dir)
+    """The options' precision, compile, cuda_graphs, fp8_calibration and compile_cache_dir
+    (relative to the model repository, like model_dir; $FLUX_TRITON_COMPILE_CACHE overrides the
+    cache, e.g. for a read-only repository volume)."""
+    repository = Path(args["model_repository"]).parent
+    cache_dir = compile_cache_location(repository, options.compile_cache_dir)
+    calibration = options.fp8_calibration and str(repository / options.fp8_calibration)
     return Acceleration(precision=options.precision, compile=options.compile,
-                        cuda_graphs=options.cuda_graphs, cache_dir=cache_dir)
+                        cuda_graphs=options.cuda_graphs, cache_dir=cache_dir,
+                        fp8_calibration=calibration)
 
 
 class ComponentModel:

@@ -17,8 +17,9 @@ from onnx import numpy_helper
 from onnxscript import opset21 as op
 
 from flux_triton.runtime.acceleration import is_token_linear
+from flux_triton.runtime.float8 import FLOAT8_MAX as FP8_MAX
+from flux_triton.runtime.float8 import calibrate_input_amax, input_scale, replace_linears
 
-FP8_MAX = 448.0  # largest finite float8 e4m3fn
 FP8_OPSET = 21  # QuantizeLinear with float8, per-axis scales and `saturate`
 
 
@@ -56,8 +57,7 @@ class Fp8Linear(torch.nn.Module):
         self.linear = linear
         weight_amax = linear.weight.detach().float().abs().amax(dim=1).clamp(min=1e-12)
         self.register_buffer("weight_scale", (weight_amax / FP8_MAX).to(linear.weight.dtype))
-        self.register_buffer("input_scale",
-                             torch.tensor(max(input_amax, 1e-12) / FP8_MAX, dtype=linear.weight.dtype))
+        self.register_buffer("input_scale", torch.tensor(input_scale(input_amax), dtype=linear.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.ops.flux_export.fp8_qdq(x, self.input_scale, -1)
@@ -69,22 +69,7 @@ def quantize_fp8(model: torch.nn.Module, calibrate) -> int:
     """Replace the token Linear layers of `model` by Fp8Linear, with input scales from the largest
     magnitude each sees while `calibrate()` runs the model on sample inputs; return how many."""
     names = [n for n, m in model.named_modules() if is_token_linear(m, n)]
-    amax: dict[str, float] = dict.fromkeys(names, 0.0)
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_pre_hook(
-        lambda _m, args, n=n: amax.__setitem__(n, max(amax[n], float(args[0].abs().max()))))
-        for n in names]
-    try:
-        with torch.no_grad():
-            calibrate()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, Fp8Linear(modules[name], amax[name]))
-    return len(names)
+    return replace_linears(model, calibrate_input_amax(model, names, calibrate), Fp8Linear)
 
 
 def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:

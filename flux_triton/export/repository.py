@@ -33,6 +33,8 @@ from flux_triton.runtime.torch_components import RANDOM_WEIGHTS_MARKER, has_rand
 from flux_triton.server.launcher import gpu_ids
 from flux_triton.serving_config import (
     DEFAULT_MAX_INFLIGHT,
+    FP8_CALIBRATION_FILE,
+    FP8_SCALES,
     BlsOptions,
     ConfigError,
     ModelDeployment,
@@ -172,6 +174,7 @@ def render_repository(
     lora_dir: str | Path | None = None,
     repository: str | Path = SOURCE_REPOSITORY,
     sequence_parallel: int = 1,
+    fp8_scales: str = "dynamic",
 ) -> RenderedRepository:
     """Every served model of `model_dir`, by name.
 
@@ -189,6 +192,8 @@ def render_repository(
     (`lora_folder`). `sequence_parallel` N > 1 (SEQUENCE_PARALLEL) runs each DiT over N devices
     (`runtime.sequence_parallel`): on a GPU the GPUs (GPUS, default all) in groups of N, each
     group's first GPU holding the other networks and a flux_bls instance; on the CPU N ranks.
+    `fp8_scales` (FP8_SCALES, with FP8): `static` gives the DiT's float8 layers the input scales
+    the export calibrates into the repository's FP8_CALIBRATION_FILE (`export.calibration`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -204,6 +209,11 @@ def render_repository(
     if precision == "FP8" and not accelerated:
         raise ValueError("FP8 (float8 Linear layers through torchao) needs the torch backend on a GPU: "
                          "make export DEVICE=gpu BACKEND=torch PRECISION=FP8")
+    if fp8_scales not in FP8_SCALES:
+        raise ValueError(f"FP8_SCALES must be one of {FP8_SCALES}, got {fp8_scales!r}")
+    if fp8_scales == "static" and precision != "FP8":
+        raise ValueError(f"FP8_SCALES=static sets the scales of the DiT's float8 layers: export with "
+                         f"PRECISION=FP8 (got {precision})")
     placement = None
     if gpus is not None:
         if device != "gpu":
@@ -265,7 +275,9 @@ def render_repository(
         name, model_dir_option, precision, backend, compile=compile, cuda_graphs=cuda_graphs,
         warmup=tuple(map(str, warmup)) if accelerated else (),
         compile_cache_dir=compile_cache_parameter(repository) if accelerated else None,
-        lora_dir=lora_option if name in ADAPTED_NETWORKS else None, random_weights=random_weights)
+        lora_dir=lora_option if name in ADAPTED_NETWORKS else None, random_weights=random_weights,
+        fp8_calibration=FP8_CALIBRATION_FILE if fp8_scales == "static" and name == "dit_transformer"
+        else None)
         for name in served}
     component_types = {}
     for name in served:
@@ -368,11 +380,14 @@ def write_repository(
     backend: str = "torch",
     onnx_dir: str | Path = "build/onnx",
     precompile: bool = True,
+    calibration_prompts: str | Path | None = None,
     **options,
 ) -> Path:
     """Render every config.pbtxt into `dest` (copying the model code there if `dest` is elsewhere)
     and produce the backend's artifacts (ONNX graphs or TensorRT plans) beside them. A compiled
-    GPU repository also gets its compile cache filled here (`precompile`, see export.precompile)."""
+    GPU repository also gets its compile cache filled here (`precompile`, see export.precompile),
+    and with FP8_SCALES=static the DiT's calibration (on `calibration_prompts`, a file of one per
+    line; default `export.calibration.DEFAULT_PROMPTS`)."""
     if backend == "tensorrt":
         from flux_triton.export.tensorrt_build import require_tensorrt
 
@@ -408,9 +423,27 @@ def write_repository(
     for name, text in configs.items():
         (dest / name / "config.pbtxt").write_text(text)
     rendered.deployment.write(dest)
+    if options.get("fp8_scales") == "static":  # before the precompile, which compiles with them
+        calibrate(model_dir, dest, calibration_prompts)
     if precompile and backend == "torch" and options.get("device") == "gpu":
         fill_compile_cache(model_dir, dest, options)
     return dest
+
+
+def calibrate(model_dir: str | Path, dest: Path, prompts_file: str | Path | None) -> Path:
+    """Write the DiT's static FP8 scales into `dest` (`export.calibration`), on the first GPU."""
+    import gc
+
+    import torch
+
+    from flux_triton.export.calibration import read_prompts, write_dit_calibration
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    path = write_dit_calibration(load_model_info(model_dir), dest, device, read_prompts(prompts_file))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path
 
 
 def fill_compile_cache(model_dir: str | Path, dest: Path, options: dict) -> dict:
@@ -434,8 +467,10 @@ def fill_compile_cache(model_dir: str | Path, dest: Path, options: dict) -> dict
         print(f"compile cache not filled: {what}; the server compiles at its first start instead")
         return {}
     cache_dir = compile_cache_location(dest, compile_cache_parameter(dest))  # as the server finds it
+    calibration = str(dest / FP8_CALIBRATION_FILE) if options.get("fp8_scales") == "static" else None
     acceleration = Acceleration(options.get("precision", "FP32"), compile=compile,
-                                cuda_graphs=cuda_graphs, cache_dir=cache_dir)
+                                cuda_graphs=cuda_graphs, cache_dir=cache_dir,
+                                fp8_calibration=calibration)
     return precompile(info, acceleration, warmup, listed)
 
 
@@ -483,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", default=None,
                         help="MAX_QUEUE: requests that may wait on the whole server; past it one is "
                              "refused at once (default: no bound)")
+    parser.add_argument("--fp8-scales", default="dynamic", choices=FP8_SCALES,
+                        help="FP8_SCALES with PRECISION=FP8: `static` calibrates one input scale per "
+                             "float8 layer of the DiT at export (instead of per-row maxima at every "
+                             "call)")
+    parser.add_argument("--calibration-prompts", default=None,
+                        help="CALIBRATION_PROMPTS: a file of prompts, one per line, for FP8_SCALES=static")
     parser.add_argument("--max-pixel-steps", type=int, default=ServingLimits.max_pixel_steps,
                         help="the most work one request may ask for: height × width × steps × images")
     args = parser.parse_args(argv)
@@ -501,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             max_inflight=parse_queue_limit("MAX_INFLIGHT", str(args.max_inflight)),
             max_queue=None if args.max_queue is None else parse_queue_limit("MAX_QUEUE", args.max_queue),
             lora_dir=args.lora_dir, sequence_parallel=args.sequence_parallel,
+            fp8_scales=args.fp8_scales, calibration_prompts=args.calibration_prompts,
             random_weights=bool(args.random_weights),
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))

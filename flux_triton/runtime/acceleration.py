@@ -20,6 +20,7 @@ import torch
 
 from flux_triton.loras import LoraCatalog
 from flux_triton.model_info import FluxModelInfo
+from flux_triton.runtime.float8 import quantize_static, read_calibration
 from flux_triton.runtime.loras import AdapterSwitch, MergedAdapters
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.serving_config import COMPILE_CACHE_ENV, ServingLimits
@@ -49,7 +50,9 @@ class Acceleration:
     """How a network runs on the GPU.
 
     precision: FP32, FP16, BF16, or FP8 (the DiT's token Linear layers in row-wise dynamic float8
-    through torchao, everything else bf16). compile: torch.compile the DiT's blocks, the VAE
+    through torchao, everything else bf16). fp8_calibration: with FP8, a calibration file
+    (`runtime.float8`, written by the export): those layers take static input scales from it
+    instead (`FP8_SCALES=static`). compile: torch.compile the DiT's blocks, the VAE
     decoder and encoder (channels_last) and T5, one static graph per shape. cuda_graphs: replay each network
     as one CUDA graph per input shape (no per-kernel launch cost, in or out of a server process).
     cache_dir: where inductor and Triton keep compiled kernels, so a restart does not compile again.
@@ -59,10 +62,14 @@ class Acceleration:
     compile: bool = False
     cuda_graphs: bool = False
     cache_dir: str | None = None
+    fp8_calibration: str | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.fp8_calibration is not None and self.precision != "FP8":
+            raise ValueError(f"static FP8 scales (fp8_calibration) need precision FP8, got "
+                             f"{self.precision}")
 
     @property
     def dtype(self) -> str:
@@ -93,12 +100,17 @@ def is_token_linear(module: torch.nn.Module, name: str) -> bool:
             and ".norm" not in name)
 
 
+def token_linear_names(transformer: torch.nn.Module) -> list[str]:
+    """The names of `transformer`'s layers that run in float8 (`is_token_linear`)."""
+    return [n for n, m in transformer.named_modules() if is_token_linear(m, n)]
+
+
 def quantize_float8(transformer: torch.nn.Module) -> int:
     """Row-wise dynamic float8 (weights and activations, e4m3) on the token Linear layers, through
     torchao; returns how many layers were converted."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    names = [n for n, m in transformer.named_modules() if is_token_linear(m, n)]
+    names = token_linear_names(transformer)
     chosen = set(names)
     # set_inductor_config=False: by default torchao turns on inductor's exhaustive coordinate-descent
     # tuning for the whole process, which benchmarks Triton variants of every kernel at the first
@@ -190,7 +202,9 @@ def accelerate(name: str, network: torch.nn.Module, options: Acceleration) -> Ca
     """Apply `options` to a loaded network component (a module whose `.model` is the diffusers or
     transformers model); returns what to call instead of it."""
     model = network.model
-    if name == "dit_transformer" and options.precision == "FP8":
+    if name == "dit_transformer" and options.precision == "FP8" and options.fp8_calibration:
+        quantize_static(model, read_calibration(options.fp8_calibration), token_linear_names(model))
+    elif name == "dit_transformer" and options.precision == "FP8":
         quantize_float8(model)
     if options.cache_dir and options.compile:
         use_compile_cache(options.cache_dir)

@@ -22,6 +22,7 @@ import torch
 
 from flux_triton.loras import LoraCatalog
 from flux_triton.pipeline import Adapters
+from flux_triton.runtime.float8 import is_float8, quantize_rows
 
 PARTS = ("transformer", "text_encoder")  # what diffusers' FLUX loader adapts: the DiT and CLIP
 
@@ -130,22 +131,6 @@ def extract_low_rank(module: torch.nn.Module, part: str,
     if hasattr(module, "_hf_peft_config_loaded"):
         module._hf_peft_config_loaded = False
     return layers
-
-
-def is_float8(weight: torch.Tensor) -> bool:
-    """A torchao float8 weight (data and scales in `qdata` and `scale`)."""
-    return hasattr(weight, "qdata") and hasattr(weight, "scale")
-
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise float8 (e4m3) data and scales [out, 1] of a weight, torchao's row-wise scheme
-    (scale = max |row| / 448, as `Float8Tensor.from_hp`, which rounds the scale to bf16 first; a
-    row of zeros gets a tiny scale, not a NaN)."""
-    scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FLOAT8_MAX
-    return (weight.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn), scale
-
-
-FLOAT8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
 @functools.cache
