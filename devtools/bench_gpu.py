@@ -1,6 +1,7 @@
 """`make bench-gpu`: FLUX.1 (and FLUX.2: --variants flux2-klein-4b,flux2-klein-9b,flux2-dev) at
 1024² on one GPU, (a) diffusers eager, (b) our pipeline in-process, (c) served by tritonserver and
-streamed to the gRPC client, for BF16 and FP8.
+streamed to the gRPC client, for BF16 and FP8 (and FP8-static: FP8 with the static input scales
+of FP8_SCALES=static, calibrated on this folder first).
 
 FLUX.1's real architecture with random bf16 weights built on the device (`devtools.full_size`:
 compute and memory are the real ones). (b) and (c) load the networks the same way
@@ -285,12 +286,37 @@ def run_pipeline(models, request, info) -> tuple[float, float, dict]:
     return asyncio.run(go())
 
 
+STATIC_SUFFIX = "-static"  # FP8-static: FP8_SCALES=static
+
+
+def base_precision(precision: str) -> str:
+    """The PRECISION of a row's precision label (FP8-static is FP8)."""
+    return precision.removesuffix(STATIC_SUFFIX)
+
+
+def calibration_for(info: FluxModelInfo, precision: str) -> str | None:
+    """FP8-static: the DiT calibrated as `make export FP8_SCALES=static` does it, into its model
+    folder (once); None for the other precisions."""
+    if not precision.endswith(STATIC_SUFFIX):
+        return None
+    from flux_triton.export.calibration import DEFAULT_PROMPTS, write_dit_calibration
+    from flux_triton.serving_config import FP8_CALIBRATION_FILE
+
+    path = Path(info.model_dir) / FP8_CALIBRATION_FILE
+    if not path.exists():
+        write_dit_calibration(info, Path(info.model_dir), "cuda", DEFAULT_PROMPTS)
+        release()
+    return str(path)
+
+
 def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int], runs: int,
            cache_dir: Path, profile: bool = False, more_steps: tuple[int, ...] = ()) -> dict:
     """(b) our pipeline in one process, loaded as the served component models load; with
     `more_steps`, also the end-to-end time at each of those step counts (the same load)."""
     shapes = tuple(serving_shape(variant, b) for b in batches)
-    options = Acceleration(precision, compile=True, cuda_graphs=True, cache_dir=str(cache_dir))
+    options = Acceleration(base_precision(precision), compile=True, cuda_graphs=True,
+                           cache_dir=str(cache_dir),
+                           fp8_calibration=calibration_for(info, precision))
     began = time.perf_counter()
     models = TorchFluxModels(info, "cuda", acceleration=options, warmup=shapes)
     result = {"load_and_warmup_s": time.perf_counter() - began, "load_phases": models.load_phases,
@@ -340,8 +366,9 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
 
     shapes = tuple(serving_shape(variant, b) for b in batches)
     began = time.perf_counter()
-    write_repository(folder, repository, device="gpu", precision=precision, warmup=shapes,
-                     precompile=precompile,
+    write_repository(folder, repository, device="gpu", precision=base_precision(precision),
+                     warmup=shapes, precompile=precompile,
+                     fp8_scales="static" if precision.endswith(STATIC_SUFFIX) else "dynamic",
                      cuda_graphs=cuda_graphs, limits=ServingLimits(max_batch=max(batches)),
                      random_weights=has_random_weights(folder))  # the full-size folders have none
     ports = [free_port() for _ in range(3)]
@@ -426,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="schnell,dev")
-    parser.add_argument("--precisions", default="BF16,FP8")
+    parser.add_argument("--precisions", default="BF16,FP8",
+                        help="any of BF16, FP8, FP8-static (FP8 with FP8_SCALES=static)")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--parts", default="a,b,c",
                         help="any of a, b, c; and m: each network's weights and peak memory alone")
@@ -499,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             repository = work / f"repository-{variant}-{precision}"
             if "m" in parts and todo("m", precision):
-                data = save("m", {1: part_m(info, precision, serving_shape(variant, 1))},
+                data = save("m", {1: part_m(info, base_precision(precision),
+                                            serving_shape(variant, 1))},
                             [precision], {})
             b_batches = todo("b", precision) if "b" in parts else []
             if b_batches:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -48,11 +49,27 @@ def generate_images(info: FluxModelInfo, models: TorchFluxModels, scenes: list[S
     return list(final.image.cpu().numpy())
 
 
+STATIC = "FP8-static"  # FP8 with FP8_SCALES=static
+
+
 def load_models(info: FluxModelInfo, device: str, precision: str,
-                catalog: LoraCatalog | None = None) -> TorchFluxModels:
+                catalog: LoraCatalog | None = None,
+                calibration_prompts: tuple[str, ...] | None = None) -> TorchFluxModels:
     """The networks as the server loads them at `precision` (on a GPU: compiled, in CUDA graphs,
     float8 Linear layers for FP8, adapters merged into the weights); `BF16-eager` on a GPU: bf16
-    without compile and graphs, adapters as diffusers' peft layers."""
+    without compile and graphs, adapters as diffusers' peft layers; `FP8-static`: FP8 with static
+    input scales calibrated first, as `make export FP8_SCALES=static` does (on the CPU too,
+    uncompiled), on `calibration_prompts` (default: the export's)."""
+    if precision == STATIC:
+        from flux_triton.export.calibration import DEFAULT_PROMPTS, calibrate_dit
+        from flux_triton.runtime.float8 import write_calibration
+
+        amax, about = calibrate_dit(info, device, calibration_prompts or DEFAULT_PROMPTS)
+        path = Path(tempfile.mkdtemp(prefix="fp8-calibration-")) / "fp8_calibration.json"
+        write_calibration(path, amax, about)
+        on_gpu = device != "cpu"
+        return TorchFluxModels(info, device, acceleration=Acceleration(
+            "FP8", compile=on_gpu, cuda_graphs=on_gpu, fp8_calibration=str(path)), loras=catalog)
     if device == "cpu" or precision.endswith("-eager"):
         return TorchFluxModels(info, device, ACCELERATION_DTYPES[precision.removesuffix("-eager")],
                                loras=catalog)
@@ -62,17 +79,20 @@ def load_models(info: FluxModelInfo, device: str, precision: str,
 
 def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
              num_inference_steps: int | None = None, precision: str = "FP32",
-             adapters: tuple[str, ...] = ()) -> tuple[dict, dict[str, list[np.ndarray]]]:
+             adapters: tuple[str, ...] = (), calibration_prompts: tuple[str, ...] | None = None,
+             ) -> tuple[dict, dict[str, list[np.ndarray]]]:
     """Accuracy over every caption and seed, without adapters and with each of `adapters` (of the
     model's loras/ folder, scale 1), from one load of the networks; the images by adapter ("" for
     none)."""
     info = load_model_info(model_dir)
     catalog = read_catalog(Path(info.model_dir) / "loras") if adapters else None
-    models = load_models(info, device, precision, catalog)
+    models = load_models(info, device, precision, catalog, calibration_prompts)
     result = {"model_dir": str(info.model_dir), "device": device, "precision": precision,
               "seeds": seeds, "size": info.default_height,
               "num_inference_steps": num_inference_steps or info.default_num_inference_steps,
               "shift": info.scheduler.shift}
+    if precision == STATIC:
+        result["calibration_prompts"] = list(calibration_prompts or ()) or "the export's defaults"
     images = {}
     for adapter in ("",) + tuple(adapters):
         scenes = all_scenes()
@@ -110,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the model's own")
     parser.add_argument("--device", default="cpu", help="cpu, or gpu / cuda[:N]")
     parser.add_argument("--precisions", default="FP32",
-                        help="FP32, BF16, FP8 (GPU), BF16-eager (GPU, no compile, adapters as peft "
-                             "layers), comma-separated; later ones get a PSNR against the first and "
-                             "against BF16")
+                        help="FP32, BF16, FP8 (GPU), FP8-static (FP8_SCALES=static; CPU too), "
+                             "BF16-eager (GPU, no compile, adapters as peft layers), comma-separated; "
+                             "later ones get a PSNR against the first and against BF16")
+    parser.add_argument("--calibration-prompts", default=None,
+                        help="FP8-static: `captions` (the shapes captions), or a file of prompts "
+                             "(default: the export's built-in prompts)")
     parser.add_argument("--loras", default="known",
                         help="adapters of <model dir>/loras to score too, comma-separated: `known` "
                              f"(those whose property is known: {sorted(ADAPTER_PROPERTIES)}), or none")
@@ -138,11 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     if min(check.values()) < 0.99 or min(outlines.values()) < 0.99:
         print("the classifier cannot read ground-truth images; no score is given", file=sys.stderr)
         return 1
+    calibration = None
+    if args.calibration_prompts == "captions":
+        calibration = tuple(dict.fromkeys(scene.caption for scene in all_scenes()))
+    elif args.calibration_prompts:
+        from flux_triton.export.calibration import read_prompts
+
+        calibration = read_prompts(args.calibration_prompts)
     results, images = [], {}
     precisions = args.precisions.split(",")
     for precision in precisions:
         result, images[precision] = evaluate(args.model_dir, list(range(args.seeds)), device,
-                                             args.steps, precision, adapters)
+                                             args.steps, precision, adapters, calibration)
         for other in dict.fromkeys([precisions[0], "BF16"]):
             if precision != other and other in images:
                 for adapter, generated in images[precision].items():

@@ -24,7 +24,6 @@ from flux_triton.runtime.float8 import (
     write_calibration,
 )
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
-from flux_triton.runtime.loras import AdapterSwitch, MergedAdapters
 from flux_triton.serving_config import FP8_CALIBRATION_FILE
 
 SHAPES_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes-flux"
@@ -65,7 +64,7 @@ def test_a_calibration_covers_every_float8_layer_and_hostile_files_are_refused(m
                "a flag": json.dumps({"version": 1, "input_amax": {"a": True}}),
                "infinite": '{"version": 1, "input_amax": {"a": Infinity}}',
                "not a number": '{"version": 1, "input_amax": {"a": NaN}}'}
-    for what, text in hostile.items():
+    for text in hostile.values():
         path.write_text(text)
         with pytest.raises(ValueError, match="FP8 calibration"):
             read_calibration(path)
@@ -100,30 +99,45 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / max(np.mean((a - b) ** 2), 1e-12)))
 
 
-def test_trained_model_in_static_fp8_with_and_without_an_adapter():
-    """The trained model's images in static FP8 stay near its float32 ones, with the `outline`
-    adapter merged into the float8 weights too, and unmerging restores them bit for bit."""
+@pytest.fixture(scope="module")
+def shapes_reference():
+    """The trained model's float32 images of CAPTIONS, seed 5, plain and with `outline` (peft)."""
+    info = load_model_info(SHAPES_DIR)
+    reference = TorchFluxModels(info, loras=read_catalog(SHAPES_DIR / "loras"))
+    return _images(info, reference, 5), _images(info, reference, 5, (("outline", 1.0),))
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True], ids=["separate", "fused-qkv"])
+def test_trained_model_in_static_fp8_with_and_without_an_adapter(tmp_path, shapes_reference,
+                                                                 fuse_qkv):
+    """The trained model loaded as the server loads it with FP8_SCALES=static (bf16, the DiT's
+    layers in float8, the adapter merged into the float8 weights; with FUSE_QKV=1 into rows of
+    the fused projections) stays near its float32 images, with and without the `outline`
+    adapter; unmerging restores the weights bit for bit."""
     info = load_model_info(SHAPES_DIR)
     catalog = read_catalog(SHAPES_DIR / "loras")
-    reference = TorchFluxModels(info, loras=catalog)  # float32, the adapter as peft layers
-    plain, outlined = _images(info, reference, 5), _images(info, reference, 5, (("outline", 1.0),))
-
-    models = TorchFluxModels(info)
-    dit = models.parts["dit_transformer"].model
-    merged = MergedAdapters(dit, "transformer", catalog)  # before quantizing, as the loader does
-    amax, _ = calibrate_dit(info, "cpu", CAPTIONS, models)
-    names = token_linear_names(dit)
-    assert quantize_static(dit, amax, names) == len(names)
-    merged.prepare_slots(2)
+    plain, outlined = shapes_reference
+    amax, about = calibrate_dit(info, "cpu", CAPTIONS)
+    path = tmp_path / FP8_CALIBRATION_FILE
+    write_calibration(path, amax, about)
+    acceleration = Acceleration("FP8", fp8_calibration=str(path), fuse_qkv=fuse_qkv)
+    models = TorchFluxModels(info, "cpu", acceleration=acceleration, loras=catalog)
+    dit = models.adapters["dit_transformer"].module
+    names = [name for name, module in dit.named_modules() if isinstance(module, StaticFloat8Linear)]
+    assert not token_linear_names(dit)  # every one is float8 now
+    fused = [name for name in names if name.endswith(("to_qkv", "to_added_qkv"))]
+    # the calibration is the unfused model's: a fused layer takes its three layers' one input
+    assert len(names) == (len(amax) - 2 * len(fused) if fuse_qkv else len(amax))
+    assert bool(fused) == fuse_qkv
+    for name in fused:
+        first = name.replace("to_qkv", "to_q").replace("to_added_qkv", "add_q_proj")
+        assert float(dit.get_submodule(name).input_scale) == pytest.approx(amax[first] / FLOAT8_MAX)
     first = {name: dit.get_submodule(name).weight_data.clone() for name in names}
-    models.adapters = {"dit_transformer": merged,  # CLIP as the float32 reference has it
-                       "clip_encoder": AdapterSwitch(models.parts["clip_encoder"].model,
-                                                     "text_encoder", catalog)}
     static_plain = _images(info, models, 5)
     static_outlined = _images(info, models, 5, (("outline", 1.0),))
     back = _images(info, models, 5)
-    print(f"\nstatic FP8 against float32: {_psnr(static_plain, plain):.1f} dB, with the adapter "
-          f"{_psnr(static_outlined, outlined):.1f} dB; the adapter's own effect "
+    print(f"\nstatic FP8 (bf16) against float32: {_psnr(static_plain, plain):.1f} dB, with the "
+          f"adapter {_psnr(static_outlined, outlined):.1f} dB; the adapter's own effect "
           f"{_psnr(outlined, plain):.1f} dB")
     assert _psnr(static_plain, plain) > 28 and _psnr(static_outlined, outlined) > 28
     assert _psnr(static_outlined, outlined) > _psnr(outlined, plain) + 3  # the adapter took effect
@@ -154,3 +168,23 @@ def test_fp8_scales_reach_the_dit_alone_and_need_fp8(model_dirs, tmp_path):
     assert dynamic.options["dit_transformer"].fp8_calibration is None
     assert main(["--model-dir", str(model_dirs["schnell"]), "--repository", str(dest),
                  "--fp8-scales", "static"]) == 1  # FP32 on the CPU: refused, naming the fix
+
+
+def test_fused_projections_keep_the_images_and_take_adapters_in_their_rows(shapes_reference):
+    """FUSE_QKV=1 in float32 on the CPU: one Linear per attention for query, key and value, the
+    separate layers gone, the `outline` adapter merged into the fused rows; the images stay
+    those of the separate layers with the adapter as peft layers."""
+    info = load_model_info(SHAPES_DIR)
+    plain, outlined = shapes_reference
+    models = TorchFluxModels(info, "cpu", acceleration=Acceleration("FP32", fuse_qkv=True),
+                             loras=read_catalog(SHAPES_DIR / "loras"))
+    merged = models.adapters["dit_transformer"]
+    layers = dict(merged.module.named_modules())
+    assert not any(name.endswith((".to_q", ".add_q_proj")) for name in layers)
+    assert merged.moved and all(fused in layers for fused, _, _ in merged.moved.values())
+    fused_plain = _images(info, models, 5)
+    fused_outlined = _images(info, models, 5, (("outline", 1.0),))
+    print(f"\nfused projections against separate: {_psnr(fused_plain, plain):.1f} dB, with the "
+          f"adapter {_psnr(fused_outlined, outlined):.1f} dB")
+    assert _psnr(fused_plain, plain) > 50 and _psnr(fused_outlined, outlined) > 50
+    assert np.array_equal(_images(info, models, 5), fused_plain)

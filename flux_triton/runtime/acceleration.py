@@ -52,7 +52,9 @@ class Acceleration:
     precision: FP32, FP16, BF16, or FP8 (the DiT's token Linear layers in row-wise dynamic float8
     through torchao, everything else bf16). fp8_calibration: with FP8, a calibration file
     (`runtime.float8`, written by the export): those layers take static input scales from it
-    instead (`FP8_SCALES=static`). compile: torch.compile the DiT's blocks, the VAE
+    instead (`FP8_SCALES=static`). fuse_qkv: the DiT's query, key and value projections as one
+    Linear layer per attention (and one for the text stream's), before quantizing (`FUSE_QKV=1`).
+    compile: torch.compile the DiT's blocks, the VAE
     decoder and encoder (channels_last) and T5, one static graph per shape. cuda_graphs: replay each network
     as one CUDA graph per input shape (no per-kernel launch cost, in or out of a server process).
     cache_dir: where inductor and Triton keep compiled kernels, so a restart does not compile again.
@@ -63,6 +65,7 @@ class Acceleration:
     cuda_graphs: bool = False
     cache_dir: str | None = None
     fp8_calibration: str | None = None
+    fuse_qkv: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -78,7 +81,14 @@ class Acceleration:
 
     @property
     def active(self) -> bool:
-        return self.precision == "FP8" or self.compile or self.cuda_graphs
+        return self.precision == "FP8" or self.compile or self.cuda_graphs or self.fuse_qkv
+
+    @property
+    def runs_on_cpu(self) -> bool:
+        """Whether what it applies runs on the CPU as well: fused projections and static FP8
+        (torchao's dynamic float8 has no CPU kernels; compile and graphs are for the GPU here)."""
+        return not (self.compile or self.cuda_graphs) and (
+            self.fuse_qkv or self.fp8_calibration is not None)
 
 
 def use_compile_cache(cache_dir: str | Path) -> None:
@@ -198,12 +208,50 @@ class CudaGraphRunner:
         return static_inputs, graph, static_outputs
 
 
-def accelerate(name: str, network: torch.nn.Module, options: Acceleration) -> Callable:
+# An attention's fused layer and the separate ones whose rows it holds, in order (diffusers'
+# `fuse_projections`).
+FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"),
+                     "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def fuse_qkv(transformer: torch.nn.Module) -> dict[str, tuple[str, int, int]]:
+    """diffusers' fused projections (`fuse_qkv_projections`: one GEMM for query, key and value),
+    with the separate layers, which it keeps beside them, dropped; returns where each dropped
+    layer's rows went: name -> (fused layer's name, first row, row past the last)."""
+    transformer.fuse_qkv_projections()
+    moved = {}
+    for name, module in list(transformer.named_modules()):
+        if not getattr(module, "fused_projections", False):
+            continue
+        for fused, parts in FUSED_PROJECTIONS.items():
+            if not hasattr(module, fused):
+                continue
+            row = 0
+            for part in parts:
+                rows = getattr(module, part).out_features
+                moved[f"{name}.{part}"] = (f"{name}.{fused}", row, row + rows)
+                row += rows
+                delattr(module, part)
+    return moved
+
+
+def accelerate(name: str, network: torch.nn.Module, options: Acceleration,
+               adapters: MergedAdapters | None = None) -> Callable:
     """Apply `options` to a loaded network component (a module whose `.model` is the diffusers or
-    transformers model); returns what to call instead of it."""
+    transformers model); returns what to call instead of it. `adapters`, merged into it, follow
+    its layers where they are fused."""
     model = network.model
+    moved = {}
+    if name == "dit_transformer" and options.fuse_qkv:
+        moved = fuse_qkv(model)
+        if adapters is not None:
+            adapters.follow(moved)
     if name == "dit_transformer" and options.precision == "FP8" and options.fp8_calibration:
-        quantize_static(model, read_calibration(options.fp8_calibration), token_linear_names(model))
+        amax = read_calibration(options.fp8_calibration)
+        for layer, (fused, _, _) in moved.items():  # a fused layer's input is each of its layers'
+            if layer in amax:
+                amax[fused] = max(amax.get(fused, 0.0), amax[layer])
+        quantize_static(model, amax, token_linear_names(model))
     elif name == "dit_transformer" and options.precision == "FP8":
         quantize_float8(model)
     if options.cache_dir and options.compile:
@@ -325,19 +373,21 @@ def load_network(name: str, info: FluxModelInfo, device: str, options: Accelerat
         phases["sequence_parallel_s"] = time.perf_counter() - began - phases["load_s"]
         return LoadedNetwork(runner)
     part = ADAPTED_PARTS.get(name) if loras is not None and loras.adapters else None
-    accelerated = options.active and name != "tokenizer" and device.startswith("cuda")
+    accelerated = options.active and name != "tokenizer" and (
+        device.startswith("cuda") or options.runs_on_cpu)
     if not accelerated:
         return LoadedNetwork(component, AdapterSwitch(component.model, part, loras) if part else None)
     merged = MergedAdapters(component.model, part, loras) if part else None
     began = time.perf_counter()
-    runner = accelerate(name, component, options)
+    runner = accelerate(name, component, options, merged)
     phases["prepare_s"] = time.perf_counter() - began
     before = compile_cache_counters()
     with torch.inference_mode():
         for shape in warmup:
             began = time.perf_counter()
             runner(**sample_inputs(name, info, shape, device, options.precision))
-            torch.cuda.synchronize(device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
             phases[f"warmup_{shape}_s"] = time.perf_counter() - began
     after = compile_cache_counters()
     phases["compile_cache"] = {k: after[k] - before[k] for k in after if after[k] != before[k]}
@@ -351,7 +401,8 @@ def load_network(name: str, info: FluxModelInfo, device: str, options: Accelerat
         began = time.perf_counter()
         merged.apply(((sorted(merged.loaded)[0], 1.0),))
         merged.apply(())
-        torch.cuda.synchronize(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
         phases["adapter_switch_s"] = (time.perf_counter() - began) / 2
     log.info("%s ready on %s: %s", name, device, phases)
     return LoadedNetwork(runner, merged)

@@ -22,7 +22,7 @@ import torch
 
 from flux_triton.loras import LoraCatalog
 from flux_triton.pipeline import Adapters
-from flux_triton.runtime.float8 import is_float8, quantize_rows
+from flux_triton.runtime.float8 import Float8Rows, is_float8, quantize_rows
 
 PARTS = ("transformer", "text_encoder")  # what diffusers' FLUX loader adapts: the DiT and CLIP
 
@@ -159,6 +159,7 @@ class MergedAdapters:
 
     def __init__(self, module: torch.nn.Module, part: str, catalog: LoraCatalog):
         self.module = module
+        self.moved: dict[str, tuple[str, int, int]] = {}
         self.low_rank = extract_low_rank(module, part, catalog)
         self.base = {name: self.weight(name).detach().clone() for name in self.low_rank}
         self.float8_base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -167,9 +168,22 @@ class MergedAdapters:
         self.active: Adapters | None = ()
         self.slots: _Slots | None = None
 
-    def weight(self, name: str) -> torch.Tensor:
-        """Layer `name`'s weight as it is now (quantizing may have replaced the Parameter)."""
-        return self.module.get_submodule(name).weight
+    def follow(self, moved: dict[str, tuple[str, int, int]]) -> None:
+        """Adapted layers now held as rows of a fused one (`acceleration.fuse_qkv`): name ->
+        (fused layer, first row, row past the last)."""
+        self.moved = {name: moved[name] for name in self.low_rank if name in moved}
+
+    def weight(self, name: str) -> torch.Tensor | Float8Rows:
+        """Layer `name`'s weight as it is now (quantizing may have replaced the Parameter): its
+        rows of the fused layer that holds it, if one does."""
+        if name not in self.moved:
+            return self.module.get_submodule(name).weight
+        fused, start, stop = self.moved[name]
+        weight = self.module.get_submodule(fused).weight
+        if not is_float8(weight):
+            return weight.detach()[start:stop]
+        _check_row_wise(fused, weight)
+        return Float8Rows(weight.qdata[start:stop], weight.scale[start:stop])
 
     def apply(self, adapters: Adapters) -> None:
         """Merge `adapters` (name, scale) into the weights for the calls that follow."""
@@ -212,8 +226,7 @@ class MergedAdapters:
                 torch.addmm(base, up, down, out=weight)
             return
         if name not in self.float8_base:  # not merged yet: what quantize_ made of the base
-            if list(weight.block_size) != [1, weight.shape[-1]] or weight.qdata.dtype != torch.float8_e4m3fn:
-                raise ValueError(f"{name}: only row-wise e4m3 float8 weights can take adapters")
+            _check_row_wise(name, weight)
             self.float8_base[name] = (weight.qdata.clone(), weight.scale.clone())
         if up is None:
             data, scale = self.float8_base[name]
@@ -238,6 +251,11 @@ class MergedAdapters:
                 self._write(name, None, None)
             self.slots = _Slots(self, min(count, len(self.loaded)))
             self.merged, self.active = set(), ()
+
+
+def _check_row_wise(name: str, weight) -> None:
+    if list(weight.block_size) != [1, weight.shape[-1]] or weight.qdata.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{name}: only row-wise e4m3 float8 weights can take adapters")
 
 
 class _Slots:
