@@ -38,7 +38,8 @@ SERVE_OPTIONS = $(if $(call given,DEVICE),--device $(DEVICE)) \
 # MAX_INFLIGHT=M: generations running at once per GPU (default 4), the rest wait in line;
 # MAX_QUEUE=N: requests that may wait on the whole server, past it refused at once (default: no bound)
 # FP8_SCALES=static (PRECISION=FP8): static input scales for the DiT's float8 layers, calibrated at
-# export on CALIBRATION_PROMPTS (a file, one prompt per line; default: a built-in set)
+# export on CALIBRATION_PROMPTS (a file, one prompt per line; default: a built-in set);
+# FUSE_QKV=1: the DiT computes each attention's query, key and value in one Linear layer
 EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,CUDA_GRAPHS),--cuda-graphs $(CUDA_GRAPHS)) $(if $(call given,WARMUP),--warmup $(WARMUP)) \
 	$(if $(call given,PRECOMPILE),--precompile $(PRECOMPILE)) \
@@ -52,7 +53,8 @@ EXPORT_OPTIONS = $(if $(call given,COMPILE),--compile $(COMPILE)) \
 	$(if $(call given,MAX_INFLIGHT),--max-inflight $(MAX_INFLIGHT)) \
 	$(if $(call given,MAX_QUEUE),--max-queue "$(MAX_QUEUE)") \
 	$(if $(call given,FP8_SCALES),--fp8-scales $(FP8_SCALES)) \
-	$(if $(call given,CALIBRATION_PROMPTS),--calibration-prompts $(CALIBRATION_PROMPTS))
+	$(if $(call given,CALIBRATION_PROMPTS),--calibration-prompts $(CALIBRATION_PROMPTS)) \
+	$(if $(call given,FUSE_QKV),--fuse-qkv $(FUSE_QKV))
 
 .PHONY: setup setup-browser gateway model train-default train-lora accuracy export engines serve demo test test-fast bench bench-gpu bench-scale bench-lora bench-edits bench-fast-tier bench-load soak edits-accuracy fast-tier-accuracy export-full-size gpu-bundle lint clean
 

@@ -1,7 +1,7 @@
 """`make bench-gpu`: FLUX.1 (and FLUX.2: --variants flux2-klein-4b,flux2-klein-9b,flux2-dev) at
 1024² on one GPU, (a) diffusers eager, (b) our pipeline in-process, (c) served by tritonserver and
 streamed to the gRPC client, for BF16 and FP8 (and FP8-static: FP8 with the static input scales
-of FP8_SCALES=static, calibrated on this folder first).
+of FP8_SCALES=static, calibrated on this folder first; a `+qkv` label adds FUSE_QKV=1).
 
 FLUX.1's real architecture with random bf16 weights built on the device (`devtools.full_size`:
 compute and memory are the real ones). (b) and (c) load the networks the same way
@@ -287,17 +287,26 @@ def run_pipeline(models, request, info) -> tuple[float, float, dict]:
 
 
 STATIC_SUFFIX = "-static"  # FP8-static: FP8_SCALES=static
+FUSED_SUFFIX = "+qkv"  # e.g. FP8-static+qkv: FUSE_QKV=1 as well
 
 
 def base_precision(precision: str) -> str:
-    """The PRECISION of a row's precision label (FP8-static is FP8)."""
-    return precision.removesuffix(STATIC_SUFFIX)
+    """The PRECISION of a row's precision label (FP8-static+qkv is FP8)."""
+    return precision.removesuffix(FUSED_SUFFIX).removesuffix(STATIC_SUFFIX)
+
+
+def is_static(precision: str) -> bool:
+    return precision.removesuffix(FUSED_SUFFIX).endswith(STATIC_SUFFIX)
+
+
+def is_fused(precision: str) -> bool:
+    return precision.endswith(FUSED_SUFFIX)
 
 
 def calibration_for(info: FluxModelInfo, precision: str) -> str | None:
     """FP8-static: the DiT calibrated as `make export FP8_SCALES=static` does it, into its model
     folder (once); None for the other precisions."""
-    if not precision.endswith(STATIC_SUFFIX):
+    if not is_static(precision):
         return None
     from flux_triton.export.calibration import DEFAULT_PROMPTS, write_dit_calibration
     from flux_triton.serving_config import FP8_CALIBRATION_FILE
@@ -316,7 +325,8 @@ def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int]
     shapes = tuple(serving_shape(variant, b) for b in batches)
     options = Acceleration(base_precision(precision), compile=True, cuda_graphs=True,
                            cache_dir=str(cache_dir),
-                           fp8_calibration=calibration_for(info, precision))
+                           fp8_calibration=calibration_for(info, precision),
+                           fuse_qkv=is_fused(precision))
     began = time.perf_counter()
     models = TorchFluxModels(info, "cuda", acceleration=options, warmup=shapes)
     result = {"load_and_warmup_s": time.perf_counter() - began, "load_phases": models.load_phases,
@@ -368,7 +378,8 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
     began = time.perf_counter()
     write_repository(folder, repository, device="gpu", precision=base_precision(precision),
                      warmup=shapes, precompile=precompile,
-                     fp8_scales="static" if precision.endswith(STATIC_SUFFIX) else "dynamic",
+                     fp8_scales="static" if is_static(precision) else "dynamic",
+                     fuse_qkv=is_fused(precision),
                      cuda_graphs=cuda_graphs, limits=ServingLimits(max_batch=max(batches)),
                      random_weights=has_random_weights(folder))  # the full-size folders have none
     ports = [free_port() for _ in range(3)]
@@ -454,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="schnell,dev")
     parser.add_argument("--precisions", default="BF16,FP8",
-                        help="any of BF16, FP8, FP8-static (FP8 with FP8_SCALES=static)")
+                        help="any of BF16, FP8, FP8-static (FP8 with FP8_SCALES=static), each "
+                             "with +qkv for FUSE_QKV=1 (e.g. FP8-static+qkv)")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--parts", default="a,b,c",
                         help="any of a, b, c; and m: each network's weights and peak memory alone")

@@ -50,6 +50,7 @@ def generate_images(info: FluxModelInfo, models: TorchFluxModels, scenes: list[S
 
 
 STATIC = "FP8-static"  # FP8 with FP8_SCALES=static
+FUSED = "+qkv"  # a suffix: FUSE_QKV=1 as well (e.g. FP8-static+qkv, FP32+qkv)
 
 
 def load_models(info: FluxModelInfo, device: str, precision: str,
@@ -59,22 +60,26 @@ def load_models(info: FluxModelInfo, device: str, precision: str,
     float8 Linear layers for FP8, adapters merged into the weights); `BF16-eager` on a GPU: bf16
     without compile and graphs, adapters as diffusers' peft layers; `FP8-static`: FP8 with static
     input scales calibrated first, as `make export FP8_SCALES=static` does (on the CPU too,
-    uncompiled), on `calibration_prompts` (default: the export's)."""
+    uncompiled), on `calibration_prompts` (default: the export's); a `+qkv` suffix fuses the
+    DiT's projections (FUSE_QKV=1, on the CPU too)."""
+    fused = precision.endswith(FUSED)
+    precision = precision.removesuffix(FUSED)
+    on_gpu = device != "cpu"
+    calibration = None
     if precision == STATIC:
         from flux_triton.export.calibration import DEFAULT_PROMPTS, calibrate_dit
         from flux_triton.runtime.float8 import write_calibration
 
         amax, about = calibrate_dit(info, device, calibration_prompts or DEFAULT_PROMPTS)
-        path = Path(tempfile.mkdtemp(prefix="fp8-calibration-")) / "fp8_calibration.json"
-        write_calibration(path, amax, about)
-        on_gpu = device != "cpu"
-        return TorchFluxModels(info, device, acceleration=Acceleration(
-            "FP8", compile=on_gpu, cuda_graphs=on_gpu, fp8_calibration=str(path)), loras=catalog)
-    if device == "cpu" or precision.endswith("-eager"):
+        calibration = Path(tempfile.mkdtemp(prefix="fp8-calibration-")) / "fp8_calibration.json"
+        write_calibration(calibration, amax, about)
+        precision = "FP8"
+    elif not fused and (not on_gpu or precision.endswith("-eager")):
         return TorchFluxModels(info, device, ACCELERATION_DTYPES[precision.removesuffix("-eager")],
                                loras=catalog)
     return TorchFluxModels(info, device, acceleration=Acceleration(
-        precision, compile=True, cuda_graphs=True), loras=catalog)
+        precision, compile=on_gpu, cuda_graphs=on_gpu, fuse_qkv=fused,
+        fp8_calibration=calibration and str(calibration)), loras=catalog)
 
 
 def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
@@ -91,7 +96,7 @@ def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
               "seeds": seeds, "size": info.default_height,
               "num_inference_steps": num_inference_steps or info.default_num_inference_steps,
               "shift": info.scheduler.shift}
-    if precision == STATIC:
+    if precision.removesuffix(FUSED) == STATIC:
         result["calibration_prompts"] = list(calibration_prompts or ()) or "the export's defaults"
     images = {}
     for adapter in ("",) + tuple(adapters):
@@ -131,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, or gpu / cuda[:N]")
     parser.add_argument("--precisions", default="FP32",
                         help="FP32, BF16, FP8 (GPU), FP8-static (FP8_SCALES=static; CPU too), "
-                             "BF16-eager (GPU, no compile, adapters as peft layers), comma-separated; "
-                             "later ones get a PSNR against the first and against BF16")
+                             "BF16-eager (GPU, no compile, adapters as peft layers), comma-separated, "
+                             "the first four also with +qkv (FUSE_QKV=1); later ones get a PSNR "
+                             "against the first and against BF16")
     parser.add_argument("--calibration-prompts", default=None,
                         help="FP8-static: `captions` (the shapes captions), or a file of prompts "
                              "(default: the export's built-in prompts)")

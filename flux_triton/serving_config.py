@@ -111,6 +111,7 @@ class NetworkOptions:
     sequence_parallel_devices: tuple[str, ...] = ()
     # FP8_SCALES=static (the DiT in FP8): its calibration file, relative to the repository
     fp8_calibration: str | None = None
+    fuse_qkv: bool = False  # FUSE_QKV=1 (the DiT): query, key and value in one Linear layer
 
     def __post_init__(self) -> None:
         _check_choice(self.network, "backend", self.backend, PYTHON_BACKENDS)

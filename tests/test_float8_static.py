@@ -145,7 +145,7 @@ def test_trained_model_in_static_fp8_with_and_without_an_adapter(tmp_path, shape
     assert all(torch.equal(dit.get_submodule(name).weight_data, first[name]) for name in names)
 
 
-def test_fp8_scales_reach_the_dit_alone_and_need_fp8(model_dirs, tmp_path):
+def test_fp8_scales_and_fused_projections_reach_the_dit_alone(model_dirs, tmp_path):
     from flux_triton.adapters.components import acceleration_options
     from flux_triton.export.repository import main, render_repository
 
@@ -168,6 +168,14 @@ def test_fp8_scales_reach_the_dit_alone_and_need_fp8(model_dirs, tmp_path):
     assert dynamic.options["dit_transformer"].fp8_calibration is None
     assert main(["--model-dir", str(model_dirs["schnell"]), "--repository", str(dest),
                  "--fp8-scales", "static"]) == 1  # FP32 on the CPU: refused, naming the fix
+    fused = render_repository(model_dirs["schnell"], fuse_qkv=True, repository=dest)
+    assert [name for name, options in fused.options.items() if getattr(options, "fuse_qkv", False)] \
+        == ["dit_transformer"]
+    assert acceleration_options({"model_repository": str(dest / "dit_transformer")},
+                                fused.options["dit_transformer"]).fuse_qkv
+    for refused in (dict(backend="onnx"), dict(sequence_parallel=2)):
+        with pytest.raises(ValueError, match="FUSE_QKV=1"):
+            render_repository(model_dirs["schnell"], fuse_qkv=True, repository=dest, **refused)
 
 
 def test_fused_projections_keep_the_images_and_take_adapters_in_their_rows(shapes_reference):

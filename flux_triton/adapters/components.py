@@ -54,7 +54,7 @@ def is_probe(pb: Any, request) -> bool:
 
 
 def acceleration_options(args: dict, options: NetworkOptions) -> Acceleration:
-    """The options' precision, compile, cuda_graphs, fp8_calibration and compile_cache_dir
+    """The options' precision, compile, cuda_graphs, fp8_calibration, fuse_qkv and compile_cache_dir
     (relative to the model repository, like model_dir; $FLUX_TRITON_COMPILE_CACHE overrides the
     cache, e.g. for a read-only repository volume)."""
     repository = Path(args["model_repository"]).parent
@@ -62,7 +62,7 @@ def acceleration_options(args: dict, options: NetworkOptions) -> Acceleration:
     calibration = options.fp8_calibration and str(repository / options.fp8_calibration)
     return Acceleration(precision=options.precision, compile=options.compile,
                         cuda_graphs=options.cuda_graphs, cache_dir=cache_dir,
-                        fp8_calibration=calibration)
+                        fp8_calibration=calibration, fuse_qkv=options.fuse_qkv)
 
 
 class ComponentModel:

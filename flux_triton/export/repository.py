@@ -175,6 +175,7 @@ def render_repository(
     repository: str | Path = SOURCE_REPOSITORY,
     sequence_parallel: int = 1,
     fp8_scales: str = "dynamic",
+    fuse_qkv: bool = False,
 ) -> RenderedRepository:
     """Every served model of `model_dir`, by name.
 
@@ -194,6 +195,8 @@ def render_repository(
     group's first GPU holding the other networks and a flux_bls instance; on the CPU N ranks.
     `fp8_scales` (FP8_SCALES, with FP8): `static` gives the DiT's float8 layers the input scales
     the export calibrates into the repository's FP8_CALIBRATION_FILE (`export.calibration`).
+    `fuse_qkv` (FUSE_QKV, torch backend): the DiT computes each attention's query, key and value
+    in one Linear layer (`runtime.acceleration.fuse_qkv`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -214,6 +217,10 @@ def render_repository(
     if fp8_scales == "static" and precision != "FP8":
         raise ValueError(f"FP8_SCALES=static sets the scales of the DiT's float8 layers: export with "
                          f"PRECISION=FP8 (got {precision})")
+    if fuse_qkv and (backend != "torch" or sequence_parallel != 1):
+        raise ValueError("FUSE_QKV=1 fuses the projections of a DiT that PyTorch runs on one device: "
+                         f"export with BACKEND=torch and without SEQUENCE_PARALLEL (got {backend}, "
+                         f"SEQUENCE_PARALLEL={sequence_parallel})")
     placement = None
     if gpus is not None:
         if device != "gpu":
@@ -277,7 +284,7 @@ def render_repository(
         compile_cache_dir=compile_cache_parameter(repository) if accelerated else None,
         lora_dir=lora_option if name in ADAPTED_NETWORKS else None, random_weights=random_weights,
         fp8_calibration=FP8_CALIBRATION_FILE if fp8_scales == "static" and name == "dit_transformer"
-        else None)
+        else None, fuse_qkv=fuse_qkv and name == "dit_transformer")
         for name in served}
     component_types = {}
     for name in served:
@@ -470,7 +477,7 @@ def fill_compile_cache(model_dir: str | Path, dest: Path, options: dict) -> dict
     calibration = str(dest / FP8_CALIBRATION_FILE) if options.get("fp8_scales") == "static" else None
     acceleration = Acceleration(options.get("precision", "FP32"), compile=compile,
                                 cuda_graphs=cuda_graphs, cache_dir=cache_dir,
-                                fp8_calibration=calibration)
+                                fp8_calibration=calibration, fuse_qkv=bool(options.get("fuse_qkv")))
     return precompile(info, acceleration, warmup, listed)
 
 
@@ -522,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="FP8_SCALES with PRECISION=FP8: `static` calibrates one input scale per "
                              "float8 layer of the DiT at export (instead of per-row maxima at every "
                              "call)")
+    parser.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=0,
+                        help="FUSE_QKV=1: the DiT computes query, key and value in one Linear layer "
+                             "per attention (torch backend)")
     parser.add_argument("--calibration-prompts", default=None,
                         help="CALIBRATION_PROMPTS: a file of prompts, one per line, for FP8_SCALES=static")
     parser.add_argument("--max-pixel-steps", type=int, default=ServingLimits.max_pixel_steps,
@@ -543,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queue=None if args.max_queue is None else parse_queue_limit("MAX_QUEUE", args.max_queue),
             lora_dir=args.lora_dir, sequence_parallel=args.sequence_parallel,
             fp8_scales=args.fp8_scales, calibration_prompts=args.calibration_prompts,
+            fuse_qkv=bool(args.fuse_qkv),
             random_weights=bool(args.random_weights),
             compile=None if args.compile is None else bool(args.compile),
             cuda_graphs=None if args.cuda_graphs is None else bool(args.cuda_graphs))
