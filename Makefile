@@ -91,11 +91,14 @@ train-lora: setup
 
 # Renders every caption of the shapes world and classifies the pixels (classifier checked first), and
 # again with each adapter of the model whose property it knows (outline: on >= 90 % of images).
-# On a GPU: make accuracy DEVICE=gpu PRECISIONS=FP32,BF16,FP8 (PSNR of each against the first, too).
+# On a GPU: make accuracy DEVICE=gpu PRECISIONS=FP32,BF16,FP8 (PSNR of each against the first, too);
+# FP8-static (FP8_SCALES=static, calibrated on CALIBRATION_PROMPTS: a file, or `captions`) and a +qkv
+# suffix (FUSE_QKV=1) run on the CPU as well.
 PRECISIONS ?= $(PRECISION)
 accuracy: setup
 	$(PY) -m devtools.shapes_accuracy --model-dir $(MODEL_DIR) --seeds 4 --device $(DEVICE) \
-		--precisions $(PRECISIONS) --out out/shapes_accuracy.json
+		--precisions $(PRECISIONS) --out out/shapes_accuracy.json \
+		$(if $(call given,CALIBRATION_PROMPTS),--calibration-prompts $(CALIBRATION_PROMPTS))
 
 # Image edits on the shapes model: image-to-image to a new shape at strength 0.8 and inpainting a new
 # background, every caption x 4 seeds, scored by the classifier (docs/edits.md).

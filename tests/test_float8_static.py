@@ -77,6 +77,11 @@ def test_a_calibration_covers_every_float8_layer_and_hostile_files_are_refused(m
         Acceleration("BF16", fp8_calibration=str(path))
     with pytest.raises(ValueError, match="no prompt"):
         read_prompts(_write(tmp_path / "empty.txt", "\n  \n"))
+    with pytest.raises(ValueError, match="cannot read"):
+        read_prompts(tmp_path / "absent.txt")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_prompts(tmp_path / "binary.txt")
 
 
 def _write(path: Path, text: str) -> Path:

@@ -34,7 +34,11 @@ def read_prompts(path: str | Path | None) -> tuple[str, ...]:
     """The calibration prompts: one per non-empty line of `path`, else `DEFAULT_PROMPTS`."""
     if path is None:
         return DEFAULT_PROMPTS
-    prompts = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"CALIBRATION_PROMPTS: cannot read {path}: {exc}") from None
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not prompts:
         raise ValueError(f"CALIBRATION_PROMPTS: {path} has no prompt (one per line)")
     return prompts
