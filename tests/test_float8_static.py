@@ -201,3 +201,13 @@ def test_fused_projections_keep_the_images_and_take_adapters_in_their_rows(shape
           f"adapter {_psnr(fused_outlined, outlined):.1f} dB")
     assert _psnr(fused_plain, plain) > 50 and _psnr(fused_outlined, outlined) > 50
     assert np.array_equal(_images(info, models, 5), fused_plain)
+
+
+def test_gpu_bench_labels_name_the_levers():
+    from devtools.bench_gpu import base_precision, is_fused, is_static
+
+    cases = {"FP8": ("FP8", False, False), "FP8-static": ("FP8", True, False),
+             "FP8+qkv": ("FP8", False, True), "FP8-static+qkv": ("FP8", True, True),
+             "BF16+qkv": ("BF16", False, True)}
+    for label, expected in cases.items():
+        assert (base_precision(label), is_static(label), is_fused(label)) == expected, label
