@@ -3,6 +3,7 @@ the calibration through the pipeline, its file and what a hostile one gets, the 
 images in static FP8 with and without a LoRA adapter, and the export's options."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,7 @@ def test_trained_model_in_static_fp8_with_and_without_an_adapter(tmp_path, shape
 
 def test_fp8_scales_and_fused_projections_reach_the_dit_alone(model_dirs, tmp_path):
     from flux_triton.adapters.components import acceleration_options
-    from flux_triton.export.repository import main, render_repository
+    from flux_triton.export.repository import main, render_repository, write_repository
 
     with pytest.raises(ValueError, match="PRECISION=FP8"):
         render_repository(model_dirs["schnell"], device="gpu", precision="BF16", fp8_scales="static")
@@ -169,6 +170,15 @@ def test_fp8_scales_and_fused_projections_reach_the_dit_alone(model_dirs, tmp_pa
                                         rendered.options["dit_transformer"])
     assert acceleration.fp8_calibration == str(dest / FP8_CALIBRATION_FILE)
     assert acceleration.precision == "FP8"
+    written = write_repository(model_dirs["schnell"], dest, device="gpu", precision="FP8",
+                               fp8_scales="static", precompile=False,
+                               calibration_prompts=_write(tmp_path / "prompts.txt", "a cat\n\na dog\n"))
+    calibration = json.loads((written / FP8_CALIBRATION_FILE).read_text())  # made on this CPU
+    assert calibration["about"]["prompts"] == ["a cat", "a dog"]
+    assert sorted(read_calibration(written / FP8_CALIBRATION_FILE)) == sorted(
+        token_linear_names(TorchFluxModels(load_model_info(model_dirs["schnell"]))
+                           .parts["dit_transformer"].model))
+    assert FP8_CALIBRATION_FILE in (written / "dit_transformer" / "config.pbtxt").read_text()
     dynamic = render_repository(model_dirs["schnell"], device="gpu", precision="FP8", repository=dest)
     assert dynamic.options["dit_transformer"].fp8_calibration is None
     assert main(["--model-dir", str(model_dirs["schnell"]), "--repository", str(dest),
@@ -211,3 +221,22 @@ def test_gpu_bench_labels_name_the_levers():
              "BF16+qkv": ("BF16", False, True)}
     for label, expected in cases.items():
         assert (base_precision(label), is_static(label), is_fused(label)) == expected, label
+
+
+def test_served_fused_projections_give_the_unfused_image(model_dirs, tmp_path_factory):
+    """FUSE_QKV=1 through the export and the served DiT (CPU, float32): the very image of the
+    separate projections in-process."""
+    from tests.conftest import _serve_variants
+    from tests.reference import raw_inputs, served_generate
+
+    fields = dict(prompt="a red circle", height=64, width=64, seed=4, max_sequence_length=32)
+    info = load_model_info(model_dirs["dev"])
+    separate = list(run_in_process(validate_request(raw_inputs(**fields), info), info,
+                                   TorchFluxModels(info)))[-1].image.numpy()
+    for servers in _serve_variants(model_dirs, tmp_path_factory, "torch", ("dev",), fuse_qkv=True):
+        served = served_generate(servers["dev"], fields)
+        assert served.error is None, served.error
+        assert np.array_equal(served.image, separate)
+        log = Path(servers["dev"].server.log_file).read_text(errors="replace")
+        fused = re.search(r"dit_transformer ready on cpu: .*'fused_projections': (\d+)", log)
+        assert fused and int(fused.group(1)) > 0, "the served DiT has no fused projections"

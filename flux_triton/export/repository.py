@@ -417,6 +417,8 @@ def write_repository(
         build_network_artifacts(Path(model_dir), dest, backend, Path(onnx_dir).resolve(),
                                 options.get("onnx_precision", "FP32"))
         share_artifacts(dest, backend, list(configs))
+    if options.get("fp8_scales") == "static":  # what the DiT loads (and the precompile compiles) with
+        calibrate(model_dir, dest, calibration_prompts)
     # Configs last: a failed export leaves no half repository. Copies for GPUs no longer listed go
     # (their artifacts are links to the networks' own), so the server cannot load them.
     for stale in network_copies(dest):
@@ -430,8 +432,6 @@ def write_repository(
     for name, text in configs.items():
         (dest / name / "config.pbtxt").write_text(text)
     rendered.deployment.write(dest)
-    if options.get("fp8_scales") == "static":  # before the precompile, which compiles with them
-        calibrate(model_dir, dest, calibration_prompts)
     if precompile and backend == "torch" and options.get("device") == "gpu":
         fill_compile_cache(model_dir, dest, options)
     return dest

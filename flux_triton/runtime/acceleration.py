@@ -54,9 +54,9 @@ class Acceleration:
     (`runtime.float8`, written by the export): those layers take static input scales from it
     instead (`FP8_SCALES=static`). fuse_qkv: the DiT's query, key and value projections as one
     Linear layer per attention (and one for the text stream's), before quantizing (`FUSE_QKV=1`).
-    compile: torch.compile the DiT's blocks, the VAE
-    decoder and encoder (channels_last) and T5, one static graph per shape. cuda_graphs: replay each network
-    as one CUDA graph per input shape (no per-kernel launch cost, in or out of a server process).
+    compile: torch.compile the DiT's blocks, the VAE decoder and encoder (channels_last) and T5,
+    one static graph per shape. cuda_graphs: replay each network as one CUDA graph per input
+    shape (no per-kernel launch cost, in or out of a server process).
     cache_dir: where inductor and Triton keep compiled kernels, so a restart does not compile again.
     """
 
@@ -381,6 +381,11 @@ def load_network(name: str, info: FluxModelInfo, device: str, options: Accelerat
     began = time.perf_counter()
     runner = accelerate(name, component, options, merged)
     phases["prepare_s"] = time.perf_counter() - began
+    if name == "dit_transformer":  # what the options made of it
+        kinds = [type(m).__name__ for n, m in component.model.named_modules()]
+        layers = [n for n, _ in component.model.named_modules()]
+        phases["fused_projections"] = sum(n.endswith(tuple(FUSED_PROJECTIONS)) for n in layers)
+        phases["float8_static_layers"] = kinds.count("StaticFloat8Linear")
     before = compile_cache_counters()
     with torch.inference_mode():
         for shape in warmup:
