@@ -77,7 +77,8 @@ class StaticFloat8Linear(torch.nn.Module):
         out = torch._scaled_mm(data, self.weight_data.t(),
                                scale_a=self.input_scale.expand(rows.shape[0], 1).contiguous(),
                                scale_b=self.weight_scale.t().contiguous(),
-                               bias=self.bias, out_dtype=x.dtype)
+                               bias=self.bias, out_dtype=x.dtype,
+                               use_fast_accum=True)  # as torchao's inference float8 (CPU: no-op)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
