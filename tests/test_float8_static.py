@@ -20,6 +20,7 @@ from flux_triton.runtime.acceleration import Acceleration, token_linear_names
 from flux_triton.runtime.float8 import (
     FLOAT8_MAX,
     StaticFloat8Linear,
+    calibrate_input_amax,
     quantize_static,
     read_calibration,
     write_calibration,
@@ -69,6 +70,13 @@ def test_a_calibration_covers_every_float8_layer_and_hostile_files_are_refused(m
         path.write_text(text)
         with pytest.raises(ValueError, match="FP8 calibration"):
             read_calibration(path)
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inputs = [torch.ones(1, 4), torch.full((1, 4), float("nan")), torch.ones(1, 4) * 3]
+    seen = calibrate_input_amax(layer, ["0"], lambda: [layer(x) for x in inputs])
+    assert np.isnan(seen["0"])  # kept, whatever came after it
+    for overflowed in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="not finite .* 'x'"):
+            write_calibration(tmp_path / "overflowed.json", {"x": overflowed}, about)
     with pytest.raises(ValueError, match="cannot read the FP8 calibration"):
         read_calibration(tmp_path / "missing.json")
     partial = dict(list(amax.items())[1:])

@@ -11,6 +11,7 @@ TensorRT (`export.quantization`): one definition of the scheme for both.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def calibrate_input_amax(model: torch.nn.Module, names: Iterable[str],
     amax: dict[str, float] = {}
 
     def record(name: str, inputs: tuple) -> None:
-        amax[name] = max(amax.get(name, 0.0), float(inputs[0].detach().abs().max()))
+        value, previous = float(inputs[0].detach().abs().max()), amax.get(name, 0.0)
+        # a NaN is kept (write_calibration refuses it), where max() could drop it
+        amax[name] = previous if value <= previous or math.isnan(previous) else value
 
     hooks = [modules[name].register_forward_pre_hook(
         lambda _module, inputs, name=name: record(name, inputs)) for name in names]
@@ -133,6 +136,11 @@ def quantize_static(model: torch.nn.Module, amax: dict[str, float], names: Itera
 
 def write_calibration(path: Path, amax: dict[str, float], about: dict) -> None:
     """Save a calibration (`amax` by layer) and what it was made from (`about`: prompts, steps)."""
+    broken = [name for name, value in amax.items() if not 0 <= value < float("inf")]
+    if broken:
+        raise ValueError(f"the FP8 calibration saw inputs that are not finite in {len(broken)} "
+                         f"layer(s), e.g. {broken[0]!r}: the model overflowed on a calibration "
+                         "prompt; calibrate on other prompts (CALIBRATION_PROMPTS)")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"version": CALIBRATION_VERSION, "about": about,
                                 "input_amax": amax}, indent=1, sort_keys=True))
