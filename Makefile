@@ -160,7 +160,8 @@ bench: model
 
 # The GPU table (make bench-gpu on a GPU machine with torch; docs/performance.md says how): (a)
 # diffusers eager, (b) in-process, (c) served, merged into BENCH_OUT. BENCH_ARGS picks cases, e.g.
-# BENCH_ARGS="--variants schnell --precisions FP8 --batches 1".
+# BENCH_ARGS="--variants schnell --precisions FP8 --batches 1"; the levers are precision labels:
+# FP8-static (FP8_SCALES=static), +qkv (FUSE_QKV=1), e.g. --precisions FP8,FP8-static+qkv.
 GPU_PYTHON ?= python3
 BENCH_OUT ?= benchmarks/results/bench-gpu.json
 bench-gpu:
