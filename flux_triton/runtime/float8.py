@@ -65,11 +65,15 @@ class StaticFloat8Linear(torch.nn.Module):
         qdata, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight_data", qdata)
         self.register_buffer("weight_scale", scale)
-        self.weight = Float8Rows(self.weight_data, self.weight_scale)  # the same tensors
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(),
                                                                          requires_grad=False)
         self.register_buffer("input_scale", torch.tensor(
             input_scale(input_amax), dtype=torch.float32, device=qdata.device))
+
+    @property
+    def weight(self) -> Float8Rows:
+        """The weight's data and scales, the module's own tensors (what LoRA merging rewrites)."""
+        return Float8Rows(self.weight_data, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
