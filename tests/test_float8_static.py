@@ -250,7 +250,7 @@ def test_served_fused_projections_give_the_unfused_image(model_dirs, tmp_path_fa
         assert fused and int(fused.group(1)) > 0, "the served DiT has no fused projections"
 
 
-def test_static_fp8_with_fused_projections_compiles_in_full_graphs(model_dirs, tmp_path, monkeypatch):
+def test_static_fp8_with_fused_projections_compiles_in_full_graphs(model_dirs, tmp_path):
     """The DiT's blocks compile with fullgraph=True (as on the GPU) with both levers on, so a
     graph break in them fails here rather than on a GPU machine; compiled ≈ eager (bf16)."""
     from torch._dynamo.utils import counters
@@ -265,15 +265,19 @@ def test_static_fp8_with_fused_projections_compiles_in_full_graphs(model_dirs, t
     shape = ServingShape(1, info.default_height, info.default_width, info.default_max_sequence_length)
     levers = dict(fp8_calibration=str(path), fuse_qkv=True)
     eager = load_network("dit_transformer", info, "cpu", Acceleration("FP8", **levers)).run
-    for setting in ("automatic_dynamic_shapes", "recompile_limit"):  # the loader sets them
-        monkeypatch.setattr(torch._dynamo.config, setting, getattr(torch._dynamo.config, setting))
+    settings = ("automatic_dynamic_shapes", "recompile_limit")  # the loader sets them
+    saved = {name: getattr(torch._dynamo.config, name) for name in settings}
     torch._dynamo.reset()
     breaks = sum(counters["graph_break"].values())
-    compiled = load_network("dit_transformer", info, "cpu", Acceleration("FP8", compile=True, **levers),
-                            warmup=(shape,)).run
-    inputs = sample_inputs("dit_transformer", info, shape, "cpu", "FP8")
-    with torch.inference_mode():
-        expected, got = eager(**inputs)["noise_pred"], compiled(**inputs)["noise_pred"]
+    try:
+        compiled = load_network("dit_transformer", info, "cpu",
+                                Acceleration("FP8", compile=True, **levers), warmup=(shape,)).run
+        inputs = sample_inputs("dit_transformer", info, shape, "cpu", "FP8")
+        with torch.inference_mode():
+            expected, got = eager(**inputs)["noise_pred"], compiled(**inputs)["noise_pred"]
+    finally:
+        for name, value in saved.items():
+            setattr(torch._dynamo.config, name, value)
+        torch._dynamo.reset()
     assert sum(counters["graph_break"].values()) == breaks
     torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
-    torch._dynamo.reset()
