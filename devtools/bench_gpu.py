@@ -39,6 +39,7 @@ from devtools.full_size import (
     diffusers_pipeline,
     write_full_size_folder,
 )
+from devtools.shapes_accuracy import parse_label
 from flux_triton.model_info import FluxModelInfo, load_model_info
 from flux_triton.pipeline import FinalImage, dit_inputs, generate
 from flux_triton.request import validate_request
@@ -286,27 +287,10 @@ def run_pipeline(models, request, info) -> tuple[float, float, dict]:
     return asyncio.run(go())
 
 
-STATIC_SUFFIX = "-static"  # FP8-static: FP8_SCALES=static
-FUSED_SUFFIX = "+qkv"  # e.g. FP8-static+qkv: FUSE_QKV=1 as well
-
-
-def base_precision(precision: str) -> str:
-    """The PRECISION of a row's precision label (FP8-static+qkv is FP8)."""
-    return precision.removesuffix(FUSED_SUFFIX).removesuffix(STATIC_SUFFIX)
-
-
-def is_static(precision: str) -> bool:
-    return precision.removesuffix(FUSED_SUFFIX).endswith(STATIC_SUFFIX)
-
-
-def is_fused(precision: str) -> bool:
-    return precision.endswith(FUSED_SUFFIX)
-
-
-def calibration_for(info: FluxModelInfo, precision: str) -> str | None:
-    """FP8-static: the DiT calibrated as `make export FP8_SCALES=static` does it, into its model
-    folder (once); None for the other precisions."""
-    if not is_static(precision):
+def calibration_for(info: FluxModelInfo, static: bool) -> str | None:
+    """With `static` (an FP8-static label): the DiT calibrated as `make export FP8_SCALES=static`
+    does it, into its model folder (once); else None."""
+    if not static:
         return None
     from flux_triton.export.calibration import DEFAULT_PROMPTS, write_dit_calibration
     from flux_triton.serving_config import FP8_CALIBRATION_FILE
@@ -323,10 +307,9 @@ def part_b(info: FluxModelInfo, variant: str, precision: str, batches: list[int]
     """(b) our pipeline in one process, loaded as the served component models load; with
     `more_steps`, also the end-to-end time at each of those step counts (the same load)."""
     shapes = tuple(serving_shape(variant, b) for b in batches)
-    options = Acceleration(base_precision(precision), compile=True, cuda_graphs=True,
-                           cache_dir=str(cache_dir),
-                           fp8_calibration=calibration_for(info, precision),
-                           fuse_qkv=is_fused(precision))
+    base, static, fused = parse_label(precision)
+    options = Acceleration(base, compile=True, cuda_graphs=True, cache_dir=str(cache_dir),
+                           fp8_calibration=calibration_for(info, static), fuse_qkv=fused)
     began = time.perf_counter()
     models = TorchFluxModels(info, "cuda", acceleration=options, warmup=shapes)
     result = {"load_and_warmup_s": time.perf_counter() - began, "load_phases": models.load_phases,
@@ -376,10 +359,10 @@ def part_c(folder: Path, variant: str, precision: str, batches: list[int], runs:
 
     shapes = tuple(serving_shape(variant, b) for b in batches)
     began = time.perf_counter()
-    write_repository(folder, repository, device="gpu", precision=base_precision(precision),
+    base, static, fused = parse_label(precision)
+    write_repository(folder, repository, device="gpu", precision=base,
                      warmup=shapes, precompile=precompile,
-                     fp8_scales="static" if is_static(precision) else "dynamic",
-                     fuse_qkv=is_fused(precision),
+                     fp8_scales="static" if static else "dynamic", fuse_qkv=fused,
                      cuda_graphs=cuda_graphs, limits=ServingLimits(max_batch=max(batches)),
                      random_weights=has_random_weights(folder))  # the full-size folders have none
     ports = [free_port() for _ in range(3)]
@@ -539,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             repository = work / f"repository-{variant}-{precision}"
             if "m" in parts and todo("m", precision):
-                data = save("m", {1: part_m(info, base_precision(precision),
+                data = save("m", {1: part_m(info, parse_label(precision)[0],
                                             serving_shape(variant, 1))},
                             [precision], {})
             b_batches = todo("b", precision) if "b" in parts else []

@@ -49,8 +49,16 @@ def generate_images(info: FluxModelInfo, models: TorchFluxModels, scenes: list[S
     return list(final.image.cpu().numpy())
 
 
-STATIC = "FP8-static"  # FP8 with FP8_SCALES=static
-FUSED = "+qkv"  # a suffix: FUSE_QKV=1 as well (e.g. FP8-static+qkv, FP32+qkv)
+STATIC, FUSED = "-static", "+qkv"  # precision label suffixes: FP8_SCALES=static, FUSE_QKV=1
+
+
+def parse_label(label: str) -> tuple[str, bool, bool]:
+    """A precision label of these tools (`make accuracy`, `make bench-gpu`): the precision, whether
+    `-static` (FP8 with FP8_SCALES=static) and whether `+qkv` (FUSE_QKV=1); FP8-static+qkv ->
+    (FP8, True, True)."""
+    fused = label.endswith(FUSED)
+    rest = label.removesuffix(FUSED)
+    return rest.removesuffix(STATIC), rest.endswith(STATIC), fused
 
 
 def load_models(info: FluxModelInfo, device: str, precision: str,
@@ -62,24 +70,21 @@ def load_models(info: FluxModelInfo, device: str, precision: str,
     input scales calibrated first, as `make export FP8_SCALES=static` does (on the CPU too,
     uncompiled), on `calibration_prompts` (default: the export's); a `+qkv` suffix fuses the
     DiT's projections (FUSE_QKV=1, on the CPU too)."""
-    fused = precision.endswith(FUSED)
-    precision = precision.removesuffix(FUSED)
+    precision, static, fused = parse_label(precision)
     on_gpu = device != "cpu"
     calibration = None
-    if precision == STATIC:
-        from flux_triton.export.calibration import DEFAULT_PROMPTS, calibrate_dit
-        from flux_triton.runtime.float8 import write_calibration
+    if static:
+        from flux_triton.export.calibration import DEFAULT_PROMPTS, write_dit_calibration
 
-        amax, about = calibrate_dit(info, device, calibration_prompts or DEFAULT_PROMPTS)
-        calibration = Path(tempfile.mkdtemp(prefix="fp8-calibration-")) / "fp8_calibration.json"
-        write_calibration(calibration, amax, about)
-        precision = "FP8"
+        calibration = str(write_dit_calibration(
+            info, Path(tempfile.mkdtemp(prefix="fp8-calibration-")), device,
+            calibration_prompts or DEFAULT_PROMPTS))
     elif not fused and (not on_gpu or precision.endswith("-eager")):
         return TorchFluxModels(info, device, ACCELERATION_DTYPES[precision.removesuffix("-eager")],
                                loras=catalog)
     return TorchFluxModels(info, device, acceleration=Acceleration(
         precision, compile=on_gpu, cuda_graphs=on_gpu, fuse_qkv=fused,
-        fp8_calibration=calibration and str(calibration)), loras=catalog)
+        fp8_calibration=calibration), loras=catalog)
 
 
 def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
@@ -96,7 +101,7 @@ def evaluate(model_dir: str | Path, seeds: list[int], device: str = "cpu",
               "seeds": seeds, "size": info.default_height,
               "num_inference_steps": num_inference_steps or info.default_num_inference_steps,
               "shift": info.scheduler.shift}
-    if precision.removesuffix(FUSED) == STATIC:
+    if parse_label(precision)[1]:
         result["calibration_prompts"] = list(calibration_prompts or ()) or "the export's defaults"
     images = {}
     for adapter in ("",) + tuple(adapters):

@@ -221,14 +221,14 @@ def test_fused_projections_keep_the_images_and_take_adapters_in_their_rows(shape
     assert np.array_equal(_images(info, models, 5), fused_plain)
 
 
-def test_gpu_bench_labels_name_the_levers():
-    from devtools.bench_gpu import base_precision, is_fused, is_static
+def test_precision_labels_name_the_levers():
+    from devtools.shapes_accuracy import parse_label
 
     cases = {"FP8": ("FP8", False, False), "FP8-static": ("FP8", True, False),
              "FP8+qkv": ("FP8", False, True), "FP8-static+qkv": ("FP8", True, True),
              "BF16+qkv": ("BF16", False, True)}
     for label, expected in cases.items():
-        assert (base_precision(label), is_static(label), is_fused(label)) == expected, label
+        assert parse_label(label) == expected, label
 
 
 def test_served_fused_projections_give_the_unfused_image(model_dirs, tmp_path_factory):

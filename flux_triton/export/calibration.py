@@ -13,7 +13,7 @@ import numpy as np
 
 from flux_triton.model_info import FluxModelInfo
 from flux_triton.request import validate_request
-from flux_triton.runtime.acceleration import is_token_linear
+from flux_triton.runtime.acceleration import token_linear_names
 from flux_triton.runtime.float8 import calibrate_input_amax, write_calibration
 from flux_triton.runtime.in_process import TorchFluxModels, run_in_process
 from flux_triton.serving_config import FP8_CALIBRATION_FILE
@@ -50,7 +50,7 @@ def calibrate_dit(info: FluxModelInfo, device: str, prompts: Sequence[str],
     image per prompt (seeds 0, 1, ...) in bf16 on `device` (float32 on the CPU); and what was run."""
     models = models or TorchFluxModels(info, device, "float32" if device == "cpu" else "bfloat16")
     dit = models.parts["dit_transformer"].model
-    names = [name for name, module in dit.named_modules() if is_token_linear(module, name)]
+    names = token_linear_names(dit)
     began = time.perf_counter()
 
     def run() -> None:

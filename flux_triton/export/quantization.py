@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 from onnxscript import opset21 as op
 
-from flux_triton.runtime.acceleration import is_token_linear
+from flux_triton.runtime.acceleration import token_linear_names
 from flux_triton.runtime.float8 import FLOAT8_MAX as FP8_MAX
 from flux_triton.runtime.float8 import calibrate_input_amax, input_scale, replace_linears
 
@@ -68,8 +68,8 @@ class Fp8Linear(torch.nn.Module):
 def quantize_fp8(model: torch.nn.Module, calibrate) -> int:
     """Replace the token Linear layers of `model` by Fp8Linear, with input scales from the largest
     magnitude each sees while `calibrate()` runs the model on sample inputs; return how many."""
-    names = [n for n, m in model.named_modules() if is_token_linear(m, n)]
-    return replace_linears(model, calibrate_input_amax(model, names, calibrate), Fp8Linear)
+    return replace_linears(model, calibrate_input_amax(model, token_linear_names(model), calibrate),
+                           Fp8Linear)
 
 
 def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -20,7 +20,7 @@ import torch
 
 from flux_triton.loras import LoraCatalog
 from flux_triton.model_info import FluxModelInfo
-from flux_triton.runtime.float8 import quantize_static, read_calibration
+from flux_triton.runtime.float8 import StaticFloat8Linear, quantize_static, read_calibration
 from flux_triton.runtime.loras import AdapterSwitch, MergedAdapters
 from flux_triton.runtime.torch_components import load_component
 from flux_triton.serving_config import COMPILE_CACHE_ENV, ServingLimits
@@ -382,10 +382,9 @@ def load_network(name: str, info: FluxModelInfo, device: str, options: Accelerat
     runner = accelerate(name, component, options, merged)
     phases["prepare_s"] = time.perf_counter() - began
     if name == "dit_transformer":  # what the options made of it
-        kinds = [type(m).__name__ for n, m in component.model.named_modules()]
-        layers = [n for n, _ in component.model.named_modules()]
+        layers = dict(component.model.named_modules())
         phases["fused_projections"] = sum(n.endswith(tuple(FUSED_PROJECTIONS)) for n in layers)
-        phases["float8_static_layers"] = kinds.count("StaticFloat8Linear")
+        phases["float8_static_layers"] = sum(isinstance(m, StaticFloat8Linear) for m in layers.values())
     before = compile_cache_counters()
     with torch.inference_mode():
         for shape in warmup:

@@ -138,9 +138,14 @@ def quantize_static(model: torch.nn.Module, amax: dict[str, float], names: Itera
     return replace_linears(model, {name: amax[name] for name in names}, StaticFloat8Linear)
 
 
+def _is_amax(value: float) -> bool:
+    """A largest magnitude a calibration can keep: finite and >= 0 (not NaN)."""
+    return 0 <= value < math.inf
+
+
 def write_calibration(path: Path, amax: dict[str, float], about: dict) -> None:
     """Save a calibration (`amax` by layer) and what it was made from (`about`: prompts, steps)."""
-    broken = [name for name, value in amax.items() if not 0 <= value < float("inf")]
+    broken = [name for name, value in amax.items() if not _is_amax(value)]
     if broken:
         raise ValueError(f"the FP8 calibration saw inputs that are not finite in {len(broken)} "
                          f"layer(s), e.g. {broken[0]!r}: the model overflowed on a calibration "
@@ -160,7 +165,7 @@ def read_calibration(path: Path) -> dict[str, float]:
         document = {}
     amax = document.get("input_amax")
     if document.get("version") != CALIBRATION_VERSION or not isinstance(amax, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
+            isinstance(v, (int, float)) and not isinstance(v, bool) and _is_amax(v)
             for v in amax.values()):
         raise ValueError(f"{path} is not an FP8 calibration (version {CALIBRATION_VERSION}, "
                          "`input_amax`: a finite number >= 0 by layer name)")
